@@ -1,0 +1,30 @@
+# One-command set-up: `make test` creates .venv on a fresh machine, installs the pinned CPU
+# dependencies and the package (editable), then runs lint and the test suite. Re-running
+# reuses the venv (the stamp file is rebuilt only when setup.py or the requirements change).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.distca-installed
+
+.PHONY: setup test test-slow lint train clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-cpu.txt
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

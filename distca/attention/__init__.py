@@ -1,0 +1,1 @@
+"""Sink-aware core attention over CA-tasks (design §2-3)."""

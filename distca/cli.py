@@ -1,0 +1,67 @@
+"""The one command line: ``distca <subcommand> …``.
+
+Each capability registers one subcommand here when it works. Subcommand modules are imported
+only when their subcommand runs, so ``distca --help`` stays fast and never imports torch.
+Exit codes: 0 success, 1 runtime failure, 2 bad input (a usage or configuration error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed on stderr, exit code 2, nothing on stdout."""
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from distca.config import load_config, to_yaml
+
+    cfg = load_config(args.recipe, args.overrides)
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="inspect recipes: print the resolved, validated config")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="print RECIPE plus overrides as resolved YAML")
+    show.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny.yaml")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.set_defaults(run=_config_show)
+
+
+# Each entry adds one subcommand; later capabilities append theirs.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distca",
+        description="Disaggregated core attention for long-context training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distca.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, UsageError) as exc:
+        print(f"distca: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,372 @@
+"""The one configuration tree: OmegaConf structured configs loaded from a recipe.
+
+A run is described by a recipe YAML in ``recipes/`` plus ``key=value`` overrides from the
+command line. Everything is validated before anything runs; a bad recipe raises
+:class:`ConfigError`, whose message names the recipe file and the dotted key at fault, and the
+CLI turns it into exit code 2.
+
+Merge order (later wins): dataclass defaults <- model preset (``model.preset``) <- recipe <-
+overrides. A preset fills the model shape; keys the recipe or an override sets explicitly win.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the file and the key."""
+
+
+class AttentionBackend(Enum):
+    auto = "auto"
+    torch = "torch"
+    cpp = "cpp"
+    flash = "flash"
+    flex = "flex"
+
+
+class DistBackend(Enum):
+    auto = "auto"  # nccl with CUDA, gloo without
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class ServerMode(Enum):
+    in_place = "in_place"  # every worker rank also serves attention
+    dedicated = "dedicated"  # extra ranks that only serve attention
+
+
+class OnNan(Enum):
+    stop = "stop"  # fail the run with a clear error (the last checkpoint stays valid)
+    skip = "skip"  # drop the step's update and go on
+    rollback = "rollback"  # reload the last checkpoint and skip the offending batch
+
+
+class DataKind(Enum):
+    synthetic = "synthetic"  # token ids drawn from a document-length distribution
+    text = "text"  # local JSONL (`text` field) or plain-text files
+    chat = "chat"  # local JSONL/Parquet with a `messages` list
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family shape (RMSNorm, SwiGLU, GQA, RoPE)."""
+
+    preset: str | None = None
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    ffn_hidden_size: int = MISSING
+    vocab_size: int = MISSING
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    gated_attention: bool = False  # Qwen3-Next style sigmoid output gate (design §3)
+    learnable_sinks: bool = False  # one sink logit per head (design §3)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    backend: DistBackend = DistBackend.auto
+
+
+@dataclass
+class CadConfig:
+    """Core-attention disaggregation (design §4-5)."""
+
+    enabled: bool = True
+    tolerance: float = 0.1  # every server's attention cost within (1 + tolerance) * mean
+    ping_pong: bool = True
+    server_mode: ServerMode = ServerMode.in_place
+    num_dedicated_servers: int = 0
+    min_shard_tokens: int = 128  # kernels lose efficiency below this shard size
+
+
+@dataclass
+class AttentionConfig:
+    backend: AttentionBackend = AttentionBackend.auto
+    telemetry_interval: int = 0  # sink telemetry every N steps; 0 turns it off
+
+
+@dataclass
+class FocusftConfig:
+    """FocuSFT bilevel fine-tuning (design §6)."""
+
+    enabled: bool = False
+    inner_steps: int = 2
+    inner_lr: float = 1.0
+    inner_grad_clip: float = 1.0
+    rank: int = 32
+    alpha: float = 64.0
+    layer_fraction: float = 0.35
+    targets: list[str] = field(default_factory=lambda: ["linear_fc1", "linear_fc2"])
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.synthetic
+    paths: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # local HF tokenizer directory; None = built-in byte-level
+    distribution: str = "pretrain"  # synthetic lengths: pretrain | prolong | a file of lengths
+    max_length: int = 4096  # longest document
+    tokens_per_rank: int = 4096  # linear-layer token budget per worker and micro-batch
+    micro_batches: int = 1
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_fraction: float = 0.1
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    seed: int = 1234
+    precision: Precision = Precision.fp32
+    run_dir: str | None = None  # default: runs/<recipe>-<timestamp>/
+    checkpoint_interval: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = False
+    max_restarts: int = 2
+    on_nan: OnNan = OnNan.stop
+    log_interval: int = 1
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local cluster bound to 127.0.0.1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+
+
+@dataclass
+class DistcaConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cad: CadConfig = field(default_factory=CadConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    focusft: FocusftConfig = field(default_factory=FocusftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Published architecture numbers (from the models' config.json files).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_kv_heads=2,
+                 ffn_hidden_size=352, vocab_size=512, rope_theta=10000.0, norm_eps=1e-5,
+                 max_position_embeddings=8192),
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
+                      ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0,
+                      norm_eps=1e-5, max_position_embeddings=131072),
+    "codellama-34b": dict(num_layers=48, hidden_size=8192, num_attention_heads=64,
+                          num_kv_heads=8, ffn_hidden_size=22016, vocab_size=32000,
+                          rope_theta=1000000.0, norm_eps=1e-5, max_position_embeddings=16384),
+    "qwen2.5-7b": dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_heads=4,
+                       ffn_hidden_size=18944, vocab_size=152064, rope_theta=1000000.0,
+                       norm_eps=1e-6, max_position_embeddings=32768),
+}
+
+
+def _fail(source: str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {message}")
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise _fail(str(path), "<recipe>", "no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise _fail(str(path), "<recipe>", f"not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(str(path), "<recipe>", "the top level must be a mapping of sections")
+    return raw
+
+
+def _parse_overrides(overrides: list[str], source: str) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise _fail(source, item, "overrides take the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise _fail(source, "<overrides>", str(exc)) from exc
+
+
+def _merge_into_schema(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "<unknown>"
+        reason = str(exc).splitlines()[0]
+        raise _fail(source, key, reason) from exc
+
+
+def load_config(recipe: str | Path, overrides: list[str] | None = None) -> DistcaConfig:
+    """Load ``recipe`` plus ``key=value`` overrides into a validated :class:`DistcaConfig`."""
+    path = Path(recipe)
+    source = str(path)
+    raw = _read_recipe(path)
+    cli = _parse_overrides(list(overrides or []), f"{source} (command line)")
+    conf = OmegaConf.structured(DistcaConfig)
+
+    preset = OmegaConf.select(cli, "model.preset", default=None)
+    if preset is None:
+        preset = (raw.get("model") or {}).get("preset") if isinstance(raw.get("model"), dict) else None
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            known = ", ".join(sorted(MODEL_PRESETS))
+            raise _fail(source, "model.preset", f"unknown preset {preset!r} (known: {known})")
+        conf = _merge_into_schema(conf, {"model": MODEL_PRESETS[preset]}, source)
+
+    _check_known_keys(raw, conf, source)
+    _check_known_keys(OmegaConf.to_container(cli), conf, f"{source} (command line)")
+    conf = _merge_into_schema(conf, raw, source)
+    conf = _merge_into_schema(conf, cli, f"{source} (command line)")
+
+    missing = sorted(OmegaConf.missing_keys(conf))
+    if missing:
+        raise _fail(source, missing[0], "must be set (or choose a model.preset)")
+    cfg: DistcaConfig = OmegaConf.to_object(conf)
+    validate(cfg, source)
+    return cfg
+
+
+def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """Name the full dotted key the user wrote when it is not in the schema."""
+    if not isinstance(layer, dict):
+        return
+    for key, value in layer.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            leaf = full
+            while isinstance(value, dict) and len(value) == 1:
+                (sub, value), = value.items()
+                leaf = f"{leaf}.{sub}"
+            raise _fail(source, leaf, "no such key in the config tree")
+        node = schema._get_node(key)
+        if isinstance(node, DictConfig):
+            _check_known_keys(value, node, source, f"{full}.")
+
+
+def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
+    """Check values that types alone cannot: divisibility, ranges, consistency."""
+    m, p = cfg.model, cfg.parallel
+
+    def positive(key: str, value: float) -> None:
+        if not value > 0:
+            raise _fail(source, key, f"must be > 0, got {value}")
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
+                 "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+        positive(f"model.{name}", getattr(m, name))
+    positive("model.rope_theta", m.rope_theta)
+    positive("model.norm_eps", m.norm_eps)
+    if m.hidden_size % m.num_attention_heads:
+        raise _fail(source, "model.hidden_size",
+                    f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.num_kv_heads:
+        raise _fail(source, "model.num_kv_heads",
+                    f"{m.num_kv_heads} does not divide num_attention_heads={m.num_attention_heads}")
+    for name in ("dp", "tp", "pp"):
+        positive(f"parallel.{name}", getattr(p, name))
+    if m.num_attention_heads % p.tp:
+        raise _fail(source, "parallel.tp",
+                    f"num_attention_heads={m.num_attention_heads} is not divisible by tp={p.tp}")
+    if m.num_kv_heads % p.tp:
+        raise _fail(source, "parallel.tp",
+                    f"num_kv_heads={m.num_kv_heads} is not divisible by tp={p.tp}")
+    if m.num_layers % p.pp:
+        raise _fail(source, "parallel.pp",
+                    f"num_layers={m.num_layers} is not divisible by pp={p.pp}")
+
+    c = cfg.cad
+    if not (c.tolerance >= 0 and math.isfinite(c.tolerance)):
+        raise _fail(source, "cad.tolerance", f"must be a finite value >= 0, got {c.tolerance}")
+    if c.min_shard_tokens < 1:
+        raise _fail(source, "cad.min_shard_tokens", f"must be >= 1, got {c.min_shard_tokens}")
+    if c.num_dedicated_servers < 0:
+        raise _fail(source, "cad.num_dedicated_servers", "must be >= 0")
+    if c.server_mode is ServerMode.dedicated and c.num_dedicated_servers == 0:
+        raise _fail(source, "cad.num_dedicated_servers",
+                    "server_mode=dedicated needs at least one dedicated server")
+    if cfg.attention.telemetry_interval < 0:
+        raise _fail(source, "attention.telemetry_interval", "must be >= 0")
+
+    f = cfg.focusft
+    if f.inner_steps < 0:
+        raise _fail(source, "focusft.inner_steps", f"must be >= 0, got {f.inner_steps}")
+    positive("focusft.rank", f.rank)
+    if f.inner_lr < 0:
+        raise _fail(source, "focusft.inner_lr", "must be >= 0")
+    positive("focusft.inner_grad_clip", f.inner_grad_clip)
+    if not 0 < f.layer_fraction <= 1:
+        raise _fail(source, "focusft.layer_fraction", f"must be in (0, 1], got {f.layer_fraction}")
+    for target in f.targets:
+        if target not in ("linear_fc1", "linear_fc2"):
+            raise _fail(source, "focusft.targets",
+                        f"unknown target {target!r} (linear_fc1, linear_fc2)")
+
+    d = cfg.data
+    positive("data.max_length", d.max_length)
+    positive("data.tokens_per_rank", d.tokens_per_rank)
+    positive("data.micro_batches", d.micro_batches)
+    if d.kind is not DataKind.synthetic and not d.paths:
+        raise _fail(source, "data.paths", f"data.kind={d.kind.value} needs at least one path")
+
+    o = cfg.optim
+    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise _fail(source, "optim.min_lr", f"need 0 <= min_lr <= lr, got {o.min_lr} and {o.lr}")
+    if not 0 <= o.warmup_fraction < 1:
+        raise _fail(source, "optim.warmup_fraction", "must be in [0, 1)")
+    if o.schedule not in ("cosine", "constant"):
+        raise _fail(source, "optim.schedule", f"unknown schedule {o.schedule!r} (cosine, constant)")
+    if o.grad_clip < 0:
+        raise _fail(source, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
+
+    t = cfg.trainer
+    positive("trainer.steps", t.steps)
+    positive("trainer.checkpoint_interval", t.checkpoint_interval)
+    positive("trainer.keep_checkpoints", t.keep_checkpoints)
+    positive("trainer.log_interval", t.log_interval)
+    if t.max_restarts < 0:
+        raise _fail(source, "trainer.max_restarts", "must be >= 0")
+    if cfg.ray.num_cpus_per_worker < 0 or cfg.ray.num_gpus_per_worker < 0:
+        raise _fail(source, "ray.num_cpus_per_worker", "resources must be >= 0")
+
+
+def to_yaml(cfg: DistcaConfig) -> str:
+    """The resolved config as YAML (what ``distca config show`` prints and runs record)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

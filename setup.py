@@ -1,0 +1,45 @@
+"""distca: disaggregated core attention for long-context training.
+
+The top-level folders show the layers (design §1): ``scheduler/`` and ``parallel/`` are
+installed as ``distca.scheduler`` and ``distca.parallel`` so that nothing lands under a
+generic global name. Dependencies point one way: scheduler <- parallel <- distca.
+"""
+
+from setuptools import setup
+
+setup(
+    name="distca",
+    version="0.1.0",
+    description="Disaggregated core attention and FocuSFT for long-context training",
+    python_requires=">=3.11",
+    packages=[
+        "distca",
+        "distca.attention",
+        "distca.scheduler",
+        "distca.parallel",
+    ],
+    package_dir={
+        "distca": "distca",
+        "distca.scheduler": "scheduler",
+        "distca.parallel": "parallel",
+    },
+    install_requires=[
+        # The CPU set-up pins torch==2.13.0 (Makefile); GPU environments bring their own CUDA torch.
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "ray[default]==2.60.0",
+        "omegaconf>=2.3,<2.5",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tensorboard>=2.15",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+        # flash-attn ships only as a CUDA source build: install into an existing CUDA torch env.
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["distca=distca.cli:console_main"]},
+)

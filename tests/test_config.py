@@ -1,0 +1,101 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distca.cli import main
+from distca.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_required_recipes_exist():
+    names = {p.name for p in RECIPES}
+    for name in ("tiny.yaml", "llama3-8b-128k.yaml", "codellama-34b-512k.yaml",
+                 "qwen2.5-7b-focusft.yaml"):
+        assert name in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
+    assert cfg.model.num_attention_heads % cfg.parallel.tp == 0
+
+
+def test_preset_fills_shape_and_recipe_overrides_it():
+    cfg = load_config(ROOT / "recipes/codellama-34b-512k.yaml")
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_kv_heads) == (48, 8192, 8)
+    assert cfg.model.max_position_embeddings == 524288  # set by the recipe over the preset
+
+
+def test_override_wins(tmp_path):
+    cfg = load_config(ROOT / "recipes/tiny.yaml", ["model.num_layers=3", "cad.tolerance=0.2"])
+    assert cfg.model.num_layers == 3 and cfg.cad.tolerance == 0.2
+
+
+def _error(recipe, overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.no_such_key=1", "model.no_such_key"),
+        ("nosection.x=1", "nosection"),
+        ("model.num_layers=abc", "model.num_layers"),
+        ("cad.tolerance=-0.1", "cad.tolerance"),
+        ("parallel.tp=3", "parallel.tp"),
+        ("model.num_kv_heads=3", "model.num_kv_heads"),
+        ("attention.backend=cuda_magic", "attention.backend"),
+        ("model.preset=gpt5", "model.preset"),
+        ("trainer.steps=0", "trainer.steps"),
+    ],
+)
+def test_bad_values_name_key_and_file(override, key):
+    message = _error(ROOT / "recipes/tiny.yaml", [override])
+    assert key in message and "tiny.yaml" in message
+
+
+def test_bad_recipe_file_content(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"preset": "tiny", "hidden_size": "wide"}}))
+    message = _error(bad, [])
+    assert "model.hidden_size" in message and "bad.yaml" in message
+    unset = tmp_path / "unset.yaml"
+    unset.write_text("model:\n  num_layers: 2\n")
+    assert "unset.yaml" in _error(unset, [])
+    assert "no such recipe" in _error(tmp_path / "absent.yaml", [])
+
+
+def test_cli_config_show(capsys):
+    assert main(["config", "show", str(ROOT / "recipes/tiny.yaml"), "model.num_layers=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["model"]["num_layers"] == 3
+    assert shown["parallel"]["dp"] == 2
+
+
+def test_cli_bad_key_exits_2(capsys):
+    code = main(["config", "show", str(ROOT / "recipes/tiny.yaml"), "model.no_such_key=1"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "model.no_such_key" in captured.err
+
+
+def test_console_script_help_and_exit_code():
+    exe = Path(sys.executable).parent / "distca"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "config" in out
+    bad = subprocess.run([exe, "config", "show", str(ROOT / "recipes/tiny.yaml"), "x.y=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "x.y" in bad.stderr
+
+
+def test_scheduler_layer_never_imports_torch():
+    code = "import distca.scheduler, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
