@@ -35,6 +35,7 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "ninja>=1.11",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
