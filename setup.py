@@ -15,6 +15,7 @@ setup(
     packages=[
         "distca",
         "distca.attention",
+        "distca.commands",
         "distca.scheduler",
         "distca.parallel",
     ],

@@ -1,0 +1,1 @@
+"""Implementations of the ``distca`` subcommands, one module each (registered in distca.cli)."""
