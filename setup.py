@@ -16,6 +16,8 @@ setup(
         "distca",
         "distca.attention",
         "distca.commands",
+        "distca.data",
+        "distca.train",
         "distca.scheduler",
         "distca.parallel",
     ],
@@ -33,6 +35,7 @@ setup(
         "pyyaml>=6",
         "numpy>=1.24",
         "safetensors>=0.4",
+        "tokenizers>=0.15",  # local HF tokenizer.json files (data.tokenizer)
         "tensorboard>=2.15",
         "matplotlib>=3.7",
         "tqdm>=4.60",

@@ -1,0 +1,100 @@
+"""Real text from local files: JSONL (one object per line with a ``text`` field) or plain text
+(one document per file), tokenized once into a random-access token stream.
+
+Documents longer than ``max_length`` are cut into ``max_length`` chunks. Every epoch visits the
+documents in a fresh order drawn from ``(seed, epoch)``; micro-batch ``g`` is the stream's
+tokens ``[g*R*T, (g+1)*R*T)``, so a batch is a pure function of its index and resume is exact.
+A document cut by a batch boundary continues in the next batch as its own document.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from distca.batch import PackedBatch
+from distca.data.packing import pack
+from distca.data.tokenizer import Tokenizer
+
+
+def read_documents(paths: list[str], skip_bad_rows: bool = False) -> list[str]:
+    """The text of every document in ``paths``; errors name the file (and line) at fault."""
+    docs: list[str] = []
+    skipped = 0
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.paths: {path} does not exist")
+        if path.suffix != ".jsonl":
+            docs.append(path.read_text(encoding="utf-8", errors="replace"))
+            continue
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = row["text"]
+                    if not isinstance(text, str):
+                        raise TypeError("`text` is not a string")
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    if not skip_bad_rows:
+                        raise ValueError(f"{path}:{number}: bad row ({type(exc).__name__}: "
+                                         f"{exc}); data.skip_bad_rows=true skips such rows") from None
+                    skipped += 1
+                    continue
+                docs.append(text)
+    if skipped:
+        warnings.warn(f"skipped {skipped} bad rows in {', '.join(paths)}", stacklevel=2)
+    return docs
+
+
+class TextData:
+    def __init__(self, paths: list[str], tokenizer: Tokenizer, max_length: int, seed: int,
+                 skip_bad_rows: bool = False):
+        pieces: list[np.ndarray] = []
+        for text in read_documents(paths, skip_bad_rows):
+            ids = tokenizer.encode(text)
+            pieces.extend(ids[i:i + max_length] for i in range(0, ids.size, max_length))
+        if not pieces:
+            raise ValueError(f"data.paths: no tokens in {', '.join(paths)}")
+        self.tokens = np.concatenate(pieces)  # (N,) int64, documents back to back
+        self.doc_lengths = np.asarray([p.size for p in pieces], dtype=np.int64)
+        self._doc_starts = np.cumsum(self.doc_lengths) - self.doc_lengths
+        self.seed = seed
+        self._epoch = -1
+        self._order = self._ends = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    def _use_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = rng.permutation(self.doc_lengths.size)
+            self._ends = np.cumsum(self.doc_lengths[self._order])
+            self._epoch = epoch
+
+    def _take(self, position: int, count: int) -> list[np.ndarray]:
+        """Document pieces covering stream tokens ``[position, position + count)``."""
+        out: list[np.ndarray] = []
+        while count > 0:
+            epoch, offset = divmod(position, self.num_tokens)
+            self._use_epoch(epoch)
+            k = int(np.searchsorted(self._ends, offset, side="right"))
+            doc = self._order[k]
+            into = offset - (int(self._ends[k]) - int(self.doc_lengths[doc]))
+            n = min(int(self.doc_lengths[doc]) - into, count)
+            start = int(self._doc_starts[doc]) + into
+            out.append(self.tokens[start:start + n])
+            position += n
+            count -= n
+        return out
+
+    def micro_batch(self, index: int, num_ranks: int, tokens_per_rank: int) -> PackedBatch:
+        total = num_ranks * tokens_per_rank
+        return pack(self._take(index * total, total), num_ranks, tokens_per_rank)

@@ -1,0 +1,57 @@
+"""Tokenizers: a local Hugging Face tokenizer directory, or a built-in byte-level one.
+
+Both map text to a 1-D int64 numpy array of token ids. Nothing is downloaded: an HF tokenizer
+is read from ``DIR/tokenizer.json`` with the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255; needs no files and no vocabulary."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` loaded from a local directory."""
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(directory)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"data.tokenizer: {file} does not exist "
+                                    f"(expected a directory holding tokenizer.json)")
+        try:
+            self._tok = _Tokenizer.from_file(str(file))
+        except Exception as exc:  # the Rust library raises plain Exceptions for bad files
+            raise ValueError(f"data.tokenizer: {file} is not a valid tokenizer.json: {exc}") from exc
+        self.name = str(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int64)
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """The HF tokenizer at ``path``, or the byte-level tokenizer when ``path`` is None."""
+    return ByteTokenizer() if path is None else HFTokenizer(path)
