@@ -33,8 +33,14 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(run=_config_show)
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import data  # stdlib-only module: cheap at start-up
+
+    data.add_parser(sub)
+
+
 # Each entry adds one subcommand; later capabilities append theirs.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

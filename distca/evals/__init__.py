@@ -1,0 +1,1 @@
+"""Synthetic long-context evaluation tasks and scoring."""
