@@ -5,22 +5,26 @@ installed as ``distca.scheduler`` and ``distca.parallel`` so that nothing lands 
 generic global name. Dependencies point one way: scheduler <- parallel <- distca.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+
+def _packages() -> list[str]:
+    """distca and its subpackages, with scheduler/ and parallel/ installed beneath it."""
+    found = ["distca"]
+    for name, folder in (("distca", "distca"), ("distca.scheduler", "scheduler"),
+                         ("distca.parallel", "parallel")):
+        if name != "distca":
+            found.append(name)
+        found += [f"{name}.{sub}" for sub in find_packages(folder)]
+    return found
+
 
 setup(
     name="distca",
     version="0.1.0",
     description="Disaggregated core attention and FocuSFT for long-context training",
     python_requires=">=3.11",
-    packages=[
-        "distca",
-        "distca.attention",
-        "distca.commands",
-        "distca.data",
-        "distca.train",
-        "distca.scheduler",
-        "distca.parallel",
-    ],
+    packages=_packages(),
     package_dir={
         "distca": "distca",
         "distca.scheduler": "scheduler",
