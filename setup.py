@@ -40,6 +40,8 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tokenizers>=0.15",  # local HF tokenizer.json files (data.tokenizer)
+        "jinja2>=3.1",  # HF chat templates (data.kind=chat)
+        "pyarrow>=14",  # Parquet chat data
         "tensorboard>=2.15",
         "matplotlib>=3.7",
         "tqdm>=4.60",

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from distca.data.chat import ChatData, ChatTemplate, pack_conversations, tokenize_chat
+from distca.data.packing import IGNORE
+from distca.data.tokenizer import ByteTokenizer, HFTokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Count to two"},
+    {"role": "tool", "content": "{}"},
+    {"role": "assistant", "content": "1 2"},
+]
+
+
+def decode_bytes(ids):
+    return bytes(int(i) for i in ids).decode()
+
+
+def test_chatml_loss_only_on_replies():
+    tokens, is_response = tokenize_chat(CONVERSATION, None, ByteTokenizer(), ChatTemplate(None))
+    text = decode_bytes(tokens)
+    assert text.count("<|im_start|>") == 6
+    replies = decode_bytes(tokens[is_response])
+    assert replies == "Hello!<|im_end|>\n1 2<|im_end|>\n"
+
+
+def test_packing_labels_and_turns_follow_the_loss_mask():
+    doc = tokenize_chat(CONVERSATION, None, ByteTokenizer(), ChatTemplate(None))
+    short = tokenize_chat(CONVERSATION[1:3], None, ByteTokenizer(), ChatTemplate(None))
+    n = doc[0].size + short[0].size
+    batch = pack_conversations([doc, short], num_ranks=2, tokens_per_rank=(n + 9) // 2)
+    assert batch.doc_lengths.tolist() == [doc[0].size, short[0].size]
+    is_resp = np.concatenate([doc[1], short[1]])
+    starts = {0, doc[0].size}
+    for t in range(n):
+        expected = batch.tokens[t + 1] if t + 1 < n and is_resp[t + 1] and t + 1 not in starts \
+            else IGNORE
+        assert batch.labels[t] == expected
+    assert (batch.labels[n:] == IGNORE).all()
+    # turns: context, reply, context, reply for the first conversation; context, reply after
+    assert batch.turn_is_context.tolist() == [True, False, True, False, True, False]
+    ends = np.cumsum(batch.turn_lengths)
+    for end, is_ctx in zip(ends, batch.turn_is_context):
+        assert is_resp[end - 1] == (not is_ctx)
+
+
+def write_tokenizer_dir(tmp_path):
+    vocab = {ch: i for i, ch in enumerate(sorted(set("".join(chr(c) for c in range(32, 127)))))}
+    vocab["[UNK]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}"
+                "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "eos_token": "$"}))
+    return tmp_path
+
+
+def test_hf_chat_template_reply_spans(tmp_path):
+    directory = write_tokenizer_dir(tmp_path)
+    tokenizer = HFTokenizer(directory)
+    tokens, is_response = tokenize_chat(CONVERSATION[:3], None, tokenizer,
+                                        ChatTemplate(str(directory)))
+    inverse = {v: k for k, v in tokenizer._tok.get_vocab().items()}
+    text = "".join(inverse[int(t)] for t in tokens)
+    assert text == "[system]Be brief.$[user]Hi$[assistant]Hello!$"
+    assert "".join(inverse[int(t)] for t in tokens[is_response]) == "Hello!$"
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+
+
+def test_malformed_rows_name_file_and_row(tmp_path):
+    good = {"messages": CONVERSATION}
+    path = tmp_path / "chat.jsonl"
+    for bad in ["{not json", {"messages": []}, {"messages": [{"role": "pirate", "content": "x"}]},
+                {"messages": [{"role": "user", "content": "only a question"}]},
+                {"messages": [{"role": "user", "content": 3}]}]:
+        write_rows(path, [good, bad])
+        with pytest.raises(ValueError, match=rf"{path}:2: bad chat row"):
+            ChatData([str(path)], ByteTokenizer(), None, 4096, seed=0)
+    data = ChatData([str(path)], ByteTokenizer(), None, 4096, seed=0, skip_bad_rows=True)
+    assert data.skipped_rows == 1 and len(data.docs) == 1
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        ChatData([str(tmp_path / "missing.jsonl")], ByteTokenizer(), None, 4096, seed=0)
+
+
+def test_parquet_rows_and_deterministic_epochs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": CONVERSATION[1:3]}] * 3 + [{"messages": CONVERSATION}] * 2
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    data = ChatData([str(tmp_path / "chat.parquet")], ByteTokenizer(), None, 4096, seed=5)
+    assert len(data.docs) == 5
+    a = [data.micro_batch(i, 2, 128) for i in range(6)]
+    b = [data.micro_batch(i, 2, 128) for i in range(6)]
+    for x, y in zip(a, b):
+        assert np.array_equal(x.tokens, y.tokens) and np.array_equal(x.labels, y.labels)
+    per_epoch = len(data._epoch_bins(0, 256))
+    docs_in_epoch = sum(a[i].doc_lengths.size for i in range(per_epoch))
+    assert docs_in_epoch == 5  # every conversation once per epoch, none cut
