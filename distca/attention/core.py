@@ -1,0 +1,177 @@
+"""``core_attention``: the one entry point of sink-aware core attention over CA-tasks.
+
+Backends (``torch``, ``cpp``, ``flash``, ``flex``) provide two primitives over a varlen task
+list, ``forward -> (O, L)`` merged per row and ``backward`` given the merged ``O`` and ``L``
+(see :mod:`distca.attention.torch_backend`). This module adds what is common to all of them:
+input checks, backend choice, the learnable sink applied once after merging, and autograd.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .merge import NEG_INF, apply_sink, sink_weight
+from .tasks import TaskList, make_task_list
+
+BACKENDS = ("torch",)
+_CPU_PREFERENCE = ("torch",)
+_GPU_PREFERENCE = ()
+
+
+def _backend_module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__package__}.{name}_backend")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` here, best first."""
+    device = torch.device(device)
+    order = _GPU_PREFERENCE if device.type == "cuda" else _CPU_PREFERENCE
+    return [name for name in order if _backend_module(name).is_available()]
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The backend module for ``backend`` (``"auto"``: the best one available on ``device``)."""
+    if backend == "auto":
+        names = available_backends(device)
+        if not names:
+            raise RuntimeError(f"no attention backend can run on device {device}")
+        return _backend_module(names[0])
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    module = _backend_module(backend)
+    if not module.is_available():
+        raise RuntimeError(f"attention backend {backend!r} is not available: "
+                           f"{module.unavailable_reason()}")
+    if device.type not in module.DEVICES:
+        raise ValueError(f"attention backend {backend!r} runs on {module.DEVICES}, "
+                         f"got tensors on {device}")
+    return module
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  sinks: torch.Tensor | None) -> None:
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"q, k, v must be (tokens, heads, head_dim), got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} != k head_dim {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads "
+                         f"({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if sinks is not None and (sinks.shape != (q.shape[1],) or sinks.device != q.device):
+        raise ValueError(f"sinks must be ({q.shape[1]},) on {q.device}, got "
+                         f"{tuple(sinks.shape)} on {sinks.device}")
+
+
+def _prepare(q, k, v, q_ranges, kv_ranges, causal, sinks, softmax_scale, backend):
+    _check_inputs(q, k, v, sinks)
+    tasks = q_ranges if isinstance(q_ranges, TaskList) else make_task_list(
+        q_ranges, kv_ranges, causal, q.shape[0], k.shape[0])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return tasks, scale, resolve_backend(backend, q.device)
+
+
+class _CoreAttention(torch.autograd.Function):
+    """Merged varlen attention plus sink; backward by the ring-attention identity (design §2-3)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, tasks: TaskList, scale: float, impl: ModuleType):
+        out, lse = impl.forward(q, k, v, tasks, scale)
+        lse_out = lse
+        if sinks is not None:
+            out, lse_out = apply_sink(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.tasks, ctx.scale, ctx.impl = tasks, scale, impl
+        return out, lse_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        live = lse != NEG_INF
+        # With the sink, O' = O * w and L' = logaddexp(L, s): the kernel backward gets
+        # dout = w * dO' and out = O' (which folds dL/dO' into delta), and dL' reaches L as w * dL'.
+        w = sink_weight(lse, sinks).masked_fill_(~live, 0.0) if sinks is not None else None
+        dout = d_out if w is None else (d_out.to(w.dtype) * w.unsqueeze(-1)).to(d_out.dtype)
+        dlse = torch.where(live, d_lse, 0.0)
+        if w is not None:
+            dlse = dlse * w
+        dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale,
+                                       dlse if bool(dlse.any()) else None)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # sigmoid(s - L), not 1 - w: at s << L, 1 - w cancels to 0 in float32.
+            rest = torch.where(live, torch.sigmoid(sinks.to(lse.dtype) - lse), 0.0)
+            per_row = (torch.where(live, d_lse, 0.0)
+                       - (d_out.to(rest.dtype) * out.to(rest.dtype)).sum(-1)) * rest
+            dsinks = per_row.sum(0).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None
+
+
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, kv_ranges,
+                   causal, sinks: torch.Tensor | None = None,
+                   softmax_scale: float | None = None,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sink-aware attention of a varlen list of CA-tasks, differentiable in q, k, v and sinks.
+
+    Args:
+        q: (Nq, Hq, D) queries; k, v: (Nk, Hkv, D) with Hq a multiple of Hkv (GQA).
+        q_ranges, kv_ranges: (T, 2) int ``[start, end)`` token ranges of each task into q and
+            k/v (or a prebuilt :class:`TaskList` as ``q_ranges``, with the other two ``None``).
+        causal: (T,) bool, per task; causal masks are aligned bottom-right.
+        sinks: optional (Hq,) learnable sink logit per head, applied once per row after all of
+            the row's tasks are merged.
+        softmax_scale: default ``1/sqrt(D)``.
+        backend: ``"auto"`` (cpp, else torch on CPU; flash, else flex on CUDA), or a name.
+
+    Returns:
+        ``out`` (Nq, Hq, D) in q's dtype: attention of each query over the union of its
+        tasks' keys (and the sink); ``lse`` (Nq, Hq) float32, the row log-sum-exp including
+        the sink. Query tokens in no task get ``out = 0`` and ``lse = -inf``.
+    """
+    tasks, scale, impl = _prepare(q, k, v, q_ranges, kv_ranges, causal, sinks, softmax_scale,
+                                  backend)
+    return _CoreAttention.apply(q, k, v, sinks, tasks, scale, impl)
+
+
+def attention_forward(q, k, v, q_ranges, kv_ranges, causal, softmax_scale=None,
+                      backend="auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw forward primitive (no sink, no autograd): merged ``(out, lse)`` of the tasks.
+
+    For runtimes that split a row's tasks across attention servers: merge the servers'
+    results with :func:`merge_partials`, apply the sink with :func:`apply_sink`, and run the
+    backward of each server's tasks with :func:`attention_backward` on the merged ``out``/``lse``.
+    """
+    tasks, scale, impl = _prepare(q, k, v, q_ranges, kv_ranges, causal, None, softmax_scale,
+                                  backend)
+    with torch.no_grad():
+        return impl.forward(q, k, v, tasks, scale)
+
+
+def attention_backward(dout, q, k, v, out, lse, q_ranges, kv_ranges, causal,
+                       softmax_scale=None, dlse=None, backend="auto"):
+    """The raw backward primitive: ``(dq, dk, dv)`` of the tasks given the rows' merged result.
+
+    ``out`` (Nq, Hq, D) and ``lse`` (Nq, Hq) float32 are the merged results of the whole row
+    (all servers, before the sink); ``dout`` is the gradient w.r.t. that merged ``out``;
+    ``dlse`` (optional, (Nq, Hq) float32) the gradient w.r.t. the merged ``lse``. To include a
+    sink, pass ``dout = w * dO'`` and ``out = O'`` as :func:`core_attention` does internally.
+    """
+    tasks, scale, impl = _prepare(q, k, v, q_ranges, kv_ranges, causal, None, softmax_scale,
+                                  backend)
+    with torch.no_grad():
+        return impl.backward(dout, q, k, v, out, lse, tasks, scale, dlse)

@@ -1,0 +1,76 @@
+"""Merging partial attention results by LSE, and the learnable sink (design §2-3).
+
+All functions take outputs ``O`` of shape (N, H, D) and row log-sum-exps ``L`` of shape (N, H)
+float32 (float64 for float64 inputs), where ``L = -inf`` marks a row that saw no key (its ``O``
+is 0). Arithmetic is in the dtype of ``L``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs and float32; float64 stays float64 (for oracle checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor) -> None:
+    """In place: fold one partial ``(out, lse)`` into the running ``(acc_out, acc_lse)``.
+
+    ``acc_out`` (N, H, D) float32 and ``acc_lse`` (N, H) float32 are updated; ``out`` may be any
+    float dtype. ``L = logaddexp(L_acc, L_t)``, ``O = exp(L_acc - L) O_acc + exp(L_t - L) O_t``.
+    """
+    new = torch.logaddexp(acc_lse, lse)
+    live = new != NEG_INF
+    safe = torch.where(live, new, 0.0)
+    w_acc = torch.where(live, torch.exp(acc_lse - safe), 0.0)
+    w_new = torch.where(live, torch.exp(lse - safe), 0.0)
+    acc_out.mul_(w_acc.unsqueeze(-1)).add_(out.to(acc_out.dtype) * w_new.unsqueeze(-1))
+    acc_lse.copy_(new)
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial results of the same query rows (e.g. from several attention servers).
+
+    ``outs[i]``: (N, H, D), ``lses[i]``: (N, H) float32. Returns ``(out, lse)`` with ``out`` in
+    the dtype of ``outs[0]`` (merged in float32) and ``lse`` float32. Differentiable.
+    """
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"need matching non-empty lists, got {len(outs)} outs, {len(lses)} lses")
+    acc = accum_dtype(outs[0].dtype)
+    lse_all = torch.stack([x.to(acc) for x in lses])
+    lse = torch.logsumexp(lse_all, dim=0)
+    safe = torch.where(lse == NEG_INF, 0.0, lse)
+    weights = torch.where(lse_all == NEG_INF, 0.0, torch.exp(lse_all - safe))
+    out = sum(w.unsqueeze(-1) * o.to(acc) for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse
+
+
+def sink_weight(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """(N, H) float32 ``w = sigmoid(L - s_h)``: the share of a row's mass left to the keys.
+
+    Rows with ``L = -inf`` (no task) get 0.
+    """
+    return torch.sigmoid(lse - sinks.to(lse.dtype))
+
+
+def apply_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one learnable sink logit per head (a softmax column with no value) after merging.
+
+    ``out`` (N, H, D), ``lse`` (N, H) float32, ``sinks`` (H,). Returns ``O' = O * w`` in
+    ``out.dtype`` and ``L' = logaddexp(L, s_h)`` float32, where ``w = sigmoid(L - s_h)``.
+    Rows with ``L = -inf`` belong to no task and stay ``O' = 0, L' = -inf``. Differentiable
+    (plain torch ops), for callers that merge partial results themselves.
+    """
+    s = sinks.to(lse.dtype)
+    live = lse != NEG_INF
+    w = torch.where(live, torch.sigmoid(lse - s), 0.0)
+    new_out = (out.to(lse.dtype) * w.unsqueeze(-1)).to(out.dtype)
+    new_lse = torch.where(live, torch.logaddexp(lse, s.expand_as(lse)), NEG_INF)
+    return new_out, new_lse

@@ -1,0 +1,231 @@
+"""core_attention against a float64 dense oracle, for every backend present (design §2-3)."""
+
+import os
+
+import pytest
+import torch
+
+from distca.attention import (
+    apply_sink,
+    attention_backward,
+    attention_forward,
+    available_backends,
+    core_attention,
+    make_task_list,
+    merge_partials,
+)
+from distca.attention.reference import (
+    causal_document_tasks,
+    dense_attention,
+    multiturn_tasks,
+    task_mask,
+)
+
+CPU_BACKENDS = available_backends("cpu")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)), "-inf rows differ"
+    return ((got - want)[finite].norm() / want[finite].norm().clamp_min(1e-30)).item()
+
+
+def split_tasks(rows):
+    """(q_ranges, kv_ranges, causal) from (a, b, c, d, causal) tuples."""
+    return ([r[:2] for r in rows], [r[2:4] for r in rows], [r[4] for r in rows])
+
+
+def check(backend, tasks, heads=4, kv_heads=2, dim=32, dtype=torch.float32,
+          sink_offsets=(-20.0, 0.0, 20.0, 3.0), lse_grad=True):
+    """Forward and backward (q, k, v, sinks) of core_attention vs the float64 oracle."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    nq, nk = tasks.num_q, tasks.num_kv
+    q = torch.randn(nq, heads, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(nk, kv_heads, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(nk, kv_heads, dim, generator=gen, dtype=torch.float64)
+    mask = task_mask(tasks)
+    sinks = None
+    if sink_offsets is not None:
+        # Offsets relative to the typical row log-sum-exp, so -20/+20 mean "negligible" and
+        # "dominant" sink mass whatever the scale of the scores.
+        _, plain = dense_attention(q, k, v, mask)
+        typical = plain[torch.isfinite(plain[:, 0])].median(0).values
+        offsets = torch.tensor(sink_offsets, dtype=torch.float64).repeat(heads)[:heads]
+        sinks = typical + offsets
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    if sinks is not None:
+        leaves.append(sinks.float().requires_grad_())
+    out, lse = core_attention(*leaves[:3], tasks.q_ranges, tasks.kv_ranges, tasks.causal,
+                              sinks=leaves[3] if sinks is not None else None, backend=backend)
+    d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    d_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64) if lse_grad else None
+    live = torch.isfinite(lse)
+    grads = [d_out.to(out.dtype)] + ([torch.where(live, d_lse.float(), 0.0)] if lse_grad else [])
+    torch.autograd.backward([out, lse][: len(grads)], grads)
+
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    if sinks is not None:
+        ref_leaves.append(sinks.clone().requires_grad_())
+    ref_out, ref_lse = dense_attention(*ref_leaves[:3], mask,
+                                       ref_leaves[3] if sinks is not None else None)
+    ref_grads = [d_out] + ([torch.where(torch.isfinite(ref_lse), d_lse, 0.0)] if lse_grad else [])
+    torch.autograd.backward([ref_out, ref_lse][: len(ref_grads)], ref_grads)
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    results = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
+    for name, got, want in zip("qkvs", leaves, ref_leaves):
+        results[f"d{name}"] = rel_err(got.grad, want.grad)
+    bad = {name: err for name, err in results.items() if not err < tol}
+    assert not bad, f"seed {seed}, {dtype}: relative errors above {tol}: {bad}"
+    return out, lse, leaves
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_documents(backend, dtype):
+    check(backend, causal_document_tasks([1, 37, 5, 1, 64, 2]), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multiturn_masks(backend, dtype):
+    tasks = multiturn_tasks([
+        [(9, True), (6, False), (1, True), (12, False), (4, True), (1, False)],
+        [(1, True)],
+        [(3, False)],
+        [(20, True), (17, False)],
+    ])
+    check(backend, tasks, dtype=dtype)
+
+
+def test_query_range_split_into_tasks(backend):
+    # One 61-token causal document, its queries cut into uneven shards; each shard sees
+    # the document up to its own end (bottom-right causal).
+    cuts = [0, 1, 14, 15, 40, 61]
+    rows = [(a, b, 0, b, True) for a, b in zip(cuts, cuts[1:])]
+    check(backend, make_task_list(*split_tasks(rows), 61, 61))
+
+
+def test_kv_range_split_across_tasks(backend):
+    # Document [0, 50): queries [30, 50) see [0, 11) and [11, 30) in full (two servers), and
+    # [30, 50) causally; queries [0, 30) are one task. A bidirectional document [50, 70) has
+    # its kv cut in three.
+    rows = [(0, 30, 0, 30, True), (30, 50, 0, 11, False), (30, 50, 11, 30, False),
+            (30, 50, 30, 50, True), (50, 70, 50, 53, False), (50, 70, 53, 54, False),
+            (50, 70, 54, 70, False)]
+    check(backend, make_task_list(*split_tasks(rows), 70, 70))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 1), (6, 3), (4, 4)])
+def test_gqa(backend, heads, kv_heads):
+    check(backend, causal_document_tasks([23, 9, 1]), heads=heads, kv_heads=kv_heads)
+
+
+def test_rectangular_causal_tasks(backend):
+    # Bottom-right alignment with |q| < |kv| and |q| > |kv| (first rows of the task see nothing).
+    rows = [(0, 10, 0, 25, True), (10, 40, 25, 33, True), (40, 41, 33, 34, True)]
+    check(backend, make_task_list(*split_tasks(rows), 41, 34))
+
+
+@pytest.mark.parametrize("offsets", [(-20.0,), (0.0,), (20.0,)])
+def test_sink_offsets(backend, offsets):
+    check(backend, causal_document_tasks([17, 1, 30]), sink_offsets=offsets)
+
+
+def test_without_sinks(backend):
+    check(backend, causal_document_tasks([17, 1, 30]), sink_offsets=None)
+
+
+def test_head_dim_256(backend):
+    check(backend, causal_document_tasks([20, 3]), heads=2, kv_heads=1, dim=256)
+
+
+def test_tokens_in_no_task(backend):
+    # Tokens [0, 3), [20, 24) and [40, 45) are in no task (padding between documents).
+    rows = [(3, 20, 3, 20, True), (24, 40, 24, 40, False)]
+    tasks = make_task_list(*split_tasks(rows), 45, 45)
+    out, lse, leaves = check(backend, tasks)
+    dead = ~tasks.coverage()
+    assert dead.sum() == 12
+    assert torch.all(out[dead] == 0) and torch.all(lse[dead] == float("-inf"))
+    assert torch.all(leaves[0].grad[dead] == 0)
+
+
+def test_sink_is_not_ignored(backend):
+    """Fails if a backend drops the sink: output, lse and dsink must all feel it."""
+    tasks = causal_document_tasks([24, 40])
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, k, v = (torch.randn(64, 2, 16, generator=gen) for _ in range(3))
+    plain_out, plain_lse = core_attention(q, k, v, tasks, None, None, backend=backend)
+    sinks = plain_lse[:, :].median(0).values.clone().requires_grad_()
+    out, lse = core_attention(q, k, v, tasks, None, None, sinks=sinks, backend=backend)
+    # At offset 0 about half of each row's mass goes to the sink.
+    assert (out.norm() / plain_out.norm()) < 0.8
+    assert torch.all(lse > plain_lse)
+    out.square().sum().backward()
+    assert torch.all(sinks.grad < 0), "more sink mass shrinks |out|: dsink must be negative"
+
+
+def test_split_across_servers_matches_single_call(backend):
+    """The runtime's path: forward per server, merge, sink; backward per server on the merge."""
+    tasks = multiturn_tasks([[(8, True), (10, False), (5, True), (9, False)], [(13, False)]])
+    rows = tasks.rows
+    servers = [rows[0::2], rows[1::2]]
+    gen = torch.Generator().manual_seed(fresh_seed())
+    n = tasks.num_q
+    q, k, v = (torch.randn(n, 4, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    d_out = torch.randn(n, 4, 16, generator=gen, dtype=torch.float64)
+
+    partial = [attention_forward(q, k, v, *split_tasks(r), backend=backend) for r in servers]
+    merged_out, merged_lse = merge_partials([p[0] for p in partial], [p[1] for p in partial])
+    out, _ = apply_sink(merged_out, merged_lse, sinks)
+    w = torch.sigmoid(merged_lse - sinks).nan_to_num(0.0).unsqueeze(-1)
+    grads = [attention_backward(d_out * w, q, k, v, out, merged_lse, *split_tasks(r),
+                                backend=backend) for r in servers]
+    dq, dk, dv = (sum(g[i] for g in grads) for i in range(3))
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_out, _ = core_attention(*leaves, tasks, None, None, sinks=sinks, backend=backend)
+    ref_out.backward(d_out)
+    assert rel_err(out, ref_out) < 1e-12
+    for got, leaf in zip((dq, dk, dv), leaves):
+        assert rel_err(got, leaf.grad) < 1e-12
+
+
+@pytest.mark.parametrize("q_ranges,kv_ranges,causal,match", [
+    ([[0, 5]], [[0, 5], [0, 1]], [True], "kv_ranges has 2 tasks"),
+    ([[0, 11]], [[0, 5]], [True], r"q_ranges\[0\] = \[0, 11\)"),
+    ([[3, 2]], [[0, 5]], [True], r"q_ranges\[0\] = \[3, 2\)"),
+    ([[0, 5]], [[-1, 5]], [True], r"kv_ranges\[0\] = \[-1, 5\)"),
+    ([[0.0, 5.0]], [[0, 5]], [True], "integer tensor"),
+    ([[0, 5, 1]], [[0, 5]], [True], r"shape \(T, 2\)"),
+    ([[0, 5]], [[0, 5]], [True, False], r"causal must have shape \(1,\)"),
+])
+def test_bad_tasks_are_named(q_ranges, kv_ranges, causal, match):
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        core_attention(q, q, q, torch.tensor(q_ranges), torch.tensor(kv_ranges),
+                       torch.tensor(causal), backend="torch")
+
+
+def test_bad_tensors_are_named():
+    q, kv = torch.randn(10, 4, 8), torch.randn(10, 3, 8)
+    ranges = torch.tensor([[0, 10]])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        core_attention(q, kv, kv, ranges, ranges, torch.tensor([True]))
+    with pytest.raises(ValueError, match=r"sinks must be \(4,\)"):
+        core_attention(q, q, q, ranges, ranges, torch.tensor([True]), sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="backend must be"):
+        core_attention(q, q, q, ranges, ranges, torch.tensor([True]), backend="cuda")
