@@ -39,8 +39,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data.add_parser(sub)
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import profile  # torch loads only when a measurement runs
+
+    profile.add_parser(sub)
+
+
 # Each entry adds one subcommand; later capabilities append theirs.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data, _add_profile]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Measurements of this device: attention throughput, communication bandwidth, training."""
