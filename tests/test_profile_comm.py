@@ -1,0 +1,31 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distca.cli import UsageError, main
+from distca.commands.profile import parse_sizes
+
+
+def test_parse_sizes():
+    assert parse_sizes("64K, 1M,512,2GB") == [65536, 1 << 20, 512, 2 << 30]
+    for bad in ("abc", "0", "-4K", "1.5M"):
+        with pytest.raises(UsageError, match="--sizes"):
+            parse_sizes(bad)
+
+
+def test_profile_comm_runs_and_parses():
+    out = subprocess.run([sys.executable, "-m", "distca.cli", "profile", "comm", "--world", "2",
+                          "--sizes", "8K,256K", "--iters", "2"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    result = json.loads(out)
+    assert result["backend"] == "gloo" and result["world"] == 2
+    assert [r["bytes"] for r in result["rows"]] == [8192, 262144]
+    assert all(r["seconds"] > 0 and r["bus_GBps"] > 0 for r in result["rows"])
+
+
+def test_profile_comm_bad_world(capsys):
+    assert main(["profile", "comm", "--world", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--world" in captured.err
