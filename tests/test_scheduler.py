@@ -1,0 +1,219 @@
+"""Scheduler core: documents, CA-tasks, both planners and the Plan API, against dense oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from distca.scheduler import (
+    Document,
+    ModelShape,
+    Plan,
+    documents_from_batch,
+    plan_step,
+    task_pairs,
+)
+from distca.scheduler.documents import build_segments
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_scheduler_oracle import allowed_mask, coverage
+
+K = 1024
+MODEL = ModelShape(h_q=8, h_kv=2, head_dim=16, bytes_per_elem=2)
+
+
+@st.composite
+def batches(draw, max_workers=4, max_tokens_per_worker=48):
+    """A small packed batch: (doc_lengths, turn_lengths|None, turn_is_context|None, W, T, S)."""
+    workers = draw(st.integers(1, max_workers))
+    per_worker = draw(st.integers(1, max_tokens_per_worker))
+    total = workers * per_worker
+    used = draw(st.integers(1, total))
+    lengths = []
+    while sum(lengths) < used:
+        lengths.append(draw(st.integers(1, used - sum(lengths))))
+    turns = contexts = None
+    if draw(st.booleans()):
+        turns, contexts = [], []
+        for length in lengths:
+            context = draw(st.booleans())
+            left = length
+            while left:
+                step = draw(st.integers(1, left))
+                turns.append(step)
+                contexts.append(context)
+                context, left = not context, left - step
+    servers = workers + draw(st.integers(0, 2))
+    return lengths, turns, contexts, workers, per_worker, servers
+
+
+def independent_bytes(plan: Plan) -> int:
+    """Bytes counted token by token: each server's non-resident q and kv tokens, once each."""
+    total = 0
+    for s in range(plan.num_servers):
+        tasks = plan.server_tasks(s)
+        local = set(range(s * plan.tokens_per_worker, (s + 1) * plan.tokens_per_worker)) \
+            if s < plan.num_workers else set()
+        q = set().union(*(range(t["q_start"], t["q_end"]) for t in tasks))
+        kv = set().union(*(range(t["kv_start"], t["kv_end"]) for t in tasks))
+        total += len(q - local) * MODEL.q_bytes + len(kv - local) * MODEL.kv_bytes
+    return total
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), planner=st.sampled_from(["distca", "greedy-baseline"]),
+       tolerance=st.sampled_from([0.0, 0.05, 0.3]), min_shard=st.integers(1, 8))
+def test_tasks_cover_the_mask_exactly_once(batch, planner, tolerance, min_shard):
+    lengths, turns, contexts, workers, per_worker, servers = batch
+    docs = documents_from_batch(lengths, turns, contexts)
+    plan = plan_step(docs, workers, per_worker, servers, tolerance=tolerance,
+                     min_shard_tokens=min_shard, model=MODEL, planner=planner)
+    n = workers * per_worker
+    mask = allowed_mask(lengths, turns, contexts, num_tokens=n)
+    np.testing.assert_array_equal(coverage(plan.tasks, n), mask.astype(np.int64))
+    assert plan.server_cost.sum() == mask.sum()  # cost conservation
+    before = build_segments(docs, per_worker).pairs().sum()
+    assert before == mask.sum()
+    assert plan.bytes_moved == independent_bytes(plan)
+    t = plan.tasks
+    assert ((t["server"] >= 0) & (t["server"] < servers)).all()
+    assert (~t["causal"] | (t["kv_end"] - t["kv_start"] >= t["q_end"] - t["q_start"])).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=batches(), min_shard=st.integers(1, 6))
+def test_cuts_respect_the_minimum_shard(batch, min_shard):
+    lengths, turns, contexts, workers, per_worker, servers = batch
+    docs = documents_from_batch(lengths, turns, contexts)
+    plan = plan_step(docs, workers, per_worker, servers, tolerance=0.0,
+                     min_shard_tokens=min_shard, model=MODEL)
+    seg = build_segments(docs, per_worker)
+    t = plan.tasks
+    owner = np.searchsorted(seg.q_start, t["q_start"], side="right") - 1
+    rows = seg.q_end[owner] - seg.q_start[owner]
+    cols = np.where(seg.causal, seg.q_end, seg.kv_end)[owner] - seg.kv_start[owner]
+    q_len, kv_len = t["q_end"] - t["q_start"], t["kv_end"] - t["kv_start"]
+    assert ((q_len >= min_shard) | (q_len == rows)).all()
+    assert ((kv_len >= min_shard) | (kv_len >= q_len) | (kv_len == cols)).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tolerance=st.sampled_from([0.05, 0.1, 0.2]),
+       min_shard=st.sampled_from([1, 4, 16]), glm=st.booleans())
+def test_bound_holds_when_feasible(seed, tolerance, min_shard, glm):
+    rng = np.random.default_rng(seed)
+    workers, per_worker = int(rng.integers(2, 9)), int(rng.integers(64, 512))
+    lengths = _long_tail(rng, workers * per_worker)
+    turns = contexts = None
+    if glm:
+        turns, contexts = _turns(rng, lengths)
+    docs = documents_from_batch(lengths, turns, contexts)
+    plan = plan_step(docs, workers, per_worker, workers + int(rng.integers(0, 2)),
+                     tolerance=tolerance, min_shard_tokens=min_shard, model=MODEL)
+    mean = plan.server_cost.sum() / plan.num_servers
+    # Sufficient for the planner to fit: every server's slack holds a few minimum-size pieces.
+    feasible = tolerance * mean >= 4 * min_shard * max(lengths)
+    if feasible:
+        assert plan.server_cost.max() <= (1 + tolerance) * mean
+    assert plan.imbalance <= plan.imbalance_before + 1e-12
+
+
+def _long_tail(rng, tokens):
+    lengths = []
+    while sum(lengths) < tokens:
+        draw = int(np.exp(rng.uniform(0, np.log(tokens)))) if rng.random() < 0.3 \
+            else int(rng.integers(1, 64))
+        lengths.append(max(1, min(draw, tokens - sum(lengths))))
+    return lengths
+
+
+def _turns(rng, lengths):
+    turns, contexts = [], []
+    for length in lengths:
+        left, context = length, bool(rng.integers(2))
+        while left:
+            step = int(rng.integers(1, left + 1))
+            turns.append(step)
+            contexts.append(context)
+            left, context = left - step, not context
+    return turns, contexts
+
+
+def test_reference_batch_reproduces_the_baseline_and_beats_it():
+    lengths = [16 * K] + [8 * K] * 2 + [4 * K] * 4 + [2 * K] * 8
+    docs = documents_from_batch(lengths)
+    base = plan_step(docs, 4, 16 * K, tolerance=0.1, planner="greedy-baseline", model=MODEL)
+    assert base.imbalance_before == pytest.approx(2.133, abs=1e-3)
+    assert base.imbalance == pytest.approx(1.0667, abs=1e-3)
+    moves = base.transfers()
+    q_moved = moves[~moves["is_kv"]]
+    assert (q_moved["end"] - q_moved["start"]).sum() == 8702  # design §4
+    ours = plan_step(docs, 4, 16 * K, tolerance=0.1, model=MODEL)
+    assert ours.imbalance <= 1.1
+    assert ours.bytes_moved < base.bytes_moved
+
+
+@pytest.mark.parametrize("planner", ["distca", "greedy-baseline"])
+def test_plan_is_deterministic_and_round_trips(planner):
+    rng = np.random.default_rng(7)
+    lengths = _long_tail(rng, 8 * 4 * K)
+    docs = documents_from_batch(lengths)
+    a = plan_step(docs, 8, 4 * K, 10, tolerance=0.05, model=MODEL, planner=planner)
+    b = plan_step(docs, 8, 4 * K, 10, tolerance=0.05, model=MODEL, planner=planner)
+    np.testing.assert_array_equal(a.to_array(), b.to_array())
+    c = Plan.from_array(a.to_array())
+    np.testing.assert_array_equal(c.tasks, a.tasks)
+    np.testing.assert_array_equal(c.server_cost, a.server_cost)
+    assert (c.imbalance, c.imbalance_before, c.bytes_moved, c.model) == \
+        (a.imbalance, a.imbalance_before, a.bytes_moved, a.model)
+
+
+def test_server_inputs_gather_exactly_the_task_ranges():
+    rng = np.random.default_rng(3)
+    lengths = _long_tail(rng, 4 * 2 * K)
+    turns, contexts = _turns(rng, lengths)
+    plan = plan_step(documents_from_batch(lengths, turns, contexts), 4, 2 * K, 6,
+                     tolerance=0.0, min_shard_tokens=16, model=MODEL)
+    assert plan.server_cost[4:].sum() > 0  # dedicated servers got work
+    for s in range(plan.num_servers):
+        q_tokens, kv_tokens, q_ranges, kv_ranges, causal = plan.server_inputs(s)
+        tasks = plan.server_tasks(s)
+        assert (np.diff(q_tokens) > 0).all() and (np.diff(kv_tokens) > 0).all()
+        for t, (q0, q1), (k0, k1), c in zip(tasks, q_ranges, kv_ranges, causal):
+            np.testing.assert_array_equal(q_tokens[q0:q1], np.arange(t["q_start"], t["q_end"]))
+            np.testing.assert_array_equal(kv_tokens[k0:k1],
+                                          np.arange(t["kv_start"], t["kv_end"]))
+            assert c == t["causal"]
+
+
+def test_one_token_documents_and_padding():
+    lengths = [1] * 50 + [301, 1, 2, 3]
+    plan = plan_step(documents_from_batch(lengths), 3, 200, tolerance=0.0, min_shard_tokens=8,
+                     model=MODEL)
+    mask = allowed_mask(lengths, num_tokens=600)
+    np.testing.assert_array_equal(coverage(plan.tasks, 600), mask.astype(np.int64))
+    assert plan.tasks["q_end"].max() <= sum(lengths)
+
+
+def test_task_pairs_formula():
+    assert task_pairs(5, 5, True) == 15  # a causal document of length L costs L(L+1)/2
+    assert task_pairs(3, 10, True) == 3 * 10 - 3
+    assert task_pairs(4, 7, False) == 28
+
+
+def test_documents_accept_lists_and_reject_bad_input():
+    docs = documents_from_batch([3, 4], [1, 2, 4], [True, False, False])
+    assert list(docs) == [Document(0, 3, (1, 2), (True, False)), Document(3, 4, (4,), (False,))]
+    plan = plan_step(list(docs), 1, 7, model=MODEL)
+    assert plan.server_cost.sum() == 1 * 1 + (2 * 3 - 1) + 4 * 5 // 2
+    with pytest.raises(ValueError, match="length 0"):
+        documents_from_batch([3, 0])
+    with pytest.raises(ValueError, match="tile"):
+        documents_from_batch([3, 4], [2, 2, 3], [True, False, True])
+    with pytest.raises(ValueError, match="more than"):
+        plan_step(documents_from_batch([9]), 2, 4)
+    with pytest.raises(ValueError, match="num_servers"):
+        plan_step(documents_from_batch([4]), 2, 4, num_servers=1)
+    with pytest.raises(ValueError, match="tolerance"):
+        plan_step(documents_from_batch([4]), 2, 4, tolerance=-0.1)
+    with pytest.raises(ValueError, match="planner"):
+        plan_step(documents_from_batch([4]), 2, 4, planner="magic")
