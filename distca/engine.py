@@ -1,0 +1,250 @@
+"""The training engine of one rank: megatron-core model, disaggregated attention, optimizer.
+
+Construct it inside each rank's process after ``torch.distributed.init_process_group``; every
+rank then receives the same list of :class:`~distca.batch.PackedBatch` micro-batches per step and
+works on its own slice (``batch.rank_slice(dp_rank)``). The loss is the global mean over all loss
+tokens of the step: each rank back-propagates ``(sum of its token losses) / (global loss-token
+count)`` and gradients are summed over data-parallel ranks, which makes the result exactly that
+of one process training on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from distca.batch import PackedBatch
+from distca.config import DistcaConfig, ServerMode
+from distca.model import AttentionRuntime, apply_cpu_shims, build_model
+from distca.model.core_attention import SinkTelemetry
+from distca.model.cpu_shims import seed_model_parallel
+from distca.parallel.layout import build_layout
+from distca.parallel.planning import StepPlan, colocated_plan
+
+IGNORE = -100
+
+
+def learning_rate(cfg: DistcaConfig, step: int) -> float:
+    """Linear warm-up then cosine (or constant) decay from ``optim.lr`` to ``optim.min_lr``."""
+    o, total = cfg.optim, cfg.trainer.steps
+    warmup = int(o.warmup_fraction * total)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    if o.schedule == "constant":
+        return o.lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class Engine:
+    """One rank's model replica/shard and its training step (see the module docstring)."""
+
+    def __init__(self, cfg: DistcaConfig) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("Engine needs torch.distributed.init_process_group first")
+        p = cfg.parallel
+        if cfg.cad.server_mode is ServerMode.dedicated:
+            raise NotImplementedError("cad.server_mode=dedicated is not supported by the engine yet")
+        if p.pp != 1:
+            raise NotImplementedError("parallel.pp > 1 is not supported by the engine yet")
+        world = dist.get_world_size()
+        if world != p.dp * p.tp * p.pp:
+            raise ValueError(f"world size {world} != parallel.dp*tp*pp = {p.dp * p.tp * p.pp}")
+        self.cfg = cfg
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        apply_cpu_shims()
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(p.tp, p.pp)
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        seed_model_parallel(cfg.trainer.seed, parallel_state.get_tensor_model_parallel_rank())
+        self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value,
+                                        group=self.dp_group)
+        self.model = build_model(cfg.model, self.runtime, cfg.trainer.precision)
+        for name, param in self.model.named_parameters():
+            if name.endswith("core_attention.sinks"):
+                param.tensor_model_parallel = True
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        decay = [q for q in self.params if q.ndim >= 2]
+        no_decay = [q for q in self.params if q.ndim < 2]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.step = 0
+
+    # ---- one micro-batch -------------------------------------------------------------------
+    def _plan(self, batch: PackedBatch) -> StepPlan:
+        """The micro-batch's plan: computed on global rank 0 and broadcast to every rank."""
+        if batch.num_ranks != self.cfg.parallel.dp:
+            raise ValueError(f"micro-batch has {batch.num_ranks} worker slices, "
+                             f"parallel.dp = {self.cfg.parallel.dp}")
+        if not self.cfg.cad.enabled:
+            return colocated_plan(batch.doc_lengths, batch.turn_lengths, batch.turn_is_context,
+                                  batch.num_ranks, batch.tokens_per_rank)
+        raise NotImplementedError("cad.enabled=true is not wired into the engine yet")
+
+    def _forward(self, batch: PackedBatch, plan: StepPlan) -> tuple[torch.Tensor, int]:
+        """Sum of this rank's token losses (fp32 scalar, differentiable) and its loss tokens."""
+        rows = batch.rank_slice(self.dp_rank)
+        tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
+        labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
+        positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
+        layout = build_layout(plan.servers, self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
+                              self.cfg.parallel.dp, list(range(self.cfg.parallel.dp)), self.device)
+        self.runtime.set_batch(positions, layout)
+        mask = labels != IGNORE
+        losses = self.model(tokens, None, None, labels=torch.where(mask, labels, 0))
+        return (losses.float() * mask).sum(), int(mask.sum())
+
+    # ---- the public step API ---------------------------------------------------------------
+    def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (the same list on every rank)."""
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        total = _loss_tokens(micro_batches)
+        telemetry = self._telemetry_on()
+        self.runtime.telemetry = SinkTelemetry() if telemetry else None
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        before, after = [], []
+        for batch in micro_batches:
+            plan = self._plan(batch)
+            before.append(plan.imbalance_before)
+            after.append(plan.imbalance)
+            local, _ = self._forward(batch, plan)
+            (local / max(total, 1)).backward()
+            loss_sum += local.detach().double().cpu()
+        self._sync_gradients()
+        loss = _all_reduce_scalar(loss_sum, self.dp_group) / max(total, 1)
+        grad_norm = self._grad_norm()
+        lr = learning_rate(self.cfg, self.step)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            clip = self.cfg.optim.grad_clip
+            if clip > 0 and grad_norm > clip:
+                for q in self.params:
+                    q.grad.mul_(clip / (grad_norm + 1e-6))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.step += 1
+        stats = {"loss": loss, "tokens": float(sum(b.doc_lengths.sum() for b in micro_batches)),
+                 "step_time_s": time.perf_counter() - start,
+                 "imbalance_before": float(np.mean(before)), "imbalance": float(np.mean(after)),
+                 "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
+        if telemetry:
+            stats.update(self._telemetry_stats())
+        self.runtime.telemetry = None
+        return stats
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[PackedBatch]) -> float:
+        """Global mean loss over the loss tokens of ``micro_batches``; no gradients, no update."""
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            local, _ = self._forward(batch, self._plan(batch))
+            loss_sum += local.double().cpu()
+        return _all_reduce_scalar(loss_sum, self.dp_group) / max(_loss_tokens(micro_batches), 1)
+
+    def forward_backward(self, micro_batches: list[PackedBatch]) -> float:
+        """Loss and data-parallel-summed gradients in ``.grad`` without an update (for tests)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        total = _loss_tokens(micro_batches)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            local, _ = self._forward(batch, self._plan(batch))
+            (local / max(total, 1)).backward()
+            loss_sum += local.detach().double().cpu()
+        self._sync_gradients()
+        return _all_reduce_scalar(loss_sum, self.dp_group) / max(total, 1)
+
+    # ---- gradients -------------------------------------------------------------------------
+    def _sync_gradients(self) -> None:
+        for q in self.params:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        if self.cfg.parallel.dp == 1:
+            return
+        flat = torch.cat([q.grad.reshape(-1) for q in self.params])
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for q in self.params:
+            q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
+            offset += q.numel()
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        for q in self.params:
+            sq = q.grad.double().pow(2).sum()
+            if getattr(q, "tensor_model_parallel", False):
+                sharded += sq
+            else:
+                replicated += sq
+        if self.cfg.parallel.tp > 1:
+            dist.all_reduce(sharded, group=self.tp_group)
+        return math.sqrt(float(sharded + replicated))
+
+    # ---- telemetry -------------------------------------------------------------------------
+    def _telemetry_on(self) -> bool:
+        n = self.cfg.attention.telemetry_interval
+        return n > 0 and self.cfg.model.learnable_sinks and self.step % n == 0
+
+    def _telemetry_stats(self) -> dict[str, float]:
+        t = self.runtime.telemetry
+        layers = sorted(t.rows)
+        sums = torch.tensor([[t.mass_sum[i], t.rows[i]] for i in layers], dtype=torch.float64)
+        dist.all_reduce(sums, group=self.dp_group)
+        stats = {f"sink_mass_layer{i}": float(s / max(r, 1)) for i, (s, r) in zip(layers, sums)}
+        stats["sink_mass"] = float(sums[:, 0].sum() / max(float(sums[:, 1].sum()), 1.0))
+        return stats
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's model shard, optimizer state and step as flat CPU tensors."""
+        state = {f"model.{k}": v.detach().cpu().clone()
+                 for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}
+        for i, q in enumerate(self.params):
+            for key, value in self.optimizer.state.get(q, {}).items():
+                state[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        state["step"] = torch.tensor(self.step, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+        self.optimizer.state.clear()
+        for i, q in enumerate(self.params):
+            entries = {k.split(".", 2)[2]: v for k, v in state.items()
+                       if k.startswith(f"optim.{i}.")}
+            if entries:
+                self.optimizer.state[q] = {k: v.to(q.device) if k != "step" else v.clone()
+                                           for k, v in entries.items()}
+        self.step = int(state["step"])
+
+
+def _loss_tokens(micro_batches: list[PackedBatch]) -> int:
+    return int(sum((b.labels != IGNORE).sum() for b in micro_batches))
+
+
+def _all_reduce_scalar(value: torch.Tensor, group) -> float:
+    value = value.clone()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+    return float(value)
