@@ -1,0 +1,134 @@
+"""The training driver: data -> step on every rank -> metrics -> checkpoint, with restarts.
+
+``train(cfg, recipe)`` runs in the process that ``distca train`` starts (locally, or as a
+``ray job submit`` entrypoint). It builds the micro-batches of each step once, puts them in
+Ray's object store and has every rank run the step. When a rank's process dies it stops the
+group, starts a fresh one from the last complete checkpoint and goes on, at most
+``trainer.max_restarts`` times.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distca.config import DistcaConfig, OnNan
+from distca.data import Dataset
+from distca.train.checkpoint import begin_save, commit, latest_checkpoint, prune
+from distca.train.errors import TrainingStopped, WorkerDied
+from distca.train.metrics import MetricsLog
+from distca.train.run_dir import RunDir
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    restarts: int
+    first_loss: float
+    last_loss: float
+    last_checkpoint: Path | None
+
+
+class Trainer:
+    def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset):
+        self.cfg = cfg
+        self.run = run_dir
+        self.data = data
+        self.restarts = 0
+        self.first_loss = math.nan
+        self.last_loss = math.nan
+
+    # ---- one attempt: a fresh group from the last checkpoint (or from scratch) -------------
+    def _attempt(self, resume: bool, progress) -> int:
+        from distca.train.group import WorkerGroup
+
+        t = self.cfg.trainer
+        group = WorkerGroup(self.cfg)
+        try:
+            self.run.write_workers(group.start())
+            start = 0
+            found = latest_checkpoint(self.run.checkpoints) if resume else None
+            if found is not None:
+                path, meta = found
+                group.call("load", str(path))
+                start = meta["step"]
+                self.restarts = max(self.restarts, meta.get("restarts", 0))
+            metrics = MetricsLog(self.run.metrics, self.run.tensorboard, start)
+            try:
+                progress.reset(total=t.steps)
+                progress.update(start)
+                for step in range(start + 1, t.steps + 1):
+                    self._step(group, step, metrics, progress)
+            finally:
+                metrics.close()
+            return t.steps
+        finally:
+            group.shutdown()
+
+    def _step(self, group, step: int, metrics: MetricsLog, progress) -> None:
+        import ray
+
+        t = self.cfg.trainer
+        batches = ray.put(self.data.step_batches(step))
+        wall = time.perf_counter()
+        stats = group.call("train_step", batches)[0]
+        wall = time.perf_counter() - wall
+        loss = stats["loss"]
+        finite = math.isfinite(loss)
+        row = {"step": step, **stats, "tokens_per_s": stats["tokens"] / max(wall, 1e-9),
+               "restarts": self.restarts}
+        if step % t.log_interval == 0 or step == t.steps or not finite:
+            metrics.log(row)
+        if not finite or stats.get("skipped", 0.0):
+            if t.on_nan is OnNan.stop:
+                last = latest_checkpoint(self.run.checkpoints)
+                where = f"the last checkpoint {last[0]} stays valid" if last else "no checkpoint"
+                raise TrainingStopped(f"step {step}: loss is {loss}; stopping because "
+                                      f"trainer.on_nan=stop ({where})")
+            progress.write(f"step {step}: loss is {loss}; update skipped (trainer.on_nan=skip)")
+        else:
+            if math.isnan(self.first_loss):
+                self.first_loss = loss
+            self.last_loss = loss
+        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                             imb=f"{stats['imbalance_before']:.2f}->{stats['imbalance']:.2f}",
+                             refresh=False)
+        progress.update(1)
+        if step % t.checkpoint_interval == 0 or step == t.steps:
+            self._save(group, step)
+
+    def _save(self, group, step: int) -> None:
+        tmp = begin_save(self.run.checkpoints, step)
+        sizes = group.call("save", str(tmp))
+        meta = {"restarts": self.restarts, "data_position": step, "seed": self.cfg.trainer.seed,
+                "micro_batches_consumed": step * self.cfg.data.micro_batches}
+        commit(tmp, step, meta, sizes)
+        prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
+
+    # ---- the whole run ---------------------------------------------------------------------
+    def run_to_end(self) -> TrainResult:
+        from tqdm import tqdm
+
+        t = self.cfg.trainer
+        resume = t.resume
+        with tqdm(total=t.steps, desc="train", unit="step", file=sys.stderr,
+                  dynamic_ncols=True, mininterval=1.0) as progress:
+            while True:
+                try:
+                    self._attempt(resume, progress)
+                    break
+                except WorkerDied as exc:
+                    if self.restarts >= t.max_restarts:
+                        raise TrainingStopped(f"{exc}; giving up after {self.restarts} restarts "
+                                              f"(trainer.max_restarts={t.max_restarts})") from exc
+                    self.restarts += 1
+                    resume = True
+                    progress.write(f"{exc}; restart {self.restarts}/{t.max_restarts} "
+                                   f"from the last checkpoint")
+        last = latest_checkpoint(self.run.checkpoints)
+        return TrainResult(self.run.path, t.steps, self.restarts, self.first_loss,
+                           self.last_loss, last[0] if last else None)

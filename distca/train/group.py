@@ -1,0 +1,124 @@
+"""A group of rank actors in one placement group: start, rendezvous, call, detect death, stop."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import tempfile
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distca.config import DistcaConfig
+from distca.train.errors import WorkerDied, WorkerError
+from distca.train.worker import RankWorker, world_layout
+
+PLACEMENT_TIMEOUT_S = 60.0
+# After one rank fails, how long to wait for the others' results to tell a dead rank (restart
+# from a checkpoint) from an error in the step itself (fatal).
+FAILURE_GRACE_S = 3.0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class WorkerGroup:
+    def __init__(self, cfg: DistcaConfig):
+        self.cfg = cfg
+        self.roles = world_layout(cfg)
+        self.actors: list[Any] = []
+        self.workers: list[dict] = []
+        self._pg = None
+        self._store_dir: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.roles)
+
+    def start(self) -> list[dict]:
+        """Place and start every rank, rendezvous, build the engines; returns workers.json rows."""
+        r = self.cfg.ray
+        bundle = {"CPU": r.num_cpus_per_worker}
+        if r.num_gpus_per_worker:
+            bundle["GPU"] = r.num_gpus_per_worker
+        self._pg = placement_group([dict(bundle)] * self.world_size, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            raise WorkerError(
+                f"the Ray cluster cannot place {self.world_size} ranks with {bundle} each "
+                f"within {PLACEMENT_TIMEOUT_S:.0f} s; available: {ray.available_resources()} "
+                f"(lower ray.num_cpus_per_worker / ray.num_gpus_per_worker or add nodes)"
+            ) from None
+        actor_cls = ray.remote(RankWorker)
+        for rank, role in enumerate(self.roles):
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
+            self.actors.append(actor_cls.options(
+                num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
+                scheduling_strategy=strategy, max_restarts=0, max_concurrency=1,
+            ).remote(self.cfg, rank, self.world_size, role))
+        self.workers = self.call("info")
+        self.call("setup", *self._rendezvous())
+        return self.workers
+
+    def _rendezvous(self) -> tuple[str, bool]:
+        """``(init_method, loopback)``. All ranks on one loopback node share a file store (a
+        TCP store would listen on every interface); otherwise rank 0's node hosts a TCP store."""
+        nodes = {w["node"] for w in self.workers}
+        head = self.workers[0]["node"]
+        if len(nodes) == 1 and _is_loopback(head):
+            self._store_dir = tempfile.mkdtemp(prefix="distca-rendezvous-")
+            return f"file://{self._store_dir}/store", True
+        port = ray.get(self.actors[0].free_port.remote(head))
+        return f"tcp://{head}:{port}", False
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every rank; returns the results in rank order.
+
+        Raises :class:`WorkerDied` as soon as a rank's process is gone, and
+        :class:`WorkerError` when a rank raised.
+        """
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except Exception as first:
+                self._raise_failure(first, rank_of[ready[0]], pending, rank_of, method)
+        return ray.get(refs)
+
+    def _raise_failure(self, first: Exception, rank: int, pending: list, rank_of: dict,
+                       method: str) -> None:
+        failures = [(rank, first)]
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:
+                failures.append((rank_of[ref], exc))
+        dead = [r for r, exc in failures if isinstance(exc, ActorDiedError | RayActorError)]
+        if dead:
+            raise WorkerDied(f"rank {min(dead)} died during {method}: "
+                             f"{str(failures[0][1]).splitlines()[0]}")
+        raise WorkerError(f"rank {rank} failed in {method}: {first}")
+
+    def shutdown(self) -> None:
+        """Stop every actor and release the placement group (safe to call twice)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None

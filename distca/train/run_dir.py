@@ -1,0 +1,50 @@
+"""The run directory: resolved config, metrics, TensorBoard events, workers, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from distca.config import DistcaConfig, to_yaml
+
+
+def default_run_dir(recipe: str | Path) -> Path:
+    """``runs/<recipe>-<timestamp>/`` relative to the working directory."""
+    return Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def workers(self) -> Path:
+        return self.path / "workers.json"
+
+    def write_config(self, cfg: DistcaConfig) -> None:
+        _write_atomically(self.path / "config.yaml", to_yaml(cfg))
+
+    def write_workers(self, workers: list[dict]) -> None:
+        """``workers``: one ``{rank, role, node, pid}`` per process; rewritten on restart."""
+        _write_atomically(self.workers, json.dumps(workers, indent=1) + "\n")
