@@ -39,6 +39,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data.add_parser(sub)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from distca.commands import train
+
+    return train.run(args)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train RECIPE on a local Ray cluster or the given one")
+    p.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(run=_train)
+
+
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     from distca.commands import profile  # torch loads only when a measurement runs
 
@@ -46,7 +59,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; later capabilities append theirs.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data, _add_profile]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data,
+                                                                   _add_train, _add_profile]
 
 
 def build_parser() -> argparse.ArgumentParser:
