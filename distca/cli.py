@@ -58,9 +58,22 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     profile.add_parser(sub)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import plan  # numpy and the scheduler load only when it runs
+
+    plan.add_parser(sub)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import simulate
+
+    simulate.add_parser(sub)
+
+
 # Each entry adds one subcommand; later capabilities append theirs.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data,
-                                                                   _add_train, _add_profile]
+                                                                   _add_train, _add_profile,
+                                                                   _add_plan, _add_simulate]
 
 
 def build_parser() -> argparse.ArgumentParser:

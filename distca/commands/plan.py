@@ -1,0 +1,112 @@
+"""``distca plan``: plan one batch of documents over attention servers and report its quality."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from distca.cli import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="plan one batch's core attention over servers (ε-balanced)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lengths", help="document lengths in packed order, e.g. 16384,8192,8192")
+    src.add_argument("--lengths-file", help="a file of lengths: one integer per line or a JSON list")
+    p.add_argument("--servers", type=int, required=True, help="attention servers")
+    p.add_argument("--tolerance", type=float, default=0.1, help="ε: max <= (1+ε)·mean (0.1)")
+    p.add_argument("--tokens-per-worker", type=int, default=None,
+                   help="linear-layer tokens per worker (default: the batch split over --servers)")
+    p.add_argument("--min-shard", type=int, default=128, help="minimum shard tokens (128)")
+    p.add_argument("--planner", choices=("distca", "greedy-baseline"), default="distca")
+    p.add_argument("--model", default="llama3-8b", help="model preset for bytes (llama3-8b)")
+    p.add_argument("--cost-table", default=None, help="CSV q_len,kv_len,pairs_per_s to plan with")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def parse_lengths(text: str) -> list[int]:
+    from distca.scheduler.distributions import parse_length
+
+    items = [item for item in text.split(",")]
+    try:
+        return [parse_length(item, f"--lengths item {i + 1}") for i, item in enumerate(items)]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def model_shape(preset: str):
+    from distca.config import MODEL_PRESETS
+    from distca.scheduler import ModelShape
+
+    if preset not in MODEL_PRESETS:
+        raise UsageError(f"--model: unknown preset {preset!r} (known: {', '.join(MODEL_PRESETS)})")
+    m = MODEL_PRESETS[preset]
+    return ModelShape(m["num_attention_heads"], m["num_kv_heads"],
+                      m["hidden_size"] // m["num_attention_heads"], 2)
+
+
+def load_cost_table(path: str | None):
+    if path is None:
+        return None
+    from distca.scheduler import CostTable
+
+    try:
+        return CostTable.from_csv(path)
+    except ValueError as exc:
+        raise UsageError(f"--cost-table: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from distca.scheduler import documents_from_batch, timed_plan_step
+    from distca.scheduler.distributions import read_lengths
+
+    if args.lengths is not None:
+        lengths = parse_lengths(args.lengths)
+    else:
+        try:
+            lengths = [int(x) for x in read_lengths(args.lengths_file)]
+        except ValueError as exc:
+            raise UsageError(f"--lengths-file: {exc}") from None
+    if args.servers < 1:
+        raise UsageError(f"--servers must be >= 1, got {args.servers}")
+    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
+        raise UsageError(f"--tolerance must be a finite value >= 0, got {args.tolerance}")
+    if args.min_shard < 1:
+        raise UsageError(f"--min-shard must be >= 1, got {args.min_shard}")
+    total = sum(lengths)
+    per_worker = args.tokens_per_worker or math.ceil(total / args.servers)
+    if per_worker < 1:
+        raise UsageError(f"--tokens-per-worker must be >= 1, got {per_worker}")
+    workers = math.ceil(total / per_worker)
+    if workers > args.servers:
+        raise UsageError(f"--tokens-per-worker {per_worker}: {total} tokens need {workers} "
+                         f"workers, more than --servers {args.servers}")
+    shape, table = model_shape(args.model), load_cost_table(args.cost_table)
+    plan, ms = timed_plan_step(documents_from_batch(lengths), workers, per_worker, args.servers,
+                               tolerance=args.tolerance, min_shard_tokens=args.min_shard,
+                               model=shape, planner=args.planner, cost_table=table)
+    report = {
+        "planner": args.planner, "tolerance": args.tolerance, "num_documents": len(lengths),
+        "num_workers": workers, "tokens_per_worker": per_worker, "num_servers": args.servers,
+        "total_pairs": int(plan.server_cost.sum()),
+        "imbalance_before": plan.imbalance_before, "imbalance": plan.imbalance,
+        "server_cost": [int(x) for x in plan.server_cost], "bytes_moved": plan.bytes_moved,
+        "num_tasks": int(plan.tasks.size), "plan_ms": ms,
+    }
+    if args.json:
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    cost = np.asarray(plan.server_cost, dtype=np.float64)
+    print(f"{args.planner}: {len(lengths)} documents, {total} tokens on {workers} workers x "
+          f"{per_worker}, {args.servers} servers, ε={args.tolerance}")
+    print(f"imbalance {plan.imbalance_before:.4f} -> {plan.imbalance:.4f} (max/mean score pairs)")
+    print(f"bytes moved {plan.bytes_moved / 2**20:.1f} MiB per layer, {plan.tasks.size} tasks, "
+          f"planned in {ms:.1f} ms")
+    print("server cost / mean: " + " ".join(f"{x:.3f}" for x in cost / cost.mean()))
+    return 0

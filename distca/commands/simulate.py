@@ -1,0 +1,104 @@
+"""``distca simulate``: predicted step time of distca against baselines (scheduler simulator)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from distca.cli import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="predict step time: distca vs packing, varlen, per-doc CP")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--model", required=True, help="model preset, e.g. llama3-8b")
+    p.add_argument("--max-len", type=int, required=True, help="longest document (tokens)")
+    p.add_argument("--distribution", default="pretrain",
+                   help="pretrain | prolong | a file of lengths (one per line or a JSON list)")
+    p.add_argument("--batches", type=int, default=4, help="batches to average over (4)")
+    p.add_argument("--tokens-per-worker", type=int, default=None,
+                   help="tokens per data-parallel replica (default: --max-len)")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel (default min(8, gpus))")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tolerance", type=float, default=0.1)
+    p.add_argument("--no-ping-pong", action="store_true", help="dispatch does not overlap compute")
+    p.add_argument("--cost-table", default=None, help="CSV q_len,kv_len,pairs_per_s (per GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, help="write a bar chart PNG here")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distca.commands.plan import load_cost_table
+    from distca.config import MODEL_PRESETS
+    from distca.scheduler.distributions import DISTRIBUTIONS, read_lengths
+    from distca.scheduler.simulator import Cluster, Hardware, ModelSpec, simulate
+
+    if args.model not in MODEL_PRESETS:
+        raise UsageError(f"--model: unknown preset {args.model!r} "
+                         f"(known: {', '.join(MODEL_PRESETS)})")
+    for name in ("gpus", "max_len", "batches", "pp", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.tolerance >= 0:
+        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
+    distribution = args.distribution
+    if distribution not in DISTRIBUTIONS:
+        try:
+            distribution = read_lengths(distribution)
+        except ValueError as exc:
+            raise UsageError(f"--distribution: {exc} (or use {', '.join(DISTRIBUTIONS)})") from None
+    tp = args.tp or min(8, args.gpus)
+    try:
+        cluster = Cluster(args.gpus, tp, args.pp, args.gpus_per_node)
+    except ValueError as exc:
+        raise UsageError(f"--gpus: {exc}") from None
+    preset = MODEL_PRESETS[args.model]
+    model = ModelSpec(preset["num_layers"], preset["hidden_size"], preset["num_attention_heads"],
+                      preset["num_kv_heads"], preset["ffn_hidden_size"])
+    if preset["num_attention_heads"] % tp or preset["num_kv_heads"] % tp:
+        raise UsageError(f"--tp {tp} does not divide the heads of {args.model}")
+    hw = Hardware(cost_table=load_cost_table(args.cost_table))
+    tokens = args.tokens_per_worker or args.max_len
+    seconds = simulate(distribution, model, cluster, hw, args.max_len, args.batches, tokens,
+                       seed=args.seed, tolerance=args.tolerance, ping_pong=not args.no_ping_pong)
+    speedup = {name: seconds["packing"] / value for name, value in seconds.items()}
+    report = {"gpus": args.gpus, "dp": cluster.dp, "tp": tp, "pp": args.pp, "model": args.model,
+              "max_len": args.max_len, "tokens_per_worker": tokens, "batches": args.batches,
+              "distribution": args.distribution, "step_seconds": seconds,
+              "speedup_vs_packing": speedup,
+              "distca_vs_best_baseline": min(v for k, v in seconds.items() if k != "distca")
+              / seconds["distca"]}
+    if args.plot:
+        _plot(seconds, Path(args.plot), report)
+    if args.json:
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{args.model} on {args.gpus} GPUs (dp={cluster.dp} tp={tp} pp={args.pp}), "
+          f"{args.distribution} lengths up to {args.max_len}, {args.batches} batches")
+    for name, value in seconds.items():
+        print(f"  {name:<11} {value:9.3f} s/step   x{speedup[name]:.2f} vs packing")
+    print(f"distca vs the best baseline: x{report['distca_vs_best_baseline']:.2f}")
+    return 0
+
+
+def _plot(seconds: dict[str, float], path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(seconds)
+    ax.bar(names, [seconds[n] for n in names], color=["#999"] * (len(names) - 1) + ["#c33"])
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title(f"{report['model']}, {report['gpus']} GPUs, {report['distribution']} "
+                 f"≤{report['max_len']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
