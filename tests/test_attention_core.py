@@ -9,7 +9,6 @@ from distca.attention import (
     apply_sink,
     attention_backward,
     attention_forward,
-    available_backends,
     core_attention,
     make_task_list,
     merge_partials,
@@ -21,7 +20,7 @@ from distca.attention.reference import (
     task_mask,
 )
 
-CPU_BACKENDS = available_backends("cpu")
+CPU_BACKENDS = ("torch", "cpp")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -88,8 +87,19 @@ def check(backend, tasks, heads=4, kv_heads=2, dim=32, dtype=torch.float32,
     return out, lse, leaves
 
 
+@pytest.fixture(scope="session")
+def cpp_extension():
+    """Build (or load from build/extensions) the C++ kernel once per test session."""
+    from distca.attention import cpp_backend
+
+    if not cpp_backend.is_available():
+        pytest.skip(f"cpp backend unavailable: {cpp_backend.unavailable_reason()}")
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_extension")
     return request.param
 
 
@@ -147,6 +157,15 @@ def test_without_sinks(backend):
     check(backend, causal_document_tasks([17, 1, 30]), sink_offsets=None)
 
 
+def test_many_tiles(backend):
+    # Lengths that cross the 64-row tiles of the cpp kernel at odd places, a query range cut
+    # at non-multiples of 64, and long GLM turns.
+    rows = [(0, 70, 0, 70, True), (70, 200, 0, 200, True), (200, 333, 200, 333, True)]
+    check(backend, make_task_list(*split_tasks(rows), 333, 333), heads=2, kv_heads=1)
+    check(backend, multiturn_tasks([[(130, True), (1, False), (77, True), (150, False)]]),
+          heads=2, kv_heads=2, dim=48)
+
+
 def test_head_dim_256(backend):
     check(backend, causal_document_tasks([20, 3]), heads=2, kv_heads=1, dim=256)
 
@@ -184,9 +203,9 @@ def test_split_across_servers_matches_single_call(backend):
     servers = [rows[0::2], rows[1::2]]
     gen = torch.Generator().manual_seed(fresh_seed())
     n = tasks.num_q
-    q, k, v = (torch.randn(n, 4, 16, generator=gen, dtype=torch.float64) for _ in range(3))
-    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
-    d_out = torch.randn(n, 4, 16, generator=gen, dtype=torch.float64)
+    q, k, v = (torch.randn(n, 4, 16, generator=gen) for _ in range(3))
+    sinks = torch.randn(4, generator=gen)
+    d_out = torch.randn(n, 4, 16, generator=gen)
 
     partial = [attention_forward(q, k, v, *split_tasks(r), backend=backend) for r in servers]
     merged_out, merged_lse = merge_partials([p[0] for p in partial], [p[1] for p in partial])
@@ -199,9 +218,9 @@ def test_split_across_servers_matches_single_call(backend):
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_out, _ = core_attention(*leaves, tasks, None, None, sinks=sinks, backend=backend)
     ref_out.backward(d_out)
-    assert rel_err(out, ref_out) < 1e-12
+    assert rel_err(out, ref_out) < 1e-6
     for got, leaf in zip((dq, dk, dv), leaves):
-        assert rel_err(got, leaf.grad) < 1e-12
+        assert rel_err(got, leaf.grad) < 1e-5
 
 
 @pytest.mark.parametrize("q_ranges,kv_ranges,causal,match", [

@@ -8,8 +8,10 @@ input checks, backend choice, the learnable sink applied once after merging, and
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+import warnings
 from types import ModuleType
 
 import torch
@@ -18,8 +20,8 @@ from torch.autograd.function import once_differentiable
 from .merge import NEG_INF, apply_sink, sink_weight
 from .tasks import TaskList, make_task_list
 
-BACKENDS = ("torch",)
-_CPU_PREFERENCE = ("torch",)
+BACKENDS = ("torch", "cpp")
+_CPU_PREFERENCE = ("cpp", "torch")
 _GPU_PREFERENCE = ()
 
 
@@ -34,12 +36,21 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in order if _backend_module(name).is_available()]
 
 
+@functools.cache
+def _warn_cpp_fallback() -> None:
+    reason = _backend_module("cpp").unavailable_reason()
+    warnings.warn(f"distca attention: the cpp backend is unavailable ({reason}); "
+                  f"backend='auto' uses the slower 'torch' backend", RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     """The backend module for ``backend`` (``"auto"``: the best one available on ``device``)."""
     if backend == "auto":
         names = available_backends(device)
         if not names:
             raise RuntimeError(f"no attention backend can run on device {device}")
+        if device.type == "cpu" and names[0] != "cpp":
+            _warn_cpp_fallback()
         return _backend_module(names[0])
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
