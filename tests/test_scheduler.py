@@ -217,3 +217,19 @@ def test_documents_accept_lists_and_reject_bad_input():
         plan_step(documents_from_batch([4]), 2, 4, tolerance=-0.1)
     with pytest.raises(ValueError, match="planner"):
         plan_step(documents_from_batch([4]), 2, 4, planner="magic")
+
+
+def test_cost_table_weighted_plan_stays_exact(tmp_path):
+    from distca.scheduler import CostTable
+
+    # Short shards run 4x slower: the planner balances seconds, the plan still reports pairs.
+    table = CostTable(np.array([16.0, 256.0]), np.array([16.0, 4096.0]),
+                      np.array([[1e9, 1e9], [4e9, 4e9]]))
+    rng = np.random.default_rng(11)
+    lengths = _long_tail(rng, 4 * 1024)
+    plan = plan_step(documents_from_batch(lengths), 4, 1024, tolerance=0.1, min_shard_tokens=16,
+                     model=MODEL, cost_table=table)
+    mask = allowed_mask(lengths, num_tokens=4096)
+    np.testing.assert_array_equal(coverage(plan.tasks, 4096), mask.astype(np.int64))
+    assert plan.server_cost.sum() == mask.sum()
+    assert plan.imbalance < plan.imbalance_before
