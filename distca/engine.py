@@ -24,7 +24,8 @@ from distca.model import AttentionRuntime, apply_cpu_shims, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.parallel.layout import build_layout
-from distca.parallel.planning import StepPlan, colocated_plan
+from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
+from distca.scheduler import ModelShape
 
 IGNORE = -100
 
@@ -79,6 +80,10 @@ class Engine:
             [{"params": decay, "weight_decay": o.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        m, tp = cfg.model, p.tp
+        self.plan_shape = ModelShape(h_q=m.num_attention_heads // tp, h_kv=m.num_kv_heads // tp,
+                                     head_dim=m.hidden_size // m.num_attention_heads,
+                                     bytes_per_elem=2 if cfg.trainer.precision.value == "bf16" else 4)
         self.step = 0
 
     # ---- one micro-batch -------------------------------------------------------------------
@@ -90,7 +95,10 @@ class Engine:
         if not self.cfg.cad.enabled:
             return colocated_plan(batch.doc_lengths, batch.turn_lengths, batch.turn_is_context,
                                   batch.num_ranks, batch.tokens_per_rank)
-        raise NotImplementedError("cad.enabled=true is not wired into the engine yet")
+        c = self.cfg.cad
+        return disaggregated_plan(batch.doc_lengths, batch.turn_lengths, batch.turn_is_context,
+                                  batch.num_ranks, batch.tokens_per_rank, c.tolerance,
+                                  c.min_shard_tokens, self.plan_shape, self.device)
 
     def _forward(self, batch: PackedBatch, plan: StepPlan) -> tuple[torch.Tensor, int]:
         """Sum of this rank's token losses (fp32 scalar, differentiable) and its loss tokens."""
@@ -109,22 +117,10 @@ class Engine:
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (the same list on every rank)."""
         start = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
-        total = _loss_tokens(micro_batches)
         telemetry = self._telemetry_on()
         self.runtime.telemetry = SinkTelemetry() if telemetry else None
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        before, after = [], []
-        for batch in micro_batches:
-            plan = self._plan(batch)
-            before.append(plan.imbalance_before)
-            after.append(plan.imbalance)
-            local, _ = self._forward(batch, plan)
-            (local / max(total, 1)).backward()
-            loss_sum += local.detach().double().cpu()
-        self._sync_gradients()
-        loss = _all_reduce_scalar(loss_sum, self.dp_group) / max(total, 1)
+        stats = self.forward_backward(micro_batches)
+        loss = stats["loss"]
         grad_norm = self._grad_norm()
         lr = learning_rate(self.cfg, self.step)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -137,14 +133,35 @@ class Engine:
                 group["lr"] = lr
             self.optimizer.step()
         self.step += 1
-        stats = {"loss": loss, "tokens": float(sum(b.doc_lengths.sum() for b in micro_batches)),
-                 "step_time_s": time.perf_counter() - start,
-                 "imbalance_before": float(np.mean(before)), "imbalance": float(np.mean(after)),
-                 "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
+        stats.update(tokens=float(sum(b.doc_lengths.sum() for b in micro_batches)),
+                     step_time_s=time.perf_counter() - start, lr=lr, grad_norm=grad_norm,
+                     skipped=float(skipped))
         if telemetry:
             stats.update(self._telemetry_stats())
         self.runtime.telemetry = None
         return stats
+
+    def forward_backward(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
+        """Loss and data-parallel-summed gradients in ``.grad``, no update.
+
+        Returns loss (global mean over loss tokens) and the mean attention imbalance (max/mean
+        server cost) of the micro-batches' plans before and after planning.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        total = max(_loss_tokens(micro_batches), 1)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        before, after = [], []
+        for batch in micro_batches:
+            plan = self._plan(batch)
+            before.append(plan.imbalance_before)
+            after.append(plan.imbalance)
+            local, _ = self._forward(batch, plan)
+            (local / total).backward()
+            loss_sum += local.detach().double().cpu()
+        self._sync_gradients()
+        return {"loss": _all_reduce_scalar(loss_sum, self.dp_group) / total,
+                "imbalance_before": float(np.mean(before)), "imbalance": float(np.mean(after))}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[PackedBatch]) -> float:
@@ -155,19 +172,6 @@ class Engine:
             local, _ = self._forward(batch, self._plan(batch))
             loss_sum += local.double().cpu()
         return _all_reduce_scalar(loss_sum, self.dp_group) / max(_loss_tokens(micro_batches), 1)
-
-    def forward_backward(self, micro_batches: list[PackedBatch]) -> float:
-        """Loss and data-parallel-summed gradients in ``.grad`` without an update (for tests)."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
-        total = _loss_tokens(micro_batches)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
-            local, _ = self._forward(batch, self._plan(batch))
-            (local / max(total, 1)).backward()
-            loss_sum += local.detach().double().cpu()
-        self._sync_gradients()
-        return _all_reduce_scalar(loss_sum, self.dp_group) / max(total, 1)
 
     # ---- gradients -------------------------------------------------------------------------
     def _sync_gradients(self) -> None:

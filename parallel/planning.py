@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from distca.parallel.layout import ServerInputs, colocated_server_inputs
+from distca.scheduler import ModelShape, Plan, plan_step
 from distca.scheduler.documents import build_segments, documents_from_batch
 
 
@@ -48,3 +49,18 @@ def broadcast_array(array: np.ndarray | None, src: int, device: torch.device) ->
         data.copy_(torch.as_tensor(array, dtype=torch.int64))
     dist.broadcast(data, src)
     return data.cpu().numpy()
+
+
+def disaggregated_plan(doc_lengths, turn_lengths, turn_is_context, num_workers: int,
+                       tokens_per_worker: int, tolerance: float, min_shard_tokens: int,
+                       model: ModelShape, device: torch.device, src: int = 0) -> StepPlan:
+    """Balanced plan computed on global rank ``src`` and broadcast compactly to every rank."""
+    array = None
+    if dist.get_rank() == src:
+        docs = documents_from_batch(doc_lengths, turn_lengths, turn_is_context)
+        array = plan_step(docs, num_workers=num_workers, tokens_per_worker=tokens_per_worker,
+                          num_servers=num_workers, tolerance=tolerance,
+                          min_shard_tokens=min_shard_tokens, model=model).to_array()
+    plan = Plan.from_array(broadcast_array(array, src, device))
+    servers = [plan.server_inputs(s) for s in range(plan.num_servers)]
+    return StepPlan(servers, plan.imbalance_before, plan.imbalance)

@@ -46,6 +46,15 @@ def as_single_worker(batch: PackedBatch) -> PackedBatch:
                        batch.turn_lengths, batch.turn_is_context)
 
 
+def _randomize_sinks(model: torch.nn.Module) -> None:
+    """Sink logits spread over about +-3 (a zero sink would hide sink bugs), same on all ranks."""
+    gen = torch.Generator().manual_seed(11)
+    for name, param in model.named_parameters():
+        if name.endswith("core_attention.sinks"):
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=gen) * 3)
+
+
 def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
                reference: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -61,11 +70,13 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
         if reference:
             engine.load_state_dict(torch.load(init))
             batches = [as_single_worker(b) for b in batches]
-        elif rank == 0:
-            torch.save(engine.state_dict(), init)
-        loss = engine.forward_backward(batches)
+        else:
+            _randomize_sinks(engine.model)
+            if rank == 0:
+                torch.save(engine.state_dict(), init)
+        stats = engine.forward_backward(batches)
         grads = {n: p.grad.detach().clone() for n, p in engine.model.named_parameters()}
-        torch.save({"loss": loss, "grads": grads}, out / f"{name}.{'ref' if reference else rank}.pt")
+        torch.save({**stats, "grads": grads}, out / f"{name}.{'ref' if reference else rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
 
