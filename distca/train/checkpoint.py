@@ -21,9 +21,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -60,6 +61,9 @@ def begin_save(checkpoints: Path, step: int) -> Path:
 
 def write_shard(directory: Path, rank: int, state: dict[str, torch.Tensor]) -> int:
     """Write ``state`` (flat name -> tensor) plus this process's RNG state; returns its size."""
+    import torch
+    from safetensors.torch import save_file
+
     if RNG_KEY in state:
         raise ValueError(f"{RNG_KEY} is reserved for the RNG state")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -118,6 +122,9 @@ def latest_checkpoint(checkpoints: Path) -> tuple[Path, dict] | None:
 
 def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
     """Load one rank's shard and restore its RNG state; returns the rest of the tensors."""
+    import torch
+    from safetensors.torch import load_file
+
     state = load_file(str(Path(step_dir) / shard_name(rank)))
     torch.set_rng_state(state.pop(RNG_KEY))
     return state

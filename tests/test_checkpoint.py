@@ -1,0 +1,100 @@
+"""Checkpoint IO, metrics log and run directory (no Ray): atomicity, pruning, restore."""
+
+import json
+
+import pytest
+import torch
+
+from distca.config import load_config
+from distca.train.checkpoint import (
+    RNG_KEY,
+    begin_save,
+    commit,
+    complete_checkpoints,
+    latest_checkpoint,
+    prune,
+    read_shard,
+    shard_name,
+    write_shard,
+)
+from distca.train.metrics import MetricsLog, read_metrics
+from distca.train.run_dir import RunDir
+
+
+def state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"model.w": torch.randn(4, 3, generator=g), "optim.step": torch.tensor(seed),
+            "model.b": torch.randn(3, generator=g).to(torch.bfloat16)}
+
+
+def save(root, step, world=2, commit_it=True):
+    tmp = begin_save(root, step)
+    sizes = [write_shard(tmp, r, state(step * 10 + r)) for r in range(world)]
+    return commit(tmp, step, {"data_position": step}, sizes) if commit_it else tmp
+
+
+def test_round_trip_is_exact_and_restores_rng(tmp_path):
+    torch.manual_seed(7)
+    path = save(tmp_path, 5)
+    expected = torch.rand(3)  # what the RNG gives right after the save
+    torch.manual_seed(99)
+    loaded = read_shard(path, 1)
+    assert torch.equal(torch.rand(3), expected)
+    for key, value in state(51).items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value)
+    assert RNG_KEY not in loaded
+    found, meta = latest_checkpoint(tmp_path)
+    assert found == path and meta["step"] == 5 and meta["data_position"] == 5
+    with pytest.raises(ValueError, match="reserved"):
+        write_shard(tmp_path, 0, {RNG_KEY: torch.zeros(1)})
+
+
+def test_interrupted_saves_never_load_as_valid(tmp_path):
+    save(tmp_path, 2)
+    save(tmp_path, 4, commit_it=False)  # crashed before commit: hidden directory only
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
+    # a shard cut short after meta.json was written, or a missing shard, invalidates it
+    bad = save(tmp_path, 6)
+    with open(bad / shard_name(1), "r+b") as f:
+        f.truncate(100)
+    gone = save(tmp_path, 8)
+    (gone / shard_name(0)).unlink()
+    no_meta = save(tmp_path, 10)
+    (no_meta / "meta.json").unlink()
+    assert latest_checkpoint(tmp_path)[0].name == "step_00000002"
+    # a re-save of a step after a restart replaces the old directory
+    save(tmp_path, 2)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
+
+
+def test_prune_keeps_newest_and_removes_abandoned(tmp_path):
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step)
+    tmp = save(tmp_path, 5, commit_it=False)
+    prune(tmp_path, keep=2)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [3, 4]
+    assert not tmp.exists()
+
+
+def test_metrics_log_drops_repeated_steps_on_restart(tmp_path):
+    run = RunDir(tmp_path / "run")
+    log = MetricsLog(run.metrics, run.tensorboard, start=0)
+    for step in range(1, 6):
+        log.log({"step": step, "loss": 1.0 / step, "restarts": 0})
+    log.log({"step": 6, "loss": float("nan"), "restarts": 0})
+    log.close()
+    assert read_metrics(run.metrics)[-1]["loss"] is None  # NaN stays valid JSON
+    log = MetricsLog(run.metrics, run.tensorboard, start=3)  # restarted from step 3
+    log.log({"step": 4, "loss": 0.3, "restarts": 1})
+    log.close()
+    rows = read_metrics(run.metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["restarts"] == 1
+    assert any(p.name.startswith("events.out.tfevents") for p in run.tensorboard.iterdir())
+
+
+def test_run_dir_files(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.write_config(load_config("recipes/tiny.yaml", ["trainer.steps=7"]))
+    assert load_config(run.path / "config.yaml").trainer.steps == 7
+    run.write_workers([{"rank": 0, "role": "worker", "node": "127.0.0.1", "pid": 1}])
+    assert json.loads(run.workers.read_text())[0]["role"] == "worker"

@@ -1,0 +1,174 @@
+"""``distca train`` end to end: bad input, a short run's directory, loopback-only sockets.
+
+The run and restart tests start a local Ray cluster (marker ``ray``); the long ones are
+``slow``. One short run is shared by the default tests of this module.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from train_helpers import REPO, SocketWatch, descendants, distca_cmd, metrics, run_distca
+
+from distca.config import load_config
+
+FIELDS = {"step", "loss", "tokens", "tokens_per_s", "step_time_s", "imbalance_before",
+          "imbalance", "restarts", "lr", "grad_norm", "skipped"}
+
+
+# ---- bad input: exit 2 before anything starts ---------------------------------------------
+def test_broken_recipe_fails_before_ray(tmp_path):
+    start = time.monotonic()
+    out = run_distca("train", "recipes/tiny.yaml", "trainer.stepz=3",
+                     f"trainer.run_dir={tmp_path}/r")
+    assert out.returncode == 2 and "trainer.stepz" in out.stderr and out.stdout == ""
+    assert time.monotonic() - start < 20 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("override, named", [
+    ("data.paths=[/nonexistent/corpus.jsonl]", "/nonexistent/corpus.jsonl"),
+    ("data.tokenizer=/nonexistent/tok", "/nonexistent/tok"),
+])
+def test_missing_data_or_tokenizer_names_the_path(tmp_path, override, named):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "hello"}) + "\n")
+    args = ["data.kind=text", f"data.paths=[{corpus}]", override]
+    out = run_distca("train", "recipes/tiny.yaml", *args, f"trainer.run_dir={tmp_path}/r")
+    assert out.returncode == 2 and named in out.stderr and out.stdout == ""
+
+
+def test_resume_needs_a_run_with_checkpoints(tmp_path):
+    out = run_distca("train", "recipes/tiny.yaml", "trainer.resume=true")
+    assert out.returncode == 2 and "trainer.run_dir" in out.stderr
+    out = run_distca("train", "recipes/tiny.yaml", "trainer.resume=true",
+                     f"trainer.run_dir={tmp_path}")
+    assert out.returncode == 2 and "no complete checkpoint" in out.stderr
+
+
+def test_unreachable_ray_address_is_one_clear_message(tmp_path):
+    out = run_distca("train", "recipes/tiny.yaml", "ray.address=127.0.0.1:9",
+                     f"trainer.run_dir={tmp_path}/r")
+    assert out.returncode == 1 and "127.0.0.1:9" in out.stderr and "does not answer" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---- one short run through the CLI --------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    proc = subprocess.Popen(
+        distca_cmd("train", "recipes/tiny.yaml", "trainer.steps=4", "trainer.checkpoint_interval=2",
+                   "trainer.keep_checkpoints=1", "attention.telemetry_interval=0",
+                   f"trainer.run_dir={run_dir}"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = SocketWatch(proc.pid)
+    stdout, stderr = proc.communicate(timeout=600)
+    watch.stop()
+    time.sleep(2)
+    leftovers = {pid for pid in watch.pids if os.path.exists(f"/proc/{pid}")
+                 and descendants(pid) and "zombie" not in open(f"/proc/{pid}/status").read()}
+    return dict(rc=proc.returncode, stdout=stdout, stderr=stderr, run_dir=run_dir, watch=watch,
+                leftovers=leftovers)
+
+
+@pytest.mark.ray
+def test_short_run_writes_the_run_directory(short_run):
+    assert short_run["rc"] == 0, short_run["stderr"][-3000:]
+    run_dir = short_run["run_dir"]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(FIELDS <= set(r) for r in rows) and all(r["restarts"] == 0 for r in rows)
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert load_config(run_dir / "config.yaml").trainer.steps == 4
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert [(w["rank"], w["role"]) for w in workers] == [(0, "worker"), (1, "worker")]
+    assert all(w["node"] == "127.0.0.1" and w["pid"] > 0 for w in workers)
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000004"]
+    assert str(run_dir) in short_run["stdout"] and "trained 4 steps" in short_run["stdout"]
+
+
+@pytest.mark.ray
+def test_short_run_uses_loopback_only_and_leaves_no_process(short_run):
+    watch = short_run["watch"]
+    assert len({s for s in watch.sockets if s[0] == "LISTEN"}) >= 3  # Ray's and gloo's listeners
+    assert watch.non_loopback() == []
+    assert short_run["leftovers"] == set()
+
+
+# ---- restarts, resume, CAD parity (slow: several runs) -------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        distca_cmd("train", "recipes/tiny.yaml", "trainer.steps=10", "trainer.checkpoint_interval=3",
+                   "trainer.max_restarts=1", f"trainer.run_dir={run_dir}"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 5:
+            break
+        time.sleep(0.2)
+    before = {r["step"]: r["loss"] for r in metrics(run_dir)}
+    victim = json.loads((run_dir / "workers.json").read_text())[1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restart 1/1" in stderr and "restarts 1" in stdout
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[-1]["restarts"] == 1
+    new_pids = {w["pid"] for w in json.loads((run_dir / "workers.json").read_text())}
+    assert victim not in new_pids
+    # steps repeated after the restart reproduce the losses from before the kill
+    for r in rows:
+        if r["step"] in before:
+            assert r["loss"] == pytest.approx(before[r["step"]], rel=1e-5)
+    assert time.monotonic() - killed_at < 300
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "recipes/tiny.yaml", "trainer.steps=6", "trainer.checkpoint_interval=3",
+            f"trainer.run_dir={run_dir}"]
+    out = run_distca(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    full = {r["step"]: r["loss"] for r in metrics(run_dir)}
+    subprocess.run(["rm", "-rf", str(run_dir / "checkpoints" / "step_00000006")], check=True)
+    out = run_distca(*args, "trainer.resume=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = metrics(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for r in resumed[3:]:
+        assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cad_on_and_off_log_the_same_losses(tmp_path):
+    losses = {}
+    for cad in ("true", "false"):
+        out = run_distca("train", "recipes/tiny.yaml", "trainer.steps=5", f"cad.enabled={cad}",
+                         f"trainer.run_dir={tmp_path}/{cad}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[cad] = [r["loss"] for r in metrics(tmp_path / cad)]
+    for a, b in zip(losses["true"], losses["false"], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nan_loss_with_on_nan_stop_exits_nonzero_and_keeps_the_checkpoint(tmp_path):
+    out = run_distca("train", "recipes/tiny.yaml", "trainer.steps=8", "trainer.checkpoint_interval=1",
+                     "optim.lr=1.0e12", "optim.min_lr=1.0e12", "optim.grad_clip=0",
+                     "optim.warmup_fraction=0", f"trainer.run_dir={tmp_path}/r")
+    assert out.returncode == 1 and "trainer.on_nan=stop" in out.stderr
+    assert "Traceback" not in out.stderr
+    ckpts = sorted((tmp_path / "r" / "checkpoints").iterdir())
+    assert ckpts and all(p.name.startswith("step_") for p in ckpts)
