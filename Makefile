@@ -26,5 +26,9 @@ test: lint
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow"
 
+# The CPU default: a tiny Llama-like model on 2 local ranks for 100 steps (results in runs/).
+train: $(STAMP)
+	$(BIN)/distca train recipes/tiny.yaml
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,109 @@
+"""Cluster launch files parse; a loopback Ray head accepts ``ray job submit -- distca train``."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from train_helpers import REPO, distca_cmd, metrics
+
+CLUSTER = REPO / "cluster"
+
+
+def test_ray_up_yaml_describes_a_gpu_cluster():
+    spec = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    assert spec["head_node_type"] in spec["available_node_types"]
+    assert any("ray start --head" in c for c in spec["head_start_ray_commands"])
+    assert any("ray start --address" in c for c in spec["worker_start_ray_commands"])
+    workers = spec["available_node_types"]["gpu_worker"]
+    assert workers["min_workers"] <= spec["max_workers"]
+
+
+def test_rayjob_manifest_runs_distca_train():
+    job = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["entrypoint"].startswith("distca train recipes/")
+    recipe = job["spec"]["entrypoint"].split()[2]
+    assert (REPO / recipe).is_file()
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1
+
+
+def test_slurm_script_is_valid_bash_and_submits_a_job():
+    script = CLUSTER / "slurm.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "#SBATCH --nodes" in text and "start --head" in text and "job submit" in text
+
+
+def test_readme_shows_job_submit():
+    assert "ray job submit --address" in (CLUSTER / "README.md").read_text()
+    assert "distca train recipes/llama3-8b-128k.yaml" in (CLUSTER / "README.md").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pids_using(temp_dir: str) -> list[int]:
+    """Processes whose command line names our private Ray temp dir: the head we started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if temp_dir in cmdline:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_to_a_loopback_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="dcray-", dir="/tmp")  # short: Ray's socket paths
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    start = subprocess.run(
+        [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         "--num-cpus=3", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        run_dir = tmp_path / "job-run"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+             "--", *distca_cmd("train", "recipes/tiny.yaml", "trainer.steps=3",
+                               f"trainer.run_dir={run_dir}")],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        assert "succeeded" in job.stdout
+        assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    finally:
+        for pid in pids_using(temp_dir):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        for pid in pids_using(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
