@@ -77,6 +77,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 family)
     gated_attention: bool = False  # Qwen3-Next style sigmoid output gate (design §3)
     learnable_sinks: bool = False  # one sink logit per head (design §3)
 

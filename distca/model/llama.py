@@ -38,6 +38,7 @@ def transformer_config(m: ModelConfig, tp: int, pp: int, precision: Precision) -
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
         attention_output_gate=m.gated_attention,
         hidden_dropout=0.0,
         attention_dropout=0.0,
