@@ -7,6 +7,8 @@ dispatch layout of the step's plan, and the exchange group. The submodules only 
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,9 @@ class AttentionRuntime:
         self.layout: DispatchLayout | None = None
         self.telemetry: SinkTelemetry | None = None
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Forward wall seconds: "serve" = this rank's server kernels, "attend" = the whole
+        # dispatch (exchange + waiting + serving + merge). None turns the clocks off.
+        self.timings: dict[str, float] | None = None
 
     def set_batch(self, positions: torch.Tensor, layout: DispatchLayout) -> None:
         """positions (N,) int64: logical position of each of this rank's tokens."""
@@ -46,9 +51,19 @@ class AttentionRuntime:
         from distca.attention import core_attention
 
         def run(sq, sk, sv, q_ranges, kv_ranges, causal):
-            return core_attention(sq, sk, sv, q_ranges, kv_ranges, causal,
-                                  softmax_scale=softmax_scale, backend=self.backend)
+            start = time.perf_counter()
+            result = core_attention(sq, sk, sv, q_ranges, kv_ranges, causal,
+                                    softmax_scale=softmax_scale, backend=self.backend)
+            self._clock("serve", start)
+            return result
 
         if self.layout is None:
             raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
-        return dispatch_attention(q, k, v, self.layout, run, self.group)
+        start = time.perf_counter()
+        result = dispatch_attention(q, k, v, self.layout, run, self.group)
+        self._clock("attend", start)
+        return result
+
+    def _clock(self, key: str, start: float) -> None:
+        if self.timings is not None:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
