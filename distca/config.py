@@ -271,7 +271,7 @@ def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str =
         return
     for key, value in layer.items():
         full = f"{prefix}{key}"
-        if key not in schema:
+        if key not in schema.keys():  # `in` alone is False for MISSING values
             leaf = full
             while isinstance(value, dict) and len(value) == 1:
                 (sub, value), = value.items()
