@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distca.batch import PackedBatch
 from distca.config import DataKind, DistcaConfig
+from distca.data.chat import ChatData
 from distca.data.synthetic import SyntheticData
 from distca.data.text import TextData
 from distca.data.tokenizer import load_tokenizer
@@ -13,8 +14,8 @@ class Dataset:
     """Micro-batches for step ``s`` (1-based) are global micro-batch indices
     ``(s-1)*M .. s*M-1``; the data position saved in a checkpoint is just the step."""
 
-    def __init__(self, source: SyntheticData | TextData, num_ranks: int, tokens_per_rank: int,
-                 micro_batches: int):
+    def __init__(self, source: SyntheticData | TextData | ChatData, num_ranks: int,
+                 tokens_per_rank: int, micro_batches: int):
         self.source = source
         self.num_ranks = num_ranks
         self.tokens_per_rank = tokens_per_rank
@@ -32,13 +33,15 @@ def make_dataset(cfg: DistcaConfig) -> Dataset:
     if d.kind is DataKind.synthetic:
         source = SyntheticData(d.distribution, d.max_length, cfg.model.vocab_size,
                                cfg.trainer.seed)
-    elif d.kind is DataKind.text:
+    else:
         tokenizer = load_tokenizer(d.tokenizer)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data.tokenizer: {tokenizer.name} has {tokenizer.vocab_size} "
                              f"tokens, more than model.vocab_size={cfg.model.vocab_size}")
-        source = TextData(d.paths, tokenizer, d.max_length, cfg.trainer.seed, d.skip_bad_rows)
-    else:
-        raise ValueError(f"data.kind={d.kind.value} is not a pretraining source "
-                         f"(use synthetic or text)")
+        if d.kind is DataKind.text:
+            source = TextData(d.paths, tokenizer, d.max_length, cfg.trainer.seed,
+                              d.skip_bad_rows)
+        else:
+            source = ChatData(d.paths, tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
+                              d.skip_bad_rows)
     return Dataset(source, cfg.parallel.dp, d.tokens_per_rank, d.micro_batches)

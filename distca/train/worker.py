@@ -60,8 +60,9 @@ class RankWorker:
                                 world_size=self.world_size,
                                 timeout=datetime.timedelta(minutes=10))
         from distca.engine import Engine
+        from distca.focusft import FocusftEngine
 
-        self.engine = Engine(self.cfg)
+        self.engine = (FocusftEngine if self.cfg.focusft.enabled else Engine)(self.cfg)
 
     def train_step(self, batches: list) -> dict:
         return self.engine.train_step(batches)

@@ -1,0 +1,142 @@
+"""FocuSFT trainer mode: the bilevel step on top of :class:`distca.engine.Engine` (design §6).
+
+Per micro-batch:
+
+1. reset the fast LoRA weights of the top ``layer_fraction`` of layers (A Kaiming-uniform,
+   B zero), drawn from a generator seeded by (seed, step, micro-batch) so every rank holds the
+   same fast weights;
+2. run the embedding and the bottom layers (no fast weights there) ONCE, with autograd on;
+3. inner loop: ``inner_steps`` plain SGD steps on the fast weights only, each a forward of the
+   top layers from the *detached* bottom output and ``torch.autograd.grad`` of the micro-batch's
+   response-token mean loss w.r.t. the fast weights (base ``.grad`` untouched);
+4. outer step: the top layers again from the *attached* bottom output, with the adapted fast
+   weights active; its backward reaches every base weight, bottom layers included.
+
+Both loops attend through the step's CA-task plan (the GLM multi-turn mask of the chat data),
+so inner-loop attention is balanced across attention servers like the outer loop's.
+
+The inner objective is the response-token mean over the whole micro-batch (all data-parallel
+ranks): fast-weight gradients are summed over the data-parallel group in their own small
+all-reduce, which keeps every rank's fast weights equal and makes an N-rank step identical to
+one process stepping on the whole micro-batch. Fast weights never join the base-gradient
+all-reduce, the optimiser or ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from distca.batch import PackedBatch
+from distca.config import DistcaConfig
+from distca.engine import IGNORE, Engine, _all_reduce_scalar, _loss_tokens
+from distca.focusft.fast_weights import FastLoRA, top_layer_count
+from distca.parallel.layout import build_layout
+from distca.parallel.planning import StepPlan
+
+
+class FocusftEngine(Engine):
+    """An :class:`Engine` whose ``forward_backward`` is the FocuSFT bilevel step."""
+
+    def __init__(self, cfg: DistcaConfig) -> None:
+        super().__init__(cfg)
+        if cfg.parallel.tp != 1:
+            raise NotImplementedError("focusft.enabled needs parallel.tp=1 (fast LoRA weights "
+                                      "are not tensor-parallel yet)")
+        f = cfg.focusft
+        layers = list(self.model.decoder.layers)
+        self.num_top = top_layer_count(len(layers), f.layer_fraction)
+        self.fast = FastLoRA(layers[len(layers) - self.num_top:], list(f.targets), f.rank, f.alpha)
+
+    # ---- model pieces ----------------------------------------------------------------------
+    def _load(self, batch: PackedBatch, plan: StepPlan
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Point the attention runtime at ``batch``; this rank's tokens, labels, loss mask (1, T)."""
+        rows = batch.rank_slice(self.dp_rank)
+        tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
+        labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
+        positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
+        layout = build_layout(plan.servers, self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
+                              self.cfg.parallel.dp, list(range(self.cfg.parallel.dp)), self.device)
+        self.runtime.set_batch(positions, layout)
+        mask = labels != IGNORE
+        return tokens, torch.where(mask, labels, 0), mask
+
+    def bottom(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding and the layers without fast weights: hidden (T, 1, H) in the model dtype."""
+        hidden = self.model.embedding(input_ids=tokens, position_ids=None)
+        for layer in self.model.decoder.layers[:len(self.model.decoder.layers) - self.num_top]:
+            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
+        return hidden
+
+    def top(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Sum of this rank's response-token losses (fp32 scalar) from the bottom output."""
+        decoder = self.model.decoder
+        for layer in decoder.layers[len(decoder.layers) - self.num_top:]:
+            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
+        hidden = decoder.final_layernorm(hidden)
+        weight = (self.model.shared_embedding_or_output_weight()
+                  if self.model.share_embeddings_and_output_weights else None)
+        logits, _ = self.model.output_layer(hidden, weight=weight)
+        losses = self.model.compute_language_model_loss(labels, logits)
+        return (losses.float() * mask).sum()
+
+    # ---- the bilevel step ------------------------------------------------------------------
+    def forward_backward(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
+        """Outer loss and base-weight gradients (data-parallel summed) after the inner loops.
+
+        Extra stats: ``inner_loss_{i}`` = mean response loss before inner SGD step ``i``,
+        averaged over micro-batches (the outer ``loss`` is the one after the last step).
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        f = self.cfg.focusft
+        total = max(_loss_tokens(micro_batches), 1)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        inner = torch.zeros(f.inner_steps, dtype=torch.float64)
+        before, after = [], []
+        for index, batch in enumerate(micro_batches):
+            plan = self._plan(batch)
+            before.append(plan.imbalance_before)
+            after.append(plan.imbalance)
+            tokens, labels, mask = self._load(batch, plan)
+            seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
+            self.fast.reset(torch.Generator().manual_seed(seed))
+            hidden = self.bottom(tokens)
+            inner += self._inner_loop(hidden.detach(), labels, mask,
+                                      max(_loss_tokens([batch]), 1))
+            local = self.top(hidden, labels, mask)
+            (local / total).backward()
+            loss_sum += local.detach().double().cpu()
+        self._sync_gradients()
+        stats = {"loss": _all_reduce_scalar(loss_sum, self.dp_group) / total,
+                 "imbalance_before": sum(before) / len(before),
+                 "imbalance": sum(after) / len(after)}
+        stats.update({f"inner_loss_{i}": float(v) / len(micro_batches)
+                      for i, v in enumerate(inner)})
+        return stats
+
+    def _inner_loop(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    count: int) -> torch.Tensor:
+        """Adapt the fast weights in place; returns the (inner_steps,) float64 losses seen."""
+        f = self.cfg.focusft
+        losses = torch.zeros(f.inner_steps, dtype=torch.float64)
+        telemetry, self.runtime.telemetry = self.runtime.telemetry, None  # outer forward only
+        try:
+            for i in range(f.inner_steps):
+                local = self.top(hidden, labels, mask)
+                grads = torch.autograd.grad(local / count, self.fast.tensors)
+                # fast-weight gradients and the loss sum summed over ranks in one message
+                flat = torch.cat([g.reshape(-1) for g in grads]
+                                 + [local.detach().reshape(1).to(grads[0].dtype)])
+                if self.cfg.parallel.dp > 1:
+                    dist.all_reduce(flat, group=self.dp_group)
+                losses[i] = float(flat[-1]) / count
+                offset, summed = 0, []
+                for g in grads:
+                    summed.append(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
+        finally:
+            self.runtime.telemetry = telemetry
+        return losses

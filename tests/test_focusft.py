@@ -1,0 +1,153 @@
+"""FocuSFT step (design §6) in one process: SFT equivalence, inner loop, fast-weight lifecycle."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from runtime_harness import ROOT, free_port
+
+from distca.data.chat import pack_conversations
+
+RECIPE = ROOT / "recipes" / "tiny-focusft.yaml"
+BASE = ["parallel.dp=1", "data.paths=[unused.jsonl]", "trainer.seed=3", "cad.min_shard_tokens=4"]
+
+
+def multiturn_docs(seed: int, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random conversations: alternating context/reply turns of random lengths."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for n in lengths:
+        reply = np.zeros(n, bool)
+        at, is_reply = 0, False
+        while at < n:
+            run = int(rng.integers(1, max(2, n // 3)))
+            reply[at:at + run] = is_reply
+            at, is_reply = at + run, not is_reply
+        docs.append((rng.integers(0, 256, n).astype(np.int64), reply))
+    return docs
+
+
+def chat_batch(seed: int, num_ranks: int = 1, tokens_per_rank: int = 192):
+    return pack_conversations(multiturn_docs(seed, [120, 1, 40, 25]), num_ranks, tokens_per_rank)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def make(engine_cls, overrides=()):
+    from distca.config import load_config
+
+    return engine_cls(load_config(RECIPE, BASE + list(overrides)))
+
+
+def test_inner_steps_zero_is_exactly_an_sft_step():
+    from distca.engine import Engine
+    from distca.focusft import FocusftEngine
+
+    sinks = ["model.learnable_sinks=true", "model.gated_attention=true"]
+    focus = make(FocusftEngine, ["focusft.inner_steps=0"] + sinks)
+    sft = make(Engine, sinks)
+    with torch.no_grad():  # a zero sink would hide sink bugs
+        for name, p in focus.model.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(torch.linspace(-3, 3, p.numel()))
+    sft.model.load_state_dict(focus.model.state_dict())
+    batches = [chat_batch(1), chat_batch(2)]
+    got, want = focus.forward_backward(batches), sft.forward_backward(batches)
+    assert got["loss"] == want["loss"]
+    for (name, p), (_, q) in zip(focus.model.named_parameters(), sft.model.named_parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert all(q.grad.abs().sum() > 0 for q in sft.params)
+    got, want = focus.train_step(batches), sft.train_step(batches)
+    assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
+    for (name, p), (_, q) in zip(focus.model.named_parameters(), sft.model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
+    from distca.focusft import FocusftEngine
+
+    engine = make(FocusftEngine, ["focusft.inner_steps=3"])
+    stats = engine.forward_backward([chat_batch(5)])
+    losses = [stats[f"inner_loss_{i}"] for i in range(3)] + [stats["loss"]]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    # the base weights saw the outer loss only: same weights, no adaptation -> higher loss
+    plain = make(FocusftEngine, ["focusft.inner_steps=0"])
+    plain.model.load_state_dict(engine.model.state_dict())
+    assert plain.forward_backward([chat_batch(5)])["loss"] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_fast_weights_reset_every_step_and_stay_private():
+    from distca.engine import Engine
+    from distca.focusft import FocusftEngine
+
+    engine = make(FocusftEngine)
+    fast = engine.fast
+    assert engine.num_top == 1 and len(fast.tensors) == 4  # top layer, fc1 + fc2, A and B
+    # adapters live on the top layer's MLP only
+    top = engine.model.decoder.layers[-1].mlp
+    assert len(top.linear_fc1._forward_hooks) == 1 and len(top.linear_fc2._forward_hooks) == 1
+    assert not engine.model.decoder.layers[0].mlp.linear_fc1._forward_hooks
+
+    snapshots = []
+    reset = fast.reset
+
+    def recording_reset(generator):
+        reset(generator)
+        snapshots.append([t.detach().clone() for t in fast.tensors])
+
+    fast.reset = recording_reset
+    adapted = []
+    for step in range(2):
+        engine.train_step([chat_batch(10 + step)])
+        adapted.append([t.detach().clone() for t in fast.tensors])
+    assert len(snapshots) == 2
+    for fresh, after in zip(snapshots, adapted):
+        for a, b in zip(fresh[0::2], fresh[1::2]):
+            bound = 1 / math.sqrt(a.shape[1])
+            assert torch.all(b == 0) and a.abs().max() <= bound and a.std() > bound / 3
+        assert any(not torch.equal(x, y) for x, y in zip(fresh, after))  # the inner loop ran
+        assert all(b.abs().sum() > 0 for b in after[1::2])
+    assert not torch.equal(snapshots[0][0], snapshots[1][0])  # a new draw every step
+
+    fast_ids = {id(t) for t in fast.tensors}
+    assert not fast_ids & {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert not fast_ids & {id(p) for p in engine.model.parameters()}
+    assert not fast_ids & {id(p) for p in engine.params}  # the gradient all-reduce set
+    plain = make(Engine)
+    plain.train_step([chat_batch(10)])
+    state = engine.state_dict()
+    assert state.keys() == plain.state_dict().keys()
+    assert not any(torch.equal(v, t) for v in state.values() for t in adapted[-1]
+                   if v.shape == t.shape)
+
+
+def test_chat_data_feeds_the_engine(tmp_path):
+    from distca.config import load_config
+    from distca.data.dataset import make_dataset
+    from distca.data.tokenizer import load_tokenizer
+    from distca.evals.tasks import generate
+
+    tok = load_tokenizer(None)
+    path = tmp_path / "niah.jsonl"
+    examples = generate("niah", 300, 4, 0, lambda text: len(tok.encode(text)))
+    path.write_text("".join(json.dumps(e.to_chat()) + "\n" for e in examples))
+    cfg = load_config(RECIPE, [f"data.paths=[{path}]", "data.tokens_per_rank=512"])
+    batches = make_dataset(cfg).step_batches(1)
+    assert len(batches) == 1 and batches[0].num_ranks == 2
+    b = batches[0]
+    assert b.turn_lengths is not None and b.turn_is_context.any() and not b.turn_is_context.all()
+    assert (b.labels != -100).sum() > 0
