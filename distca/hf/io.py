@@ -1,0 +1,196 @@
+"""Reading and writing the two on-disk forms: Hugging Face model directories and distca
+checkpoints.
+
+A Hugging Face directory is ``config.json`` plus ``model.safetensors`` (or sharded
+``model-XXXXX-of-YYYYY.safetensors`` with their index); a GGUF file (or a directory holding
+one) is read through transformers, which dequantises it. Pickled ``pytorch_model.bin`` files are
+refused: nothing is unpickled.
+
+A distca checkpoint is the run-directory layout of :mod:`distca.train.checkpoint` with the
+resolved ``config.yaml`` beside ``checkpoints/``; an import writes step 0 of a fresh run
+directory (model only, no optimizer state), so ``distca train RUN/config.yaml
+trainer.run_dir=RUN trainer.resume=true`` fine-tunes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from distca.config import ConfigError, DistcaConfig, ModelConfig, load_config, validate
+from distca.hf.config_map import HFFormatError, hf_config_from_model, model_config_from_hf
+from distca.hf.weights import megatron_from_hf
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+TOKENIZER_DIR = "tokenizer"  # inside an imported run directory
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _read_gguf(file: Path, tokenizer_out: Path | None
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise HFFormatError(f"{file}: reading GGUF needs `pip install transformers gguf`") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise HFFormatError(f"{file}: transformers cannot load it: {exc}") from exc
+    hf = model.config.to_dict()
+    hf["architectures"] = [type(model).__name__]
+    m = model_config_from_hf(hf, str(file))
+    if tokenizer_out is not None:
+        AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name) \
+            .save_pretrained(str(tokenizer_out))
+    return m, dict(model.state_dict())
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise HFFormatError(f"{index}: weight_map: missing or not JSON") from exc
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif (directory / "pytorch_model.bin").exists():
+        raise HFFormatError(f"{directory / 'pytorch_model.bin'}: pickled weights are not "
+                            f"loaded; convert them to safetensors first")
+    else:
+        raise HFFormatError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise HFFormatError(f"{file}: listed in the index but missing")
+        state.update(load_file(str(file)))
+    return state
+
+
+def read_hf(path: str | Path, tokenizer_out: Path | None = None
+            ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, our megatron fp32 state dict) of an HF directory or GGUF file.
+
+    When ``tokenizer_out`` is given, the source's tokenizer files are copied there.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise HFFormatError(f"{path}: no such file or directory")
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        m, hf_state = _read_gguf(gguf, tokenizer_out)
+        source = str(gguf)
+    else:
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise HFFormatError(f"{config_file}: missing (not a Hugging Face model directory)")
+        try:
+            hf = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise HFFormatError(f"{config_file}: not valid JSON: {exc}") from exc
+        m = model_config_from_hf(hf, str(config_file))
+        hf_state = _read_safetensors(path)
+        source = str(path)
+        if tokenizer_out is not None and (path / "tokenizer.json").is_file():
+            tokenizer_out.mkdir(parents=True, exist_ok=True)
+            for name in TOKENIZER_FILES:
+                if (path / name).is_file():
+                    shutil.copy2(path / name, tokenizer_out / name)
+    state = megatron_from_hf(hf_state, m, source)
+    return m, {k: v.float() for k, v in state.items()}
+
+
+def write_hf(out: str | Path, m: ModelConfig, hf_state: dict[str, torch.Tensor],
+             tokenizer_dir: Path | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (fp32) and any tokenizer files."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config_from_model(m), indent=1) + "\n")
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in hf_state.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, out / name)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, step directory) of a run directory (its latest checkpoint) or a step
+    directory ``RUN/checkpoints/step_N``."""
+    from distca.train.checkpoint import latest_checkpoint, read_meta
+
+    path = Path(path)
+    if not path.is_dir():
+        raise HFFormatError(f"{path}: no such checkpoint directory")
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise HFFormatError(f"{path / 'checkpoints'}: no complete checkpoint")
+        return path, found[0]
+    if read_meta(path) is None:
+        raise HFFormatError(f"{path}: not a complete checkpoint (meta.json or a shard is "
+                            f"missing or truncated)")
+    return path.parent.parent, path
+
+
+def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Tensor], Path]:
+    """(config, our megatron state dict, run directory) of a TP=1, PP=1 distca checkpoint."""
+    from distca.train.checkpoint import read_shard
+
+    run, step_dir = resolve_checkpoint(path)
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        raise HFFormatError(f"{config_file}: missing (the run's resolved config)")
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as exc:
+        raise HFFormatError(str(exc)) from exc
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+        raise HFFormatError(f"{config_file}: parallel.tp/pp: only TP=1, PP=1 checkpoints are "
+                            f"supported (got tp={cfg.parallel.tp}, pp={cfg.parallel.pp})")
+    shard = read_shard(step_dir, 0)
+    state = {k[len("model."):]: v for k, v in shard.items()
+             if k.startswith("model.") and not k.endswith("_extra_state")}
+    return cfg, state, run
+
+
+def write_checkpoint(out: str | Path, m: ModelConfig, state: dict[str, torch.Tensor],
+                     origin: str, tokenizer_dir: Path | None = None) -> Path:
+    """A fresh run directory at ``out`` whose step-0 checkpoint holds ``state``; returns the
+    step directory. ``tokenizer_dir`` (if it holds a tokenizer) becomes ``data.tokenizer``."""
+    from distca.train.checkpoint import begin_save, commit, write_shard
+    from distca.train.run_dir import RunDir
+
+    cfg = DistcaConfig(model=m)
+    cfg.trainer.run_dir = str(out)
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        cfg.data.tokenizer = str(tokenizer_dir.resolve())
+    validate(cfg, str(out))
+    run = RunDir(out)
+    run.write_config(cfg)
+    tmp = begin_save(run.checkpoints, 0)
+    shard = {f"model.{k}": v for k, v in state.items()}
+    shard["step"] = torch.tensor(0, dtype=torch.int64)
+    size = write_shard(tmp, 0, shard)
+    return commit(tmp, 0, {"restarts": 0, "data_position": 0, "seed": cfg.trainer.seed,
+                           "micro_batches_consumed": 0, "imported_from": origin}, [size])

@@ -1,0 +1,160 @@
+"""Hugging Face interop: export -> transformers gives our logits; import gives HF's logits;
+the CLI round trip is exact; bad input exits 2 naming the path or key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from distca.cli import main  # noqa: E402
+from distca.config import ModelConfig  # noqa: E402
+from distca.hf import HFFormatError, hf_config_from_model, hf_from_megatron  # noqa: E402
+from distca.hf.io import read_hf, write_hf  # noqa: E402
+from distca.hf.local import LocalModel, single_rank_config  # noqa: E402
+
+LLAMA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_kv_heads=2,
+                    ffn_hidden_size=96, vocab_size=101, rope_theta=5000.0, norm_eps=1e-6)
+QWEN2 = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                    ffn_hidden_size=80, vocab_size=97, rope_theta=1e6, norm_eps=1e-6,
+                    qkv_bias=True, tie_embeddings=True)
+CONFIGS = {"llama-gqa": LLAMA, "qwen2-bias-tied": QWEN2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_process_group():
+    yield
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random, norms around 1 and biases non-zero, so no mapping hides."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.08 * noise)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens.view(1, -1)).logits[0].float()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_export_then_transformers_matches_our_logits(name, tmp_path):
+    m = CONFIGS[name]
+    ours = LocalModel(single_rank_config(m, "torch"))
+    _randomize(ours.model, seed=3)
+    write_hf(tmp_path, m, hf_from_megatron(ours.model_state(), m))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())[
+        "architectures"][0]
+    tokens = torch.randint(0, m.vocab_size, (37,), generator=torch.Generator().manual_seed(0))
+    expected = _hf_logits(hf, tokens)
+    assert _rel_err(ours.logits(tokens), expected) < 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_import_gives_transformers_logits(name, tmp_path):
+    m = CONFIGS[name]
+    hf_config = transformers.AutoConfig.for_model(**{
+        k: v for k, v in hf_config_from_model(m).items() if k != "architectures"})
+    torch.manual_seed(5)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    _randomize(hf, seed=4)
+    hf.save_pretrained(tmp_path)
+    m_read, state = read_hf(tmp_path)
+    assert m_read == m
+    ours = LocalModel(single_rank_config(m_read, "torch"))
+    ours.load_model_state(state)
+    tokens = torch.randint(0, m.vocab_size, (29,), generator=torch.Generator().manual_seed(1))
+    assert _rel_err(ours.logits(tokens), _hf_logits(hf, tokens)) < 1e-4
+
+
+def _save_random_hf(path, m: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    hf_config = transformers.AutoConfig.for_model(**{
+        k: v for k, v in hf_config_from_model(m).items() if k != "architectures"})
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    _randomize(hf, seed)
+    hf.save_pretrained(path)
+    return {k: v.clone() for k, v in hf.state_dict().items()}
+
+
+def test_cli_round_trip_is_exact(tmp_path, capsys):
+    original = _save_random_hf(tmp_path / "hf", QWEN2)
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step_00000000"
+    assert (step / "meta.json").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == ""
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = {k: v for k, v in original.items() if k != "lm_head.weight"}  # tied
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_imported_checkpoint_loads_into_the_engine(tmp_path):
+    """The imported run directory is an ordinary checkpoint: the engine's loader takes it."""
+    from distca.config import load_config
+    from distca.engine import Engine
+    from distca.train.checkpoint import latest_checkpoint, read_shard
+
+    _save_random_hf(tmp_path / "hf", LLAMA)
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    cfg = load_config(tmp_path / "run" / "config.yaml")
+    assert cfg.model == LLAMA
+    engine = Engine(cfg)
+    engine.load_state_dict(read_shard(latest_checkpoint(tmp_path / "run" / "checkpoints")[0], 0))
+    assert engine.step == 0
+
+
+def _expect_usage_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    for needle in needles:
+        assert needle in captured.err, captured.err
+
+
+def test_bad_input_exits_2_naming_the_culprit(tmp_path, capsys):
+    _expect_usage_error(capsys, ["import-hf", str(tmp_path / "nope"), str(tmp_path / "a")],
+                        str(tmp_path / "nope"))
+    _expect_usage_error(capsys, ["export-hf", str(tmp_path / "nope"), str(tmp_path / "b")],
+                        str(tmp_path / "nope"))
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    config = json.loads((hf_dir / "config.json").read_text())
+
+    (hf_dir / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")],
+                        "config.json", "architectures", "GPT2LMHeadModel")
+
+    (hf_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "d")],
+                        "model.layers.0.mlp.", "shape")
+
+    (hf_dir / "config.json").write_text(json.dumps(
+        {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "e")], "rope_scaling")
+
+
+def test_models_with_gates_or_sinks_are_not_exported():
+    with pytest.raises(HFFormatError, match="gated_attention"):
+        hf_config_from_model(ModelConfig(**{**LLAMA.__dict__, "gated_attention": True}))
