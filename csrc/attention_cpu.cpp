@@ -43,14 +43,22 @@ inline void masked_exp(float* s, int64_t n, int64_t nk, const Task& task, int64_
       std::fill(si, si + kKeyTile, 0.0f);
       continue;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < lim; ++j) si[j] = fast_exp(si[j] - m);
+    if (lim > 0) exp_tile_row(si, m);
     std::fill(si + lim, si + kKeyTile, 0.0f);
   }
 }
 
-// ds = p * (dp - delta), in place in dp.
-inline void softmax_grad(const float* p, float* dp, int64_t n, const float* delta) {
+// One backward tile: p = softmax probabilities (recomputed from the merged lse) and, in dp,
+// ds = p * (dO V^T - delta). Scores come from the pre-scaled query tile qf.
+inline void scores_and_grads(const float* qf, const float* dof, int64_t n, int64_t D,
+                             const float* kt, const float* vt, const Task& task, int64_t row0,
+                             int64_t j0, int64_t nk, const float* lse, const float* delta,
+                             float* p, float* dp) {
+  std::fill(p, p + n * kKeyTile, 0.0f);
+  std::fill(dp, dp + n * kKeyTile, 0.0f);
+  gemm_acc(n, kKeyTile, D, qf, D, 1, kt, kKeyTile, p, kKeyTile);
+  masked_exp(p, n, nk, task, row0, j0, lse);
+  gemm_acc(n, kKeyTile, D, dof, D, 1, vt, kKeyTile, dp, kKeyTile);
   for (int64_t i = 0; i < n; ++i) {
     const float* pi = p + i * kKeyTile;
     float* di = dp + i * kKeyTile;
@@ -86,14 +94,15 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
           const int64_t nk = std::min(kKeyTile, kv_end - j0);
           load_transposed(k + j0 * ks + kvh * D, ks, nk, D, kt.data());
           load_rows(v + j0 * ks + kvh * D, ks, nk, D, 1.0f, vr.data());
-          matmul_nt(qf.data(), n, D, kt.data(), s.data());
+          std::fill(s.begin(), s.end(), 0.0f);
+          gemm_acc(n, kKeyTile, D, qf.data(), D, 1, kt.data(), kKeyTile, s.data(), kKeyTile);
           for (int64_t i = 0; i < n; ++i) {  // new running max per row, rescale what we had
             const int64_t lim = std::clamp<int64_t>(task.key_end(blk.start + i) - j0, 0, nk);
             float row_max = m[i];
             for (int64_t j = 0; j < lim; ++j) row_max = std::max(row_max, s[i * kKeyTile + j]);
             mx[i] = row_max;
             if (row_max != m[i] && m[i] != kNegInf) {
-              const float alpha = fast_exp(m[i] - row_max);
+              const float alpha = std::exp(m[i] - row_max);
               l[i] *= alpha;
               for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
             }
@@ -105,8 +114,8 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
             float sum = 0.0f;
             for (int64_t j = 0; j < nk; ++j) sum += pi[j];
             l[i] += sum;
-            weighted_rows_acc(pi, 1, nk, vr.data(), D, acc.data() + i * D);
           }
+          gemm_acc(n, D, nk, s.data(), kKeyTile, 1, vr.data(), D, acc.data(), D);
         }
       }
       for (int64_t i = 0; i < n; ++i) {
@@ -150,13 +159,9 @@ void dq_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const
           load_transposed(k + j0 * ks + kvh * D, ks, nk, D, kt.data());
           load_transposed(v + j0 * ks + kvh * D, ks, nk, D, vt.data());
           load_rows(k + j0 * ks + kvh * D, ks, nk, D, 1.0f, kr.data());
-          matmul_nt(qf.data(), n, D, kt.data(), p.data());
-          masked_exp(p.data(), n, nk, task, blk.start, j0, L.data());
-          matmul_nt(dof.data(), n, D, vt.data(), dp.data());
-          softmax_grad(p.data(), dp.data(), n, dl.data());
-          for (int64_t i = 0; i < n; ++i) {
-            weighted_rows_acc(dp.data() + i * kKeyTile, 1, nk, kr.data(), D, acc.data() + i * D);
-          }
+          scores_and_grads(qf.data(), dof.data(), n, D, kt.data(), vt.data(), task, blk.start,
+                           j0, nk, L.data(), dl.data(), p.data(), dp.data());
+          gemm_acc(n, D, nk, dp.data(), kKeyTile, 1, kr.data(), D, acc.data(), D);
         }
       }
       store_rows(acc.data(), n, D, scale, dq + blk.start * qs + h * D, qs);
@@ -195,14 +200,11 @@ void dkv_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, cons
               L[i] = lse[(i0 + i) * sh.heads + h];
               dl[i] = delta[(i0 + i) * sh.heads + h];
             }
-            matmul_nt(qf.data(), n, D, kt.data(), p.data());
-            masked_exp(p.data(), n, nk, task, i0, j0, L.data());
-            matmul_nt(dof.data(), n, D, vt.data(), dp.data());
-            softmax_grad(p.data(), dp.data(), n, dl.data());
-            for (int64_t j = 0; j < nk; ++j) {
-              weighted_rows_acc(p.data() + j, kKeyTile, n, dof.data(), D, dv_acc.data() + j * D);
-              weighted_rows_acc(dp.data() + j, kKeyTile, n, qf.data(), D, dk_acc.data() + j * D);
-            }
+            scores_and_grads(qf.data(), dof.data(), n, D, kt.data(), vt.data(), task, i0, j0,
+                             nk, L.data(), dl.data(), p.data(), dp.data());
+            // dV += P^T dO and dK += dS^T (scale * Q): A is the transposed score tile.
+            gemm_acc(nk, D, n, p.data(), 1, kKeyTile, dof.data(), D, dv_acc.data(), D);
+            gemm_acc(nk, D, n, dp.data(), 1, kKeyTile, qf.data(), D, dk_acc.data(), D);
           }
         }
       }

@@ -2,7 +2,7 @@
 //
 // Tiles are kKeyTile keys wide. Score tiles are (rows x kKeyTile) row-major; "transposed" tiles
 // hold a (kKeyTile x D) block of K or V as (D x kKeyTile), zero-padded past the valid keys, so
-// that a score row is a sum of contiguous axpys.
+// that every product is a gemm_acc with contiguous rows of B.
 #pragma once
 
 #include <algorithm>
@@ -14,66 +14,93 @@ namespace distca {
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 64;
-constexpr int64_t kChunk = 64;  // head-dim chunk kept in registers by weighted_rows_acc
 
-// exp(x) for x <= 88, ~1 ulp, branch-free so loops over it vectorise. Arguments below -87
-// return ~1e-38 instead of a denormal; callers pass score - row_max (or - lse) <= 0 and write
-// exact zeros for masked keys themselves.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
+// 8 float lanes; GCC/Clang lower it to AVX, SSE or NEON as the target allows.
+typedef float f32x8 __attribute__((vector_size(32)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// exp(x) on 8 lanes for x <= 0, max relative error ~2e-7. Arguments below -87 return ~1e-38
+// instead of a denormal; callers write exact zeros for masked keys themselves. Rounding uses
+// the 1.5 * 2^23 trick so the whole function stays in vector registers.
+inline f32x8 exp8(f32x8 x) {
+  const f32x8 lo = x - x - 87.0f;
+  x = x < lo ? lo : x;
+  const f32x8 t = x * 1.44269504088896341f + 12582912.0f;
+  const f32x8 n = t - 12582912.0f;
+  const f32x8 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  f32x8 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
+  const i32x8 bits = ((i32x8)t - 0x4B400000 + 127) << 23;
+  return p * (f32x8)bits;
 }
 
-// c (n x kKeyTile) = a (n x D, row-major) * bt (D x kKeyTile).
-inline void matmul_nt(const float* a, int64_t n, int64_t D, const float* bt, float* c) {
-  for (int64_t i = 0; i < n; ++i) {
-    float row[kKeyTile] = {};
-    const float* ai = a + i * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const float x = ai[d];
-      const float* b = bt + d * kKeyTile;
-#pragma omp simd
-      for (int64_t j = 0; j < kKeyTile; ++j) row[j] += x * b[j];
-    }
-    std::memcpy(c + i * kKeyTile, row, sizeof(row));
-  }
+// s[0:kKeyTile] = exp(s - shift) in place.
+inline void exp_tile_row(float* s, float shift) {
+  for (int64_t j = 0; j < kKeyTile; j += 8) store8(s + j, exp8(load8(s + j) - shift));
 }
 
-// dst[0:D] += sum_{k < n} w[k * w_stride] * src[k * D : (k + 1) * D]; zero weights skipped.
-inline void weighted_rows_acc(const float* w, int64_t w_stride, int64_t n, const float* src,
-                              int64_t D, float* dst) {
-  int64_t c0 = 0;
-  for (; c0 + kChunk <= D; c0 += kChunk) {
-    float acc[kChunk];
-    std::memcpy(acc, dst + c0, sizeof(acc));
-    for (int64_t k = 0; k < n; ++k) {
-      const float x = w[k * w_stride];
-      if (x == 0.0f) continue;
-      const float* s = src + k * D + c0;
-#pragma omp simd
-      for (int64_t d = 0; d < kChunk; ++d) acc[d] += x * s[d];
+// C (M x N, row stride c_rs) += A (M x K) * B (K x N, row stride b_rs), where A[i][k] is at
+// a[i * a_rs + k * a_ks] (so A may be a transposed tile). Register-blocked 4 x 16 micro-kernel:
+// per k, two vector loads of B and four broadcasts of A feed eight FMAs into named
+// accumulators (arrays of vectors get spilled to the stack).
+inline void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs,
+                     int64_t a_ks, const float* b, int64_t b_rs, float* c, int64_t c_rs) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) {
+    const float* a0 = a + i * a_rs;
+    const float* a1 = a0 + a_rs;
+    const float* a2 = a1 + a_rs;
+    const float* a3 = a2 + a_rs;
+    float* c0 = c + i * c_rs;
+    float* c1 = c0 + c_rs;
+    float* c2 = c1 + c_rs;
+    float* c3 = c2 + c_rs;
+    int64_t j = 0;
+    for (; j + 16 <= N; j += 16) {
+      f32x8 x00 = load8(c0 + j), x01 = load8(c0 + j + 8), x10 = load8(c1 + j),
+            x11 = load8(c1 + j + 8), x20 = load8(c2 + j), x21 = load8(c2 + j + 8),
+            x30 = load8(c3 + j), x31 = load8(c3 + j + 8);
+      for (int64_t k = 0; k < K; ++k) {
+        const f32x8 b0 = load8(b + k * b_rs + j), b1 = load8(b + k * b_rs + j + 8);
+        const float y0 = a0[k * a_ks], y1 = a1[k * a_ks], y2 = a2[k * a_ks], y3 = a3[k * a_ks];
+        x00 += y0 * b0;
+        x01 += y0 * b1;
+        x10 += y1 * b0;
+        x11 += y1 * b1;
+        x20 += y2 * b0;
+        x21 += y2 * b1;
+        x30 += y3 * b0;
+        x31 += y3 * b1;
+      }
+      store8(c0 + j, x00), store8(c0 + j + 8, x01), store8(c1 + j, x10);
+      store8(c1 + j + 8, x11), store8(c2 + j, x20), store8(c2 + j + 8, x21);
+      store8(c3 + j, x30), store8(c3 + j + 8, x31);
     }
-    std::memcpy(dst + c0, acc, sizeof(acc));
+    for (int r = 0; r < 4; ++r) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float x = a[(i + r) * a_rs + k * a_ks];
+        for (int64_t jj = j; jj < N; ++jj) c[(i + r) * c_rs + jj] += x * b[k * b_rs + jj];
+      }
+    }
   }
-  if (c0 < D) {
-    for (int64_t k = 0; k < n; ++k) {
-      const float x = w[k * w_stride];
-      if (x == 0.0f) continue;
-      const float* s = src + k * D;
+  for (; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float x = a[i * a_rs + k * a_ks];
 #pragma omp simd
-      for (int64_t d = c0; d < D; ++d) dst[d] += x * s[d];
+      for (int64_t jj = 0; jj < N; ++jj) c[i * c_rs + jj] += x * b[k * b_rs + jj];
     }
   }
 }
