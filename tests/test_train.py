@@ -113,6 +113,7 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
         if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 5:
             break
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
     before = {r["step"]: r["loss"] for r in metrics(run_dir)}
     victim = json.loads((run_dir / "workers.json").read_text())[1]["pid"]
     os.kill(victim, signal.SIGKILL)
@@ -172,3 +173,14 @@ def test_nan_loss_with_on_nan_stop_exits_nonzero_and_keeps_the_checkpoint(tmp_pa
     assert "Traceback" not in out.stderr
     ckpts = sorted((tmp_path / "r" / "checkpoints").iterdir())
     assert ckpts and all(p.name.startswith("step_") for p in ckpts)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_on_nan_rollback_reloads_the_checkpoint_and_gives_up_when_it_keeps_failing(tmp_path):
+    out = run_distca("train", "recipes/tiny.yaml", "trainer.steps=8", "trainer.checkpoint_interval=1",
+                     "trainer.on_nan=rollback", "trainer.max_restarts=2", "optim.lr=1.0e12",
+                     "optim.min_lr=1.0e12", "optim.grad_clip=0", "optim.warmup_fraction=0",
+                     f"trainer.run_dir={tmp_path}/r")
+    assert out.returncode == 1 and out.stderr.count("rolled back to step_") == 2
+    assert "giving up after 2 restarts" in out.stderr and "Traceback" not in out.stderr

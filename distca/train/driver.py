@@ -33,12 +33,17 @@ class TrainResult:
     last_checkpoint: Path | None
 
 
+class _RollBack(Exception):
+    """A NaN/inf loss with ``trainer.on_nan=rollback`` (handled inside the attempt)."""
+
+
 class Trainer:
     def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset):
         self.cfg = cfg
         self.run = run_dir
         self.data = data
         self.restarts = 0
+        self.data_offset = 0  # batches skipped by rollbacks: step s reads position s + offset
         self.first_loss = math.nan
         self.last_loss = math.nan
 
@@ -57,12 +62,18 @@ class Trainer:
                 group.call("load", str(path))
                 start = meta["step"]
                 self.restarts = max(self.restarts, meta.get("restarts", 0))
+                self.data_offset = meta.get("data_offset", 0)
             metrics = MetricsLog(self.run.metrics, self.run.tensorboard, start)
             try:
                 progress.reset(total=t.steps)
                 progress.update(start)
-                for step in range(start + 1, t.steps + 1):
-                    self._step(group, step, metrics, progress)
+                step = start
+                while step < t.steps:
+                    step += 1
+                    try:
+                        self._step(group, step, metrics, progress)
+                    except _RollBack:
+                        step = self._roll_back(group, step, metrics, progress)
             finally:
                 metrics.close()
             return t.steps
@@ -73,7 +84,7 @@ class Trainer:
         import ray
 
         t = self.cfg.trainer
-        batches = ray.put(self.data.step_batches(step))
+        batches = ray.put(self.data.step_batches(step + self.data_offset))
         wall = time.perf_counter()
         stats = group.call("train_step", batches)[0]
         wall = time.perf_counter() - wall
@@ -89,7 +100,10 @@ class Trainer:
                 where = f"the last checkpoint {last[0]} stays valid" if last else "no checkpoint"
                 raise TrainingStopped(f"step {step}: loss is {loss}; stopping because "
                                       f"trainer.on_nan=stop ({where})")
-            progress.write(f"step {step}: loss is {loss}; update skipped (trainer.on_nan=skip)")
+            if t.on_nan is OnNan.rollback:
+                raise _RollBack()
+            progress.write(f"step {step}: loss is {loss}; update skipped (trainer.on_nan=skip)",
+                           file=sys.stderr)
         else:
             if math.isnan(self.first_loss):
                 self.first_loss = loss
@@ -101,11 +115,34 @@ class Trainer:
         if step % t.checkpoint_interval == 0 or step == t.steps:
             self._save(group, step)
 
+    def _roll_back(self, group, bad_step: int, metrics: MetricsLog, progress) -> int:
+        """Reload the last checkpoint and continue after the offending batch; returns the
+        checkpoint's step. Rollbacks count as restarts (bounded by trainer.max_restarts)."""
+        t = self.cfg.trainer
+        found = latest_checkpoint(self.run.checkpoints)
+        if found is None or self.restarts >= t.max_restarts:
+            why = ("there is no checkpoint to roll back to" if found is None else
+                   f"giving up after {self.restarts} restarts (trainer.max_restarts)")
+            raise TrainingStopped(f"step {bad_step}: loss is not finite and {why} "
+                                  f"(trainer.on_nan=rollback)")
+        path, meta = found
+        group.call("load", str(path))
+        back = meta["step"]
+        self.data_offset += bad_step - back
+        self.restarts += 1
+        metrics.rewind(back)
+        progress.write(f"step {bad_step}: loss is not finite; rolled back to {path.name} and "
+                       f"skipped {bad_step - back} batches (trainer.on_nan=rollback)",
+                       file=sys.stderr)
+        progress.reset(total=t.steps)
+        progress.update(back)
+        return back
+
     def _save(self, group, step: int) -> None:
         tmp = begin_save(self.run.checkpoints, step)
         sizes = group.call("save", str(tmp))
-        meta = {"restarts": self.restarts, "data_position": step, "seed": self.cfg.trainer.seed,
-                "micro_batches_consumed": step * self.cfg.data.micro_batches}
+        meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
+                "data_position": step + self.data_offset, "data_offset": self.data_offset}
         commit(tmp, step, meta, sizes)
         prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
 
@@ -128,7 +165,7 @@ class Trainer:
                     self.restarts += 1
                     resume = True
                     progress.write(f"{exc}; restart {self.restarts}/{t.max_restarts} "
-                                   f"from the last checkpoint")
+                                   f"from the last checkpoint", file=sys.stderr)
         last = latest_checkpoint(self.run.checkpoints)
         return TrainResult(self.run.path, t.steps, self.restarts, self.first_loss,
                            self.last_loss, last[0] if last else None)

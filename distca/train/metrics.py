@@ -20,6 +20,11 @@ class MetricsLog:
 
     def __init__(self, path: Path, tensorboard_dir: Path, start: int):
         self.path = path
+        self.tensorboard_dir = tensorboard_dir
+        self._open(start)
+
+    def _open(self, start: int) -> None:
+        path = self.path
         kept = [row for row in read_metrics(path) if row["step"] <= start]
         tmp = path.with_name(path.name + ".partial")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
@@ -27,7 +32,12 @@ class MetricsLog:
         self._file = path.open("a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(tensorboard_dir), purge_step=start + 1)
+        self._tb = SummaryWriter(str(self.tensorboard_dir), purge_step=start + 1)
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows after ``step`` (the run went back to that step's checkpoint)."""
+        self.close()
+        self._open(step)
 
     def log(self, row: dict) -> None:
         """``row`` needs an int ``step``; floats that are NaN/inf are written as null."""

@@ -51,13 +51,17 @@ def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool
             os.environ.setdefault(key, value)
         import ray
 
-        try:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     num_cpus=max(1, int(num_cpus + 0.999)), num_gpus=int(num_gpus),
-                     logging_level="WARNING", log_to_driver=True)
-        except Exception as exc:
-            raise ClusterError(f"could not start a local Ray cluster: {exc}") from exc
-        return True
+        # Ray gives its raylet a fixed 30 s to register; on a loaded machine one retry helps.
+        for attempt in range(2):
+            try:
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                         num_cpus=max(1, int(num_cpus + 0.999)), num_gpus=int(num_gpus),
+                         logging_level="WARNING", log_to_driver=True)
+                return True
+            except Exception as exc:
+                ray.shutdown()  # stops whatever part of the cluster did start
+                if attempt == 1:
+                    raise ClusterError(f"could not start a local Ray cluster: {exc}") from exc
     _check_answers(address)
     import ray
 
