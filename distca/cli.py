@@ -76,11 +76,17 @@ def _add_hf(sub: argparse._SubParsersAction) -> None:
     hf.add_parsers(sub)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import eval as eval_command  # the model loads only when it runs
+
+    eval_command.add_parser(sub)
+
+
 # Each entry adds one subcommand; later capabilities append theirs.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data,
                                                                    _add_train, _add_profile,
                                                                    _add_plan, _add_simulate,
-                                                                   _add_hf]
+                                                                   _add_hf, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
