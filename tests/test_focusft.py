@@ -133,6 +133,9 @@ def test_fast_weights_reset_every_step_and_stay_private():
     assert state.keys() == plain.state_dict().keys()
     assert not any(torch.equal(v, t) for v in state.values() for t in adapted[-1]
                    if v.shape == t.shape)
+    # outside the bilevel step the adapters are inert: evaluation sees the base model alone
+    plain.load_state_dict(state)
+    assert engine.eval_loss([chat_batch(12)]) == plain.eval_loss([chat_batch(12)])
 
 
 def test_chat_data_feeds_the_engine(tmp_path):

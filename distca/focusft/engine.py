@@ -95,19 +95,17 @@ class FocusftEngine(Engine):
         loss_sum = torch.zeros((), dtype=torch.float64)
         inner = torch.zeros(f.inner_steps, dtype=torch.float64)
         before, after = [], []
-        for index, batch in enumerate(micro_batches):
-            plan = self._plan(batch)
-            before.append(plan.imbalance_before)
-            after.append(plan.imbalance)
-            tokens, labels, mask = self._load(batch, plan)
-            seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
-            self.fast.reset(torch.Generator().manual_seed(seed))
-            hidden = self.bottom(tokens)
-            inner += self._inner_loop(hidden.detach(), labels, mask,
-                                      max(_loss_tokens([batch]), 1))
-            local = self.top(hidden, labels, mask)
-            (local / total).backward()
-            loss_sum += local.detach().double().cpu()
+        self.fast.active = True
+        try:
+            for index, batch in enumerate(micro_batches):
+                plan = self._plan(batch)
+                before.append(plan.imbalance_before)
+                after.append(plan.imbalance)
+                local, inner_losses = self._micro_batch_step(index, batch, plan, total)
+                loss_sum += local
+                inner += inner_losses
+        finally:
+            self.fast.active = False
         self._sync_gradients()
         stats = {"loss": _all_reduce_scalar(loss_sum, self.dp_group) / total,
                  "imbalance_before": sum(before) / len(before),
@@ -115,6 +113,21 @@ class FocusftEngine(Engine):
         stats.update({f"inner_loss_{i}": float(v) / len(micro_batches)
                       for i, v in enumerate(inner)})
         return stats
+
+    def _micro_batch_step(self, index: int, batch: PackedBatch, plan: StepPlan, total: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reset, inner loop and outer backward of one micro-batch.
+
+        Returns this rank's outer loss sum and the inner losses (float64 scalar, (inner_steps,)).
+        """
+        tokens, labels, mask = self._load(batch, plan)
+        seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
+        self.fast.reset(torch.Generator().manual_seed(seed))
+        hidden = self.bottom(tokens)
+        inner = self._inner_loop(hidden.detach(), labels, mask, max(_loss_tokens([batch]), 1))
+        local = self.top(hidden, labels, mask)
+        (local / total).backward()
+        return local.detach().double().cpu(), inner
 
     def _inner_loop(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                     count: int) -> torch.Tensor:

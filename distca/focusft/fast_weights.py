@@ -4,6 +4,8 @@ A fast adapter adds ``scale * B @ A @ x`` (``scale = alpha / rank``) to a linear
 through a forward hook. Its tensors are plain leaf tensors owned by :class:`FastLoRA`, never
 registered on the model: they cannot reach ``model.parameters()``, so they stay out of the
 optimiser, the data-parallel gradient all-reduce and every checkpoint by construction.
+The adapters act only while :attr:`FastLoRA.active` is set (the engine's bilevel step), so
+evaluation and generation see the base model alone.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class FastLoRA:
         self.names: list[str] = []
         self.tensors: list[torch.Tensor] = []  # A0, B0, A1, B1, ... in self.names order
         self._hooks = []
+        self.active = False
         for layer in layers:
             for target in targets:
                 linear = getattr(layer.mlp, target)
@@ -52,6 +55,8 @@ class FastLoRA:
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add_adapter(module, args, output):
+            if not self.active:
+                return output
             out, bias = output
             delta = F.linear(F.linear(args[0].float(), a), b) * self.scale
             return out + delta.to(out.dtype), bias
