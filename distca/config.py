@@ -194,7 +194,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                           rope_theta=1000000.0, norm_eps=1e-5, max_position_embeddings=16384),
     "qwen2.5-7b": dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_heads=4,
                        ffn_hidden_size=18944, vocab_size=152064, rope_theta=1000000.0,
-                       norm_eps=1e-6, max_position_embeddings=32768),
+                       norm_eps=1e-6, max_position_embeddings=32768, qkv_bias=True),
 }
 
 
