@@ -7,9 +7,10 @@
 //
 // Forward: one work item per (query block, head) runs an online softmax over the keys of every
 // task covering the block, so a row's tasks are merged in the same pass. Backward (given the
-// merged lse and delta = rowsum(dO * O) - dlse, the ring-attention identity): dq per
-// (query block, head); dk/dv per (key block, kv head) looping over the group's query heads.
-// Both passes own their output rows, so threads never share a write.
+// merged lse and delta = rowsum(dO * O) - dlse, the ring-attention identity): one work item
+// per (independent task group, kv head) walks the group's key blocks, keeps dk/dv of the block
+// in a tile and adds dq into a float32 buffer; groups share no rows, so threads never share a
+// write. Parallelism is groups x kv heads (packed documents: documents x kv heads).
 #include <omp.h>
 
 #include <limits>
@@ -128,88 +129,56 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
   }
 }
 
+// dq accumulates in float32 (dq_acc, (Nq, Hq, D)); dk/dv per key block in registers-sized tiles.
 template <typename scalar_t>
-void dq_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-               const float* lse, const float* delta, scalar_t* dq,
-               const std::vector<Task>& tasks, const std::vector<Block>& blocks, Shape sh,
-               float scale) {
+void backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                     const scalar_t* v, const float* lse, const float* delta, float* dq_acc,
+                     scalar_t* dk, scalar_t* dv, const std::vector<Task>& tasks,
+                     const std::vector<std::vector<Block>>& group_blocks, Shape sh,
+                     float scale) {
   const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
-  const int64_t items = static_cast<int64_t>(blocks.size()) * sh.heads;
+  const int64_t items = static_cast<int64_t>(group_blocks.size()) * sh.kv_heads;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> qf(kQueryTile * D), dof(kQueryTile * D), kt(D * kKeyTile),
         vt(D * kKeyTile), kr(kKeyTile * D), p(kQueryTile * kKeyTile),
-        dp(kQueryTile * kKeyTile), acc(kQueryTile * D), L(kQueryTile), dl(kQueryTile);
+        dp(kQueryTile * kKeyTile), dk_tile(kKeyTile * D), dv_tile(kKeyTile * D),
+        L(kQueryTile), dl(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const Block& blk = blocks[item / sh.heads];
-      const int64_t h = item % sh.heads, kvh = h / sh.group(), n = blk.end - blk.start;
-      load_rows(q + blk.start * qs + h * D, qs, n, D, scale, qf.data());
-      load_rows(dout + blk.start * qs + h * D, qs, n, D, 1.0f, dof.data());
-      for (int64_t i = 0; i < n; ++i) {
-        L[i] = lse[(blk.start + i) * sh.heads + h];
-        dl[i] = delta[(blk.start + i) * sh.heads + h];
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int32_t t : blk.tasks) {
-        const Task& task = tasks[t];
-        const int64_t kv_end = std::min(task.kb, task.key_end(blk.end - 1));
-        for (int64_t j0 = task.ka; j0 < kv_end; j0 += kKeyTile) {
-          const int64_t nk = std::min(kKeyTile, kv_end - j0);
-          load_transposed(k + j0 * ks + kvh * D, ks, nk, D, kt.data());
-          load_transposed(v + j0 * ks + kvh * D, ks, nk, D, vt.data());
-          load_rows(k + j0 * ks + kvh * D, ks, nk, D, 1.0f, kr.data());
-          scores_and_grads(qf.data(), dof.data(), n, D, kt.data(), vt.data(), task, blk.start,
-                           j0, nk, L.data(), dl.data(), p.data(), dp.data());
-          gemm_acc(n, D, nk, dp.data(), kKeyTile, 1, kr.data(), D, acc.data(), D);
-        }
-      }
-      store_rows(acc.data(), n, D, scale, dq + blk.start * qs + h * D, qs);
-    }
-  }
-}
-
-template <typename scalar_t>
-void dkv_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                const float* lse, const float* delta, scalar_t* dk, scalar_t* dv,
-                const std::vector<Task>& tasks, const std::vector<Block>& blocks, Shape sh,
-                float scale) {
-  const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
-  const int64_t items = static_cast<int64_t>(blocks.size()) * sh.kv_heads;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    std::vector<float> qf(kQueryTile * D), dof(kQueryTile * D), kt(D * kKeyTile),
-        vt(D * kKeyTile), p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile),
-        dk_acc(kKeyTile * D), dv_acc(kKeyTile * D), L(kQueryTile), dl(kQueryTile);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const Block& blk = blocks[item / sh.kv_heads];
-      const int64_t kvh = item % sh.kv_heads, j0 = blk.start, nk = blk.end - blk.start;
-      load_transposed(k + j0 * ks + kvh * D, ks, nk, D, kt.data());
-      load_transposed(v + j0 * ks + kvh * D, ks, nk, D, vt.data());
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-      for (int64_t h = kvh * sh.group(); h < (kvh + 1) * sh.group(); ++h) {
-        for (int32_t t : blk.tasks) {
-          const Task& task = tasks[t];
-          for (int64_t i0 = task.first_query(j0); i0 < task.qb; i0 += kQueryTile) {
-            const int64_t n = std::min(kQueryTile, task.qb - i0);
-            load_rows(q + i0 * qs + h * D, qs, n, D, scale, qf.data());
-            load_rows(dout + i0 * qs + h * D, qs, n, D, 1.0f, dof.data());
-            for (int64_t i = 0; i < n; ++i) {
-              L[i] = lse[(i0 + i) * sh.heads + h];
-              dl[i] = delta[(i0 + i) * sh.heads + h];
+      const int64_t kvh = item % sh.kv_heads;
+      for (const Block& blk : group_blocks[item / sh.kv_heads]) {
+        const int64_t j0 = blk.start, nk = blk.end - blk.start;
+        load_transposed(k + j0 * ks + kvh * D, ks, nk, D, kt.data());
+        load_transposed(v + j0 * ks + kvh * D, ks, nk, D, vt.data());
+        load_rows(k + j0 * ks + kvh * D, ks, nk, D, scale, kr.data());
+        std::fill(dk_tile.begin(), dk_tile.end(), 0.0f);
+        std::fill(dv_tile.begin(), dv_tile.end(), 0.0f);
+        for (int64_t h = kvh * sh.group(); h < (kvh + 1) * sh.group(); ++h) {
+          for (int32_t t : blk.tasks) {
+            const Task& task = tasks[t];
+            for (int64_t i0 = task.first_query(j0); i0 < task.qb; i0 += kQueryTile) {
+              const int64_t n = std::min(kQueryTile, task.qb - i0);
+              load_rows(q + i0 * qs + h * D, qs, n, D, scale, qf.data());
+              load_rows(dout + i0 * qs + h * D, qs, n, D, 1.0f, dof.data());
+              for (int64_t i = 0; i < n; ++i) {
+                L[i] = lse[(i0 + i) * sh.heads + h];
+                dl[i] = delta[(i0 + i) * sh.heads + h];
+              }
+              scores_and_grads(qf.data(), dof.data(), n, D, kt.data(), vt.data(), task, i0,
+                               j0, nk, L.data(), dl.data(), p.data(), dp.data());
+              // dV += P^T dO, dK += dS^T (scale Q) (A is the transposed score tile), and
+              // dQ += dS (scale K) into this group's own rows.
+              gemm_acc(nk, D, n, p.data(), 1, kKeyTile, dof.data(), D, dv_tile.data(), D);
+              gemm_acc(nk, D, n, dp.data(), 1, kKeyTile, qf.data(), D, dk_tile.data(), D);
+              gemm_acc(n, D, nk, dp.data(), kKeyTile, 1, kr.data(), D, dq_acc + i0 * qs + h * D,
+                       qs);
             }
-            scores_and_grads(qf.data(), dof.data(), n, D, kt.data(), vt.data(), task, i0, j0,
-                             nk, L.data(), dl.data(), p.data(), dp.data());
-            // dV += P^T dO and dK += dS^T (scale * Q): A is the transposed score tile.
-            gemm_acc(nk, D, n, p.data(), 1, kKeyTile, dof.data(), D, dv_acc.data(), D);
-            gemm_acc(nk, D, n, dp.data(), 1, kKeyTile, qf.data(), D, dk_acc.data(), D);
           }
         }
+        store_rows(dk_tile.data(), nk, D, 1.0f, dk + j0 * ks + kvh * D, ks);
+        store_rows(dv_tile.data(), nk, D, 1.0f, dv + j0 * ks + kvh * D, ks);
       }
-      store_rows(dk_acc.data(), nk, D, 1.0f, dk + j0 * ks + kvh * D, ks);
-      store_rows(dv_acc.data(), nk, D, 1.0f, dv + j0 * ks + kvh * D, ks);
     }
   }
 }
@@ -257,20 +226,21 @@ std::vector<torch::Tensor> backward(torch::Tensor dout, torch::Tensor q, torch::
   q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), dout = dout.contiguous();
   lse = lse.to(at::kFloat).contiguous(), delta = delta.to(at::kFloat).contiguous();
   const auto tasks = read_tasks(q_ranges, kv_ranges, causal);
-  const auto q_blocks = make_blocks(tasks, /*by_kv=*/false, kQueryTile);
-  const auto kv_blocks = make_blocks(tasks, /*by_kv=*/true, kKeyTile);
-  auto dq = torch::zeros_like(q), dk = torch::zeros_like(k), dv = torch::zeros_like(v);
+  std::vector<std::vector<Block>> group_blocks;
+  for (const auto& group : independent_groups(tasks)) {
+    group_blocks.push_back(make_blocks(tasks, /*by_kv=*/true, kKeyTile, &group));
+  }
+  auto dq_acc = torch::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  auto dk = torch::zeros_like(k), dv = torch::zeros_like(v);
   DISTCA_DISPATCH(q.scalar_type(), [&] {
-    dq_kernel<scalar_t>(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-                        delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), tasks, q_blocks, sh,
-                        static_cast<float>(scale));
-    dkv_kernel<scalar_t>(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                         k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-                         delta.data_ptr<float>(), dk.data_ptr<scalar_t>(),
-                         dv.data_ptr<scalar_t>(), tasks, kv_blocks, sh,
-                         static_cast<float>(scale));
+    backward_kernel<scalar_t>(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              lse.data_ptr<float>(), delta.data_ptr<float>(),
+                              dq_acc.data_ptr<float>(), dk.data_ptr<scalar_t>(),
+                              dv.data_ptr<scalar_t>(), tasks, group_blocks, sh,
+                              static_cast<float>(scale));
   });
+  auto dq = dq_acc.to(q.scalar_type());
   return {dq, dk, dv};
 }
 

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include <torch/extension.h>
@@ -45,14 +46,17 @@ inline std::vector<Task> read_tasks(const torch::Tensor& q_ranges, const torch::
 }
 
 // Cut the query side (by_kv = false) or key side (by_kv = true) into blocks of at most
-// block_rows rows, each covered by one fixed set of non-empty tasks. O(T log T + blocks * cover).
+// block_rows rows, each covered by one fixed set of non-empty tasks (of `subset`, if given).
+// O(T log T + blocks * cover).
 inline std::vector<Block> make_blocks(const std::vector<Task>& tasks, bool by_kv,
-                                      int64_t block_rows) {
+                                      int64_t block_rows, const std::vector<int32_t>* subset = nullptr) {
   auto lo = [&](int32_t t) { return by_kv ? tasks[t].ka : tasks[t].qa; };
   auto hi = [&](int32_t t) { return by_kv ? tasks[t].kb : tasks[t].qb; };
   std::vector<int32_t> order;
   std::vector<int64_t> cuts;
-  for (int32_t t = 0; t < static_cast<int32_t>(tasks.size()); ++t) {
+  const int32_t T = static_cast<int32_t>(subset ? subset->size() : tasks.size());
+  for (int32_t i = 0; i < T; ++i) {
+    const int32_t t = subset ? (*subset)[i] : i;
     const Task& k = tasks[t];
     if (k.qb > k.qa && k.kb > k.ka) {
       order.push_back(t);
@@ -79,6 +83,58 @@ inline std::vector<Block> make_blocks(const std::vector<Task>& tasks, bool by_kv
     }
   }
   return blocks;
+}
+
+// Groups of tasks that share no query row and no key row with any other group (for packed
+// documents: one group per document), largest first by score pairs. Work on different groups
+// never writes the same dq, dk or dv row, so the backward runs one group per work item.
+inline std::vector<std::vector<int32_t>> independent_groups(const std::vector<Task>& tasks) {
+  const int32_t T = static_cast<int32_t>(tasks.size());
+  std::vector<int32_t> parent(T);
+  for (int32_t t = 0; t < T; ++t) parent[t] = t;
+  auto find = [&](int32_t t) {
+    while (parent[t] != t) t = parent[t] = parent[parent[t]];
+    return t;
+  };
+  std::vector<int32_t> live;
+  for (int32_t t = 0; t < T; ++t) {
+    if (tasks[t].qb > tasks[t].qa && tasks[t].kb > tasks[t].ka) live.push_back(t);
+  }
+  for (bool by_kv : {false, true}) {  // union tasks whose ranges overlap on this side
+    auto lo = [&](int32_t t) { return by_kv ? tasks[t].ka : tasks[t].qa; };
+    auto hi = [&](int32_t t) { return by_kv ? tasks[t].kb : tasks[t].qb; };
+    std::vector<int32_t> order = live;
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return lo(a) < lo(b); });
+    int64_t reach = std::numeric_limits<int64_t>::min();
+    int32_t owner = -1;
+    for (int32_t t : order) {
+      if (owner >= 0 && lo(t) < reach) {
+        parent[find(t)] = find(owner);
+      } else {
+        owner = t;
+      }
+      reach = std::max(reach, hi(t));
+    }
+  }
+  std::vector<std::vector<int32_t>> groups;
+  std::vector<int32_t> slot(T, -1);
+  std::vector<double> cost;
+  for (int32_t t : live) {
+    const int32_t root = find(t);
+    if (slot[root] < 0) {
+      slot[root] = static_cast<int32_t>(groups.size());
+      groups.emplace_back();
+      cost.push_back(0.0);
+    }
+    groups[slot[root]].push_back(t);
+    cost[slot[root]] += double(tasks[t].qb - tasks[t].qa) * double(tasks[t].kb - tasks[t].ka);
+  }
+  std::vector<int32_t> order(groups.size());
+  for (size_t g = 0; g < order.size(); ++g) order[g] = static_cast<int32_t>(g);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cost[a] > cost[b]; });
+  std::vector<std::vector<int32_t>> sorted;
+  for (int32_t g : order) sorted.push_back(std::move(groups[g]));
+  return sorted;
 }
 
 }  // namespace distca
