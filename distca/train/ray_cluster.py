@@ -8,6 +8,8 @@ before ``ray`` is imported (and inherited by the GCS, raylet and workers it star
   advertises the machine's non-loopback address even with ``_node_ip_address``.
 - ``RAY_AUTH_MODE=disabled``: a private single-machine cluster needs no token.
 - ``RAY_USAGE_STATS_ENABLED=0``: usage reporting probes a cloud metadata address.
+- ``RAY_worker_niceness=0``: Ray starts workers at niceness 15; here the rank actors are the
+  job itself and should run at normal priority, like processes torchrun would start.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_worker_niceness": "0",
 }
 
 
