@@ -9,6 +9,7 @@ message; the local Ray cluster is always shut down.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path:
     return path
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     path = _run_dir(cfg, args.recipe)
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(path)
     run_dir.write_config(cfg)
     world = len(world_layout(cfg))
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
     try:
         connect(resolve_address(cfg.ray.address), world * cfg.ray.num_cpus_per_worker,
                 world * cfg.ray.num_gpus_per_worker)
@@ -60,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingStopped, WorkerError, WorkerDied, ClusterError) as exc:
         print(f"distca: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"distca: interrupted; checkpoints so far are in {run_dir.checkpoints}",
+              file=sys.stderr)
+        return 130
     finally:
         disconnect()
     print(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> "
