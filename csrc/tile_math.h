@@ -1,8 +1,7 @@
 // Float32 tile arithmetic for the CPU attention kernels, written so that GCC/Clang vectorise it.
 //
-// Tiles are kKeyTile keys wide. Score tiles are (rows x kKeyTile) row-major; "transposed" tiles
-// hold a (kKeyTile x D) block of K or V as (D x kKeyTile), zero-padded past the valid keys, so
-// that every product is a gemm_acc with contiguous rows of B.
+// Score tiles are (rows x kKeyTile) row-major. K and V also come transposed, (D x keys) per kv
+// head, so that the score product Q K^T is a gemm_acc with contiguous rows of B.
 #pragma once
 
 #include <algorithm>
@@ -105,34 +104,19 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_
   }
 }
 
-// Rows [0, n) of a (n x D) tile; the source rows are `stride` elements apart. dst = src * mult.
-template <typename scalar_t>
-inline void load_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t D, float mult,
-                      float* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* s = src + i * stride;
-    float* o = dst + i * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(s[d]) * mult;
-  }
+// Row max over the first lim lanes and, after exp, the row sum over all lanes of a score row.
+inline float row_max(const float* s, int64_t lim, float init) {
+  float m = init;
+  for (int64_t j = 0; j < lim; ++j) m = s[j] > m ? s[j] : m;
+  return m;
 }
 
-// (D x kKeyTile) transposed tile of nk source rows, zero past nk.
-template <typename scalar_t>
-inline void load_transposed(const scalar_t* src, int64_t stride, int64_t nk, int64_t D,
-                            float* dst) {
-  if (nk < kKeyTile) std::fill(dst, dst + D * kKeyTile, 0.0f);
-  for (int64_t j = 0; j < nk; ++j) {
-    const scalar_t* s = src + j * stride;
-    for (int64_t d = 0; d < D; ++d) dst[d * kKeyTile + j] = static_cast<float>(s[d]);
-  }
-}
-
-template <typename scalar_t>
-inline void store_rows(const float* src, int64_t n, int64_t D, float mult, scalar_t* dst,
-                       int64_t stride) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t d = 0; d < D; ++d) dst[i * stride + d] = static_cast<scalar_t>(src[i * D + d] * mult);
-  }
+inline float row_sum(const float* s) {
+  f32x8 acc = load8(s);
+  for (int64_t j = 8; j < kKeyTile; j += 8) acc += load8(s + j);
+  float total = 0.0f;
+  for (int lane = 0; lane < 8; ++lane) total += acc[lane];
+  return total;
 }
 
 }  // namespace distca
