@@ -12,17 +12,25 @@ from .core import (
     available_backends,
     core_attention,
 )
+from .gating import apply_gate, make_sinks, split_query_and_gate
 from .merge import apply_sink, merge_partials
 from .tasks import TaskList, make_task_list
+from .telemetry import SinkTelemetry, sink_rate, sink_telemetry
 
 __all__ = [
     "BACKENDS",
+    "SinkTelemetry",
     "TaskList",
+    "apply_gate",
     "apply_sink",
     "attention_backward",
     "attention_forward",
     "available_backends",
     "core_attention",
+    "make_sinks",
     "make_task_list",
     "merge_partials",
+    "sink_rate",
+    "sink_telemetry",
+    "split_query_and_gate",
 ]

@@ -20,9 +20,9 @@ from torch.autograd.function import once_differentiable
 from .merge import NEG_INF, apply_sink, sink_weight
 from .tasks import TaskList, make_task_list
 
-BACKENDS = ("torch", "cpp")
+BACKENDS = ("torch", "cpp", "flash", "flex")
 _CPU_PREFERENCE = ("cpp", "torch")
-_GPU_PREFERENCE = ()
+_GPU_PREFERENCE = ("flash", "flex")
 
 
 def _backend_module(name: str) -> ModuleType:

@@ -1,0 +1,78 @@
+"""Backend choice, the cpp build cache, varlen packing, and the GPU backends (marked gpu)."""
+
+import warnings
+
+import pytest
+import torch
+from test_attention_core import check, rel_err, split_tasks
+
+from distca.attention import attention_forward, core, cpp_backend, make_task_list
+from distca.attention.packing import merge_rows, pack_tasks
+from distca.attention.reference import causal_document_tasks, multiturn_tasks
+
+GLM = [[(9, True), (6, False), (1, True), (12, False)], [(1, True)], [(20, True), (17, False)]]
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpp_backend, "_load", lambda: (None, "no C++ compiler found ('c++')"))
+    core._warn_cpp_fallback.cache_clear()
+    tasks = causal_document_tasks([5, 7])
+    q = torch.randn(12, 2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = core.core_attention(q, q, q, tasks, None, None)
+        core.core_attention(q, q, q, tasks, None, None)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0] and "'torch'" in messages[0]
+    ref, _ = core.core_attention(q, q, q, tasks, None, None, backend="torch")
+    assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError, match="'cpp' is not available: no C\\+\\+ compiler"):
+        core.core_attention(q, q, q, tasks, None, None, backend="cpp")
+    core._warn_cpp_fallback.cache_clear()
+
+
+def test_cpp_build_cache_is_keyed_by_sources():
+    path = cpp_backend.build_directory()
+    assert path.parent.parent.name == "build" and "site-packages" not in str(path)
+    assert path.name.startswith("distca_attention_cpu-")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_cpu_only_machine_names_missing_gpu_backend():
+    q = torch.randn(4, 1, 8)
+    with pytest.raises(RuntimeError, match="'flex' is not available: no CUDA device"):
+        core.core_attention(q, q, q, causal_document_tasks([4]), None, None, backend="flex")
+
+
+def test_packed_batches_merge_like_the_torch_backend():
+    """The GPU backends' pack -> per-batch attention -> LSE merge path, run on the CPU."""
+    tasks = multiturn_tasks(GLM)
+    q, k, v = (torch.randn(tasks.num_q, 2, 16) for _ in range(3))
+    parts = []
+    for batch in pack_tasks(tasks.rows, "cpu"):
+        starts_q, starts_kv = batch.cu_q.tolist(), batch.cu_kv.tolist()
+        rows = [(starts_q[i], starts_q[i + 1], starts_kv[i], starts_kv[i + 1], batch.causal)
+                for i in range(len(starts_q) - 1)]
+        packed = make_task_list(*split_tasks(rows), len(batch.q_index), len(batch.kv_index))
+        out, lse = attention_forward(q[batch.q_index], k[batch.kv_index], v[batch.kv_index],
+                                     packed, None, None, backend="torch")
+        parts.append((batch.q_index, out, lse))
+    assert {b.causal for b in pack_tasks(tasks.rows, "cpu")} == {True, False}
+    out, lse = merge_rows(tasks.num_q, parts, q)
+    ref_out, ref_lse = attention_forward(q, k, v, tasks, None, None, backend="torch")
+    assert rel_err(out, ref_out) < 1e-6 and rel_err(lse, ref_lse) < 1e-6
+
+
+GPU_CASES = [causal_document_tasks([1, 37, 130, 2]), multiturn_tasks(GLM),
+             make_task_list(*split_tasks([(0, 10, 0, 25, True), (10, 40, 25, 33, True),
+                                          (40, 45, 0, 45, False)]), 45, 45)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_gpu_backends_against_oracle(backend, case):
+    if not core._backend_module(backend).is_available():
+        pytest.skip(core._backend_module(backend).unavailable_reason())
+    check(backend, GPU_CASES[case], heads=4, kv_heads=2, dim=64, dtype=torch.bfloat16,
+          device="cuda")
