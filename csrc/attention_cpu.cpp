@@ -1,10 +1,10 @@
 // Varlen flash-style attention over a CA-task list on the CPU: forward and backward with LSE.
 //
 // Layouts: q (Nq, Hq, D), k/v (Nk, Hkv, D); Hq = G * Hkv (GQA, query head h reads kv head
-// h / G). The entry points convert the operands once to float32 (q pre-scaled, K and V also
-// transposed per head), so bf16/fp16 inputs get fp32 accumulation and the tiles need no copies.
-// Memory is O(tokens): those copies plus a few tiles per thread, never a score matrix larger
-// than kQueryTile x kKeyTile.
+// h / G). The entry points convert the operands once to float32 (no copy for float32 inputs)
+// and transpose K and V per head, so bf16/fp16 inputs get fp32 accumulation. Memory is
+// O(tokens): those copies plus a few tiles per thread, never a score matrix larger than
+// kQueryTile x kKeyTile.
 //
 // Forward: one work item per (query block, head) runs an online softmax over the keys of every
 // task covering the block, so a row's tasks are merged in the same pass. Backward (given the
@@ -45,15 +45,21 @@ inline void masked_exp(float* s, int64_t n, int64_t nk, const Task& task, int64_
   }
 }
 
+inline void scale_tile(float* s, int64_t n, float scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n * kKeyTile; ++j) s[j] *= scale;
+}
+
 // One backward tile: p = probabilities recomputed from the merged lse and, in dp,
-// ds = p * (dO V^T - delta). q is pre-scaled; kt/vt point at (D x keys) rows `pitch` apart.
+// ds = p * (dO V^T - delta); kt/vt point at (D x keys) rows `pitch` apart.
 inline void scores_and_grads(const float* q, const float* dout, int64_t row_stride, int64_t n,
                              int64_t D, const float* kt, const float* vt, int64_t pitch,
-                             const Task& task, int64_t row0, int64_t j0, int64_t nk,
+                             float scale, const Task& task, int64_t row0, int64_t j0, int64_t nk,
                              const float* lse, const float* delta, float* p, float* dp) {
   std::fill(p, p + n * kKeyTile, 0.0f);
   std::fill(dp, dp + n * kKeyTile, 0.0f);
   gemm_acc(n, kKeyTile, D, q, row_stride, 1, kt, pitch, p, kKeyTile);
+  scale_tile(p, n, scale);
   masked_exp(p, n, nk, task, row0, j0, lse);
   gemm_acc(n, kKeyTile, D, dout, row_stride, 1, vt, pitch, dp, kKeyTile);
   for (int64_t i = 0; i < n; ++i) {
@@ -65,9 +71,10 @@ inline void scores_and_grads(const float* q, const float* dout, int64_t row_stri
   }
 }
 
-// qs: (Nq, Hq, D) scaled queries; kt: (Hkv, D, kv_pitch) keys transposed; vf: (Nk, Hkv, D).
+// qs_: (Nq, Hq, D) queries; kt: (Hkv, D, kv_pitch) keys transposed; vf: (Nk, Hkv, D).
 void forward_kernel(const float* qs_, const float* kt, const float* vf, float* out, float* lse,
-                    const std::vector<Task>& tasks, const std::vector<Block>& blocks, Shape sh) {
+                    const std::vector<Task>& tasks, const std::vector<Block>& blocks, Shape sh,
+                    float scale) {
   const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
   const int64_t items = static_cast<int64_t>(blocks.size()) * sh.heads;
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -97,6 +104,7 @@ void forward_kernel(const float* qs_, const float* kt, const float* vf, float* o
           }
           gemm_acc(n, kKeyTile, D, qtile.data(), D, 1, ktile.data(), kKeyTile, s.data(),
                    kKeyTile);
+          scale_tile(s.data(), n, scale);
           for (int64_t i = 0; i < n; ++i) {  // new running max per row; rescale what we had
             const int64_t lim = std::clamp<int64_t>(task.key_end(blk.start + i) - j0, 0, nk);
             mx[i] = row_max(s.data() + i * kKeyTile, lim, m[i]);
@@ -126,12 +134,14 @@ void forward_kernel(const float* qs_, const float* kt, const float* vf, float* o
   }
 }
 
-// qs_/dof: (Nq, Hq, D) scaled queries and output gradients; kt/vt: (Hkv, D, kv_pitch);
-// kf: (Nk, Hkv, D) scaled keys. dq/dk/dv are float32 and written only in the group's rows.
+// qs_/dof: (Nq, Hq, D) queries and output gradients; kt/vt: (Hkv, D, kv_pitch); kf:
+// (Nk, Hkv, D) keys. dq/dk/dv are float32, written only in the group's rows; dq comes out
+// unscaled (the caller multiplies by the softmax scale), dk is scaled here.
 void backward_kernel(const float* qs_, const float* dof, const float* kt, const float* vt,
                      const float* kf, const float* lse, const float* delta, float* dq,
                      float* dk, float* dv, const std::vector<Task>& tasks,
-                     const std::vector<std::vector<Block>>& group_blocks, Shape sh) {
+                     const std::vector<std::vector<Block>>& group_blocks, Shape sh,
+                     float scale) {
   const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
   const int64_t items = static_cast<int64_t>(group_blocks.size()) * sh.kv_heads;
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -168,10 +178,10 @@ void backward_kernel(const float* qs_, const float* dof, const float* kt, const 
               }
               std::fill(dq_tile.begin(), dq_tile.end(), 0.0f);
               scores_and_grads(qtile.data(), gtile.data(), D, n, D, ktile.data(), vtile.data(),
-                               kKeyTile, task, i0, j0, nk, L.data(), dl.data(), p.data(),
+                               kKeyTile, scale, task, i0, j0, nk, L.data(), dl.data(), p.data(),
                                dp.data());
-              // dV += P^T dO, dK += dS^T (scale Q) (A is the transposed score tile), and
-              // dQ += dS (scale K) into this group's own rows.
+              // dV += P^T dO, dK += dS^T Q (A is the transposed score tile), and dQ += dS K
+              // into this group's own rows; both still lack the softmax scale.
               gemm_acc(nk, D, n, p.data(), 1, kKeyTile, gtile.data(), D, dv_tile.data(), D);
               gemm_acc(nk, D, n, dp.data(), 1, kKeyTile, qtile.data(), D, dk_tile.data(), D);
               gemm_acc(n, D, nk, dp.data(), kKeyTile, 1, krows.data(), D, dq_tile.data(), D);
@@ -185,7 +195,8 @@ void backward_kernel(const float* qs_, const float* dof, const float* kt, const 
           }
         }
         for (int64_t j = 0; j < nk; ++j) {
-          std::copy_n(dk_tile.data() + j * D, D, dk + (j0 + j) * ks + kvh * D);
+          float* dst = dk + (j0 + j) * ks + kvh * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = dk_tile[j * D + d] * scale;
           std::copy_n(dv_tile.data() + j * D, D, dv + (j0 + j) * ks + kvh * D);
         }
       }
@@ -214,9 +225,8 @@ torch::Tensor transposed_padded(const torch::Tensor& x) {
   return t;
 }
 
-torch::Tensor as_float(const torch::Tensor& x, double mult) {
-  return (mult == 1.0 ? x.to(at::kFloat) : x.to(at::kFloat) * mult).contiguous();
-}
+// float32 and contiguous; no copy when it already is.
+torch::Tensor as_float(const torch::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
 std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                    torch::Tensor q_ranges, torch::Tensor kv_ranges,
@@ -224,11 +234,12 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   const Shape sh = check_inputs(q, k, v);
   const auto tasks = read_tasks(q_ranges, kv_ranges, causal);
   const auto blocks = make_blocks(tasks, /*by_kv=*/false, kQueryTile);
-  const auto qf = as_float(q, scale), kt = transposed_padded(k), vf = as_float(v, 1.0);
+  const auto qf = as_float(q), kt = transposed_padded(k), vf = as_float(v);
   auto out = torch::zeros(q.sizes(), q.options().dtype(at::kFloat));
   auto lse = torch::full({q.size(0), sh.heads}, kNegInf, q.options().dtype(at::kFloat));
   forward_kernel(qf.data_ptr<float>(), kt.data_ptr<float>(), vf.data_ptr<float>(),
-                 out.data_ptr<float>(), lse.data_ptr<float>(), tasks, blocks, sh);
+                 out.data_ptr<float>(), lse.data_ptr<float>(), tasks, blocks, sh,
+                 static_cast<float>(scale));
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -244,7 +255,7 @@ std::vector<torch::Tensor> backward(torch::Tensor dout, torch::Tensor q, torch::
   for (const auto& group : independent_groups(tasks)) {
     group_blocks.push_back(make_blocks(tasks, /*by_kv=*/true, kKeyTile, &group));
   }
-  const auto qf = as_float(q, scale), dof = as_float(dout, 1.0), kf = as_float(k, scale);
+  const auto qf = as_float(q), dof = as_float(dout), kf = as_float(k);
   const auto kt = transposed_padded(k), vt = transposed_padded(v);
   const auto f32 = q.options().dtype(at::kFloat);
   auto dq = torch::zeros(q.sizes(), f32), dk = torch::zeros(k.sizes(), f32),
@@ -252,7 +263,8 @@ std::vector<torch::Tensor> backward(torch::Tensor dout, torch::Tensor q, torch::
   backward_kernel(qf.data_ptr<float>(), dof.data_ptr<float>(), kt.data_ptr<float>(),
                   vt.data_ptr<float>(), kf.data_ptr<float>(), lse.data_ptr<float>(),
                   delta.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                  dv.data_ptr<float>(), tasks, group_blocks, sh);
+                  dv.data_ptr<float>(), tasks, group_blocks, sh, static_cast<float>(scale));
+  dq.mul_(scale);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }

@@ -250,3 +250,5 @@ def test_bad_tensors_are_named():
         core_attention(q, q, q, ranges, ranges, torch.tensor([True]), sinks=torch.zeros(3))
     with pytest.raises(ValueError, match="backend must be"):
         core_attention(q, q, q, ranges, ranges, torch.tensor([True]), backend="cuda")
+    with pytest.raises(ValueError, match="TaskList covers 12 query"):
+        core_attention(q, q, q, causal_document_tasks([12]), None, None)

@@ -90,8 +90,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _prepare(q, k, v, q_ranges, kv_ranges, causal, sinks, softmax_scale, backend):
     _check_inputs(q, k, v, sinks)
-    tasks = q_ranges if isinstance(q_ranges, TaskList) else make_task_list(
-        q_ranges, kv_ranges, causal, q.shape[0], k.shape[0])
+    if isinstance(q_ranges, TaskList):
+        tasks = q_ranges
+        if (tasks.num_q, tasks.num_kv) != (q.shape[0], k.shape[0]):
+            raise ValueError(f"the TaskList covers {tasks.num_q} query and {tasks.num_kv} key "
+                             f"tokens, but q has {q.shape[0]} and k has {k.shape[0]}")
+    else:
+        tasks = make_task_list(q_ranges, kv_ranges, causal, q.shape[0], k.shape[0])
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return tasks, scale, resolve_backend(backend, q.device)
 

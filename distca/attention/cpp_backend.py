@@ -80,6 +80,13 @@ def _check(q: torch.Tensor) -> None:
                          f"got {q.shape[-1]}")
 
 
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, H, D) x (N, H, D) -> (N, H) float32 dot products, without an (N, H, D) temporary."""
+    n, h, d = a.shape
+    a, b = a.float().reshape(n * h, 1, d), b.float().reshape(n * h, d, 1)
+    return torch.bmm(a, b).view(n, h)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q)
@@ -91,7 +98,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              out: torch.Tensor, lse: torch.Tensor, tasks: TaskList, scale: float,
              dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(q)
-    delta = (dout.float() * out.float()).sum(-1)
+    delta = row_dot(dout, out)
     if dlse is not None:
         delta = delta - dlse.float()
     return tuple(_load()[0].backward(dout, q, k, v, lse, delta, tasks.q_ranges,
