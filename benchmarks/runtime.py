@@ -1,12 +1,14 @@
 """Disaggregated vs colocated core attention on a skewed batch (CPU, gloo, 2 and 4 ranks).
 
 The batch puts one long document on worker 0 and many short ones on the other workers, so the
-colocated run waits on worker 0's quadratic attention. Both engines (``cad.enabled`` true and
-false, same weights) live in the same processes and alternate step by step, so their step times
-are measured side by side. Per rank it reports the forward attention time spent serving tasks
-(busy) and the rest of the forward dispatch (exchange + waiting for other ranks).
+colocated run waits on worker 0's quadratic attention. Three engines with the same weights live
+in the same processes and alternate step by step, so their step times are measured side by side:
+colocated (``cad.enabled=false``), disaggregated with blocking exchanges, and disaggregated with
+ping-pong. Per rank it reports the forward attention time spent serving tasks (busy), the rest
+of the forward dispatch (exchange + waiting for other ranks), and the exposed communication:
+seconds blocked on the exchanges in forward and backward.
 
-    .venv/bin/python benchmarks/runtime.py --ranks 2 4 --tokens 2048 --steps 4
+    .venv/bin/python benchmarks/runtime.py --ranks 2 4 --tokens 2048 --steps 4 --backend cpp
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = {"colocated": ["cad.enabled=false"],
+         "disaggregated": ["cad.enabled=true", "cad.ping_pong=false"],
+         "disaggregated+pingpong": ["cad.enabled=true", "cad.ping_pong=true"]}
 
 
 def skewed_batch(ranks: int, tokens: int, short: int, seed: int):
@@ -42,13 +47,12 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     from distca.engine import Engine
 
     common = [f"parallel.dp={world}", f"data.tokens_per_rank={args.tokens}",
-              "cad.min_shard_tokens=64", f"cad.tolerance={args.tolerance}", "cad.ping_pong=false"]
+              "cad.min_shard_tokens=64", f"cad.tolerance={args.tolerance}",
+              f"attention.backend={args.backend}"]
     engines = {}
-    for mode in ("colocated", "disaggregated"):
-        cfg = load_config(ROOT / "recipes" / "tiny.yaml",
-                          common + [f"cad.enabled={mode == 'disaggregated'}"])
-        engines[mode] = Engine(cfg)
-    engines["disaggregated"].load_state_dict(engines["colocated"].state_dict())
+    for mode, extra in MODES.items():
+        engines[mode] = Engine(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
+        engines[mode].load_state_dict(engines["colocated"].state_dict())
     rows = {mode: [] for mode in engines}
     for step in range(args.warmup + args.steps):
         batch = [skewed_batch(world, args.tokens, args.short, step)]
@@ -63,7 +67,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
                 t = engine.runtime.timings
                 rows[mode].append((elapsed, stats["imbalance_before"], stats["imbalance"],
                                    t.get("serve", 0.0), t.get("attend", 0.0) - t.get("serve", 0.0),
-                                   stats["loss"]))
+                                   t.get("comm_wait", 0.0), stats["loss"]))
     queue.put((rank, {m: [statistics.median(col) for col in zip(*r)] for m, r in rows.items()}))
     dist.destroy_process_group()
 
@@ -81,14 +85,15 @@ def run(world: int, args) -> list[str]:
     for p in procs:
         p.join()
     lines = []
-    step = {m: results[0][m][0] for m in ("colocated", "disaggregated")}
-    for mode in ("colocated", "disaggregated"):
+    step = {m: results[0][m][0] for m in MODES}
+    for mode in MODES:
         for r in range(world):
-            t, before, after, busy, rest, loss = results[r][mode]
+            t, before, after, busy, rest, comm, loss = results[r][mode]
             lines.append(f"| {world} | {mode} | {r} | {t:.3f} | {busy:.3f} | {rest:.3f} | "
-                         f"{before:.2f} | {after:.2f} | {loss:.4f} |")
-    lines.append(f"| {world} | **speedup** (colocated / disaggregated step time) | | "
-                 f"**{step['colocated'] / step['disaggregated']:.2f}x** | | | | | |")
+                         f"{comm:.3f} | {before:.2f} | {after:.2f} | {loss:.4f} |")
+    for mode in ("disaggregated", "disaggregated+pingpong"):
+        lines.append(f"| {world} | **speedup** colocated / {mode} step time | | "
+                     f"**{step['colocated'] / step[mode]:.2f}x** | | | | | | |")
     return lines
 
 
@@ -100,13 +105,16 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backend", default="torch", choices=["torch", "cpp", "auto"],
+                        help="attention.backend of every engine")
     args = parser.parse_args()
     print(f"tiny model, {args.tokens} tokens/worker, one {args.tokens}-token document on worker 0, "
-          f"{args.short}-token documents elsewhere, eps={args.tolerance}, median of {args.steps} "
-          "steps; forward attention times per rank (busy = serving tasks, rest = exchange + wait)")
+          f"{args.short}-token documents elsewhere, eps={args.tolerance}, backend {args.backend}, "
+          f"median of {args.steps} steps; forward attention times per rank (busy = serving tasks, "
+          "rest = exchange + wait); exposed comm = blocked on exchanges, fwd + bwd")
     print("| ranks | mode | rank | step s | fwd attn busy s | fwd exchange+wait s | "
-          "imbalance before | imbalance after | loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "exposed comm s | imbalance before | imbalance after | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         for line in run(world, args):
             print(line, flush=True)

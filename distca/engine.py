@@ -24,6 +24,7 @@ from distca.model import AttentionRuntime, apply_cpu_shims, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.parallel.layout import build_layout
+from distca.parallel.pingpong import split_nano_batches
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.scheduler import ModelShape
 
@@ -106,12 +107,21 @@ class Engine:
         tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
         labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
-        layout = build_layout(plan.servers, self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
-                              self.cfg.parallel.dp, list(range(self.cfg.parallel.dp)), self.device)
-        self.runtime.set_batch(positions, layout)
+        self.runtime.set_batch(positions, self._layout(batch, plan))
         mask = labels != IGNORE
         losses = self.model(tokens, None, None, labels=torch.where(mask, labels, 0))
         return (losses.float() * mask).sum(), int(mask.sum())
+
+    def _layout(self, batch: PackedBatch, plan: StepPlan):
+        """This rank's exchange layout; with ping-pong, one per nano-batch of the plan's tasks."""
+        def layout(servers):
+            return build_layout(servers, self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
+                                self.cfg.parallel.dp, list(range(self.cfg.parallel.dp)),
+                                self.device)
+
+        if self.cfg.cad.enabled and self.cfg.cad.ping_pong:
+            return tuple(layout(half) for half in split_nano_batches(plan.servers))
+        return layout(plan.servers)
 
     # ---- the public step API ---------------------------------------------------------------
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:

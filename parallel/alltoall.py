@@ -13,14 +13,23 @@ Two flavours share one communication routine:
   in backward the order reverses (the *finish* node launches the gradient exchange, the *start*
   node waits for it). Work scheduled between the two nodes, in either direction, overlaps the
   communication — the basis of ping-pong.
+
+Both take an optional ``timings`` dict: ``timings["comm_wait"]`` accumulates the seconds the
+calling thread is blocked on the exchange (forward and backward), i.e. the exposed communication.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+def _waited(timings: dict[str, float] | None, start: float) -> None:
+    if timings is not None:
+        timings["comm_wait"] = timings.get("comm_wait", 0.0) + time.perf_counter() - start
 
 
 def _launch(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
@@ -33,23 +42,28 @@ def _launch(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flat, send_counts, recv_counts, group):
+    def forward(ctx, flat, send_counts, recv_counts, group, timings):
         ctx.counts = (send_counts, recv_counts)
-        ctx.group = group
+        ctx.group, ctx.timings = group, timings
+        start = time.perf_counter()
         out, _ = _launch(flat, send_counts, recv_counts, group, async_op=False)
+        _waited(timings, start)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_counts, recv_counts = ctx.counts
+        start = time.perf_counter()
         out, _ = _launch(grad, recv_counts, send_counts, ctx.group, async_op=False)
-        return out, None, None, None
+        _waited(ctx.timings, start)
+        return out, None, None, None, None
 
 
 def all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+               group: dist.ProcessGroup | None = None,
+               timings: dict[str, float] | None = None) -> torch.Tensor:
     """Blocking differentiable exchange of a 1-D tensor; returns the (sum(recv_counts),) buffer."""
-    return _AllToAll.apply(flat, list(send_counts), list(recv_counts), group)
+    return _AllToAll.apply(flat, list(send_counts), list(recv_counts), group, timings)
 
 
 @dataclass
@@ -59,6 +73,7 @@ class PendingExchange:
     send_counts: list[int]
     recv_counts: list[int]
     group: dist.ProcessGroup | None
+    timings: dict[str, float] | None = None
     forward: tuple | None = None  # (output buffer, work) of the forward exchange
     backward: tuple | None = field(default=None)  # (output buffer, work) of the gradient exchange
 
@@ -75,7 +90,9 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad):
         grad, work = ctx.pending.backward
+        start = time.perf_counter()
         work.wait()
+        _waited(ctx.pending.timings, start)
         ctx.pending.backward = None
         return grad, None
 
@@ -84,7 +101,9 @@ class _Finish(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, pending):
         out, work = pending.forward
+        start = time.perf_counter()
         work.wait()
+        _waited(pending.timings, start)
         pending.forward = None
         ctx.pending = pending
         return out
@@ -97,9 +116,11 @@ class _Finish(torch.autograd.Function):
 
 
 def start_all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                     group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, PendingExchange]:
+                     group: dist.ProcessGroup | None = None,
+                     timings: dict[str, float] | None = None
+                     ) -> tuple[torch.Tensor, PendingExchange]:
     """Launch the exchange of ``flat`` without waiting; pass both results to :func:`finish_all_to_all`."""
-    pending = PendingExchange(list(send_counts), list(recv_counts), group)
+    pending = PendingExchange(list(send_counts), list(recv_counts), group, timings)
     return _Start.apply(flat, pending), pending
 
 

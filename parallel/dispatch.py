@@ -51,9 +51,13 @@ def unpack_qkv(flat: torch.Tensor, layout: DispatchLayout, hq: int, hkv: int, d:
 
 def serve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DispatchLayout,
           attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run this server's tasks; (out (Nq, hq, d), lse (Nq, hq) fp32). Empty when it serves nothing."""
+    """Run this server's tasks; (out (Nq, hq, d), lse (Nq, hq) fp32). Empty when it serves nothing.
+
+    Empty results stay attached to ``q``'s graph: every rank must then join the backward
+    exchanges, which autograd only runs for outputs that require grad.
+    """
     if layout.q_ranges is None or q.shape[0] == 0:
-        return q.new_zeros(q.shape), torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+        return q * 0, q.float()[..., 0] * 0
     return attend(q, k, v, layout.q_ranges, layout.kv_ranges, layout.causal)
 
 
@@ -100,22 +104,24 @@ def merge_partials(out_r: torch.Tensor, lse_r: torch.Tensor, index: torch.Tensor
 
 
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DispatchLayout,
-                       attend: AttendFn, group: dist.ProcessGroup | None = None
+                       attend: AttendFn, group: dist.ProcessGroup | None = None,
+                       timings: dict[str, float] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Core attention of this worker's tokens through the servers of ``layout`` (blocking).
 
     q (N, hq, d), k and v (N, hkv, d) are this rank's tokens (N = 0 on server-only ranks).
     Returns the merged (out (N, hq, d), lse (N, hq) fp32) without any sink.
+    ``timings["comm_wait"]`` accumulates the seconds blocked on the exchanges.
     """
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     send = pack_qkv(q, k, v, layout)
     recv = all_to_all(send, layout.send_counts_by_rank(hq * d, hkv * d),
-                      layout.recv_counts_by_rank(hq * d, hkv * d), group)
+                      layout.recv_counts_by_rank(hq * d, hkv * d), group, timings)
     sq, sk, sv = unpack_qkv(recv, layout, hq, hkv, d)
     out_s, lse_s = serve(sq, sk, sv, layout, attend)
     back = pack_results(out_s.float(), lse_s, layout)
     got = all_to_all(back, [n * hq * (d + 1) for n in layout.recv_q_counts],
-                     layout.return_counts_by_rank(hq * (d + 1)), group)
+                     layout.return_counts_by_rank(hq * (d + 1)), group, timings)
     out_r, lse_r = unpack_results(got, layout, hq, d)
     out, lse = merge_partials(out_r, lse_r, layout.merge_index, q.shape[0])
     return out.to(q.dtype), lse

@@ -1,13 +1,15 @@
 """Helpers for the multi-process runtime tests: spawn gloo ranks and run engine scenarios.
 
-A *scenario* is (name, config overrides, batch seed, batch shape). Each spawned rank builds an
-Engine per scenario, loads the scenario's initial weights when given, runs one
-``forward_backward`` and saves its loss and parameter gradients; tests compare those files
-between a multi-process run and a single-process colocated reference.
+A *scenario* is (name, config overrides, micro-batches). One process group runs all scenarios
+of a test: each rank builds an Engine per scenario, runs one ``forward_backward`` and saves its
+loss and parameter gradients. Scenarios whose overrides differ only in ``cad.*`` and
+``parallel.*`` share a *model key*: they start from the same saved weights and are compared with
+one single-process colocated reference run per key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
 
@@ -55,6 +57,12 @@ def _randomize_sinks(model: torch.nn.Module) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 3)
 
 
+def model_key(overrides) -> str:
+    """Short id of the overrides that decide the model and its weights (not cad/parallel)."""
+    kept = sorted(o for o in overrides if not o.startswith(("cad.", "parallel.")))
+    return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:10]
+
+
 def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
                reference: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -63,32 +71,63 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
     from distca.engine import Engine
 
     out = Path(outdir)
+    seen = set()
     for name, overrides, batches in scenarios:
+        key = model_key(overrides)
+        if reference:
+            if key in seen:
+                continue
+            overrides = [o for o in overrides if not o.startswith(("cad.", "parallel."))]
+            overrides += ["cad.enabled=false", "parallel.dp=1"]
         cfg = load_config(ROOT / "recipes" / "tiny.yaml", list(overrides))
         engine = Engine(cfg)
-        init = out / f"{name}.init.pt"
-        if reference:
+        init = out / f"init.{key}.pt"
+        if reference or key in seen:
             engine.load_state_dict(torch.load(init))
-            batches = [as_single_worker(b) for b in batches]
         else:
             _randomize_sinks(engine.model)
             if rank == 0:
                 torch.save(engine.state_dict(), init)
+            dist.barrier()
+        seen.add(key)
+        if reference:
+            batches = [as_single_worker(b) for b in batches]
         stats = engine.forward_backward(batches)
         grads = {n: p.grad.detach().clone() for n, p in engine.model.named_parameters()}
-        torch.save({**stats, "grads": grads}, out / f"{name}.{'ref' if reference else rank}.pt")
+        who = f"ref.{key}" if reference else f"{name}.{rank}"
+        torch.save({**stats, "grads": grads}, out / f"{who}.pt")
         dist.barrier()
     dist.destroy_process_group()
 
 
 def run_ranks(world: int, scenarios: list, outdir: Path, reference: bool = False) -> None:
-    """Run ``scenarios`` on ``world`` spawned gloo ranks (127.0.0.1 only)."""
+    """Run ``scenarios`` on ``world`` spawned gloo ranks (127.0.0.1 only); ``reference`` runs
+    one single-process colocated reference per model key (``world`` must then be 1)."""
     mp.spawn(_rank_main, args=(world, free_port(), scenarios, str(outdir), reference),
              nprocs=world, join=True)
 
 
-def load_result(outdir: Path, name: str, who) -> dict:
-    return torch.load(outdir / f"{name}.{who}.pt")
+def load_result(outdir: Path, name: str, rank: int) -> dict:
+    return torch.load(outdir / f"{name}.{rank}.pt")
+
+
+def load_reference(outdir: Path, overrides) -> dict:
+    return torch.load(outdir / f"ref.{model_key(overrides)}.pt")
+
+
+def assert_parity(outdir: Path, scenarios: list, world: int) -> None:
+    """Loss and every gradient of each rank equal the reference's (fp32, rel. error < 1e-5)."""
+    for name, overrides, _ in scenarios:
+        ref = load_reference(outdir, overrides)
+        for rank in range(world):
+            got = load_result(outdir, name, rank)
+            assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), name
+            assert got["grads"].keys() == ref["grads"].keys()
+            if "cad.enabled=true" in overrides:  # the plan really moved attention work
+                assert got["imbalance"] < got["imbalance_before"], name
+            for param, grad in ref["grads"].items():
+                err = relative_error(got["grads"][param], grad)
+                assert err < 1e-5, f"{name} rank {rank} {param}: relative error {err:.2e}"
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -63,3 +63,31 @@ def test_merge_partials_equals_attention_over_the_union_of_keys():
     assert torch.allclose(out[:4], ref[:4], atol=1e-12)
     assert torch.allclose(lse[:4].double(), torch.logsumexp(scores, -1)[:4], atol=1e-6)
     assert torch.all(out[4] == 0) and torch.all(torch.isinf(lse[4]))
+
+
+def test_nano_batch_split_keeps_every_task_once_and_balances_pairs():
+    from distca.parallel.pingpong import split_nano_batches, task_pairs
+
+    rng = np.random.default_rng(3)
+    servers = []
+    for _ in range(3):
+        q_start = rng.integers(0, 200, 7)
+        q_len = rng.integers(1, 30, 7)
+        kv_len = q_len + rng.integers(0, 40, 7)
+        servers.append(server_inputs_from_tasks(q_start, q_start + q_len, q_start + q_len - kv_len,
+                                                q_start + q_len, rng.random(7) < 0.5))
+    servers.append(server_inputs_from_tasks([], [], [], [], []))
+
+    def tasks(inputs):
+        q_tokens, kv_tokens, qr, kr, causal = inputs
+        return sorted((int(q_tokens[a]), int(b - a), int(kv_tokens[c]), int(e - c), bool(m))
+                      for (a, b), (c, e), m in zip(qr, kr, causal))
+
+    first, second = split_nano_batches(servers)
+    for s, inputs in enumerate(servers):
+        assert sorted(tasks(first[s]) + tasks(second[s])) == tasks(inputs)
+        loads = [task_pairs(np.diff(h[2], axis=1)[:, 0], np.diff(h[3], axis=1)[:, 0], h[4]).sum()
+                 for h in (first[s], second[s])]
+        biggest = task_pairs(np.diff(inputs[2], axis=1)[:, 0], np.diff(inputs[3], axis=1)[:, 0],
+                             inputs[4]).max(initial=0)
+        assert abs(loads[0] - loads[1]) <= biggest  # greedy bound

@@ -16,6 +16,7 @@ from distca.model.core_attention import SinkTelemetry
 from distca.model.rope import rope_tables
 from distca.parallel.dispatch import dispatch_attention
 from distca.parallel.layout import DispatchLayout
+from distca.parallel.pingpong import pingpong_attention
 
 
 class AttentionRuntime:
@@ -27,15 +28,19 @@ class AttentionRuntime:
         self.backend = backend
         self.group = group
         self.positions: torch.Tensor | None = None
-        self.layout: DispatchLayout | None = None
+        # One layout (blocking exchange) or two nano-batch layouts (ping-pong).
+        self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | None = None
         self.telemetry: SinkTelemetry | None = None
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Forward wall seconds: "serve" = this rank's server kernels, "attend" = the whole
-        # dispatch (exchange + waiting + serving + merge). None turns the clocks off.
+        # dispatch (exchange + waiting + serving + merge); "comm_wait" = seconds blocked on
+        # exchanges, forward and backward (exposed communication). None turns the clocks off.
         self.timings: dict[str, float] | None = None
 
-    def set_batch(self, positions: torch.Tensor, layout: DispatchLayout) -> None:
-        """positions (N,) int64: logical position of each of this rank's tokens."""
+    def set_batch(self, positions: torch.Tensor,
+                  layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout]) -> None:
+        """positions (N,) int64: logical position of each of this rank's tokens; ``layout`` is
+        one exchange, or a pair of nano-batch exchanges to run ping-pong."""
         self.positions = positions
         self.layout = layout
         self._rope_cache = {}
@@ -60,7 +65,10 @@ class AttentionRuntime:
         if self.layout is None:
             raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
         start = time.perf_counter()
-        result = dispatch_attention(q, k, v, self.layout, run, self.group)
+        if isinstance(self.layout, tuple):
+            result = pingpong_attention(q, k, v, self.layout, run, self.group, self.timings)
+        else:
+            result = dispatch_attention(q, k, v, self.layout, run, self.group, self.timings)
         self._clock("attend", start)
         return result
 

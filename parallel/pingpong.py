@@ -1,0 +1,102 @@
+"""Ping-pong dispatch: each layer's attention exchange as two overlapped nano-batches (design §5).
+
+A step's CA-tasks are split, server by server, into two nano-batches of about equal score pairs
+(:func:`split_nano_batches`). :func:`pingpong_attention` then runs both exchanges of one layer
+with asynchronous all-to-alls, ordered so that one nano-batch's communication is in flight while
+the other's tasks are computed::
+
+    send q/k/v 0 | send q/k/v 1 | wait 0, serve 0, send out 0 | wait 1, serve 1, send out 1
+    | wait out 0 | wait out 1 | merge all partial rows by LSE
+
+Autograd replays the nodes in reverse creation order, which gives the mirrored overlap in the
+backward: the dO exchange of nano-batch 0 is in flight while nano-batch 1's server backward runs,
+and the dq/dk/dv exchange of nano-batch 1 while nano-batch 0's runs. Every rank builds the same
+graph, so the collectives are issued in the same order everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from distca.parallel.alltoall import finish_all_to_all, start_all_to_all
+from distca.parallel.dispatch import (
+    AttendFn,
+    merge_partials,
+    pack_qkv,
+    pack_results,
+    serve,
+    unpack_qkv,
+    unpack_results,
+)
+from distca.parallel.layout import DispatchLayout, ServerInputs, server_inputs_from_tasks
+
+
+def task_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: np.ndarray) -> np.ndarray:
+    """Score pairs of each task; a causal task's last query sees the whole kv range."""
+    q_len, kv_len = q_len.astype(np.int64), kv_len.astype(np.int64)
+    diagonal = q_len * kv_len - q_len * (q_len - 1) // 2
+    return np.where(causal, diagonal, q_len * kv_len)
+
+
+def split_nano_batches(servers: list[ServerInputs]) -> tuple[list[ServerInputs], list[ServerInputs]]:
+    """Split every server's tasks into two nano-batches of near-equal score pairs (greedy, largest
+    task first), returned as two lists of per-server inputs in global token coordinates."""
+    halves: tuple[list[ServerInputs], list[ServerInputs]] = ([], [])
+    for q_tokens, kv_tokens, q_ranges, kv_ranges, causal in servers:
+        q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
+        kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
+        causal = np.asarray(causal, dtype=bool)
+        q_len, kv_len = np.diff(q_ranges, axis=1)[:, 0], np.diff(kv_ranges, axis=1)[:, 0]
+        # A task's local range is contiguous in the buffer and in global ids alike.
+        q_start = np.asarray(q_tokens, dtype=np.int64)[q_ranges[:, 0]] if q_len.size else q_len
+        kv_start = np.asarray(kv_tokens, dtype=np.int64)[kv_ranges[:, 0]] if kv_len.size else kv_len
+        side = np.zeros(q_len.size, dtype=np.int64)
+        load = [0, 0]
+        pairs = task_pairs(q_len, kv_len, causal)
+        for t in np.argsort(-pairs, kind="stable"):
+            side[t] = int(load[1] < load[0])
+            load[side[t]] += int(pairs[t])
+        for half in (0, 1):
+            m = side == half
+            halves[half].append(server_inputs_from_tasks(q_start[m], q_start[m] + q_len[m],
+                                                         kv_start[m], kv_start[m] + kv_len[m],
+                                                         causal[m]))
+    return halves
+
+
+def _start_results(received, pending_qkv, layout: DispatchLayout, attend: AttendFn,
+                   shape: tuple[int, int, int], group, timings):
+    hq, hkv, d = shape
+    recv = finish_all_to_all(received, pending_qkv)
+    out_s, lse_s = serve(*unpack_qkv(recv, layout, hq, hkv, d), layout, attend)
+    back = pack_results(out_s.float(), lse_s, layout)
+    return start_all_to_all(back, [n * hq * (d + 1) for n in layout.recv_q_counts],
+                            layout.return_counts_by_rank(hq * (d + 1)), group, timings)
+
+
+def pingpong_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       layouts: tuple[DispatchLayout, DispatchLayout], attend: AttendFn,
+                       group: dist.ProcessGroup | None = None,
+                       timings: dict[str, float] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`~distca.parallel.dispatch.dispatch_attention` over two nano-batch layouts.
+
+    q (N, hq, d), k and v (N, hkv, d) are this rank's tokens. Returns the merged (out (N, hq, d),
+    lse (N, hq) fp32) without any sink. ``timings["comm_wait"]`` accumulates the seconds spent
+    blocked on the exchanges (forward and backward).
+    """
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    shape = (hq, hkv, d)
+    sent = [start_all_to_all(pack_qkv(q, k, v, lay), lay.send_counts_by_rank(hq * d, hkv * d),
+                             lay.recv_counts_by_rank(hq * d, hkv * d), group, timings)
+            for lay in layouts]
+    returned = [_start_results(token, pending, lay, attend, shape, group, timings)
+                for (token, pending), lay in zip(sent, layouts)]
+    partials = [unpack_results(finish_all_to_all(token, pending), lay, hq, d)
+                for (token, pending), lay in zip(returned, layouts)]
+    out_r = torch.cat([p[0] for p in partials])
+    lse_r = torch.cat([p[1] for p in partials])
+    index = torch.cat([lay.merge_index for lay in layouts])
+    out, lse = merge_partials(out_r, lse_r, index, q.shape[0])
+    return out.to(q.dtype), lse
