@@ -97,17 +97,18 @@ def worker(seq: int, layout: str, method: str, reps: int) -> dict:
     run(True)
     peak_mib = max(_rss_kib("VmHWM") - before, 0) / 1024
     times = {}
-    for name, backward in (("fwd_s", False), ("fwdbwd_s", True)):
-        best = float("inf")
+    for name, backward in (("fwd", False), ("fwdbwd", True)):
+        wall = cpu = float("inf")
         for _ in range(reps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             if backward:
                 run(True)
             else:
                 with torch.no_grad():
                     run(False)
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
+            wall = min(wall, time.perf_counter() - start)
+            cpu = min(cpu, time.process_time() - start_cpu)
+        times[f"{name}_s"], times[f"{name}_cpu_s"] = wall, cpu
     times["peak_mib"] = peak_mib
     times["tasks"] = len(tasks)
     return times
@@ -115,23 +116,26 @@ def worker(seq: int, layout: str, method: str, reps: int) -> dict:
 
 def table(results: dict, seqs, layouts, header: str) -> str:
     lines = [header, "",
-             "| S | layout | tasks | method | fwd s | fwd+bwd s | fwd+bwd vs torch | "
-             "peak MiB above inputs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| S | layout | tasks | method | fwd s | fwd+bwd s | fwd+bwd CPU s | "
+             "fwd+bwd vs torch (wall / CPU) | peak MiB above inputs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for seq in seqs:
         for layout in layouts:
-            base = results.get((seq, layout, "torch"), {}).get("fwdbwd_s")
+            torch_run = results.get((seq, layout, "torch"), {})
+            base, base_cpu = torch_run.get("fwdbwd_s"), torch_run.get("fwdbwd_cpu_s")
             for method in METHODS:
                 r = results.get((seq, layout, method))
                 if r is None:
                     continue
                 if "need_gib" in r:
-                    lines.append(f"| {seq} | {layout} | {r.get('tasks', '')} | {method} | "
-                                 f"not run | not run | | needs ~{r['need_gib']:.1f} GiB |")
+                    lines.append(f"| {seq} | {layout} | | {method} | not run | not run | | "
+                                 f"| needs ~{r['need_gib']:.0f} GiB |")
                     continue
-                speed = f"{base / r['fwdbwd_s']:.2f}x" if base else ""
+                speed = (f"{base / r['fwdbwd_s']:.2f}x / {base_cpu / r['fwdbwd_cpu_s']:.2f}x"
+                         if base else "")
                 lines.append(f"| {seq} | {layout} | {r['tasks']} | {method} | {r['fwd_s']:.3f} | "
-                             f"{r['fwdbwd_s']:.3f} | {speed} | {r['peak_mib']:.0f} |")
+                             f"{r['fwdbwd_s']:.3f} | {r['fwdbwd_cpu_s']:.3f} | {speed} | "
+                             f"{r['peak_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dense-limit-gib", type=float, default=6.0)
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--worker", nargs=3, metavar=("SEQ", "LAYOUT", "METHOD"),
@@ -174,9 +178,10 @@ def main() -> None:
     header = (
         f"# Core attention on the CPU ({HEADS} heads, D = {HEAD_DIM}, fp32)\n\n"
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared "
-        f"with other engineers' jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
-        f"after), torch {torch.__version__} with {torch.get_num_threads()} threads. Times are "
-        f"the best of {args.reps} wall-clock runs; peak memory is the resident-set high-water "
+        f"with other engineers' jobs (load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after), torch {torch.__version__} with {torch.get_num_threads()} threads. Times are "
+        f"the best of {args.reps} runs, wall clock and process CPU time (all threads; less "
+        f"sensitive to the other jobs); peak memory is the resident-set high-water "
         f"mark of one forward+backward above the inputs. `dense` is SDPA with a materialised "
         f"(S, S) bool mask; where it was not run, its need is extrapolated from the bytes per "
         f"S² it used at the smallest S. Layouts: `causal` = long-tail packed documents "
