@@ -252,3 +252,36 @@ def test_bad_tensors_are_named():
         core_attention(q, q, q, ranges, ranges, torch.tensor([True]), backend="cuda")
     with pytest.raises(ValueError, match="TaskList covers 12 query"):
         core_attention(q, q, q, causal_document_tasks([12]), None, None)
+
+
+def random_layout(gen: torch.Generator) -> tuple[list, int]:
+    """Random documents, each a causal document cut into query shards (bottom-right causal,
+    its earlier keys sometimes on another "server") or a GLM multi-turn document."""
+    rows, start = [], 0
+    for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+        length = int(torch.randint(1, 90, (1,), generator=gen))
+        if bool(torch.rand(1, generator=gen) < 0.5):
+            cuts = sorted({0, length, *torch.randint(0, length, (2,), generator=gen).tolist()})
+            for a, b in zip(cuts, cuts[1:]):
+                split = int(torch.randint(0, a + 1, (1,), generator=gen))
+                if 0 < split:
+                    rows.append((start + a, start + b, start, start + split, False))
+                rows.append((start + a, start + b, start + split, start + b, True))
+        else:
+            turn_start, context = 0, bool(torch.rand(1, generator=gen) < 0.5)
+            while turn_start < length:
+                end = min(length, turn_start + int(torch.randint(1, 30, (1,), generator=gen)))
+                if turn_start:
+                    rows.append((start + turn_start, start + end, start, start + turn_start, False))
+                rows.append((start + turn_start, start + end, start + turn_start, start + end,
+                             not context))
+                turn_start, context = end, not context
+        start += length + int(torch.randint(0, 3, (1,), generator=gen))  # padding gaps
+    return rows, start
+
+
+def test_random_layouts(backend):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    for _ in range(3):
+        rows, n = random_layout(gen)
+        check(backend, make_task_list(*split_tasks(rows), n, n), heads=2, kv_heads=1, dim=16)
