@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,18 +64,26 @@ def sample_lengths(rng: np.random.Generator, distribution: str | np.ndarray, tok
     """
     if max_len < 1 or tokens < 1:
         raise ValueError(f"need max_len >= 1 and tokens >= 1, got {max_len} and {tokens}")
+    n = max(64, 2 * tokens // max(1, min(max_len, 1024)))
+    return fill_budget(lambda: _draw(rng, distribution, n, max_len), tokens)
+
+
+def fill_budget(draw: Callable[[], np.ndarray], tokens: int) -> np.ndarray:
+    """(D,) int64 lengths from repeated ``draw()`` calls, summing to exactly ``tokens``.
+
+    The last document is cut to fit (it keeps at least one token), as a packer truncates.
+    """
     parts, total = [], 0
     while total < tokens:
-        draw = _draw(rng, distribution, max(64, 2 * tokens // max(1, min(max_len, 1024))),
-                     max_len)
-        parts.append(draw)
-        total += int(draw.sum())
+        part = draw()
+        parts.append(part)
+        total += int(part.sum())
     lengths = np.concatenate(parts)
     ends = np.cumsum(lengths)
     count = int(np.searchsorted(ends, tokens)) + 1
     lengths = lengths[:count].copy()
     lengths[-1] -= int(ends[count - 1]) - tokens
-    return lengths[lengths > 0]
+    return lengths
 
 
 def _draw(rng: np.random.Generator, distribution, n: int, max_len: int) -> np.ndarray:

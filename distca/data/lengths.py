@@ -11,33 +11,20 @@ uniformly with replacement and clipped to ``max_length``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from distca.scheduler.distributions import fill_budget, read_lengths
 
 BUILT_IN = ("pretrain", "prolong")
 
 
 def read_lengths_file(path: str | Path) -> np.ndarray:
     """(N,) int64 positive lengths from a file; errors name the file and the bad value."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"data.distribution: lengths file {file} does not exist")
-    text = file.read_text().strip()
-    items = json.loads(text) if text.startswith("[") else text.split()
-    lengths = []
-    for item in items:
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"{file}: {item!r} is not an integer length") from None
-        if value < 1:
-            raise ValueError(f"{file}: length {value} must be >= 1")
-        lengths.append(value)
-    if not lengths:
-        raise ValueError(f"{file}: no lengths in the file")
-    return np.asarray(lengths, dtype=np.int64)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.distribution: lengths file {path} does not exist")
+    return read_lengths(path)
 
 
 class LengthSampler:
@@ -65,15 +52,4 @@ class LengthSampler:
 
     def fill(self, rng: np.random.Generator, budget: int) -> np.ndarray:
         """Lengths summing to exactly ``budget``: the last document is cut to fit."""
-        lengths: list[np.ndarray] = []
-        total = 0
-        while total < budget:
-            draw = self.sample(rng, 64)
-            lengths.append(draw)
-            total += int(draw.sum())
-        out = np.concatenate(lengths)
-        ends = np.cumsum(out)
-        count = int(np.searchsorted(ends, budget)) + 1
-        out = out[:count].copy()
-        out[-1] -= int(ends[count - 1]) - budget
-        return out
+        return fill_budget(lambda: self.sample(rng, 64), budget)
