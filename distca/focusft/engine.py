@@ -31,7 +31,6 @@ from distca.batch import PackedBatch
 from distca.config import DistcaConfig
 from distca.engine import IGNORE, Engine, _all_reduce_scalar, _loss_tokens
 from distca.focusft.fast_weights import FastLoRA, top_layer_count
-from distca.parallel.layout import build_layout
 from distca.parallel.planning import StepPlan
 
 
@@ -56,9 +55,9 @@ class FocusftEngine(Engine):
         tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
         labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
-        layout = build_layout(plan.servers, self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
-                              self.cfg.parallel.dp, list(range(self.cfg.parallel.dp)), self.device)
-        self.runtime.set_batch(positions, layout)
+        # the SFT step's own layout (ping-pong nano-batches when on): any other split of the
+        # attention work changes the float summation order and inner_steps=0 would drift from SFT
+        self.runtime.set_batch(positions, self._layout(batch, plan))
         mask = labels != IGNORE
         return tokens, torch.where(mask, labels, 0), mask
 
