@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from distca.scheduler.cost import CostTable, ModelShape
+from distca.scheduler.cutting import Cutter
 from distca.scheduler.documents import (
     Document,
     DocumentBatch,
@@ -93,140 +94,48 @@ def _check(batch, num_workers, tokens_per_worker, num_servers, tolerance, min_sh
                          f"{num_workers} workers x {tokens_per_worker}")
 
 
-class _Cutter:
-    """Cuts pieces off the tail of segments; keeps the segments' remaining rows and the tasks."""
+def grain_pairs(seg: Segments, min_shard: int) -> int:
+    """The planner's granularity in score pairs: one row of the densest segment, or the
+    smallest piece (``min_shard`` rows by ``min_shard`` kv columns) if that is larger.
 
-    def __init__(self, seg: Segments, min_shard: int, model: ModelShape,
-                 cost_table: CostTable | None):
-        self.seg = seg
-        self.m = min_shard
-        self.rho = model.q_bytes / model.kv_bytes
-        self.table = cost_table
-        self.row_end = seg.q_end.copy()  # rows [q_start, row_end) of each segment stay home
-        self.tasks: list[tuple[int, int, int, int, int, int, bool]] = []
+    With ε = 0 the bound ``max <= mean`` is impossible at token granularity in general, so the
+    planner aims at ``max((1+ε)·mean, mean + grain)``.
+    """
+    density = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
+    return int(max(density.max(initial=0), min_shard * min_shard))
 
-    def units(self, pairs: float, rows: int, cols: int) -> float:
-        """Planning cost of a task: score pairs, or seconds with a throughput table."""
-        if self.table is None:
-            return float(pairs)
-        return float(self.table.seconds(rows, cols, pairs))
 
-    def cut(self, i: int, server: int, lo: float, hi: float, owed: float) -> float | None:
-        """Move a tail piece of segment ``i`` to ``server``, aiming at cost in [lo, hi].
-
-        ``owed`` is what the donor still has to shed: the rows a kv split leaves at home are lost
-        to later pieces, so splits may only waste the segment's spare capacity beyond ``owed``.
-        Returns the moved cost (planning units), or None if no valid piece fits under ``hi``.
-        """
-        s = self.seg
-        x, qs, ds = int(self.row_end[i]), int(s.q_start[i]), int(s.kv_start[i])
-        causal = bool(s.causal[i])
-        rows = x - qs
-        if rows <= 0:
-            return None
-        e = x if causal else int(s.kv_end[i])
-        full_kv = e - ds
-        if self.table is not None:
-            rate = float(self.table.throughput(min(rows, self.m), full_kv))
-            lo, hi, owed = lo * rate, hi * rate, owed * rate
-        capacity = rows * full_kv - (rows * (rows - 1) // 2 if causal else 0)
-        shape = self._shape(rows, full_kv, causal, lo, hi, capacity - min(owed, capacity))
-        if shape is None:
-            return None
-        a, k = shape
-        pairs = a * k - (a * (a - 1) // 2 if causal else 0)
-        doc = int(s.doc[i])
-        self.tasks.append((server, doc, x - a, x, e - k, e, causal))
-        if k < full_kv:
-            self.tasks.append((int(s.home[i]), doc, x - a, x, ds, e - k, False))
-        self.row_end[i] = x - a
-        return self.units(pairs, a, k)
-
-    def _shape(self, rows: int, full_kv: int, causal: bool, lo: float, hi: float, slack: float):
-        """Rows ``a`` and kv columns ``k`` of the piece, or None if nothing valid fits ``hi``.
-
-        A piece of ``a`` rows leaves ``a·(full_kv - k)`` pairs at home; that may not exceed slack.
-        """
-        m = self.m
-
-        def cost(a: int, k: int) -> int:
-            return a * k - (a * (a - 1) // 2 if causal else 0)
-
-        def valid_rows(a: int) -> int:
-            a = max(min(a, rows), min(m, rows))
-            return rows if rows - a < m else a
-
-        best = round(math.sqrt(max(lo, 1.0) / self.rho))
-        a = max(min(best, self._rows_for(lo + slack, full_kv, causal, up=False)),
-                self._rows_for(lo, full_kv, causal))
-        a = valid_rows(a)
-        tri = a * (a - 1) // 2 if causal else 0
-        k_min = max(a if causal else 1, min(m, full_kv))
-        k = max(math.ceil((lo + tri) / a), k_min)
-        if full_kv - k < m or a * (full_kv - k) > slack:
-            k = full_kv
-        if cost(a, k) <= hi:
-            return a, k
-        k = min(math.floor((hi + tri) / a), full_kv - m)
-        if k >= k_min and a * (full_kv - k) <= slack:
-            return a, k
-        a = min(self._rows_for(hi, full_kv, causal, up=False), rows - m)
-        if a < max(1, min(m, rows)):
-            return None
-        return a, full_kv
-
-    @staticmethod
-    def _rows_for(target: float, full_kv: int, causal: bool, up: bool = True) -> int:
-        """Rows of a whole tail band whose cost first reaches (or last stays under) target."""
-        if causal:
-            b = full_kv + 0.5
-            disc = b * b - 2 * target
-            real = b - math.sqrt(disc) if disc > 0 else b
-        else:
-            real = target / full_kv
-        a = max(1, math.ceil(real) if up else math.floor(real))
-
-        def cost(rows: int) -> float:
-            return rows * full_kv - (rows * (rows - 1) / 2 if causal else 0)
-
-        if up:
-            while a > 1 and cost(a - 1) >= target:
-                a -= 1
-            while cost(a) < target and a < full_kv:
-                a += 1
-        else:
-            while a > 0 and cost(a) > target:
-                a -= 1
-            while a + 1 <= full_kv and cost(a + 1) <= target:
-                a += 1
-        return a
-
-    def columns(self):
-        """All tasks as columns for ``make_tasks``: moved pieces, kept columns, kept rows."""
-        s = self.seg
-        kept_kv_end = np.where(s.causal, self.row_end, s.kv_end)
-        moved = np.array(self.tasks, dtype=np.int64).reshape(-1, 7)
-        return tuple(np.concatenate([a, b]) for a, b in zip(
-            (s.home, s.doc, s.q_start, self.row_end, s.kv_start, kept_kv_end, s.causal),
-            (moved[:, 0], moved[:, 1], moved[:, 2], moved[:, 3], moved[:, 4], moved[:, 5],
-             moved[:, 6].astype(bool))))
+def imbalance_floor(docs: DocumentBatch | Sequence[Document], tokens_per_worker: int,
+                    num_servers: int, min_shard_tokens: int = 128) -> float:
+    """1 + grain/mean: the imbalance the planner can promise at ε = 0 (score pairs)."""
+    seg = build_segments(as_document_batch(docs), tokens_per_worker)
+    total = float(seg.pairs().sum())
+    return 1.0 + grain_pairs(seg, min_shard_tokens) * num_servers / total if total else 1.0
 
 
 def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
             model: ModelShape, cost_table: CostTable | None):
     """Run the planner; returns task columns (server, doc, q_start, q_end, kv_start, kv_end,
-    causal) for ``make_tasks``."""
-    cutter = _Cutter(seg, min_shard, model, cost_table)
-    q_len, kv_len = seg.q_end - seg.q_start, seg.kv_end - seg.kv_start
-    pairs = seg.pairs()
-    weight = pairs.astype(np.float64) if cost_table is None else \
-        cost_table.seconds(q_len, kv_len, pairs)
+    causal) for ``make_tasks``.
+
+    Donors (servers above the cap), most overloaded first, shed their excess one piece at a time.
+    Each piece is the cheapest in bytes per unit of cost among the donor's densest segments and
+    the receivers that already hold kv of that segment's document or have the most room.
+    """
+    cutter = Cutter(seg, min_shard, model, cost_table)
+    weight = np.array([cutter.home_units(i, int(seg.q_end[i])) for i in range(len(seg))]) \
+        if cost_table is not None else seg.pairs().astype(np.float64)
     load = np.bincount(seg.home, weights=weight, minlength=num_servers)
-    cap = (1 + tolerance) * load.sum() / num_servers
+    mean = load.sum() / num_servers
+    grain = float(grain_pairs(seg, min_shard))
+    if cost_table is not None:
+        grain /= float(cost_table.throughput(min_shard, grain_pairs(seg, 1)))
+    cap = max((1 + tolerance) * mean, mean + grain)
     need = load - cap
-    donors = [int(d) for d in np.lexsort((np.arange(num_servers), -need)) if need[d] > 0]
-    receivers = [(-(cap - load[r]), int(r)) for r in range(num_servers) if load[r] < cap]
-    heapq.heapify(receivers)
+    room = (cap - load).tolist()
+    rooms = _Rooms(room)
+    done = 1e-12 * mean
+    donors = [int(d) for d in np.lexsort((np.arange(num_servers), -need)) if need[d] > done]
     # Densest segments first: the last row of a segment sees the longest kv range.
     density = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
     by_home = np.lexsort((np.arange(len(seg)), -density, seg.home))
@@ -235,22 +144,59 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
         owed = float(need[d])
         queue = [int(i) for i in by_home[bounds[d]:bounds[d + 1]]]
         q = 0
-        while owed > 0 and q < len(queue) and receivers:
-            room, r = heapq.heappop(receivers)
-            room = -room
-            moved = cutter.cut(queue[q], r, min(owed, room), room, owed)
-            if moved is None or cutter.row_end[queue[q]] <= seg.q_start[queue[q]]:
+        while owed > done:
+            while q < len(queue) and cutter.rows_left(queue[q]) <= 0:
                 q += 1
-            if moved is not None:
-                owed -= moved
-                room -= moved
-            heapq.heappush(receivers, (-room, r))
-        # Nothing fits any room at the minimum shard size: overshoot the roomiest server.
-        while owed > 0 and q < len(queue) and receivers:
-            room, r = heapq.heappop(receivers)
-            moved = cutter.cut(queue[q], r, owed, math.inf, owed)
-            if moved is None or cutter.row_end[queue[q]] <= seg.q_start[queue[q]]:
-                q += 1
-            heapq.heappush(receivers, (room + (moved or 0.0), r))
-            owed -= moved or 0.0
+            live = [i for i in queue[q:q + _SEGMENTS_TRIED] if cutter.rows_left(i) > 0]
+            if not live:
+                break
+            best, best_score = None, math.inf
+            for i in live:
+                for r in rooms.candidates(cutter.resident.holders.get(cutter.doc[i], ())):
+                    piece = cutter.propose(i, r, min(owed, room[r]), room[r], owed)
+                    if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
+                        best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
+            if best is None:
+                # Nothing fits any room at the minimum shard size: overshoot the roomiest server.
+                r = max(range(num_servers), key=room.__getitem__)
+                best = cutter.propose(live[0], r, owed, math.inf, owed)
+                if best is None:
+                    break
+            cutter.apply(best)
+            owed -= best.shed
+            rooms.take(best.server, best.gain)
     return cutter.columns()
+
+
+_SEGMENTS_TRIED = 3  # a donor's densest segments weighed against each other for every piece
+_ROOMIEST_TRIED = 2  # receivers with the most room offered besides the kv holders
+
+
+class _Rooms:
+    """Receivers' room (cap - load) with a lazy max-heap for the roomiest ones."""
+
+    def __init__(self, room: list[float]):
+        self.room = room
+        self.heap = [(-room[r], r) for r in range(len(room)) if room[r] > 0]
+        heapq.heapify(self.heap)
+
+    def top(self, k: int) -> list[int]:
+        """The ``k`` receivers with the most room left (fewer if fewer have room)."""
+        out: list[tuple[float, int]] = []
+        while self.heap and len(out) < k:
+            neg, r = heapq.heappop(self.heap)
+            if -neg == self.room[r] and self.room[r] > 0:
+                out.append((neg, r))
+        for item in out:
+            heapq.heappush(self.heap, item)
+        return [r for _, r in out]
+
+    def candidates(self, holders) -> list[int]:
+        """Receivers worth pricing: kv holders with room, then the roomiest others."""
+        picked = [r for r in holders if self.room[r] > 0]
+        return picked + [r for r in self.top(_ROOMIEST_TRIED) if r not in picked]
+
+    def take(self, r: int, amount: float) -> None:
+        self.room[r] -= amount
+        if self.room[r] > 0:
+            heapq.heappush(self.heap, (-self.room[r], r))

@@ -1,0 +1,263 @@
+"""Pieces the balancing planner cuts off segments, priced in bytes against the kv a server holds.
+
+A *piece* is the tail band of a segment's remaining rows, ``a`` query rows ``[x-a, x)``, with the
+kv columns ``[c, e)`` next to the diagonal (``e = x`` for a causal turn, the turn's end for a
+context turn). The same rows' far-left columns ``[kv_start, c)`` stay on the home worker as a
+full task (a kv split), so every piece and every kept task together still tile the mask once.
+
+A piece costs ``a·q_bytes`` (q in, out and lse back) plus ``kv_bytes`` for each of its kv tokens
+the receiver does not already hold. :class:`Residency` tracks what each server holds per
+document: its own tokens, the kv prefix its colocated tasks import (documents that span workers),
+and the kv of pieces it has received. A receiver next to a spanning document's home, or one that
+already took a piece of that document, therefore gets kv nearly for free, and a band with the
+whole kv prefix (``c = kv_start``) is often the cheapest piece there. Elsewhere the cheapest
+piece of ``r`` pairs is about ``sqrt(r·kv_bytes/q_bytes)`` rows high; :meth:`Cutter.propose`
+prices a few heights around both and keeps the fewest bytes per unit of cost moved.
+
+Every cut leaves pieces of at least ``min_shard_tokens`` rows and kv columns (or the whole range).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from distca.scheduler.cost import CostTable, ModelShape
+from distca.scheduler.documents import Segments
+
+
+class Residency:
+    """kv tokens each server already holds, per document, as disjoint sorted intervals."""
+
+    def __init__(self, seg: Segments):
+        self.spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.holders: dict[int, list[int]] = defaultdict(list)
+        # Every home task reads kv from its document's start, so what a worker holds of a
+        # document is one prefix; only documents on two or more workers can be reused elsewhere.
+        kv_end = np.where(seg.causal, seg.q_end, seg.kv_end)
+        order = np.lexsort((seg.home, seg.doc))
+        doc, home = seg.doc[order], seg.home[order]
+        first = np.ones(doc.size, dtype=bool)
+        first[1:] = (doc[1:] != doc[:-1]) | (home[1:] != home[:-1])
+        starts = np.flatnonzero(first)
+        group_doc, group_home = doc[starts], home[starts]
+        group_end = np.maximum.reduceat(kv_end[order], starts) if starts.size else starts
+        shared = np.zeros(group_doc.size, dtype=bool)
+        shared[1:] = group_doc[1:] == group_doc[:-1]
+        shared[:-1] |= shared[1:]
+        for d, h, lo, hi in zip(group_doc[shared].tolist(), group_home[shared].tolist(),
+                                seg.kv_start[order][starts][shared].tolist(),
+                                group_end[shared].tolist()):
+            self.spans[(h, d)] = [(lo, hi)]
+            self.holders[d].append(h)
+
+    def missing(self, server: int, doc: int, lo: int, hi: int) -> int:
+        """How many tokens of ``[lo, hi)`` of ``doc`` ``server`` lacks."""
+        held = 0
+        for a, b in self.spans.get((server, doc), ()):
+            held += max(0, min(b, hi) - max(a, lo))
+        return hi - lo - held
+
+    def add(self, server: int, doc: int, lo: int, hi: int) -> None:
+        key = (server, doc)
+        spans = self.spans.get(key)
+        if spans is None:
+            self.spans[key] = [(lo, hi)]
+            self.holders[doc].append(server)
+            return
+        merged = []
+        for a, b in spans:
+            if b < lo or a > hi:
+                merged.append((a, b))
+            else:
+                lo, hi = min(a, lo), max(b, hi)
+        merged.append((lo, hi))
+        merged.sort()
+        self.spans[key] = merged
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[x - rows, x)`` of segment ``seg`` with kv ``[kv_lo, e)`` go to ``server``.
+
+    ``gain``: the receiver's added cost; ``shed``: the donor's removed cost (equal in score
+    pairs; they differ with a throughput table because the kept tasks change shape); ``bytes``:
+    what the piece adds to the dispatch given what the receiver already holds.
+    """
+
+    seg: int
+    server: int
+    rows: int
+    kv_lo: int
+    gain: float
+    shed: float
+    bytes: int
+
+
+class Cutter:
+    """Cuts pieces off the tail of segments; keeps the segments' remaining rows and the tasks."""
+
+    def __init__(self, seg: Segments, min_shard: int, model: ModelShape,
+                 cost_table: CostTable | None):
+        self.seg = seg
+        self.m = min_shard
+        self.q_bytes, self.kv_bytes = model.q_bytes, model.kv_bytes
+        self.table = cost_table
+        self.row_end = seg.q_end.tolist()  # rows [q_start, row_end) of each segment stay home
+        # Python lists: the planner reads single entries in its loop, where numpy scalars are slow.
+        self.q_start, self.kv_start = seg.q_start.tolist(), seg.kv_start.tolist()
+        self.kv_end, self.causal = seg.kv_end.tolist(), seg.causal.tolist()
+        self.doc, self.home = seg.doc.tolist(), seg.home.tolist()
+        self.resident = Residency(seg)
+        self.tasks: list[tuple[int, int, int, int, int, int, bool]] = []
+
+    def units(self, rows: int, cols: int, causal: bool) -> float:
+        """Planning cost of a task: score pairs, or seconds with a throughput table."""
+        if rows <= 0 or cols <= 0:
+            return 0.0
+        pairs = rows * cols - (rows * (rows - 1) // 2 if causal else 0)
+        if self.table is None:
+            return float(pairs)
+        return float(self.table.seconds(rows, cols, pairs))
+
+    def home_units(self, i: int, row_end: int) -> float:
+        """Cost of segment ``i``'s home task when rows ``[q_start, row_end)`` stay home."""
+        causal = self.causal[i]
+        e = row_end if causal else self.kv_end[i]
+        return self.units(row_end - self.q_start[i], e - self.kv_start[i], causal)
+
+    def rows_left(self, i: int) -> int:
+        return self.row_end[i] - self.q_start[i]
+
+    def propose(self, i: int, server: int, lo: float, hi: float, owed: float) -> Piece | None:
+        """The cheapest piece (bytes per unit moved) of segment ``i`` for ``server``.
+
+        Aims at a cost in ``[lo, hi]`` (never above ``hi``). ``owed`` is what the donor still
+        has to shed: the columns a kv split keeps home are lost to later pieces, so a split may
+        only waste the segment's spare capacity beyond ``owed``. None if no valid piece fits.
+        """
+        x, qs, ds = self.row_end[i], self.q_start[i], self.kv_start[i]
+        rows = x - qs
+        if rows <= 0:
+            return None
+        causal = self.causal[i]
+        e = x if causal else self.kv_end[i]
+        full_kv = e - ds
+        rate = 1.0
+        if self.table is not None:  # aim in score pairs at the segment's typical throughput
+            rate = float(self.table.throughput(min(rows, max(self.m, 1)), full_kv))
+        capacity = rows * full_kv - (rows * (rows - 1) // 2 if causal else 0)
+        slack = capacity - min(owed * rate, capacity)
+        lo_p, hi_p = lo * rate, hi * rate
+        heights = self._heights(rows, full_kv, causal, lo_p, hi_p, slack)
+        doc = self.doc[i]
+        before = self.home_units(i, x)
+        best, best_score = None, math.inf
+        for a in heights:
+            k = self._columns_for(a, full_kv, causal, lo_p, hi_p, slack)
+            if k is None:
+                continue
+            gain = self.units(a, k, causal)
+            if gain > hi:
+                continue
+            shed = before - self.home_units(i, x - a) - self.units(a, full_kv - k, False)
+            if shed <= 0:
+                continue
+            moved = a * self.q_bytes + self.resident.missing(server, doc, e - k, e) * self.kv_bytes
+            score = moved / min(gain, shed)
+            if score < best_score:
+                best, best_score = Piece(i, server, a, e - k, gain, shed, moved), score
+        return best
+
+    def apply(self, piece: Piece) -> None:
+        i = piece.seg
+        x = self.row_end[i]
+        causal = self.causal[i]
+        e = x if causal else self.kv_end[i]
+        doc, a = self.doc[i], piece.rows
+        self.tasks.append((piece.server, doc, x - a, x, piece.kv_lo, e, causal))
+        if piece.kv_lo > self.kv_start[i]:
+            self.tasks.append((self.home[i], doc, x - a, x, self.kv_start[i], piece.kv_lo, False))
+        self.row_end[i] = x - a
+        self.resident.add(piece.server, doc, piece.kv_lo, e)
+
+    def _heights(self, rows: int, full_kv: int, causal: bool, lo: float, hi: float,
+                 slack: float) -> list[int]:
+        """Candidate row counts: the whole-prefix band, and around the sqrt-optimal height."""
+        m = self.m
+
+        def valid(a: int) -> int:
+            a = max(min(a, rows), min(m, rows))
+            return rows if rows - a < m else a
+
+        band = _rows_for(max(lo, 1.0), full_kv, causal)
+        if hi < math.inf:
+            band = min(band, max(_rows_for(hi, full_kv, causal, up=False), 1))
+        widest = max(_rows_for(max(lo, 1.0) + slack, full_kv, causal, up=False), band)
+        best = math.sqrt(max(lo, 1.0) * self.kv_bytes / self.q_bytes)
+        out = {valid(band)}
+        for scale in (0.25, 0.5, 1.0, 2.0, 4.0):
+            out.add(valid(min(max(round(best * scale), band), widest)))
+        return sorted(out)
+
+    def _columns_for(self, a: int, full_kv: int, causal: bool, lo: float, hi: float,
+                     slack: float) -> int | None:
+        """kv columns ``k`` for a piece of ``a`` rows: cost reaches ``lo`` if it can, <= ``hi``.
+
+        A piece of ``a`` rows keeps ``a·(full_kv - k)`` pairs at home; that may not exceed slack.
+        """
+        m = self.m
+        tri = a * (a - 1) // 2 if causal else 0
+
+        def cost(k: int) -> int:
+            return a * k - tri
+
+        k_min = max(a if causal else 1, min(m, full_kv))
+        k = max(math.ceil((lo + tri) / a), k_min)
+        if k >= full_kv or full_kv - k < m or a * (full_kv - k) > slack:
+            k = full_kv
+        if cost(k) <= hi:
+            return k
+        k = min(math.floor((hi + tri) / a), full_kv - m)
+        if k >= k_min and a * (full_kv - k) <= slack:
+            return k
+        return None
+
+    def columns(self):
+        """All tasks as columns for ``make_tasks``: moved pieces, kept columns, kept rows."""
+        s = self.seg
+        row_end = np.array(self.row_end, dtype=np.int64)
+        kept_kv_end = np.where(s.causal, row_end, s.kv_end)
+        moved = np.array(self.tasks, dtype=np.int64).reshape(-1, 7)
+        return tuple(np.concatenate([a, b]) for a, b in zip(
+            (s.home, s.doc, s.q_start, row_end, s.kv_start, kept_kv_end, s.causal),
+            (moved[:, 0], moved[:, 1], moved[:, 2], moved[:, 3], moved[:, 4], moved[:, 5],
+             moved[:, 6].astype(bool))))
+
+
+def _rows_for(target: float, full_kv: int, causal: bool, up: bool = True) -> int:
+    """Rows of a whole tail band whose cost first reaches (or last stays under) target."""
+    if causal:
+        b = full_kv + 0.5
+        disc = b * b - 2 * target
+        real = b - math.sqrt(disc) if disc > 0 else b
+    else:
+        real = target / full_kv
+    a = max(1, math.ceil(real) if up else math.floor(real))
+
+    def cost(rows: int) -> float:
+        return rows * full_kv - (rows * (rows - 1) / 2 if causal else 0)
+
+    if up:
+        while a > 1 and cost(a - 1) >= target:
+            a -= 1
+        while cost(a) < target and a < full_kv:
+            a += 1
+    else:
+        while a > 0 and cost(a) > target:
+            a -= 1
+        while a + 1 <= full_kv and cost(a + 1) <= target:
+            a += 1
+    return a
