@@ -60,6 +60,11 @@ class Residency:
             held += max(0, min(b, hi) - max(a, lo))
         return hi - lo - held
 
+    def drop(self, server: int, doc: int) -> None:
+        """``server`` no longer runs anything of ``doc``: it imports none of its kv."""
+        if self.spans.pop((server, doc), None) is not None:
+            self.holders[doc].remove(server)
+
     def add(self, server: int, doc: int, lo: int, hi: int) -> None:
         key = (server, doc)
         spans = self.spans.get(key)
@@ -182,6 +187,12 @@ class Cutter:
             self.tasks.append((self.home[i], doc, x - a, x, self.kv_start[i], piece.kv_lo, False))
         self.row_end[i] = x - a
         self.resident.add(piece.server, doc, piece.kv_lo, e)
+
+    def rehome(self, i: int, server: int) -> None:
+        """Move all of segment ``i``'s rows to ``server``; its home stops importing the kv."""
+        x, ds = self.row_end[i], self.kv_start[i]
+        self.apply(Piece(i, server, x - self.q_start[i], ds, 0.0, 0.0, 0))
+        self.resident.drop(self.home[i], self.doc[i])
 
     def _heights(self, rows: int, full_kv: int, causal: bool, lo: float, hi: float,
                  slack: float) -> list[int]:

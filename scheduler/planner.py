@@ -131,6 +131,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     if cost_table is not None:
         grain /= float(cost_table.throughput(min_shard, grain_pairs(seg, 1)))
     cap = max((1 + tolerance) * mean, mean + grain)
+    _rehome_short_tails(seg, cutter, load, cap, weight)
     need = load - cap
     room = (cap - load).tolist()
     rooms = _Rooms(room)
@@ -166,6 +167,32 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
             owed -= best.shed
             rooms.take(best.server, best.gain)
     return cutter.columns()
+
+
+def _rehome_short_tails(seg: Segments, cutter: Cutter, load: np.ndarray, cap: float,
+                       weight: np.ndarray) -> None:
+    """Run a spanning causal document's short segment on the previous worker.
+
+    The home of such a segment imports the document's whole kv prefix for a few rows; the
+    previous worker already holds that prefix, so sending it the rows (q and their own kv) is
+    cheaper whenever ``rows·(q_bytes + kv_bytes) < prefix·kv_bytes``. Done only where the total
+    excess above the cap does not grow, so balancing has no more to move afterwards.
+    """
+    prefix = seg.q_start - seg.kv_start
+    rows = seg.q_end - seg.q_start
+    saving = prefix * cutter.kv_bytes - rows * (cutter.q_bytes + cutter.kv_bytes)
+    key = seg.home * (seg.doc.max(initial=0) + 1) + seg.doc
+    alone = np.bincount(np.unique(key, return_inverse=True)[1])[
+        np.unique(key, return_inverse=True)[1]] == 1  # the worker's only segment of the doc
+    picked = np.flatnonzero(seg.causal & (prefix > 0) & (saving > 0) & alone & (seg.home > 0))
+    for i in picked[np.argsort(-saving[picked], kind="stable")].tolist():
+        h, w = int(seg.home[i]), float(weight[i])
+        excess = max(0.0, load[h - 1] + w - cap) - max(0.0, load[h - 1] - cap) \
+            + max(0.0, load[h] - w - cap) - max(0.0, load[h] - cap)
+        if excess <= 0 or saving[i] > 2 * math.sqrt(excess * cutter.q_bytes * cutter.kv_bytes):
+            cutter.rehome(i, h - 1)
+            load[h - 1] += w
+            load[h] -= w
 
 
 _SEGMENTS_TRIED = 3  # a donor's densest segments weighed against each other for every piece
