@@ -45,8 +45,9 @@ class ModelShape:
 class CostTable:
     """Measured attention throughput (score pairs per second) by task shape.
 
-    Built from a CSV with columns ``q_len,kv_len,pairs_per_s`` (the profiling output). Lookups
-    interpolate bilinearly in log2(q_len), log2(kv_len) and clamp outside the measured grid.
+    Built from a CSV with columns ``q_len,kv_len,pairs_per_s`` (the profiling output; an optional
+    ``mask`` column of ``causal``/``full`` selects the rows of one mask). Lookups interpolate
+    bilinearly in log2(q_len), log2(kv_len) and clamp outside the measured grid.
     """
 
     def __init__(self, q_lens: np.ndarray, kv_lens: np.ndarray, pairs_per_s: np.ndarray):
@@ -60,7 +61,8 @@ class CostTable:
             raise ValueError("throughputs must be > 0")
 
     @classmethod
-    def from_csv(cls, path: str | Path) -> CostTable:
+    def from_csv(cls, path: str | Path, mask: str = "causal") -> CostTable:
+        """The table of one ``mask`` (causal: the shape of CA-tasks from causal documents)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such cost table")
@@ -71,6 +73,8 @@ class CostTable:
             if reader.fieldnames is None or not need <= set(reader.fieldnames):
                 raise ValueError(f"{path}: needs columns {sorted(need)}, got {reader.fieldnames}")
             for line, row in enumerate(reader, start=2):
+                if "mask" in reader.fieldnames and row["mask"] != mask:
+                    continue
                 try:
                     key = (float(row["q_len"]), float(row["kv_len"]))
                     value = float(row["pairs_per_s"])
@@ -79,6 +83,9 @@ class CostTable:
                 if not (key[0] >= 1 and key[1] >= 1 and value > 0 and math.isfinite(value)):
                     raise ValueError(f"{path}:{line}: need q_len, kv_len >= 1, pairs_per_s > 0")
                 points[key] = value
+        if not points:
+            which = f" with mask {mask!r}" if "mask" in reader.fieldnames else ""
+            raise ValueError(f"{path}: no throughput rows{which}")
         q_lens = np.array(sorted({k[0] for k in points}))
         kv_lens = np.array(sorted({k[1] for k in points}))
         if len(points) != q_lens.size * kv_lens.size:

@@ -39,11 +39,94 @@ def run_comm(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_lengths(flag: str, text: str) -> list[int]:
+    """'64,256,1K' -> token counts; bad items raise UsageError naming the flag."""
+    lengths = []
+    for item in text.split(","):
+        item = item.strip().upper()
+        scale = 1024 if item.endswith("K") else 1
+        try:
+            value = int(item.removesuffix("K")) * scale
+        except ValueError:
+            raise UsageError(f"{flag}: {item!r} is not a token count like 256 or 4K") from None
+        if value < 1:
+            raise UsageError(f"{flag}: {item!r} must be positive")
+        lengths.append(value)
+    return lengths
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from distca.config import MODEL_PRESETS
+
+    if args.model not in MODEL_PRESETS:
+        raise UsageError(f"--model: unknown preset {args.model!r} "
+                         f"(known: {', '.join(MODEL_PRESETS)})")
+    m = MODEL_PRESETS[args.model]
+    heads, kv_heads = m["num_attention_heads"] // args.tp, m["num_kv_heads"] // args.tp
+    if args.tp < 1 or heads * args.tp != m["num_attention_heads"] or kv_heads < 1 \
+            or kv_heads * args.tp != m["num_kv_heads"]:
+        raise UsageError(f"--tp {args.tp} does not divide the heads of {args.model}")
+    if args.min_pairs < 1:
+        raise UsageError(f"--min-pairs must be >= 1, got {args.min_pairs}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    q_lens, kv_lens = parse_lengths("--q-lens", args.q_lens), parse_lengths("--kv-lens", args.kv_lens)
+    masks = [m.strip() for m in args.masks.split(",")]
+    import torch
+
+    from distca.profile.attention import MASKS, profile_attention, write_table
+
+    if not set(masks) <= set(MASKS):
+        raise UsageError(f"--masks: {args.masks!r}: choose from {', '.join(MASKS)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = profile_attention(q_lens, kv_lens, masks, heads, kv_heads,
+                                   m["hidden_size"] // m["num_attention_heads"], args.backend,
+                                   min_pairs=args.min_pairs)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--backend {args.backend}: {exc}") from None
+    result["model"], result["tp"] = args.model, args.tp
+    if args.out:
+        write_table(result["rows"], args.out)
+        result["table"] = args.out
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"core attention fwd+bwd, {args.model} heads {heads}/{kv_heads} (tp={args.tp}), "
+          f"backend {result['backend']}, {result['dtype']}, {result['device']}, "
+          f"{result['threads']} threads")
+    print(f"{'mask':<7} {'q_len':>6} {'kv_len':>7} {'Mpairs/s':>10} {'TFLOP/s':>9}")
+    for r in result["rows"]:
+        print(f"{r['mask']:<7} {r['q_len']:>6} {r['kv_len']:>7} {r['pairs_per_s'] / 1e6:>10.2f} "
+              f"{r['tflops']:>9.4f}")
+    if args.out:
+        print(f"table: {args.out}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="measure this device (communication bandwidth, …)")
+    p = sub.add_parser("profile", help="measure this device: attention, communication, training")
     actions = p.add_subparsers(dest="action", required=True, metavar="WHAT")
     comm = actions.add_parser("comm", help="all-to-all bandwidth per message size (JSON)")
     comm.add_argument("--world", type=int, default=2, help="local processes (default 2)")
     comm.add_argument("--sizes", default="64K,1M,16M", help="bytes each rank sends, e.g. 64K,1M")
     comm.add_argument("--iters", type=int, default=5)
     comm.set_defaults(run=run_comm)
+
+    attn = actions.add_parser("attention", help="core-attention throughput per task shape "
+                              "(the planner's cost table)")
+    attn.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch", "flash",
+                                                            "flex"])
+    attn.add_argument("--model", default="tiny", help="preset giving heads and head dim (tiny)")
+    attn.add_argument("--tp", type=int, default=1, help="tensor parallel: heads per GPU (1)")
+    attn.add_argument("--q-lens", default="64,256,1K", help="query lengths (64,256,1K)")
+    attn.add_argument("--kv-lens", default="64,256,1K,4K", help="key lengths (64,256,1K,4K)")
+    attn.add_argument("--masks", default="causal,full", help="causal,full")
+    attn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    attn.add_argument("--min-pairs", type=int, default=1 << 20,
+                      help="score pairs per timed call: identical tasks are batched up to it")
+    attn.add_argument("--out", default=None, help="write the cost table CSV here")
+    attn.add_argument("--json", action="store_true")
+    attn.set_defaults(run=run_attention)

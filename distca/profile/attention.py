@@ -1,0 +1,128 @@
+"""``distca profile attention``: core-attention throughput per task shape on this device.
+
+For every ``(q_len, kv_len, mask)`` of the grid it times forward + backward of
+:func:`distca.attention.core_attention` over a varlen list of identical tasks (enough copies
+that one call does at least ``min_pairs`` score pairs, so per-call overhead is spread the way
+it is on an attention server that runs all its tasks in one call). Causal masks are aligned
+bottom-right as in :mod:`distca.attention.tasks`. The result is the CSV that
+:class:`distca.scheduler.CostTable` reads: ``q_len,kv_len,mask,pairs_per_s`` plus the raw
+seconds and TFLOP/s for people.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+MASKS = ("causal", "full")
+CSV_COLUMNS = ("q_len", "kv_len", "mask", "pairs_per_s", "seconds_per_task", "tflops")
+
+
+def task_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    """Score pairs of one task; a bottom-right causal mask with q_len > kv_len leaves the first
+    q_len - kv_len rows empty."""
+    if not causal:
+        return q_len * kv_len
+    if q_len <= kv_len:
+        return q_len * kv_len - q_len * (q_len - 1) // 2
+    return kv_len * (kv_len + 1) // 2
+
+
+def flops_per_pair(heads: int, head_dim: int) -> float:
+    """Forward + backward FLOPs per score pair: QKᵀ and PV forward (4·h·d), backward ≈ 2.5×."""
+    return 3.5 * 4 * heads * head_dim
+
+
+def time_shape(q_len: int, kv_len: int, causal: bool, heads: int, kv_heads: int, head_dim: int,
+               backend: str, dtype: torch.dtype, device: torch.device, min_pairs: int,
+               reps: int) -> float:
+    """Best-of-``reps`` seconds per task of one forward + backward (after one warm-up)."""
+    from distca.attention import core_attention, make_task_list
+
+    copies = max(1, -(-min_pairs // task_pairs(q_len, kv_len, causal)))
+    gen = torch.Generator().manual_seed(q_len * 7919 + kv_len)
+
+    def randn(tokens: int, h: int) -> torch.Tensor:
+        x = torch.randn(tokens, h, head_dim, generator=gen, dtype=torch.float32)
+        return x.to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = randn(copies * q_len, heads), randn(copies * kv_len, kv_heads), \
+        randn(copies * kv_len, kv_heads)
+    grad = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
+    idx = torch.arange(copies, dtype=torch.int64)
+    tasks = make_task_list(torch.stack([idx * q_len, (idx + 1) * q_len], 1),
+                           torch.stack([idx * kv_len, (idx + 1) * kv_len], 1),
+                           torch.full((copies,), causal), q.shape[0], k.shape[0])
+    best = float("inf")
+    for rep in range(reps + 1):
+        q.grad = k.grad = v.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        out, _ = core_attention(q, k, v, tasks, None, None, backend=backend)
+        out.backward(grad)
+        _sync(device)
+        if rep:  # the first pass warms caches and kernels up
+            best = min(best, time.perf_counter() - start)
+    return best / copies
+
+
+def profile_attention(q_lens: list[int], kv_lens: list[int], masks: list[str], heads: int,
+                      kv_heads: int, head_dim: int, backend: str = "auto",
+                      dtype: torch.dtype | None = None, min_pairs: int = 1 << 20,
+                      reps: int = 2) -> dict:
+    """Measure the grid; returns ``{"backend", "device", "dtype", "heads", "kv_heads",
+    "head_dim", "rows": [{q_len, kv_len, mask, pairs_per_s, seconds_per_task, tflops}]}``."""
+    from distca.attention.core import resolve_backend
+
+    if not q_lens or not kv_lens or min(q_lens + kv_lens) < 1:
+        raise ValueError("q and kv lengths must be positive")
+    unknown = sorted(set(masks) - set(MASKS))
+    if not masks or unknown:
+        raise ValueError(f"masks must be among {MASKS}, got {masks}")
+    if heads < 1 or kv_heads < 1 or head_dim < 1 or heads % kv_heads:
+        raise ValueError(f"need heads a multiple of kv_heads, all >= 1 (got {heads}, "
+                         f"{kv_heads}, {head_dim})")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name = resolve_backend(backend, device).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+    per_pair = flops_per_pair(heads, head_dim)
+    rows = []
+    for mask in masks:
+        for q_len in sorted(set(q_lens)):
+            for kv_len in sorted(set(kv_lens)):
+                causal = mask == "causal"
+                seconds = time_shape(q_len, kv_len, causal, heads, kv_heads, head_dim, name,
+                                     dtype, device, min_pairs, reps)
+                rate = task_pairs(q_len, kv_len, causal) / seconds
+                rows.append({"q_len": q_len, "kv_len": kv_len, "mask": mask,
+                             "pairs_per_s": rate, "seconds_per_task": seconds,
+                             "tflops": rate * per_pair / 1e12})
+    return {"backend": name, "device": _device_name(device), "dtype": str(dtype).split(".")[-1],
+            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def write_table(rows: list[dict], path: str | Path) -> None:
+    """The rows as the CSV :meth:`CostTable.from_csv` reads."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+                             for k in CSV_COLUMNS})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
