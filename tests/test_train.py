@@ -5,15 +5,18 @@ The run and restart tests start a local Ray cluster (marker ``ray``); the long o
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 from train_helpers import REPO, SocketWatch, descendants, distca_cmd, metrics, run_distca
 
 from distca.config import load_config
+from distca.train.checkpoint import read_shard
 
 FIELDS = {"step", "loss", "tokens", "tokens_per_s", "step_time_s", "imbalance_before",
           "imbalance", "restarts", "lr", "grad_norm", "skipped"}
@@ -184,3 +187,20 @@ def test_on_nan_rollback_reloads_the_checkpoint_and_gives_up_when_it_keeps_faili
                      f"trainer.run_dir={tmp_path}/r")
     assert out.returncode == 1 and out.stderr.count("rolled back to step_") == 2
     assert "giving up after 2 restarts" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_on_nan_skip_finishes_the_run_without_applying_a_bad_update(tmp_path):
+    out = run_distca("train", "recipes/tiny.yaml", "trainer.steps=5", "trainer.checkpoint_interval=5",
+                     "trainer.on_nan=skip", "optim.lr=1.0e12", "optim.min_lr=1.0e12",
+                     "optim.grad_clip=0", "optim.warmup_fraction=0", f"trainer.run_dir={tmp_path}/r")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = metrics(tmp_path / "r")
+    bad = [r for r in rows if r["loss"] is None or not math.isfinite(r["loss"])]  # JSON null = NaN
+    assert bad and all(r["skipped"] for r in bad) and "update skipped" in out.stderr
+    # the huge learning rate wrecks the loss, but a skipped step never writes NaN/inf weights
+    (step_dir,) = (tmp_path / "r" / "checkpoints").iterdir()
+    for rank in range(2):
+        for name, tensor in read_shard(step_dir, rank).items():
+            assert torch.isfinite(tensor).all(), name
