@@ -7,9 +7,12 @@ the step-time ratio is measured side by side under the same machine load. Report
 * attention mass of the reply tokens on the document's first token (the classic sink) and on
   the context (non-reply) tokens, mean over layers, heads and reply rows, on fixed probe
   examples over training (the FocuSFT paper's exact sink metric is not public; design §3);
+* the held-out reply loss (teacher-forced mean over the probe examples' reply tokens), a
+  finer signal of learning than greedy accuracy at this scale;
 * the FocuSFT/SFT step-time ratio (goal <= 1.6x);
 * one FocuSFT step on a single long conversation (default 64K tokens) in a fresh process, and
-  its peak RSS (the reference's dense S x S fp32 mask alone would be S*S*4 bytes).
+  its RSS high-water mark above the process's baseline (the reference's dense S x S fp32 mask
+  alone would be S*S*4 bytes).
 
     .venv/bin/python benchmarks/focusft.py            # writes benchmarks/results/focusft.{md,png}
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import socket
 import statistics
@@ -114,6 +118,13 @@ def attention_masses(engine, convs) -> tuple[float, float]:
     return float(np.mean(first)), float(np.mean(context))
 
 
+def reply_loss(engine, convs, tokens_per_rank: int) -> float:
+    """Teacher-forced mean loss over the reply tokens of ``convs`` (base model, no update)."""
+    from distca.data.chat import pack_conversations
+
+    return engine.eval_loss([pack_conversations([c[:2]], 1, tokens_per_rank) for c in convs])
+
+
 def compare(args) -> dict:
     from distca.config import load_config
     from distca.data.chat import pack_conversations
@@ -123,18 +134,22 @@ def compare(args) -> dict:
 
     train = _conversations(args.task, args.length, args.train, seed=1)
     test = _conversations(args.task, args.length, args.test, seed=2)
-    tokens_per_rank = -(-max(c[0].size for c in train) // 64) * 64
+    tokens_per_rank = -(-max(c[0].size for c in train + test) // 64) * 64
     cfg = load_config(RECIPE, ["parallel.dp=1", "data.paths=[unused.jsonl]",
                                f"trainer.steps={args.steps}", f"trainer.seed={args.seed}",
                                f"data.tokens_per_rank={tokens_per_rank}"])
+    load_start = os.getloadavg()
     engines = {"sft": Engine(cfg), "focusft": FocusftEngine(cfg)}
     engines["focusft"].model.load_state_dict(engines["sft"].model.state_dict())
     curves = {name: [] for name in engines}
     times = {name: [] for name in engines}
+    losses = {name: [] for name in engines}
     for step in range(args.steps + 1):
         if step % args.probe_every == 0 or step == args.steps:
             for name, engine in engines.items():
-                curves[name].append((step, *attention_masses(engine, test[:args.probes])))
+                probes = test[:args.probes]
+                curves[name].append((step, *attention_masses(engine, probes),
+                                     reply_loss(engine, probes, tokens_per_rank)))
         if step == args.steps:
             break
         batch = pack_conversations([c[:2] for c in [train[step % len(train)]]], 1,
@@ -143,6 +158,7 @@ def compare(args) -> dict:
             start = time.perf_counter()
             stats = engine.train_step([batch])
             times[name].append(time.perf_counter() - start)
+            losses[name].append(stats["loss"])
             print(f"step {step} {name}: loss {stats['loss']:.4f} "
                   f"{times[name][-1]:.2f}s", flush=True)
     accuracy = {}
@@ -155,7 +171,8 @@ def compare(args) -> dict:
         accuracy[name] = float(np.mean(scores))
     median = {n: statistics.median(t[1:]) for n, t in times.items()}
     return {"tokens_per_step": tokens_per_rank, "accuracy": accuracy, "step_time_s": median,
-            "ratio": median["focusft"] / median["sft"], "curves": curves}
+            "step_times_s": times, "train_loss": losses, "ratio": median["focusft"] / median["sft"], "curves": curves,
+            "loadavg_1_5_15": {"start": load_start, "end": os.getloadavg()}}
 
 
 def _long_step(length: int, overrides: list[str], queue) -> None:
@@ -172,13 +189,15 @@ def _long_step(length: int, overrides: list[str], queue) -> None:
     reply = np.zeros(length, bool)
     reply[-64:] = True
     batch = pack_conversations([(rng.integers(0, 256, length), reply)], 1, length)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    load = os.getloadavg()
     start = time.perf_counter()
     stats = engine.train_step([batch])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put({"length": length, "seconds": time.perf_counter() - start, "loss": stats["loss"],
-               "rss_before_mib": before / 1024,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "dense_mask_gib": length * length * 4 / 2**30})
+               "inner_loss_0": stats.get("inner_loss_0"), "rss_before_mib": before / 1024,
+               "peak_rss_mib": peak / 1024, "peak_above_baseline_mib": (peak - before) / 1024,
+               "dense_mask_gib": length * length * 4 / 2**30, "loadavg_1_5_15": load})
 
 
 def long_step(length: int, overrides: list[str]) -> dict:
@@ -191,60 +210,100 @@ def long_step(length: int, overrides: list[str]) -> dict:
     return result
 
 
-def write_report(result: dict, out: Path, args) -> None:
+def plot(compare: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, curve in result["curves"].items():
-        steps, first, context = zip(*curve)
-        axes[0].plot(steps, first, marker="o", label=name)
-        axes[1].plot(steps, context, marker="o", label=name)
-    axes[0].set_title("reply rows: mass on first token")
-    axes[1].set_title("reply rows: mass on context tokens")
-    for ax in axes:
-        ax.set_xlabel("step")
+    panels = [("mass on the first token", "attention probability (mean over reply rows)"),
+              ("mass on context tokens", "attention probability (mean over reply rows)"),
+              ("held-out reply loss", "mean NLL per reply token (nats)")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for name, curve in compare["curves"].items():
+        steps, *series = zip(*curve)
+        for ax, values in zip(axes, series):
+            ax.plot(steps, values, marker="o", label=name)
+    for ax, (title, ylabel) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "focusft.png", dpi=110)
-    long = result.get("long")
-    c = result["curves"]
-    lines = [
-        "# FocuSFT vs SFT (CPU, tiny model)", "",
-        f"`{' '.join(['benchmarks/focusft.py'] + args.argv)}`: task `{args.task}` at "
-        f"~{args.length} prompt tokens (byte tokenizer), {args.steps} steps, one conversation "
-        f"per step ({result['tokens_per_step']} tokens/step incl. padding), seed {args.seed}, "
-        "recipe `tiny-focusft` (4 layers, hidden 128; fast LoRA rank 8 on the top layer's MLP, "
-        "2 inner SGD steps at lr 1.0). Both engines start from the same weights and step in "
-        "alternation.", "",
+    fig.savefig(path, dpi=110)
+
+
+def _load_text(load) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
+
+
+def compare_section(r: dict) -> list[str]:
+    a, c = r["args"], r["curves"]
+
+    def ends(name: str, k: int) -> str:
+        return f"{c[name][0][k]:.4f} -> {c[name][-1][k]:.4f}"
+
+    met = r["ratio"] <= 1.6
+    return [
+        f"`{r['command']}`: task `{a['task']}` at ~{a['length']} prompt tokens (byte "
+        f"tokenizer), {a['steps']} steps, one conversation per step ({r['tokens_per_step']} "
+        f"tokens/step incl. padding), seed {a['seed']}, recipe `tiny-focusft` (4 layers, hidden "
+        "128; fast LoRA rank 8 on the top layer's MLP, 2 inner SGD steps at lr 1.0). Both "
+        "engines start from the same weights, see the same batches and step in alternation, so "
+        "the ratio is measured side by side under the same load. Load average (1/5/15 min) at "
+        f"start {_load_text(r['loadavg_1_5_15']['start'])}, at end "
+        f"{_load_text(r['loadavg_1_5_15']['end'])} on 2 cores shared with other work.", "",
         "| | SFT | FocuSFT |", "|---|---|---|",
-        f"| accuracy (greedy, {args.test} held-out) | {result['accuracy']['sft']:.3f} | "
-        f"{result['accuracy']['focusft']:.3f} |",
-        f"| median step time (s) | {result['step_time_s']['sft']:.3f} | "
-        f"{result['step_time_s']['focusft']:.3f} |",
-        f"| first-token mass of reply rows, start -> end | {c['sft'][0][1]:.4f} -> "
-        f"{c['sft'][-1][1]:.4f} | {c['focusft'][0][1]:.4f} -> {c['focusft'][-1][1]:.4f} |",
-        f"| context mass of reply rows, start -> end | {c['sft'][0][2]:.4f} -> "
-        f"{c['sft'][-1][2]:.4f} | {c['focusft'][0][2]:.4f} -> {c['focusft'][-1][2]:.4f} |",
-        "", f"**FocuSFT/SFT step-time ratio: {result['ratio']:.2f}x** (goal <= 1.6x: "
-        f"{'met' if result['ratio'] <= 1.6 else 'MISSED'}).", "",
+        f"| accuracy (greedy, {a['test']} held-out) | {r['accuracy']['sft']:.3f} | "
+        f"{r['accuracy']['focusft']:.3f} |",
+        f"| median step time (s), first step excluded | {r['step_time_s']['sft']:.3f} | "
+        f"{r['step_time_s']['focusft']:.3f} |",
+        f"| training loss, first -> last step | {r['train_loss']['sft'][0]:.4f} -> "
+        f"{r['train_loss']['sft'][-1]:.4f} | {r['train_loss']['focusft'][0]:.4f} -> "
+        f"{r['train_loss']['focusft'][-1]:.4f} |",
+        f"| held-out reply loss, start -> end | {ends('sft', 3)} | {ends('focusft', 3)} |",
+        f"| first-token mass of reply rows, start -> end | {ends('sft', 1)} | "
+        f"{ends('focusft', 1)} |",
+        f"| context mass of reply rows, start -> end | {ends('sft', 2)} | "
+        f"{ends('focusft', 2)} |",
+        "", f"**FocuSFT/SFT step-time ratio: {r['ratio']:.2f}x** (goal <= 1.6x: "
+        f"{'met' if met else 'missed'}).", ""] + ([] if met else [
+            f"MISSED: the step-time ratio {r['ratio']:.2f}x is above the 1.6x goal.", ""]) + [
         "Masses are our definitions (design §3): mean over layers, heads and reply-token rows "
-        f"of {args.probes} fixed held-out examples of the attention probability on the "
-        "document's first token and on all context (non-reply) tokens, measured on the base "
-        "model (fast weights inert).", "", "![curves](focusft.png)", ""]
-    if long:
-        lines += [
-            f"## One FocuSFT step at {long['length']:,} tokens", "",
-            f"Model: {args.long_model}; one conversation ({long['length'] - 64:,}-token "
-            "bidirectional context turn + 64-token causal reply).", "",
-            "| step time (s) | RSS before step (MiB) | peak RSS (MiB) | dense S×S fp32 mask "
-            "alone (GiB) |", "|---|---|---|---|",
-            f"| {long['seconds']:.1f} | {long['rss_before_mib']:.0f} | "
-            f"{long['peak_rss_mib']:.0f} | {long['dense_mask_gib']:.1f} |", ""]
+        f"of {a['probes']} fixed held-out examples of the attention probability on the "
+        "document's first token and on all context (non-reply) tokens; they and the held-out "
+        "reply loss are measured on the base model (fast weights inert, as at inference).", "",
+        "![curves](focusft.png)", ""]
+
+
+def long_section(r: dict) -> list[str]:
+    far = r["peak_above_baseline_mib"] / 1024 < r["dense_mask_gib"] / 10
+    return [
+        f"## One FocuSFT step at {r['length']:,} tokens", "",
+        f"`{r['command']}`. Model: {r['model']}; one conversation "
+        f"({r['length'] - 64:,}-token bidirectional context turn + 64-token causal reply), "
+        "recipe `tiny-focusft` otherwise (2 inner SGD steps). Load average (1/5/15 min) at the "
+        f"step's start {_load_text(r['loadavg_1_5_15'])}. Peak memory is the process's RSS "
+        "high-water mark (`ru_maxrss`) after the step minus its value before the step (model "
+        "and optimiser built, libraries loaded).", "",
+        "| step time (s) | RSS before step (MiB) | peak RSS (MiB) | peak above baseline (MiB) "
+        "| dense S×S fp32 mask alone (GiB) |", "|---|---|---|---|---|",
+        f"| {r['seconds']:.1f} | {r['rss_before_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
+        f"{r['peak_above_baseline_mib']:.0f} | {r['dense_mask_gib']:.1f} |", "",
+        "The step's extra memory is " + ("far below (<10%)" if far else
+                                         "MISSED: not far below") +
+        " the dense mask the reference approach would allocate.", ""]
+
+
+def write_report(result: dict, out: Path) -> None:
+    lines = ["# FocuSFT vs SFT (CPU, tiny model)", ""]
+    if "compare" in result:
+        plot(result["compare"], out / "focusft.png")
+        lines += compare_section(result["compare"])
+    if "long" in result:
+        lines += long_section(result["long"])
     (out / "focusft.md").write_text("\n".join(lines))
-    (out / "focusft.json").write_text(json.dumps(result, indent=1))
+    (out / "focusft.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -260,18 +319,32 @@ def main() -> None:
     p.add_argument("--probe-every", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long", type=int, default=65536, help="0 skips the long-context step")
-    p.add_argument("--long-model", default="model.num_layers=2,model.hidden_size=64,"
-                   "model.num_attention_heads=2,model.num_kv_heads=1,model.ffn_hidden_size=128")
+    p.add_argument("--skip-compare", action="store_true",
+                   help="run only the long-context step (the SFT comparison already in the "
+                        "results JSON is kept)")
+    p.add_argument("--long-model", default="model.num_layers=2,model.hidden_size=32,"
+                   "model.num_attention_heads=1,model.num_kv_heads=1,model.ffn_hidden_size=64")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
-    args.argv = sys.argv[1:]
-    _init_dist()
-    result = compare(args)
-    print(json.dumps({k: v for k, v in result.items() if k != "curves"}), flush=True)
+    command = " ".join([".venv/bin/python benchmarks/focusft.py"] + sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "focusft.json"
+    # each run replaces the sections it ran; each section carries its own command and load
+    result = json.loads(previous.read_text()) if previous.exists() else {}
+    result = {k: v for k, v in result.items() if k in ("compare", "long")}
+    if not args.skip_compare:
+        _init_dist()
+        compare_result = compare(args)
+        compare_result.update(command=command, args={k: v for k, v in vars(args).items()})
+        result["compare"] = compare_result
+        print(json.dumps({k: v for k, v in compare_result.items() if k != "curves"}),
+              flush=True)
     if args.long:
         result["long"] = long_step(args.long, args.long_model.split(","))
+        result["long"].update(command=command, model=args.long_model)
         print(json.dumps(result["long"]), flush=True)
-    write_report(result, Path(args.out), args)
+    write_report(result, out)
 
 
 if __name__ == "__main__":

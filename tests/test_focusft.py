@@ -87,7 +87,14 @@ def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
     from distca.focusft import FocusftEngine
 
     engine = make(FocusftEngine, ["focusft.inner_steps=3"])
+    calls = []
+    attend = engine.runtime.attend
+    engine.runtime.attend = lambda *args: calls.append(1) or attend(*args)
     stats = engine.forward_backward([chat_batch(5)])
+    del engine.runtime.attend
+    # everything below the first fast weight, attention of the adapted layer included, runs
+    # once per step: one attention forward per layer, however many inner steps
+    assert len(calls) == len(engine.model.decoder.layers)
     losses = [stats[f"inner_loss_{i}"] for i in range(3)] + [stats["loss"]]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # the base weights saw the outer loss only: same weights, no adaptation -> higher loss

@@ -5,12 +5,17 @@ Per micro-batch:
 1. reset the fast LoRA weights of the top ``layer_fraction`` of layers (A Kaiming-uniform,
    B zero), drawn from a generator seeded by (seed, step, micro-batch) so every rank holds the
    same fast weights;
-2. run the embedding and the bottom layers (no fast weights there) ONCE, with autograd on;
+2. run everything below the first fast weight ONCE, with autograd on: the embedding, the
+   layers without fast weights, and the attention half of the first adapted layer (its fast
+   weights sit on the MLP, so its attention output is the same in every inner step);
 3. inner loop: ``inner_steps`` plain SGD steps on the fast weights only, each a forward of the
-   top layers from the *detached* bottom output and ``torch.autograd.grad`` of the micro-batch's
-   response-token mean loss w.r.t. the fast weights (base ``.grad`` untouched);
-4. outer step: the top layers again from the *attached* bottom output, with the adapted fast
-   weights active; its backward reaches every base weight, bottom layers included.
+   rest of the model from the *detached* output of (2) and ``torch.autograd.grad`` of the
+   micro-batch's response-token mean loss w.r.t. the fast weights (base ``.grad`` untouched);
+4. outer step: the rest of the model again from the *attached* output of (2), with the adapted
+   fast weights active; its backward reaches every base weight, bottom layers included.
+
+(2) then (4) run exactly the ops of the SFT forward in the same order (megatron's layer forward
+is its attention half then its MLP half), so with ``inner_steps=0`` a step is bitwise an SFT step.
 
 Both loops attend through the step's CA-task plan (the GLM multi-turn mask of the chat data),
 so inner-loop attention is balanced across attention servers like the outer loop's.
@@ -62,16 +67,25 @@ class FocusftEngine(Engine):
         return tokens, torch.where(mask, labels, 0), mask
 
     def bottom(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding and the layers without fast weights: hidden (T, 1, H) in the model dtype."""
+        """Everything below the first fast weight: hidden (T, 1, H) in the model dtype.
+
+        The embedding, the layers without fast weights and the first adapted layer's attention
+        half (its residual stream after attention, the input of its MLP half).
+        """
+        layers = self.model.decoder.layers
+        first = len(layers) - self.num_top
         hidden = self.model.embedding(input_ids=tokens, position_ids=None)
-        for layer in self.model.decoder.layers[:len(self.model.decoder.layers) - self.num_top]:
+        for layer in layers[:first]:
             hidden, _ = layer(hidden_states=hidden, attention_mask=None)
+        hidden, _ = layers[first]._forward_attention(hidden_states=hidden, attention_mask=None)
         return hidden
 
     def top(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Sum of this rank's response-token losses (fp32 scalar) from the bottom output."""
+        """Sum of this rank's response-token losses (fp32 scalar) from :meth:`bottom`'s output."""
         decoder = self.model.decoder
-        for layer in decoder.layers[len(decoder.layers) - self.num_top:]:
+        first = len(decoder.layers) - self.num_top
+        hidden = decoder.layers[first]._forward_mlp(hidden)
+        for layer in decoder.layers[first + 1:]:
             hidden, _ = layer(hidden_states=hidden, attention_mask=None)
         hidden = decoder.final_layernorm(hidden)
         weight = (self.model.shared_embedding_or_output_weight()
