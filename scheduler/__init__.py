@@ -10,9 +10,10 @@ numpy only: this layer never imports torch, so it plans fast on any rank or lapt
 from distca.scheduler.cost import CostTable, ModelShape
 from distca.scheduler.documents import Document, DocumentBatch, documents_from_batch, task_pairs
 from distca.scheduler.plan import TASK_DTYPE, TRANSFER_DTYPE, Plan
-from distca.scheduler.planner import PLANNERS, plan_step, timed_plan_step
+from distca.scheduler.planner import PLANNERS, imbalance_floor, plan_step, timed_plan_step
 
 __all__ = [
     "PLANNERS", "TASK_DTYPE", "TRANSFER_DTYPE", "CostTable", "Document", "DocumentBatch",
-    "ModelShape", "Plan", "documents_from_batch", "plan_step", "task_pairs", "timed_plan_step",
+    "ModelShape", "Plan", "documents_from_batch", "imbalance_floor", "plan_step", "task_pairs",
+    "timed_plan_step",
 ]

@@ -27,6 +27,10 @@ import numpy as np
 from distca.scheduler.cost import CostTable, ModelShape
 from distca.scheduler.documents import Segments
 
+# With a throughput table, thin pieces (and the columns a kv split keeps home) run slower than
+# the rows they came from: a cut may add at most this factor of what it removes from the donor.
+_MAX_INFLATION = 1.5
+
 
 class Residency:
     """kv tokens each server already holds, per document, as disjoint sorted intervals."""
@@ -150,25 +154,32 @@ class Cutter:
         causal = self.causal[i]
         e = x if causal else self.kv_end[i]
         full_kv = e - ds
-        rate = 1.0
-        if self.table is not None:  # aim in score pairs at the segment's typical throughput
-            rate = float(self.table.throughput(min(rows, max(self.m, 1)), full_kv))
         capacity = rows * full_kv - (rows * (rows - 1) // 2 if causal else 0)
-        slack = capacity - min(owed * rate, capacity)
-        lo_p, hi_p = lo * rate, hi * rate
-        heights = self._heights(rows, full_kv, causal, lo_p, hi_p, slack)
+        rate = 1.0
+        if self.table is not None:  # aim in score pairs at a shard's throughput
+            rate = float(self.table.throughput(min(rows, self.m), full_kv))
+        heights = self._heights(rows, full_kv, causal, lo * rate, hi * rate,
+                                capacity - min(owed * rate, capacity))
+        if self.table is not None:  # taller pieces run faster: offer a ladder of heights
+            ladder = self.m
+            while ladder < rows:
+                ladder *= 4
+                heights.append(min(ladder, rows))
         doc = self.doc[i]
         before = self.home_units(i, x)
         best, best_score = None, math.inf
         for a in heights:
-            k = self._columns_for(a, full_kv, causal, lo_p, hi_p, slack)
+            if self.table is not None:
+                rate = float(self.table.throughput(a, full_kv))
+            slack = capacity - min(owed * rate, capacity)
+            k = self._columns_for(a, full_kv, causal, lo * rate, hi * rate, slack)
             if k is None:
                 continue
             gain = self.units(a, k, causal)
             if gain > hi:
                 continue
             shed = before - self.home_units(i, x - a) - self.units(a, full_kv - k, False)
-            if shed <= 0:
+            if shed <= 0 or gain > _MAX_INFLATION * shed:
                 continue
             moved = a * self.q_bytes + self.resident.missing(server, doc, e - k, e) * self.kv_bytes
             score = moved / min(gain, shed)

@@ -105,12 +105,35 @@ def grain_pairs(seg: Segments, min_shard: int) -> int:
     return int(max(density.max(initial=0), min_shard * min_shard))
 
 
+def _grain_units(seg: Segments, min_shard: int, cost_table: CostTable | None) -> float:
+    """``grain_pairs`` in planning units (seconds of a minimum-height shard with a table)."""
+    grain = float(grain_pairs(seg, min_shard))
+    if cost_table is not None:
+        grain /= float(cost_table.throughput(min_shard, grain_pairs(seg, 1)))
+    return grain
+
+
+def _home_weight(seg: Segments, cutter: Cutter, cost_table: CostTable | None) -> np.ndarray:
+    """(N,) float64 planning cost of every segment's home task."""
+    if cost_table is None:
+        return seg.pairs().astype(np.float64)
+    return np.array([cutter.home_units(i, int(seg.q_end[i])) for i in range(len(seg))])
+
+
 def imbalance_floor(docs: DocumentBatch | Sequence[Document], tokens_per_worker: int,
-                    num_servers: int, min_shard_tokens: int = 128) -> float:
-    """1 + grain/mean: the imbalance the planner can promise at ε = 0 (score pairs)."""
+                    num_servers: int, min_shard_tokens: int = 128,
+                    cost_table: CostTable | None = None) -> float:
+    """``1 + grain/mean``: the imbalance the planner promises at ε = 0.
+
+    In score pairs, or in the table's predicted seconds (summed over each server's tasks) when
+    a cost table is given; the planner's bound is ``max(1 + ε, imbalance_floor)``.
+    """
     seg = build_segments(as_document_batch(docs), tokens_per_worker)
-    total = float(seg.pairs().sum())
-    return 1.0 + grain_pairs(seg, min_shard_tokens) * num_servers / total if total else 1.0
+    cutter = Cutter(seg, min_shard_tokens, ModelShape(), cost_table)
+    total = float(_home_weight(seg, cutter, cost_table).sum())
+    if total <= 0:
+        return 1.0
+    return 1.0 + _grain_units(seg, min_shard_tokens, cost_table) * num_servers / total
 
 
 def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
@@ -123,14 +146,10 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     the receivers that already hold kv of that segment's document or have the most room.
     """
     cutter = Cutter(seg, min_shard, model, cost_table)
-    weight = np.array([cutter.home_units(i, int(seg.q_end[i])) for i in range(len(seg))]) \
-        if cost_table is not None else seg.pairs().astype(np.float64)
+    weight = _home_weight(seg, cutter, cost_table)
     load = np.bincount(seg.home, weights=weight, minlength=num_servers)
     mean = load.sum() / num_servers
-    grain = float(grain_pairs(seg, min_shard))
-    if cost_table is not None:
-        grain /= float(cost_table.throughput(min_shard, grain_pairs(seg, 1)))
-    cap = max((1 + tolerance) * mean, mean + grain)
+    cap = max((1 + tolerance) * mean, mean + _grain_units(seg, min_shard, cost_table))
     _rehome_short_tails(seg, cutter, load, cap, weight)
     need = load - cap
     room = (cap - load).tolist()
@@ -159,8 +178,9 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
                         best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
             if best is None:
                 # Nothing fits any room at the minimum shard size: overshoot the roomiest server.
+                # Only while the receiver ends below where the donor stands now.
                 r = max(range(num_servers), key=room.__getitem__)
-                best = cutter.propose(live[0], r, owed, math.inf, owed)
+                best = cutter.propose(live[0], r, owed, owed + room[r], owed)
                 if best is None:
                     break
             cutter.apply(best)
@@ -175,8 +195,9 @@ def _rehome_short_tails(seg: Segments, cutter: Cutter, load: np.ndarray, cap: fl
 
     The home of such a segment imports the document's whole kv prefix for a few rows; the
     previous worker already holds that prefix, so sending it the rows (q and their own kv) is
-    cheaper whenever ``rows·(q_bytes + kv_bytes) < prefix·kv_bytes``. Done only where the total
-    excess above the cap does not grow, so balancing has no more to move afterwards.
+    cheaper whenever ``rows·(q_bytes + kv_bytes) < prefix·kv_bytes``. Done where the excess above
+    the cap grows by less than the saving would pay for (one fresh piece of that size costs about
+    ``2·sqrt(excess·q_bytes·kv_bytes)``), and never above the most loaded server.
     """
     prefix = seg.q_start - seg.kv_start
     rows = seg.q_end - seg.q_start
@@ -189,7 +210,8 @@ def _rehome_short_tails(seg: Segments, cutter: Cutter, load: np.ndarray, cap: fl
         h, w = int(seg.home[i]), float(weight[i])
         excess = max(0.0, load[h - 1] + w - cap) - max(0.0, load[h - 1] - cap) \
             + max(0.0, load[h] - w - cap) - max(0.0, load[h] - cap)
-        if excess <= 0 or saving[i] > 2 * math.sqrt(excess * cutter.q_bytes * cutter.kv_bytes):
+        worth = excess <= 0 or saving[i] > 2 * math.sqrt(excess * cutter.q_bytes * cutter.kv_bytes)
+        if worth and load[h - 1] + w <= load.max():  # never raise the most loaded server
             cutter.rehome(i, h - 1)
             load[h - 1] += w
             load[h] -= w

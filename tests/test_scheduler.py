@@ -9,6 +9,7 @@ from distca.scheduler import (
     ModelShape,
     Plan,
     documents_from_batch,
+    imbalance_floor,
     plan_step,
     task_pairs,
 )
@@ -97,24 +98,66 @@ def test_cuts_respect_the_minimum_shard(batch, min_shard):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), tolerance=st.sampled_from([0.05, 0.1, 0.2]),
+@given(seed=st.integers(0, 2**31 - 1), tolerance=st.sampled_from([0.0, 0.05, 0.1, 0.2]),
        min_shard=st.sampled_from([1, 4, 16]), glm=st.booleans())
 def test_bound_holds_when_feasible(seed, tolerance, min_shard, glm):
     rng = np.random.default_rng(seed)
     workers, per_worker = int(rng.integers(2, 9)), int(rng.integers(64, 512))
+    servers = workers + int(rng.integers(0, 2))
     lengths = _long_tail(rng, workers * per_worker)
     turns = contexts = None
     if glm:
         turns, contexts = _turns(rng, lengths)
     docs = documents_from_batch(lengths, turns, contexts)
-    plan = plan_step(docs, workers, per_worker, workers + int(rng.integers(0, 2)),
-                     tolerance=tolerance, min_shard_tokens=min_shard, model=MODEL)
+    plan = plan_step(docs, workers, per_worker, servers, tolerance=tolerance,
+                     min_shard_tokens=min_shard, model=MODEL)
     mean = plan.server_cost.sum() / plan.num_servers
-    # Sufficient for the planner to fit: every server's slack holds a few minimum-size pieces.
-    feasible = tolerance * mean >= 4 * min_shard * max(lengths)
+    # ε = 0 is met up to the granularity (one row of the longest document, or one minimum
+    # piece); with ε > 0 the planner fits when every server's slack holds a few minimum pieces.
+    floor = imbalance_floor(docs, per_worker, servers, min_shard)
+    assert floor <= 1 + min_shard * min_shard * servers / mean + max(lengths) * servers / mean
+    feasible = tolerance == 0 or tolerance * mean >= 4 * min_shard * max(lengths)
     if feasible:
-        assert plan.server_cost.max() <= (1 + tolerance) * mean
+        assert plan.server_cost.max() <= max(1 + tolerance, floor) * mean * (1 + 1e-12)
     assert plan.imbalance <= plan.imbalance_before + 1e-12
+
+
+def _weighted_cost(plan: Plan, table) -> np.ndarray:
+    """(S,) predicted seconds per server: each task's pairs at the table's throughput."""
+    t = plan.tasks
+    q_len, kv_len = t["q_end"] - t["q_start"], t["kv_end"] - t["kv_start"]
+    seconds = table.seconds(q_len, kv_len, task_pairs(q_len, kv_len, t["causal"]))
+    return np.bincount(t["server"], weights=seconds, minlength=plan.num_servers)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (benchmarks/results/planner.md): with a "
+                   "throughput table thin pieces inflate total seconds and the planner can "
+                   "overshoot the (1+ε) bound in weighted cost")
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tolerance=st.sampled_from([0.0, 0.1, 0.2]),
+       min_shard=st.sampled_from([4, 16]))
+def test_weighted_bound_holds_in_predicted_seconds(seed, tolerance, min_shard):
+    from distca.scheduler import CostTable
+
+    # Short query shards and short kv run slower, as measured kernels do.
+    table = CostTable(np.array([4.0, 64.0, 1024.0]), np.array([16.0, 4096.0]),
+                      np.array([[5e8, 1e9], [1e9, 1.5e9], [1.5e9, 2e9]]))
+    rng = np.random.default_rng(seed)
+    workers, per_worker = int(rng.integers(2, 7)), int(rng.integers(128, 1024))
+    lengths = _long_tail(rng, workers * per_worker)
+    docs = documents_from_batch(lengths)
+    plan = plan_step(docs, workers, per_worker, tolerance=tolerance, min_shard_tokens=min_shard,
+                     model=MODEL, cost_table=table)
+    mask = allowed_mask(lengths, num_tokens=workers * per_worker)
+    np.testing.assert_array_equal(coverage(plan.tasks, workers * per_worker),
+                                  mask.astype(np.int64))
+    seconds = _weighted_cost(plan, table)
+    mean = seconds.mean()
+    floor = imbalance_floor(docs, per_worker, workers, min_shard, cost_table=table)
+    grain = (floor - 1) * mean
+    if tolerance == 0 or tolerance * mean >= 4 * min_shard * grain:
+        assert seconds.max() <= max(1 + tolerance, floor) * mean * (1 + 1e-9)
+    assert plan.server_cost.sum() == mask.sum()  # the plan still reports score pairs
 
 
 def _long_tail(rng, tokens):
