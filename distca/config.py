@@ -312,6 +312,14 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     if m.num_layers % p.pp:
         raise _fail(source, "parallel.pp",
                     f"num_layers={m.num_layers} is not divisible by pp={p.pp}")
+    for name in ("vocab_size", "ffn_hidden_size"):  # megatron splits both over TP ranks
+        if getattr(m, name) % p.tp:
+            raise _fail(source, "parallel.tp",
+                        f"{name}={getattr(m, name)} is not divisible by tp={p.tp}")
+    if p.pp > 1 and m.tie_embeddings:
+        # The first and last stages would each hold a copy whose gradients must be summed.
+        raise _fail(source, "model.tie_embeddings",
+                    f"tied embeddings are not supported with parallel.pp={p.pp} yet")
 
     c = cfg.cad
     if not (c.tolerance >= 0 and math.isfinite(c.tolerance)):
@@ -327,6 +335,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         raise _fail(source, "attention.telemetry_interval", "must be >= 0")
 
     f = cfg.focusft
+    if f.enabled and (p.tp > 1 or p.pp > 1):
+        raise _fail(source, "focusft.enabled",
+                    f"FocuSFT runs with parallel.tp=1 and pp=1 only (got tp={p.tp}, pp={p.pp})")
     if f.inner_steps < 0:
         raise _fail(source, "focusft.inner_steps", f"must be >= 0, got {f.inner_steps}")
     positive("focusft.rank", f.rank)

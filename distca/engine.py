@@ -6,6 +6,13 @@ works on its own slice (``batch.rank_slice(dp_rank)``). The loss is the global m
 tokens of the step: each rank back-propagates ``(sum of its token losses) / (global loss-token
 count)`` and gradients are summed over data-parallel ranks, which makes the result exactly that
 of one process training on the whole batch.
+
+Tensor and pipeline parallelism (layout in :mod:`distca.model.sharding`): megatron-core splits
+heads, FFN and vocabulary over the ``parallel.tp`` ranks of a tensor-parallel group and layers
+over ``parallel.pp`` pipeline stages. Every rank of a (tensor rank, stage) pair's data-parallel
+group exchanges CA-tasks with the others in that group, with the one plan of the micro-batch
+(computed on global rank 0 and broadcast to all ranks before the step). With ``pp > 1`` the
+micro-batches run through :func:`distca.parallel.pipeline.run_1f1b`.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from distca.config import DistcaConfig, ServerMode
 from distca.model import AttentionRuntime, apply_cpu_shims, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
+from distca.model.sharding import gather_full, load_full
 from distca.parallel.layout import build_layout
 from distca.parallel.pingpong import split_nano_batches
+from distca.parallel.pipeline import StageLinks, run_1f1b, run_forward_only
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.scheduler import ModelShape
 
@@ -52,8 +61,6 @@ class Engine:
         p = cfg.parallel
         if cfg.cad.server_mode is ServerMode.dedicated:
             raise NotImplementedError("cad.server_mode=dedicated is not supported by the engine yet")
-        if p.pp != 1:
-            raise NotImplementedError("parallel.pp > 1 is not supported by the engine yet")
         world = dist.get_world_size()
         if world != p.dp * p.tp * p.pp:
             raise ValueError(f"world size {world} != parallel.dp*tp*pp = {p.dp * p.tp * p.pp}")
@@ -66,13 +73,16 @@ class Engine:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        seed_model_parallel(cfg.trainer.seed, parallel_state.get_tensor_model_parallel_rank())
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.layer_offset = self.pp_rank * (cfg.model.num_layers // p.pp)
+        seed_model_parallel(cfg.trainer.seed, self.tp_rank)
         self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value,
                                         group=self.dp_group)
         self.model = build_model(cfg.model, self.runtime, cfg.trainer.precision)
-        for name, param in self.model.named_parameters():
-            if name.endswith("core_attention.sinks"):
-                param.tensor_model_parallel = True
+        self.is_first_stage = parallel_state.is_pipeline_first_stage()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         decay = [q for q in self.params if q.ndim >= 2]
         no_decay = [q for q in self.params if q.ndim < 2]
@@ -101,16 +111,37 @@ class Engine:
                                   batch.num_ranks, batch.tokens_per_rank, c.tolerance,
                                   c.min_shard_tokens, self.plan_shape, self.device)
 
-    def _forward(self, batch: PackedBatch, plan: StepPlan) -> tuple[torch.Tensor, int]:
-        """Sum of this rank's token losses (fp32 scalar, differentiable) and its loss tokens."""
+    def _forward(self, batch: PackedBatch, plan: StepPlan,
+                 hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's forward of this rank's tokens.
+
+        On the last pipeline stage: the sum of the rank's token losses (fp32 scalar,
+        differentiable). On earlier stages: the hidden states (T, 1, hidden) for the next stage.
+        ``hidden_in`` is the previous stage's output (None on the first stage).
+        """
         rows = batch.rank_slice(self.dp_rank)
         tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
-        labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
         self.runtime.set_batch(positions, self._layout(batch, plan))
+        if not self.is_first_stage:
+            self.model.set_input_tensor(hidden_in)
+        if not self.is_last_stage:
+            return self.model(tokens, None, None)
+        labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
         mask = labels != IGNORE
         losses = self.model(tokens, None, None, labels=torch.where(mask, labels, 0))
-        return (losses.float() * mask).sum(), int(mask.sum())
+        return (losses.float() * mask).sum()
+
+    def _links(self, micro_batches: list[PackedBatch]) -> StageLinks:
+        """This stage's pipeline neighbours; activations are (T, 1, hidden) per micro-batch."""
+        sizes = {b.tokens_per_rank for b in micro_batches}
+        if len(sizes) > 1:
+            raise ValueError(f"pipelined micro-batches need one tokens_per_rank, got {sorted(sizes)}")
+        return StageLinks(
+            None if self.is_first_stage else parallel_state.get_pipeline_model_parallel_prev_rank(),
+            None if self.is_last_stage else parallel_state.get_pipeline_model_parallel_next_rank(),
+            (sizes.pop() if sizes else 0, 1, self.cfg.model.hidden_size),
+            self.model.config.pipeline_dtype, self.device)
 
     def _layout(self, batch: PackedBatch, plan: StepPlan):
         """This rank's exchange layout; with ping-pong, one per nano-batch of the plan's tasks."""
@@ -160,28 +191,45 @@ class Engine:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         total = max(_loss_tokens(micro_batches), 1)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        before, after = [], []
-        for batch in micro_batches:
-            plan = self._plan(batch)
-            before.append(plan.imbalance_before)
-            after.append(plan.imbalance)
-            local, _ = self._forward(batch, plan)
-            (local / total).backward()
-            loss_sum += local.detach().double().cpu()
+        # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
+        plans = [self._plan(batch) for batch in micro_batches]
+        losses = []  # this rank's loss sum per micro-batch (last pipeline stage only)
+
+        def stage_forward(i: int, hidden_in: torch.Tensor | None) -> torch.Tensor:
+            out = self._forward(micro_batches[i], plans[i], hidden_in)
+            if not self.is_last_stage:
+                return out
+            losses.append(out.detach())
+            return out / total
+
+        if self.cfg.parallel.pp == 1:
+            for i in range(len(micro_batches)):
+                stage_forward(i, None).backward()
+        else:
+            run_1f1b(stage_forward, len(micro_batches), self.pp_rank, self.cfg.parallel.pp,
+                     self._links(micro_batches))
         self._sync_gradients()
-        return {"loss": _all_reduce_scalar(loss_sum, self.dp_group) / total,
-                "imbalance_before": float(np.mean(before)), "imbalance": float(np.mean(after))}
+        return {"loss": self._global_loss_sum(losses) / total,
+                "imbalance_before": float(np.mean([p.imbalance_before for p in plans])),
+                "imbalance": float(np.mean([p.imbalance for p in plans]))}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[PackedBatch]) -> float:
         """Global mean loss over the loss tokens of ``micro_batches``; no gradients, no update."""
         self.model.eval()
+        plans = [self._plan(batch) for batch in micro_batches]
+        losses = run_forward_only(lambda i, hidden: self._forward(micro_batches[i], plans[i], hidden),
+                                  len(micro_batches), self._links(micro_batches))
+        return self._global_loss_sum(losses) / max(_loss_tokens(micro_batches), 1)
+
+    def _global_loss_sum(self, losses: list[torch.Tensor]) -> float:
+        """Sum of the step's token losses over data-parallel ranks, known to every stage."""
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro_batches:
-            local, _ = self._forward(batch, self._plan(batch))
-            loss_sum += local.double().cpu()
-        return _all_reduce_scalar(loss_sum, self.dp_group) / max(_loss_tokens(micro_batches), 1)
+        for x in losses:
+            loss_sum += x.double().cpu()
+        if self.cfg.parallel.pp > 1:  # only the last stage has losses; the others add zero
+            dist.all_reduce(loss_sum, group=self.pp_group)
+        return _all_reduce_scalar(loss_sum, self.dp_group)
 
     # ---- gradients -------------------------------------------------------------------------
     def _sync_gradients(self) -> None:
@@ -198,7 +246,8 @@ class Engine:
             offset += q.numel()
 
     def _grad_norm(self) -> float:
-        """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once."""
+        """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once,
+        pipeline stages summed."""
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         for q in self.params:
@@ -209,7 +258,10 @@ class Engine:
                 replicated += sq
         if self.cfg.parallel.tp > 1:
             dist.all_reduce(sharded, group=self.tp_group)
-        return math.sqrt(float(sharded + replicated))
+        total = sharded + replicated
+        if self.cfg.parallel.pp > 1:
+            dist.all_reduce(total, group=self.pp_group)
+        return math.sqrt(float(total))
 
     # ---- telemetry -------------------------------------------------------------------------
     def _telemetry_on(self) -> bool:
@@ -218,12 +270,34 @@ class Engine:
 
     def _telemetry_stats(self) -> dict[str, float]:
         t = self.runtime.telemetry
-        layers = sorted(t.rows)
-        sums = torch.tensor([[t.mass_sum[i], t.rows[i]] for i in layers], dtype=torch.float64)
-        dist.all_reduce(sums, group=self.dp_group)
+        # Every rank holds distinct (tokens, heads, layers): sum over all of them. Megatron's
+        # layer numbers are global (1-based), so stages fill disjoint rows.
+        layers = range(1, self.cfg.model.num_layers + 1)
+        sums = torch.tensor([[t.mass_sum.get(i, 0.0), t.rows.get(i, 0)] for i in layers],
+                            dtype=torch.float64)
+        dist.all_reduce(sums)
         stats = {f"sink_mass_layer{i}": float(s / max(r, 1)) for i, (s, r) in zip(layers, sums)}
         stats["sink_mass"] = float(sums[:, 0].sum() / max(float(sums[:, 1].sum()), 1.0))
         return stats
+
+    # ---- the full (TP=1, PP=1) model view, for parity checks and conversions ---------------
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Every weight of the whole model under TP=1/PP=1 names (collective; all ranks get it)."""
+        return self._gather({n: q for n, q in self.model.named_parameters()})
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every parameter's ``.grad`` of the whole model under TP=1/PP=1 names (collective)."""
+        return self._gather({n: q.grad for n, q in self.model.named_parameters()})
+
+    def load_full_model_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Load this rank's shard of whole-model weights from :meth:`full_model_state`."""
+        load_full(self.model, full, self.layer_offset, self.tp_rank, self.cfg.parallel.tp,
+                  self.model.config.gated_linear_unit)
+
+    def _gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        p = self.cfg.parallel
+        return gather_full(self.model, tensors, self.layer_offset, p.tp, self.tp_group, p.pp,
+                           self.pp_group, self.model.config.gated_linear_unit)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

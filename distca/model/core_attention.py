@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -62,6 +63,7 @@ class DistcaCoreAttention(MegatronModule):
         if learnable_sinks:
             # Per-head logits split across tensor-parallel ranks like the heads themselves.
             self.sinks = torch.nn.Parameter(torch.zeros(self.heads, dtype=config.params_dtype))
+            set_tensor_model_parallel_attributes(self.sinks, is_parallel=True, dim=0, stride=1)
         else:
             self.sinks = None
 

@@ -1,0 +1,153 @@
+"""An explicit one-forward-one-backward (1F1B) pipeline schedule over torch.distributed p2p.
+
+Pipeline stage ``s`` of ``S`` runs ``min(S - s - 1, M)`` warm-up forwards, then alternates one
+forward and one backward until its ``M`` micro-batches are all forwarded, then drains the
+remaining backwards. Activations (forward) and their gradients (backward) of one fixed shape
+travel between neighbouring stages; every exchange that could wait on the other side posts
+both its send and its receive before waiting (megatron's pairing), so no ordering of blocking
+calls can deadlock.
+
+Why not megatron's ``get_forward_backward_func``: megatron-core 0.16.1's pipelined schedule
+allocates its token counter with a literal ``device="cuda"`` and its batched p2p calls
+``torch.cuda.synchronize()``, so it cannot run on CPU without patching inside its functions;
+this schedule is the same 1F1B order with nothing CUDA-specific.
+
+Attention during the pipeline: each stage's forward dispatches its CA-tasks within that stage's
+data-parallel group (every rank of a stage runs the same schedule, so their exchanges pair up).
+Ranks idle in the pipeline bubble do not yet serve other stages' attention (design §5 wants
+every rank to join each exchange); that needs the plan to span stages and is not built yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# forward(i, hidden_in or None) -> hidden_out on every stage but the last, the micro-batch's
+# scalar loss on the last stage.
+StageForward = Callable[[int, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class StageLinks:
+    """Where a stage's neighbours are (global ranks; None at the ends) and what travels."""
+
+    prev_rank: int | None
+    next_rank: int | None
+    shape: tuple[int, ...]  # activation shape, e.g. (tokens, 1, hidden)
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def is_first(self) -> bool:
+        return self.prev_rank is None
+
+    @property
+    def is_last(self) -> bool:
+        return self.next_rank is None
+
+
+def _exchange(sends: list[tuple[torch.Tensor, int]], recv_from: int | None,
+              links: StageLinks) -> torch.Tensor | None:
+    """Post every send and the receive (if any), then wait for all; returns the received tensor."""
+    works = [dist.isend(t.contiguous(), dst) for t, dst in sends]
+    received = None
+    if recv_from is not None:
+        received = torch.empty(links.shape, dtype=links.dtype, device=links.device)
+        works.append(dist.irecv(received, recv_from))
+    for work in works:
+        work.wait()
+    return received
+
+
+def _recv_forward(links: StageLinks) -> torch.Tensor | None:
+    if links.is_first:
+        return None
+    return _exchange([], links.prev_rank, links).requires_grad_()
+
+
+def _send_forward(out: torch.Tensor, links: StageLinks) -> None:
+    if not links.is_last:
+        _exchange([(out.detach(), links.next_rank)], None, links)
+
+
+def _send_forward_recv_backward(out: torch.Tensor, links: StageLinks) -> torch.Tensor | None:
+    if links.is_last:
+        return None
+    return _exchange([(out.detach(), links.next_rank)], links.next_rank, links)
+
+
+def _send_backward(grad: torch.Tensor | None, links: StageLinks) -> None:
+    if not links.is_first:
+        _exchange([(grad, links.prev_rank)], None, links)
+
+
+def _send_backward_recv_forward(grad: torch.Tensor | None, links: StageLinks
+                                ) -> torch.Tensor | None:
+    if links.is_first:
+        return None
+    return _exchange([(grad, links.prev_rank)], links.prev_rank, links).requires_grad_()
+
+
+def _recv_backward(links: StageLinks) -> torch.Tensor | None:
+    if links.is_last:
+        return None
+    return _exchange([], links.next_rank, links)
+
+
+def _backward(inp: torch.Tensor | None, out: torch.Tensor, grad: torch.Tensor | None
+              ) -> torch.Tensor | None:
+    """Backward of one micro-batch's stage; returns the gradient of its input activation."""
+    torch.autograd.backward(out, grad_tensors=grad)
+    return None if inp is None else inp.grad
+
+
+def run_1f1b(forward: StageForward, num_micro_batches: int, stage: int, num_stages: int,
+             links: StageLinks) -> None:
+    """Forward and backward of ``num_micro_batches`` through this stage in 1F1B order.
+
+    Gradients accumulate in the parameters' ``.grad``; the last stage back-propagates each
+    micro-batch's loss as returned by ``forward`` (scale it there, and keep it if needed).
+    """
+    warmup = min(num_stages - stage - 1, num_micro_batches)
+    steady = num_micro_batches - warmup
+    inputs: list[torch.Tensor | None] = []
+    outputs: list[torch.Tensor] = []
+
+    def step_forward(i: int, inp: torch.Tensor | None) -> torch.Tensor:
+        out = forward(i, inp)
+        inputs.append(inp)
+        outputs.append(out)
+        return out
+
+    for i in range(warmup):
+        _send_forward(step_forward(i, _recv_forward(links)), links)
+    inp = _recv_forward(links) if steady else None
+    for j in range(steady):
+        out = step_forward(warmup + j, inp)
+        grad_out = _send_forward_recv_backward(out, links)
+        grad_in = _backward(inputs.pop(0), outputs.pop(0), grad_out)
+        if j == steady - 1:
+            _send_backward(grad_in, links)
+        else:
+            inp = _send_backward_recv_forward(grad_in, links)
+    for _ in range(warmup):
+        grad_out = _recv_backward(links)
+        _send_backward(_backward(inputs.pop(0), outputs.pop(0), grad_out), links)
+
+
+@torch.no_grad()
+def run_forward_only(forward: StageForward, num_micro_batches: int,
+                     links: StageLinks) -> list[torch.Tensor]:
+    """Forward of every micro-batch through this stage (evaluation); losses on the last stage."""
+    losses = []
+    for i in range(num_micro_batches):
+        out = forward(i, _recv_forward(links))
+        if links.is_last:
+            losses.append(out.detach())
+        else:
+            _send_forward(out, links)
+    return losses
