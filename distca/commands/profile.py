@@ -106,6 +106,45 @@ def run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from distca.config import load_config
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, "
+                         f"{args.warmup})")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    cfg = load_config(args.recipe, args.overrides)
+    if cfg.cad.server_mode.value == "dedicated":
+        raise UsageError(f"{args.recipe}: cad.server_mode: profile train runs in-place servers "
+                         "only (the engine does not run dedicated servers)")
+    out = Path(args.out) if args.out else \
+        Path("runs") / f"profile-{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    from distca.profile.plots import plot_imbalance, plot_timeline
+    from distca.profile.train import profile_train
+
+    try:
+        report = profile_train(cfg, args.steps, args.warmup, args.peak_tflops)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{args.recipe}: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    spans = report.pop("spans")  # bulky: its own file
+    report.update(timeline_png=str(out / "timeline.png"), imbalance_png=str(out / "imbalance.png"),
+                  spans_json=str(out / "spans.json"))
+    plot_timeline(report, spans, report["timeline_png"])
+    plot_imbalance(report, report["imbalance_png"])
+    (out / "spans.json").write_text(json.dumps(spans) + "\n")
+    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure this device: attention, communication, training")
     actions = p.add_subparsers(dest="action", required=True, metavar="WHAT")
@@ -130,3 +169,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     attn.add_argument("--out", default=None, help="write the cost table CSV here")
     attn.add_argument("--json", action="store_true")
     attn.set_defaults(run=run_attention)
+
+    train = actions.add_parser("train", help="real training steps: tokens/s, MFU, per-rank "
+                               "breakdown, imbalance (JSON + PNG plots)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--steps", type=int, default=3, help="measured steps (3)")
+    train.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
+    train.add_argument("--peak-tflops", type=float, default=None,
+                       help="peak TFLOP/s per rank for MFU (default: a measured matmul)")
+    train.add_argument("--out", default=None, help="directory for profile.json and the plots "
+                       "(default runs/profile-<recipe>-<time>)")
+    train.set_defaults(run=run_train)

@@ -1,0 +1,174 @@
+"""``distca profile train``: real training steps measured end to end, per rank.
+
+The ranks are local processes (gloo on CPU, NCCL on GPU) rendezvousing on 127.0.0.1, each
+running the same :class:`distca.engine.Engine` (or FocuSFT engine) that ``distca train``'s Ray
+workers run, on the batches the training driver would send (``make_dataset(cfg)``). After
+``warmup`` steps, ``steps`` steps are timed plainly (tokens/s, model FLOPs utilisation,
+attention imbalance before and after planning), then one more step runs under the torch
+profiler for the per-rank breakdown and timeline (:mod:`distca.profile.breakdown`); its wall
+time is reported separately because the profiler slows it down.
+
+Model FLOPs count forward + backward (3 × forward): linear layers ``6 × parameters`` per token
+(LM head included, embeddings not) and attention ``3.5 × 4 · heads · head_dim`` per score pair
+and layer. The peak is a measured square matmul on every rank at the same time (summed), or
+``peak_tflops`` per rank when given.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distca.config import DistcaConfig
+from distca.profile.attention import flops_per_pair
+from distca.profile.breakdown import CATEGORIES, find_step_event, step_breakdown
+from distca.profile.comm import free_port
+
+STEP_EVENT = "distca.profile.train_step"
+
+
+def model_flops(cfg: DistcaConfig, batches) -> float:
+    """Forward + backward FLOPs of one step over ``batches`` (a list of PackedBatch)."""
+    from distca.scheduler.documents import build_segments, documents_from_batch
+
+    m = cfg.model
+    head_dim = m.hidden_size // m.num_attention_heads
+    per_layer = m.hidden_size * head_dim * (2 * m.num_attention_heads + 2 * m.num_kv_heads) \
+        + 3 * m.hidden_size * m.ffn_hidden_size
+    linear_per_token = 6.0 * (m.num_layers * per_layer + m.hidden_size * m.vocab_size)
+    tokens = pairs = 0
+    for b in batches:
+        docs = documents_from_batch(b.doc_lengths, b.turn_lengths, b.turn_is_context)
+        tokens += int(b.doc_lengths.sum())
+        pairs += int(build_segments(docs, b.tokens_per_rank).pairs().sum())
+    return tokens * linear_per_token + \
+        pairs * m.num_layers * flops_per_pair(m.num_attention_heads, head_dim)
+
+
+def measure_peak_flops(device: torch.device, size: int | None = None, reps: int = 3) -> float:
+    """FLOP/s of the best of ``reps`` square matmuls (fp32 on CPU, bf16 on GPU)."""
+    cuda = device.type == "cuda"
+    size = size or (8192 if cuda else 1024)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for rep in range(reps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list, warmup: int,
+          peak_tflops: float | None, out) -> None:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would listen on the host's address
+        torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_worker)))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    try:
+        from distca.engine import Engine
+        from distca.focusft import FocusftEngine
+
+        engine = (FocusftEngine if cfg.focusft.enabled else Engine)(cfg)
+        device = engine.device
+        dist.barrier()
+        peak = torch.tensor([peak_tflops * 1e12 if peak_tflops else measure_peak_flops(device)],
+                            dtype=torch.float64, device=device)
+        dist.all_reduce(peak)
+        steps = []
+        for i, batches in enumerate(all_batches[:-1]):
+            dist.barrier()
+            start = time.perf_counter()
+            stats = engine.train_step(batches)
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()  # a step ends when the slowest rank is done
+            if i >= warmup:
+                steps.append({"wall_s": time.perf_counter() - start, "loss": stats["loss"],
+                              "imbalance_before": stats["imbalance_before"],
+                              "imbalance_after": stats["imbalance"], "tokens": stats["tokens"]})
+        engine.runtime.timings = {}
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with record_function(STEP_EVENT):
+                engine.train_step(all_batches[-1])
+                if cuda:
+                    torch.cuda.synchronize()
+        breakdown = step_breakdown(find_step_event(prof.events(), STEP_EVENT), with_spans=True)
+        breakdown["runtime_clocks_s"] = dict(engine.runtime.timings)
+        engine.runtime.timings = None
+        gathered = [None] * world
+        dist.all_gather_object(gathered, breakdown)
+        if rank == 0:
+            out.put({"steps": steps, "ranks": gathered, "peak_flops": float(peak),
+                     "device": torch.cuda.get_device_name() if cuda else "cpu",
+                     "backend": "nccl" if cuda else "gloo"})
+    finally:
+        dist.destroy_process_group()
+
+
+def profile_train(cfg: DistcaConfig, steps: int, warmup: int = 1,
+                  peak_tflops: float | None = None) -> dict:
+    """Run ``warmup + steps + 1`` training steps on ``dp·tp·pp`` local ranks; returns the
+    report (see :func:`summarise`)."""
+    from distca.data import make_dataset
+    from distca.train.worker import world_layout
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps}, {warmup}")
+    world = len(world_layout(cfg))
+    data = make_dataset(cfg)
+    batches = [data.step_batches(s) for s in range(1, warmup + steps + 2)]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    procs = mp.start_processes(_rank, args=(world, free_port(), cfg, batches, warmup, peak_tflops,
+                                            out), nprocs=world, join=False, start_method="spawn")
+    while not procs.join(timeout=1.0):  # raises if a rank fails
+        if not out.empty():
+            break
+    raw = out.get()  # read before joining: the report may not fit in the pipe's buffer
+    while not procs.join():
+        pass
+    flops = [model_flops(cfg, b) for b in batches[warmup:warmup + steps]]
+    return summarise(raw, flops, world)
+
+
+def summarise(raw: dict, step_flops: list[float], world: int) -> dict:
+    """The JSON report: per-step rows, medians, MFU and the profiled step's per-rank breakdown
+    (seconds and fraction of its wall time per category)."""
+    steps = raw["steps"]
+    for row, flops in zip(steps, step_flops):
+        row["tokens_per_s"] = row["tokens"] / row["wall_s"]
+        row["model_tflops"] = flops / 1e12
+        row["mfu"] = flops / row["wall_s"] / raw["peak_flops"]
+    ranks = []
+    for r, b in enumerate(raw["ranks"]):
+        ranks.append({"rank": r, "wall_s": b["wall_s"], "seconds": b["seconds"],
+                      "fraction": {c: b["seconds"][c] / b["wall_s"] for c in CATEGORIES},
+                      "runtime_clocks_s": b["runtime_clocks_s"]})
+    median = {k: statistics.median(row[k] for row in steps)
+              for k in ("wall_s", "tokens_per_s", "mfu", "imbalance_before", "imbalance_after")}
+    return {"world": world, "device": raw["device"], "dist_backend": raw["backend"],
+            "peak_tflops_total": raw["peak_flops"] / 1e12, "median": median, "steps": steps,
+            "profiled_step": {"ranks": ranks, "note": "one extra step under the torch profiler; "
+                              "its wall time includes the profiler's overhead"},
+            "spans": [b["spans"] for b in raw["ranks"]]}
+
