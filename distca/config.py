@@ -100,6 +100,9 @@ class CadConfig:
     server_mode: ServerMode = ServerMode.in_place
     num_dedicated_servers: int = 0
     min_shard_tokens: int = 128  # kernels lose efficiency below this shard size
+    # Largest receive buffer one rank may need per layer exchange (q/k/v in as a server plus
+    # out/lse back as a worker); a plan above it is re-planned with a larger tolerance.
+    buffer_budget_mb: float = 1.0e6
 
 
 @dataclass
@@ -331,6 +334,13 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     if c.server_mode is ServerMode.dedicated and c.num_dedicated_servers == 0:
         raise _fail(source, "cad.num_dedicated_servers",
                     "server_mode=dedicated needs at least one dedicated server")
+    if c.server_mode is ServerMode.dedicated and not c.enabled:
+        raise _fail(source, "cad.server_mode",
+                    "dedicated attention servers need cad.enabled=true (colocated attention "
+                    "would leave them idle)")
+    if not (c.buffer_budget_mb > 0 and math.isfinite(c.buffer_budget_mb)):
+        raise _fail(source, "cad.buffer_budget_mb",
+                    f"must be a finite value > 0, got {c.buffer_budget_mb}")
     if cfg.attention.telemetry_interval < 0:
         raise _fail(source, "attention.telemetry_interval", "must be >= 0")
 

@@ -25,16 +25,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from distca.attention_server import (
+    AttentionServer,
+    check_world,
+    data_parallel_groups,
+    is_server_rank,
+    plan_micro_batch,
+)
 from distca.batch import PackedBatch
-from distca.config import DistcaConfig, ServerMode
+from distca.config import DistcaConfig
 from distca.model import AttentionRuntime, apply_cpu_shims, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.model.sharding import gather_full, load_full
-from distca.parallel.layout import build_layout
-from distca.parallel.pingpong import split_nano_batches
 from distca.parallel.pipeline import StageLinks, run_1f1b, run_forward_only
-from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
+from distca.parallel.planning import StepPlan, colocated_plan
 from distca.scheduler import ModelShape
 
 IGNORE = -100
@@ -53,24 +58,30 @@ def learning_rate(cfg: DistcaConfig, step: int) -> float:
 
 
 class Engine:
-    """One rank's model replica/shard and its training step (see the module docstring)."""
+    """One rank's model replica/shard and its training step (see the module docstring).
+
+    On the ranks of dedicated attention servers (``cad.server_mode=dedicated``, ranks after the
+    workers) ``Engine(cfg)`` returns a :class:`distca.attention_server.AttentionServer`.
+    """
+
+    def __new__(cls, cfg: DistcaConfig):
+        if dist.is_initialized() and is_server_rank(cfg, dist.get_rank()):
+            return AttentionServer(cfg)
+        return super().__new__(cls)
 
     def __init__(self, cfg: DistcaConfig) -> None:
         if not dist.is_initialized():
             raise RuntimeError("Engine needs torch.distributed.init_process_group first")
         p = cfg.parallel
-        if cfg.cad.server_mode is ServerMode.dedicated:
-            raise NotImplementedError("cad.server_mode=dedicated is not supported by the engine yet")
-        world = dist.get_world_size()
-        if world != p.dp * p.tp * p.pp:
-            raise ValueError(f"world size {world} != parallel.dp*tp*pp = {p.dp * p.tp * p.pp}")
+        check_world(cfg)
         self.cfg = cfg
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         apply_cpu_shims()
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(p.tp, p.pp)
-        self.dp_group = parallel_state.get_data_parallel_group()
+        # exchange_group adds dedicated attention servers to the data-parallel workers
+        self.dp_group, self.exchange_group = data_parallel_groups(cfg)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -79,7 +90,7 @@ class Engine:
         self.layer_offset = self.pp_rank * (cfg.model.num_layers // p.pp)
         seed_model_parallel(cfg.trainer.seed, self.tp_rank)
         self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value,
-                                        group=self.dp_group)
+                                        group=self.exchange_group)
         self.model = build_model(cfg.model, self.runtime, cfg.trainer.precision)
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
@@ -106,10 +117,7 @@ class Engine:
         if not self.cfg.cad.enabled:
             return colocated_plan(batch.doc_lengths, batch.turn_lengths, batch.turn_is_context,
                                   batch.num_ranks, batch.tokens_per_rank)
-        c = self.cfg.cad
-        return disaggregated_plan(batch.doc_lengths, batch.turn_lengths, batch.turn_is_context,
-                                  batch.num_ranks, batch.tokens_per_rank, c.tolerance,
-                                  c.min_shard_tokens, self.plan_shape, self.device)
+        return plan_micro_batch(self.cfg, batch, self.plan_shape, self.device)
 
     def _forward(self, batch: PackedBatch, plan: StepPlan,
                  hidden_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,14 +153,10 @@ class Engine:
 
     def _layout(self, batch: PackedBatch, plan: StepPlan):
         """This rank's exchange layout; with ping-pong, one per nano-batch of the plan's tasks."""
-        def layout(servers):
-            return build_layout(servers, self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
-                                self.cfg.parallel.dp, list(range(self.cfg.parallel.dp)),
-                                self.device)
-
-        if self.cfg.cad.enabled and self.cfg.cad.ping_pong:
-            return tuple(layout(half) for half in split_nano_batches(plan.servers))
-        return layout(plan.servers)
+        c = self.cfg.cad
+        return plan.layouts(self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
+                            dist.get_world_size(self.exchange_group), c.enabled and c.ping_pong,
+                            self.device)
 
     # ---- the public step API ---------------------------------------------------------------
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:

@@ -88,20 +88,23 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
             overrides += ["cad.enabled=false", "parallel.dp=1"]
         cfg = load_config(ROOT / "recipes" / "tiny.yaml", list(overrides))
         engine = Engine(cfg)
+        server = not isinstance(engine, Engine)  # a dedicated attention server: no weights
         init = out / f"init.{key}.pt"
         if reference or key in seen:
-            engine.load_full_model_state(torch.load(init))
+            if not server:
+                engine.load_full_model_state(torch.load(init))
         else:
-            _randomize_sinks(engine.model)
-            full = engine.full_model_state()  # TP shards and PP stages gathered on every rank
-            if rank == 0:
-                torch.save(full, init)
+            if not server:
+                _randomize_sinks(engine.model)
+                full = engine.full_model_state()  # TP shards and PP stages gathered on every rank
+                if rank == 0:
+                    torch.save(full, init)
             dist.barrier()
         seen.add(key)
         if reference:
             batches = [as_single_worker(b) for b in batches]
         stats = engine.forward_backward(batches)
-        grads = engine.full_gradients()
+        grads = {} if server else engine.full_gradients()
         who = f"ref.{key}" if reference else f"{name}.{rank}"
         torch.save({**stats, "grads": grads}, out / f"{who}.pt")
         dist.barrier()
@@ -125,7 +128,8 @@ def load_reference(outdir: Path, overrides, batches) -> dict:
 
 
 def assert_parity(outdir: Path, scenarios: list, world: int) -> None:
-    """Loss and every gradient of each rank equal the reference's (fp32, rel. error < 1e-5)."""
+    """Loss and every gradient of each of the ``world`` worker ranks equal the reference's
+    (fp32, rel. error < 1e-5)."""
     for name, overrides, batches in scenarios:
         ref = load_reference(outdir, overrides, batches)
         for rank in range(world):

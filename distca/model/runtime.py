@@ -32,9 +32,10 @@ class AttentionRuntime:
         self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | None = None
         self.telemetry: SinkTelemetry | None = None
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Forward wall seconds: "serve" = this rank's server kernels, "attend" = the whole
-        # dispatch (exchange + waiting + serving + merge); "comm_wait" = seconds blocked on
-        # exchanges, forward and backward (exposed communication). None turns the clocks off.
+        # Wall seconds of this rank, summed over layers: "serve" / "serve_bwd" = its server
+        # kernels in forward / backward ("serve_cpu": their CPU seconds, both passes), "attend" = the whole forward dispatch (exchange +
+        # waiting + serving + merge), "comm_wait" = blocked on exchanges, forward and backward
+        # (exposed communication). None turns the clocks off.
         self.timings: dict[str, float] | None = None
 
     def set_batch(self, positions: torch.Tensor,
@@ -56,11 +57,13 @@ class AttentionRuntime:
         from distca.attention import core_attention
 
         def run(sq, sk, sv, q_ranges, kv_ranges, causal):
-            start = time.perf_counter()
-            result = core_attention(sq, sk, sv, q_ranges, kv_ranges, causal,
-                                    softmax_scale=softmax_scale, backend=self.backend)
-            self._clock("serve", start)
-            return result
+            def kernel(*qkv):
+                return core_attention(*qkv, q_ranges, kv_ranges, causal,
+                                      softmax_scale=softmax_scale, backend=self.backend)
+
+            if self.timings is None:
+                return kernel(sq, sk, sv)
+            return _ClockedKernel.apply(self.timings, kernel, sq, sk, sv)
 
         if self.layout is None:
             raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
@@ -74,4 +77,41 @@ class AttentionRuntime:
 
     def _clock(self, key: str, start: float) -> None:
         if self.timings is not None:
-            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+            _add(self.timings, key, start)
+
+
+def _add(timings: dict[str, float], key: str, start: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _add_cpu(timings: dict[str, float], start: float) -> None:
+    timings["serve_cpu"] = timings.get("serve_cpu", 0.0) + time.thread_time() - start
+
+
+class _ClockedKernel(torch.autograd.Function):
+    """Runs ``kernel(q, k, v) -> (out, lse)`` as a private sub-graph so that its forward and
+    backward each show up as one timed interval (autograd may otherwise interleave other nodes)."""
+
+    @staticmethod
+    def forward(ctx, timings, kernel, q, k, v):
+        start = time.perf_counter()
+        cpu0 = time.thread_time()
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        with torch.enable_grad():
+            out, lse = kernel(*inputs)
+        ctx.timings, ctx.inputs, ctx.outputs = timings, inputs, (out, lse)
+        _add(timings, "serve", start)
+        _add_cpu(timings, cpu0)
+        return out.detach(), lse.detach()
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        start, cpu0 = time.perf_counter(), time.thread_time()
+        wanted = [t for t in ctx.inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(ctx.outputs, wanted, (dout, dlse), allow_unused=True)
+                     if wanted and ctx.outputs[0].requires_grad else [])
+        result = [next(grads) if t.requires_grad else None for t in ctx.inputs]
+        ctx.inputs = ctx.outputs = None
+        _add(ctx.timings, "serve_bwd", start)
+        _add_cpu(ctx.timings, cpu0)
+        return (None, None, *result)
