@@ -1,20 +1,25 @@
 // Varlen flash-style attention over a CA-task list on the CPU: forward and backward with LSE.
 //
 // Layouts: q (Nq, Hq, D), k/v (Nk, Hkv, D); Hq = G * Hkv (GQA, query head h reads kv head
-// h / G). The entry points convert the operands once to float32 (no copy for float32 inputs)
-// and transpose K and V per head, so bf16/fp16 inputs get fp32 accumulation. Memory is
-// O(tokens): those copies plus a few tiles per thread, never a score matrix larger than
-// kQueryTile x kKeyTile.
+// h / G). The entry points convert bf16/fp16 operands once to float32 (no copy for float32),
+// so every product accumulates in fp32. Memory is O(tokens): those copies and a few tiles per
+// thread; never a score matrix larger than kKeyTile x kQueryTile.
+//
+// Score tiles are transposed, S^T = K Q^T (keys x queries), so that the queries lie along the
+// vector lanes (see tile_math.h). Q is pre-multiplied by scale * log2(e), so probabilities are
+// exp2(S^T - m); lse goes back to natural log at the end.
 //
 // Forward: one work item per (query block, head) runs an online softmax over the keys of every
-// task covering the block, so a row's tasks are merged in the same pass. Backward (given the
+// task covering the block, so a row's tasks are merged in the same pass; each packed key/value
+// tile serves the block's kSpan query tiles. Backward (given the
 // merged lse and delta = rowsum(dO * O) - dlse, the ring-attention identity): one work item
-// per (independent task group, kv head) walks the group's key blocks, keeps dk/dv of the block
-// in a tile and adds dq into a float32 buffer; groups share no rows, so threads never share a
-// write. Parallelism is groups x kv heads (packed documents: documents x kv heads).
+// per (independent task group, kv head) walks the group's key blocks, keeps dk/dv of the block's
+// kSpan key tiles in tiles, packs each query tile once per block and adds dq into the output; groups share no rows, so threads never share a write.
+// Causal tasks skip the micro-blocks (6 rows x 16 columns) that their mask hides entirely.
 #include <omp.h>
 
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -27,177 +32,320 @@ namespace distca {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Tiles of one side that share each packed tile of the other side: query tiles per forward
+// block, key tiles per backward block. Reuse cuts the gathers of rows kilobytes apart (costly
+// in L3 and TLB misses) by this factor.
+constexpr int64_t kSpan = 4;
 
 struct Shape {
-  int64_t heads, kv_heads, dim, kv_pitch;  // kv_pitch: row length of the transposed K/V
+  int64_t heads, kv_heads, dim;
   int64_t group() const { return heads / kv_heads; }
 };
 
-// p[i][:] = exp(s[i][:] - shift[i]) on each row's visible keys, exact 0 elsewhere.
-// Visible keys of row i: [0, clamp(task.key_end(row0 + i) - j0, 0, nk)).
-inline void masked_exp(float* s, int64_t n, int64_t nk, const Task& task, int64_t row0,
-                       int64_t j0, const float* shift) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* si = s + i * kKeyTile;
-    const int64_t lim = std::clamp<int64_t>(task.key_end(row0 + i) - j0, 0, nk);
-    if (lim > 0 && shift[i] != kNegInf) exp_tile_row(si, shift[i]);
-    std::fill(si + (shift[i] == kNegInf ? 0 : lim), si + kKeyTile, 0.0f);
+using Range = std::pair<int64_t, int64_t>;
+
+// The first column (query i0 + c, of `cols`) of a transposed score tile that key j0 + j sees.
+inline int64_t first_column(const Task& task, int64_t i0, int64_t j0, int64_t j, int64_t cols) {
+  return task.causal ? std::clamp<int64_t>(task.first_query(j0 + j) - i0, 0, cols) : 0;
+}
+
+// How many of the nk keys starting at j0 query i0 + c sees.
+inline int64_t visible_keys(const Task& task, int64_t i0, int64_t j0, int64_t c, int64_t nk) {
+  return task.causal ? std::clamp<int64_t>(task.key_end(i0 + c) - j0, 0, nk) : nk;
+}
+
+// dst[r][0:n] = src[r][0:n] * mul for `rows` rows, zero-padded to `width` columns.
+inline void pack_rows(float* dst, int64_t dst_rs, const float* src, int64_t src_rs,
+                      int64_t rows, int64_t n, int64_t width, float mul = 1.0f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dst + r * dst_rs;
+    const float* s = src + r * src_rs;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) d[c] = s[c] * mul;
+    std::fill(d + n, d + width, 0.0f);
   }
 }
 
-inline void scale_tile(float* s, int64_t n, float scale) {
-#pragma omp simd
-  for (int64_t j = 0; j < n * kKeyTile; ++j) s[j] *= scale;
-}
-
-// One backward tile: p = probabilities recomputed from the merged lse and, in dp,
-// ds = p * (dO V^T - delta); kt/vt point at (D x keys) rows `pitch` apart.
-inline void scores_and_grads(const float* q, const float* dout, int64_t row_stride, int64_t n,
-                             int64_t D, const float* kt, const float* vt, int64_t pitch,
-                             float scale, const Task& task, int64_t row0, int64_t j0, int64_t nk,
-                             const float* lse, const float* delta, float* p, float* dp) {
-  std::fill(p, p + n * kKeyTile, 0.0f);
-  std::fill(dp, dp + n * kKeyTile, 0.0f);
-  gemm_acc(n, kKeyTile, D, q, row_stride, 1, kt, pitch, p, kKeyTile);
-  scale_tile(p, n, scale);
-  masked_exp(p, n, nk, task, row0, j0, lse);
-  gemm_acc(n, kKeyTile, D, dout, row_stride, 1, vt, pitch, dp, kKeyTile);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* pi = p + i * kKeyTile;
-    float* di = dp + i * kKeyTile;
-    const float dl = delta[i];
-#pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) di[j] = pi[j] * (di[j] - dl);
+// Ask for `rows` rows of n floats (src_rs apart) ahead of use: tiles gather rows kilobytes
+// apart from L3 or memory, and without this the copies stall on each row in turn.
+inline void prefetch_rows(const float* src, int64_t src_rs, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(src + r * src_rs + c);
   }
 }
 
-// qs_: (Nq, Hq, D) queries; kt: (Hkv, D, kv_pitch) keys transposed; vf: (Nk, Hkv, D).
-void forward_kernel(const float* qs_, const float* kt, const float* vf, float* out, float* lse,
+// st (nk x nq, row stride kQueryTile) = keys (nk x D, rows a_rs apart) times qt (D x nq), with
+// the micro-blocks left of each key's first visible column skipped; callers mask those.
+inline void transposed_scores(float* st, const float* keys, int64_t a_rs, const float* qt,
+                              int64_t nk, int64_t nq, int64_t D, const Task& task, int64_t i0,
+                              int64_t j0) {
+  gemm_tiles<false>(nk, nq, keys, a_rs, 1, qt, kQueryTile, st, kQueryTile,
+                    [&](int64_t j, int, int64_t c) {
+                      const bool seen = c + kLanes2 > first_column(task, i0, j0, j, nq);
+                      return seen ? Range{0, D} : Range{0, 0};
+                    });
+}
+
+// Lane indices 0..7, to compare against a key's first visible column.
+inline i32x8 lane_ids(int64_t c) {
+  const int32_t b = static_cast<int32_t>(c);
+  return i32x8{b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7};
+}
+
+// dst (D x nq, row stride kQueryTile) = rows (n x D, row stride rs) transposed, times mul,
+// zero in the padding columns [n, nq). The tile is in L1, so this costs little.
+inline void transpose_tile(float* dst, const float* rows, int64_t rs, int64_t n, int64_t nq,
+                           int64_t D, float mul) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* out = dst + d * kQueryTile;
+    for (int64_t i = 0; i < n; ++i) out[i] = rows[i * rs + d] * mul;
+    std::fill(out + n, out + nq, 0.0f);
+  }
+}
+
+// Running state of one query tile in the forward: queries transposed and scaled, the output
+// accumulator transposed, and the per-query running max (log2 units) and sum.
+struct QueryTile {
+  std::vector<float> qt, acc, m, l;
+  explicit QueryTile(int64_t D)
+      : qt(D * kQueryTile), acc(D * kQueryTile), m(kQueryTile), l(kQueryTile) {}
+};
+
+// Fold one key tile (keys/vals: nk x D) of `task` into query tile s (queries i0.., nq lanes).
+void forward_tile(QueryTile& s, float* st, float* alpha, const float* keys, const float* vals,
+                  int64_t nk, int64_t nq, int64_t D, const Task& task, int64_t i0, int64_t j0) {
+  transposed_scores(st, keys, D, s.qt.data(), nk, nq, D, task, i0, j0);
+  // Online softmax down the columns: mask, running max, rescale, exponentiate.
+  for (int64_t c = 0; c < nq; c += 8) {
+    const i32x8 lanes = lane_ids(c);
+    const f32x8 m_old = load8(s.m.data() + c);
+    f32x8 mx = m_old;
+    for (int64_t j = 0; j < nk; ++j) {
+      float* sc = st + j * kQueryTile + c;
+      const int32_t first = static_cast<int32_t>(first_column(task, i0, j0, j, nq));
+      const f32x8 v = lanes < first ? splat8(kNegInf) : load8(sc);
+      store8(sc, v);
+      mx = v > mx ? v : mx;
+    }
+    const f32x8 shift = mx == kNegInf ? f32x8{} : mx;  // nothing seen yet: p = 0
+    const f32x8 a = exp2_8(m_old - shift);
+    f32x8 sum = load8(s.l.data() + c) * a;
+    for (int64_t j = 0; j < nk; ++j) {
+      float* sc = st + j * kQueryTile + c;
+      const f32x8 p = exp2_8(load8(sc) - shift);
+      store8(sc, p);
+      sum += p;
+    }
+    store8(s.m.data() + c, mx);
+    store8(s.l.data() + c, sum);
+    store8(alpha + c, a);
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    float* row = s.acc.data() + d * kQueryTile;
+    for (int64_t c = 0; c < nq; c += 8) store8(row + c, load8(row + c) * load8(alpha + c));
+  }
+  // acc (D x nq) += V^T P^T; a column block stops at the last key its queries see.
+  gemm_tiles<true>(D, nq, vals, 1, D, st, kQueryTile, s.acc.data(), kQueryTile,
+                   [&](int64_t, int, int64_t c) {
+                     return Range{0, visible_keys(task, i0, j0, c + kLanes2 - 1, nk)};
+                   });
+}
+
+// qf: (Nq, Hq, D) queries; kf/vf: (Nk, Hkv, D) keys and values, all float32. Blocks have up
+// to kSpan query tiles, which share each packed key/value tile.
+void forward_kernel(const float* qf, const float* kf, const float* vf, float* out, float* lse,
                     const std::vector<Task>& tasks, const std::vector<Block>& blocks, Shape sh,
                     float scale) {
   const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
   const int64_t items = static_cast<int64_t>(blocks.size()) * sh.heads;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> s(kQueryTile * kKeyTile), acc(kQueryTile * D), m(kQueryTile),
-        l(kQueryTile), mx(kQueryTile), vtile(kKeyTile * D), qtile(kQueryTile * D),
-        ktile(D * kKeyTile);
+    std::vector<QueryTile> tiles(kSpan, QueryTile(D));
+    std::vector<float> st(kKeyTile * kQueryTile), rows(kQueryTile * D), keys(kKeyTile * D),
+        vals(kKeyTile * D), alpha(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const Block& blk = blocks[item / sh.heads];
-      const int64_t h = item % sh.heads, kvh = h / sh.group(), n = blk.end - blk.start;
-      for (int64_t i = 0; i < n; ++i) {
-        std::copy_n(qs_ + (blk.start + i) * qs + h * D, D, qtile.data() + i * D);
+      const int64_t h = item % sh.heads, kvh = h / sh.group();
+      const int64_t n_tiles = (blk.end - blk.start + kQueryTile - 1) / kQueryTile;
+      auto tile_rows = [&](int64_t s) {  // [first, end) query rows of tile s
+        const int64_t a = blk.start + s * kQueryTile;
+        return Range{a, std::min(a + kQueryTile, blk.end)};
+      };
+      for (int64_t s = 0; s < n_tiles; ++s) {
+        const auto [a, e] = tile_rows(s);
+        pack_rows(rows.data(), D, qf + a * qs + h * D, qs, e - a, D, D);
+        transpose_tile(tiles[s].qt.data(), rows.data(), D, e - a, round_up16(e - a), D,
+                       scale * kLog2e);
+        std::fill(tiles[s].acc.begin(), tiles[s].acc.end(), 0.0f);
+        std::fill(tiles[s].m.begin(), tiles[s].m.end(), kNegInf);
+        std::fill(tiles[s].l.begin(), tiles[s].l.end(), 0.0f);
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.0f);
       for (int32_t t : blk.tasks) {
         const Task& task = tasks[t];
         const int64_t kv_end = std::min(task.kb, task.key_end(blk.end - 1));
         for (int64_t j0 = task.ka; j0 < kv_end; j0 += kKeyTile) {
           const int64_t nk = std::min(kKeyTile, kv_end - j0);
-          std::fill(s.begin(), s.end(), 0.0f);
-          const float* kt_src = kt + kvh * D * sh.kv_pitch + j0;
-          for (int64_t d = 0; d < D; ++d) {
-            std::copy_n(kt_src + d * sh.kv_pitch, kKeyTile, ktile.data() + d * kKeyTile);
+          // Contiguous copies: rows ks floats apart would map a tile onto a few L1 sets.
+          pack_rows(keys.data(), D, kf + j0 * ks + kvh * D, ks, nk, D, D);
+          pack_rows(vals.data(), D, vf + j0 * ks + kvh * D, ks, nk, D, D);
+          const int64_t next = std::clamp<int64_t>(kv_end - j0 - kKeyTile, 0, kKeyTile);
+          prefetch_rows(kf + (j0 + kKeyTile) * ks + kvh * D, ks, next, D);
+          prefetch_rows(vf + (j0 + kKeyTile) * ks + kvh * D, ks, next, D);
+          for (int64_t s = 0; s < n_tiles; ++s) {
+            const auto [a, e] = tile_rows(s);
+            const int64_t seen = std::min(nk, std::min(task.kb, task.key_end(e - 1)) - j0);
+            if (seen <= 0) continue;
+            forward_tile(tiles[s], st.data(), alpha.data(), keys.data(), vals.data(), seen,
+                         round_up16(e - a), D, task, a, j0);
           }
-          gemm_acc(n, kKeyTile, D, qtile.data(), D, 1, ktile.data(), kKeyTile, s.data(),
-                   kKeyTile);
-          scale_tile(s.data(), n, scale);
-          for (int64_t i = 0; i < n; ++i) {  // new running max per row; rescale what we had
-            const int64_t lim = std::clamp<int64_t>(task.key_end(blk.start + i) - j0, 0, nk);
-            mx[i] = row_max(s.data() + i * kKeyTile, lim, m[i]);
-            if (mx[i] != m[i] && m[i] != kNegInf) {
-              const float alpha = std::exp(m[i] - mx[i]);
-              l[i] *= alpha;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
-            }
-            m[i] = mx[i];
-          }
-          masked_exp(s.data(), n, nk, task, blk.start, j0, mx.data());
-          for (int64_t i = 0; i < n; ++i) l[i] += row_sum(s.data() + i * kKeyTile);
-          // A contiguous copy of the V tile: its rows are ks floats apart in vf, a stride that
-          // maps the whole tile onto a few L1 sets.
-          for (int64_t j = 0; j < nk; ++j) std::copy_n(vf + (j0 + j) * ks + kvh * D, D, vtile.data() + j * D);
-          gemm_acc(n, D, nk, s.data(), kKeyTile, 1, vtile.data(), D, acc.data(), D);
         }
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = blk.start + i;
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        for (int64_t d = 0; d < D; ++d) out[r * qs + h * D + d] = acc[i * D + d] * inv;
-        lse[r * sh.heads + h] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kNegInf;
+      for (int64_t s = 0; s < n_tiles; ++s) {
+        const auto [a, e] = tile_rows(s);
+        const QueryTile& qt = tiles[s];
+        for (int64_t i = 0; i < e - a; ++i) {
+          const int64_t r = a + i;
+          const float inv = qt.l[i] > 0.0f ? 1.0f / qt.l[i] : 0.0f;
+          for (int64_t d = 0; d < D; ++d) out[r * qs + h * D + d] = qt.acc[d * kQueryTile + i] * inv;
+          lse[r * sh.heads + h] = qt.l[i] > 0.0f ? (qt.m[i] + std::log2(qt.l[i])) * kLn2 : kNegInf;
+        }
       }
     }
   }
 }
 
-// qs_/dof: (Nq, Hq, D) queries and output gradients; kt/vt: (Hkv, D, kv_pitch); kf:
-// (Nk, Hkv, D) keys. dq/dk/dv are float32, written only in the group's rows; dq comes out
-// unscaled (the caller multiplies by the softmax scale), dk is scaled here.
-void backward_kernel(const float* qs_, const float* dof, const float* kt, const float* vt,
-                     const float* kf, const float* lse, const float* delta, float* dq,
-                     float* dk, float* dv, const std::vector<Task>& tasks,
-                     const std::vector<std::vector<Block>>& group_blocks, Shape sh,
-                     float scale) {
-  const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
+// One packed key tile of the backward with its dk/dv accumulators, (nk x Dp) row-major.
+struct KeyTile {
+  std::vector<float> keys, vals, dk, dv;
+  explicit KeyTile(int64_t Dp) : keys(kKeyTile * Dp), vals(kKeyTile * Dp), dk(kKeyTile * Dp), dv(kKeyTile * Dp) {}
+};
+
+// The packed query tile of the backward and the scratch score tiles; row-major tiles are
+// padded to Dp (a multiple of 16) columns.
+struct QueryGrads {
+  std::vector<float> qt, dot, qrows, dorows, p, ds, dq, lse2, delta;
+  QueryGrads(int64_t D, int64_t Dp)
+      : qt(D * kQueryTile), dot(D * kQueryTile), qrows(kQueryTile * Dp),
+        dorows(kQueryTile * Dp), p(kKeyTile * kQueryTile), ds(kKeyTile * kQueryTile),
+        dq(kQueryTile * Dp), lse2(kQueryTile), delta(kQueryTile) {}
+};
+
+struct BackwardInputs {
+  const float *q, *dout, *k, *v, *lse, *delta;
+  float *dq, *dk, *dv;
+  Shape sh;
+  float scale;
+};
+
+// Pack query rows [i0, i0 + n) of head h: rows, transposes (queries scaled by scale * log2 e),
+// lse in log2 units and delta; the padding lanes get values that keep the products finite.
+void pack_query_tile(const BackwardInputs& in, QueryGrads& w, int64_t h, int64_t i0, int64_t n,
+                     int64_t next) {
+  const int64_t D = in.sh.dim, Dp = round_up16(D), nq = round_up16(n), qs = in.sh.heads * D;
+  pack_rows(w.qrows.data(), Dp, in.q + i0 * qs + h * D, qs, n, D, Dp);
+  pack_rows(w.dorows.data(), Dp, in.dout + i0 * qs + h * D, qs, n, D, Dp);
+  prefetch_rows(in.q + (i0 + kQueryTile) * qs + h * D, qs, next, D);
+  prefetch_rows(in.dout + (i0 + kQueryTile) * qs + h * D, qs, next, D);
+  transpose_tile(w.qt.data(), w.qrows.data(), Dp, n, nq, D, in.scale * kLog2e);
+  transpose_tile(w.dot.data(), w.dorows.data(), Dp, n, nq, D, 1.0f);
+  for (int64_t i = 0; i < nq; ++i) {
+    const float l = i < n ? in.lse[(i0 + i) * in.sh.heads + h] : kNegInf;
+    w.lse2[i] = l == kNegInf ? 0.0f : l * kLog2e;  // rows that see nothing are masked anyway
+    w.delta[i] = i < n ? in.delta[(i0 + i) * in.sh.heads + h] : 0.0f;
+  }
+}
+
+// One (key tile x query tile) step: recompute P^T from lse, dS^T = P^T (dP^T - delta) * scale,
+// then dV += P^T dO, dK += dS^T Q into the key tile and dQ += dS K into w.dq. Scaling dS by
+// the softmax scale makes dq and dk come out final.
+void backward_tile(KeyTile& kt, QueryGrads& w, const Task& task, int64_t i0, int64_t n,
+                   int64_t j0, int64_t nk, int64_t D, float scale) {
+  const int64_t Dp = round_up16(D), nq = round_up16(n);
+  transposed_scores(w.p.data(), kt.keys.data(), Dp, w.qt.data(), nk, nq, D, task, i0, j0);
+  transposed_scores(w.ds.data(), kt.vals.data(), Dp, w.dot.data(), nk, nq, D, task, i0, j0);
+  for (int64_t j = 0; j < nk; ++j) {
+    const int32_t first = static_cast<int32_t>(first_column(task, i0, j0, j, nq));
+    float* pj = w.p.data() + j * kQueryTile;
+    float* dj = w.ds.data() + j * kQueryTile;
+    for (int64_t c = 0; c < nq; c += 8) {
+      const i32x8 hidden = lane_ids(c) < first;
+      const f32x8 p = hidden ? f32x8{} : exp2_8(load8(pj + c) - load8(w.lse2.data() + c));
+      const f32x8 ds = p * (load8(dj + c) - load8(w.delta.data() + c)) * scale;
+      store8(pj + c, p);
+      store8(dj + c, hidden ? f32x8{} : ds);
+    }
+  }
+  // dV (nk x Dp) += P^T dO and dK += dS^T Q: a key band starts at its first visible query.
+  const auto from_first = [&](int64_t j, int, int64_t) {
+    return Range{first_column(task, i0, j0, j, n), n};
+  };
+  gemm_tiles<true>(nk, Dp, w.p.data(), kQueryTile, 1, w.dorows.data(), Dp, kt.dv.data(), Dp,
+                   from_first);
+  gemm_tiles<true>(nk, Dp, w.ds.data(), kQueryTile, 1, w.qrows.data(), Dp, kt.dk.data(), Dp,
+                   from_first);
+  // dQ (n x Dp) += dS K (A is dS^T read transposed); a query band stops at its last key.
+  gemm_tiles<true>(n, Dp, w.ds.data(), 1, kQueryTile, kt.keys.data(), Dp, w.dq.data(), Dp,
+                   [&](int64_t i, int rows, int64_t) {
+                     return Range{0, visible_keys(task, i0, j0, i + rows - 1, nk)};
+                   });
+}
+
+// Blocks have up to kSpan key tiles, which share each packed query tile. dq/dk/dv are float32
+// and written only in the rows of the group's blocks.
+void backward_kernel(const BackwardInputs& in, const std::vector<Task>& tasks,
+                     const std::vector<std::vector<Block>>& group_blocks) {
+  const Shape sh = in.sh;
+  const int64_t D = sh.dim, Dp = round_up16(D), qs = sh.heads * D, ks = sh.kv_heads * D;
   const int64_t items = static_cast<int64_t>(group_blocks.size()) * sh.kv_heads;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> p(kQueryTile * kKeyTile), dp(kQueryTile * kKeyTile),
-        dk_tile(kKeyTile * D), dv_tile(kKeyTile * D), L(kQueryTile), dl(kQueryTile),
-        ktile(D * kKeyTile), vtile(D * kKeyTile), krows(kKeyTile * D), qtile(kQueryTile * D),
-        gtile(kQueryTile * D), dq_tile(kQueryTile * D);
+    std::vector<KeyTile> tiles(kSpan, KeyTile(Dp));
+    QueryGrads w(D, Dp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t kvh = item % sh.kv_heads;
       for (const Block& blk : group_blocks[item / sh.kv_heads]) {
-        const int64_t j0 = blk.start, nk = blk.end - blk.start;
-        // Contiguous tiles: the strides of the full tensors map a tile onto few L1 sets.
-        for (int64_t d = 0; d < D; ++d) {
-          std::copy_n(kt + (kvh * D + d) * sh.kv_pitch + j0, kKeyTile, ktile.data() + d * kKeyTile);
-          std::copy_n(vt + (kvh * D + d) * sh.kv_pitch + j0, kKeyTile, vtile.data() + d * kKeyTile);
+        const int64_t n_tiles = (blk.end - blk.start + kKeyTile - 1) / kKeyTile;
+        for (int64_t u = 0; u < n_tiles; ++u) {
+          const int64_t j0 = blk.start + u * kKeyTile, nk = std::min(kKeyTile, blk.end - j0);
+          pack_rows(tiles[u].keys.data(), Dp, in.k + j0 * ks + kvh * D, ks, nk, D, Dp);
+          pack_rows(tiles[u].vals.data(), Dp, in.v + j0 * ks + kvh * D, ks, nk, D, Dp);
+          std::fill(tiles[u].dk.begin(), tiles[u].dk.end(), 0.0f);
+          std::fill(tiles[u].dv.begin(), tiles[u].dv.end(), 0.0f);
         }
-        for (int64_t j = 0; j < nk; ++j) {
-          std::copy_n(kf + (j0 + j) * ks + kvh * D, D, krows.data() + j * D);
-        }
-        std::fill(dk_tile.begin(), dk_tile.end(), 0.0f);
-        std::fill(dv_tile.begin(), dv_tile.end(), 0.0f);
         for (int64_t h = kvh * sh.group(); h < (kvh + 1) * sh.group(); ++h) {
           for (int32_t t : blk.tasks) {
             const Task& task = tasks[t];
-            for (int64_t i0 = task.first_query(j0); i0 < task.qb; i0 += kQueryTile) {
+            for (int64_t i0 = task.first_query(blk.start); i0 < task.qb; i0 += kQueryTile) {
               const int64_t n = std::min(kQueryTile, task.qb - i0);
-              for (int64_t i = 0; i < n; ++i) {
-                std::copy_n(qs_ + (i0 + i) * qs + h * D, D, qtile.data() + i * D);
-                std::copy_n(dof + (i0 + i) * qs + h * D, D, gtile.data() + i * D);
-                L[i] = lse[(i0 + i) * sh.heads + h];
-                dl[i] = delta[(i0 + i) * sh.heads + h];
+              pack_query_tile(in, w, h, i0, n,
+                              std::clamp<int64_t>(task.qb - i0 - kQueryTile, 0, kQueryTile));
+              std::fill(w.dq.begin(), w.dq.end(), 0.0f);
+              for (int64_t u = 0; u < n_tiles; ++u) {
+                const int64_t j0 = blk.start + u * kKeyTile;
+                if (task.key_end(i0 + n - 1) <= j0) break;  // causal: later tiles unseen too
+                backward_tile(tiles[u], w, task, i0, n, j0, std::min(kKeyTile, blk.end - j0), D,
+                              in.scale);
               }
-              std::fill(dq_tile.begin(), dq_tile.end(), 0.0f);
-              scores_and_grads(qtile.data(), gtile.data(), D, n, D, ktile.data(), vtile.data(),
-                               kKeyTile, scale, task, i0, j0, nk, L.data(), dl.data(), p.data(),
-                               dp.data());
-              // dV += P^T dO, dK += dS^T Q (A is the transposed score tile), and dQ += dS K
-              // into this group's own rows; both still lack the softmax scale.
-              gemm_acc(nk, D, n, p.data(), 1, kKeyTile, gtile.data(), D, dv_tile.data(), D);
-              gemm_acc(nk, D, n, dp.data(), 1, kKeyTile, qtile.data(), D, dk_tile.data(), D);
-              gemm_acc(n, D, nk, dp.data(), kKeyTile, 1, krows.data(), D, dq_tile.data(), D);
               for (int64_t i = 0; i < n; ++i) {
-                float* dst = dq + (i0 + i) * qs + h * D;
-                const float* src = dq_tile.data() + i * D;
+                float* dst = in.dq + (i0 + i) * qs + h * D;
+                const float* src = w.dq.data() + i * Dp;
 #pragma omp simd
                 for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
               }
             }
           }
         }
-        for (int64_t j = 0; j < nk; ++j) {
-          float* dst = dk + (j0 + j) * ks + kvh * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = dk_tile[j * D + d] * scale;
-          std::copy_n(dv_tile.data() + j * D, D, dv + (j0 + j) * ks + kvh * D);
+        for (int64_t u = 0; u < n_tiles; ++u) {
+          const int64_t j0 = blk.start + u * kKeyTile, nk = std::min(kKeyTile, blk.end - j0);
+          for (int64_t j = 0; j < nk; ++j) {
+            std::copy_n(tiles[u].dk.data() + j * Dp, D, in.dk + (j0 + j) * ks + kvh * D);
+            std::copy_n(tiles[u].dv.data() + j * Dp, D, in.dv + (j0 + j) * ks + kvh * D);
+          }
         }
       }
     }
@@ -215,14 +363,7 @@ Shape check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::
               "distca cpp attention supports float32, bfloat16 and float16, got ", dt);
   TORCH_CHECK(q.size(2) == k.size(2) && q.size(2) <= 256, "head dim must match and be <= 256");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
-  return {q.size(1), k.size(1), q.size(2), k.size(0) + kKeyTile};
-}
-
-// (Nk, Hkv, D) -> float32 (Hkv, D, Nk + kKeyTile): tiles may read past the last key (masked).
-torch::Tensor transposed_padded(const torch::Tensor& x) {
-  auto t = torch::zeros({x.size(1), x.size(2), x.size(0) + kKeyTile}, x.options().dtype(at::kFloat));
-  t.narrow(2, 0, x.size(0)).copy_(x.permute({1, 2, 0}));
-  return t;
+  return {q.size(1), k.size(1), q.size(2)};
 }
 
 // float32 and contiguous; no copy when it already is.
@@ -233,11 +374,11 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
                                    torch::Tensor causal, double scale) {
   const Shape sh = check_inputs(q, k, v);
   const auto tasks = read_tasks(q_ranges, kv_ranges, causal);
-  const auto blocks = make_blocks(tasks, /*by_kv=*/false, kQueryTile);
-  const auto qf = as_float(q), kt = transposed_padded(k), vf = as_float(v);
+  const auto blocks = make_blocks(tasks, /*by_kv=*/false, kSpan * kQueryTile);
+  const auto qf = as_float(q), kf = as_float(k), vf = as_float(v);
   auto out = torch::zeros(q.sizes(), q.options().dtype(at::kFloat));
   auto lse = torch::full({q.size(0), sh.heads}, kNegInf, q.options().dtype(at::kFloat));
-  forward_kernel(qf.data_ptr<float>(), kt.data_ptr<float>(), vf.data_ptr<float>(),
+  forward_kernel(qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
                  out.data_ptr<float>(), lse.data_ptr<float>(), tasks, blocks, sh,
                  static_cast<float>(scale));
   return {out.to(q.scalar_type()), lse};
@@ -253,18 +394,17 @@ std::vector<torch::Tensor> backward(torch::Tensor dout, torch::Tensor q, torch::
   const auto tasks = read_tasks(q_ranges, kv_ranges, causal);
   std::vector<std::vector<Block>> group_blocks;
   for (const auto& group : independent_groups(tasks)) {
-    group_blocks.push_back(make_blocks(tasks, /*by_kv=*/true, kKeyTile, &group));
+    group_blocks.push_back(make_blocks(tasks, /*by_kv=*/true, kSpan * kKeyTile, &group));
   }
-  const auto qf = as_float(q), dof = as_float(dout), kf = as_float(k);
-  const auto kt = transposed_padded(k), vt = transposed_padded(v);
+  const auto qf = as_float(q), dof = as_float(dout), kf = as_float(k), vf = as_float(v);
   const auto f32 = q.options().dtype(at::kFloat);
   auto dq = torch::zeros(q.sizes(), f32), dk = torch::zeros(k.sizes(), f32),
        dv = torch::zeros(v.sizes(), f32);
-  backward_kernel(qf.data_ptr<float>(), dof.data_ptr<float>(), kt.data_ptr<float>(),
-                  vt.data_ptr<float>(), kf.data_ptr<float>(), lse.data_ptr<float>(),
-                  delta.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                  dv.data_ptr<float>(), tasks, group_blocks, sh, static_cast<float>(scale));
-  dq.mul_(scale);
+  const BackwardInputs in{qf.data_ptr<float>(),    dof.data_ptr<float>(), kf.data_ptr<float>(),
+                          vf.data_ptr<float>(),    lse.data_ptr<float>(), delta.data_ptr<float>(),
+                          dq.data_ptr<float>(),    dk.data_ptr<float>(),  dv.data_ptr<float>(),
+                          sh,                      static_cast<float>(scale)};
+  backward_kernel(in, tasks, group_blocks);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }

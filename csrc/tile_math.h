@@ -1,21 +1,26 @@
 // Float32 tile arithmetic for the CPU attention kernels, written so that GCC/Clang vectorise it.
 //
-// Score tiles are (rows x kKeyTile) row-major. K and V also come transposed, (D x keys) per kv
-// head, so that the score product Q K^T is a gemm_acc with contiguous rows of B.
+// The kernels keep score tiles transposed, (keys x queries) row-major, so that queries lie
+// along the vector lanes: the per-query softmax bookkeeping (running max, row sum, rescale,
+// causal masks) is then plain element-wise vector code with no horizontal reductions.
+// Tile widths along queries and along the head dim are multiples of kLanes2 (16 floats).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace distca {
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 64;
+constexpr int64_t kLanes2 = 16;  // columns per micro-kernel block: two 8-float vectors
 
 // 8 float lanes; GCC/Clang lower it to AVX, SSE or NEON as the target allows.
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 inline f32x8 load8(const float* p) {
   f32x8 v;
@@ -25,98 +30,88 @@ inline f32x8 load8(const float* p) {
 
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-typedef int32_t i32x8 __attribute__((vector_size(32)));
+inline f32x8 splat8(float x) { return f32x8{} + x; }
 
-// exp(x) on 8 lanes for x <= 0, max relative error ~2e-7. Arguments below -87 return ~1e-38
-// instead of a denormal; callers write exact zeros for masked keys themselves. Rounding uses
-// the 1.5 * 2^23 trick so the whole function stays in vector registers.
-inline f32x8 exp8(f32x8 x) {
-  const f32x8 lo = x - x - 87.0f;
+inline int64_t round_up16(int64_t n) { return (n + kLanes2 - 1) / kLanes2 * kLanes2; }
+
+// 2^x on 8 lanes, max relative error ~2e-7. x <= -127 (and -inf) gives exactly 0, which is
+// how masked scores vanish. Rounding uses the 1.5 * 2^23 trick so that the whole function
+// stays in vector registers; r = x - round(x) is exact, so no two-part range reduction.
+inline f32x8 exp2_8(f32x8 x) {
+  const f32x8 lo = splat8(-127.0f);
   x = x < lo ? lo : x;
-  const f32x8 t = x * 1.44269504088896341f + 12582912.0f;
-  const f32x8 n = t - 12582912.0f;
-  const f32x8 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  f32x8 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
+  const f32x8 t = x + 12582912.0f;
+  const f32x8 r = x - (t - 12582912.0f);  // in [-0.5, 0.5]
+  // Taylor series of e^(r ln 2) to degree 6: truncation error < 1.3e-7 on [-0.5, 0.5].
+  f32x8 p = r * 1.5403530393381606e-4f + 1.3333558146428441e-3f;
+  p = p * r + 9.6181291076284772e-3f;
+  p = p * r + 5.5504108664821580e-2f;
+  p = p * r + 2.4022650695910071e-1f;
+  p = p * r + 6.9314718055994531e-1f;
   p = p * r + 1.0f;
   const i32x8 bits = ((i32x8)t - 0x4B400000 + 127) << 23;
   return p * (f32x8)bits;
 }
 
-// s[0:kKeyTile] = exp(s - shift) in place.
-inline void exp_tile_row(float* s, float shift) {
-  for (int64_t j = 0; j < kKeyTile; j += 8) store8(s + j, exp8(load8(s + j) - shift));
+// C[0:R][0:16] (+)= sum over k in [k0, k1) of A[r][k] * B[k][0:16], where A[r][k] is at
+// a[r * a_rs + k * a_ks] (so A may be a transposed tile) and B rows are b_rs floats apart.
+// Per k: two vector loads of B and R broadcasts of A feed 2R FMAs into accumulators that the
+// full unroll keeps in registers (R <= 6 leaves room for the operands in 16 ymm registers).
+template <int R, bool kAccumulate>
+inline void micro_kernel(int64_t k0, int64_t k1, const float* a, int64_t a_rs, int64_t a_ks,
+                         const float* b, int64_t b_rs, float* c, int64_t c_rs) {
+  f32x8 x[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    x[r][0] = kAccumulate ? load8(c + r * c_rs) : f32x8{};
+    x[r][1] = kAccumulate ? load8(c + r * c_rs + 8) : f32x8{};
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const f32x8 b0 = load8(b + k * b_rs), b1 = load8(b + k * b_rs + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float y = a[r * a_rs + k * a_ks];
+      x[r][0] += y * b0;
+      x[r][1] += y * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    store8(c + r * c_rs, x[r][0]);
+    store8(c + r * c_rs + 8, x[r][1]);
+  }
 }
 
-// C (M x N, row stride c_rs) += A (M x K) * B (K x N, row stride b_rs), where A[i][k] is at
-// a[i * a_rs + k * a_ks] (so A may be a transposed tile). Register-blocked 4 x 16 micro-kernel:
-// per k, two vector loads of B and four broadcasts of A feed eight FMAs into named
-// accumulators (arrays of vectors get spilled to the stack).
-inline void gemm_acc(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs,
-                     int64_t a_ks, const float* b, int64_t b_rs, float* c, int64_t c_rs) {
+// One band of R rows starting at row i: every 16-column block j gets the k range
+// span(i, R, j) = {k0, k1}; an empty range skips the block (kAccumulate) or zeroes it.
+template <int R, bool kAccumulate, class Span>
+inline void gemm_band(int64_t i, int64_t N, const float* a, int64_t a_rs, int64_t a_ks,
+                      const float* b, int64_t b_rs, float* c, int64_t c_rs, const Span& span) {
+  for (int64_t j = 0; j < N; j += kLanes2) {
+    const std::pair<int64_t, int64_t> k = span(i, R, j);
+    if (k.second <= k.first && kAccumulate) continue;
+    micro_kernel<R, kAccumulate>(k.first, std::max(k.first, k.second), a + i * a_rs, a_rs,
+                                 a_ks, b + j, b_rs, c + i * c_rs + j, c_rs);
+  }
+}
+
+// C (M x N, N a multiple of 16) (+)= A B over the k ranges that span(row, rows, col) gives
+// for each block of rows x 16 columns: callers use it to skip causally masked blocks and to
+// stop the reduction where the rest of A's row is known to be zero.
+template <bool kAccumulate, class Span>
+inline void gemm_tiles(int64_t M, int64_t N, const float* a, int64_t a_rs, int64_t a_ks,
+                       const float* b, int64_t b_rs, float* c, int64_t c_rs, const Span& span) {
+  constexpr int R = 6;  // measured 1.5x the throughput of 4-row bands on AVX2
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) {
-    const float* a0 = a + i * a_rs;
-    const float* a1 = a0 + a_rs;
-    const float* a2 = a1 + a_rs;
-    const float* a3 = a2 + a_rs;
-    float* c0 = c + i * c_rs;
-    float* c1 = c0 + c_rs;
-    float* c2 = c1 + c_rs;
-    float* c3 = c2 + c_rs;
-    int64_t j = 0;
-    for (; j + 16 <= N; j += 16) {
-      f32x8 x00 = load8(c0 + j), x01 = load8(c0 + j + 8), x10 = load8(c1 + j),
-            x11 = load8(c1 + j + 8), x20 = load8(c2 + j), x21 = load8(c2 + j + 8),
-            x30 = load8(c3 + j), x31 = load8(c3 + j + 8);
-      for (int64_t k = 0; k < K; ++k) {
-        const f32x8 b0 = load8(b + k * b_rs + j), b1 = load8(b + k * b_rs + j + 8);
-        const float y0 = a0[k * a_ks], y1 = a1[k * a_ks], y2 = a2[k * a_ks], y3 = a3[k * a_ks];
-        x00 += y0 * b0;
-        x01 += y0 * b1;
-        x10 += y1 * b0;
-        x11 += y1 * b1;
-        x20 += y2 * b0;
-        x21 += y2 * b1;
-        x30 += y3 * b0;
-        x31 += y3 * b1;
-      }
-      store8(c0 + j, x00), store8(c0 + j + 8, x01), store8(c1 + j, x10);
-      store8(c1 + j + 8, x11), store8(c2 + j, x20), store8(c2 + j + 8, x21);
-      store8(c3 + j, x30), store8(c3 + j + 8, x31);
-    }
-    for (int r = 0; r < 4; ++r) {
-      for (int64_t k = 0; k < K; ++k) {
-        const float x = a[(i + r) * a_rs + k * a_ks];
-        for (int64_t jj = j; jj < N; ++jj) c[(i + r) * c_rs + jj] += x * b[k * b_rs + jj];
-      }
-    }
+  for (; i + R <= M; i += R) gemm_band<R, kAccumulate>(i, N, a, a_rs, a_ks, b, b_rs, c, c_rs, span);
+  switch (M - i) {
+    case 5: gemm_band<5, kAccumulate>(i, N, a, a_rs, a_ks, b, b_rs, c, c_rs, span); break;
+    case 4: gemm_band<4, kAccumulate>(i, N, a, a_rs, a_ks, b, b_rs, c, c_rs, span); break;
+    case 3: gemm_band<3, kAccumulate>(i, N, a, a_rs, a_ks, b, b_rs, c, c_rs, span); break;
+    case 2: gemm_band<2, kAccumulate>(i, N, a, a_rs, a_ks, b, b_rs, c, c_rs, span); break;
+    case 1: gemm_band<1, kAccumulate>(i, N, a, a_rs, a_ks, b, b_rs, c, c_rs, span); break;
+    default: break;
   }
-  for (; i < M; ++i) {
-    for (int64_t k = 0; k < K; ++k) {
-      const float x = a[i * a_rs + k * a_ks];
-#pragma omp simd
-      for (int64_t jj = 0; jj < N; ++jj) c[i * c_rs + jj] += x * b[k * b_rs + jj];
-    }
-  }
-}
-
-// Row max over the first lim lanes and, after exp, the row sum over all lanes of a score row.
-inline float row_max(const float* s, int64_t lim, float init) {
-  float m = init;
-  for (int64_t j = 0; j < lim; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
-inline float row_sum(const float* s) {
-  f32x8 acc = load8(s);
-  for (int64_t j = 8; j < kKeyTile; j += 8) acc += load8(s + j);
-  float total = 0.0f;
-  for (int lane = 0; lane < 8; ++lane) total += acc[lane];
-  return total;
 }
 
 }  // namespace distca

@@ -1,9 +1,10 @@
 """CPU backend on the C++ kernel in ``csrc/`` (flash-style tiles, one call per task list).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` into
-``build/extensions/<name>-<hash>/`` of the source checkout, where ``<hash>`` covers the sources
-and flags, so editing ``csrc/`` triggers a rebuild and an unchanged tree loads the cached
-library. Primitives as in :mod:`distca.attention.torch_backend`; float32, bfloat16 and float16
+``build/extensions/<name>-<hash>/`` of the source checkout, where ``<hash>`` covers the sources,
+the flags, the torch version and the host's CPU features (the build uses ``-march=native``), so
+editing ``csrc/`` or moving the checkout to another CPU triggers a rebuild and an unchanged tree
+loads the cached library. Primitives as in :mod:`distca.attention.torch_backend`; float32, bfloat16 and float16
 (float32 accumulation), head dim up to 256.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -35,9 +37,20 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def _cpu_features() -> str:
+    """The host's CPU model and feature flags: what ``-march=native`` compiles for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:  # not Linux: the processor string is the best we have
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def build_directory() -> Path:
-    """Where the extension for the current sources and flags is (or will be) built."""
-    digest = hashlib.sha256(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
+    """Where the extension for the current sources, flags and CPU is (or will be) built."""
+    key = " ".join(_CFLAGS + _LDFLAGS + [torch.__version__, _cpu_features()])
+    digest = hashlib.sha256(key.encode())
     for rel in _SOURCES + _HEADERS:
         digest.update((_ROOT / rel).read_bytes())
     return _ROOT / "build" / "extensions" / f"distca_attention_cpu-{digest.hexdigest()[:16]}"
