@@ -129,7 +129,7 @@ def test_text_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_documents([str(tmp_path / "bad.jsonl")])
     with pytest.warns(UserWarning, match="skipped 2 bad rows"):
-        assert read_documents([str(tmp_path / "bad.jsonl")], skip_bad_rows=True) == ["ok"]
+        assert read_documents([str(tmp_path / "bad.jsonl")], skip_bad_rows=True) == (["ok"], 2)
 
 
 def test_hf_tokenizer_directory(tmp_path):

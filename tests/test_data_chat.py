@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from distca.config import load_config
 from distca.data.chat import ChatData, ChatTemplate, pack_conversations, tokenize_chat
+from distca.data.dataset import make_dataset
 from distca.data.packing import IGNORE
 from distca.data.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -108,3 +111,11 @@ def test_parquet_rows_and_deterministic_epochs(tmp_path):
     per_epoch = len(data._epoch_bins(0, 256))
     docs_in_epoch = sum(a[i].doc_lengths.size for i in range(per_epoch))
     assert docs_in_epoch == 5  # every conversation once per epoch, none cut
+
+
+def test_skipped_rows_reach_the_dataset_the_trainer_logs(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    write_rows(path, [{"messages": CONVERSATION}, "{not json", {"messages": CONVERSATION}])
+    cfg = load_config(Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml",
+                      ["data.kind=chat", f"data.paths=[{path}]", "data.skip_bad_rows=true"])
+    assert make_dataset(cfg).skipped_rows == 1

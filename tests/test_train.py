@@ -19,7 +19,7 @@ from distca.config import load_config
 from distca.train.checkpoint import read_shard
 
 FIELDS = {"step", "loss", "tokens", "tokens_per_s", "step_time_s", "imbalance_before",
-          "imbalance", "restarts", "lr", "grad_norm", "skipped"}
+          "imbalance", "restarts", "lr", "grad_norm", "skipped", "skipped_rows"}
 
 
 # ---- bad input: exit 2 before anything starts ---------------------------------------------

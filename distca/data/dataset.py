@@ -21,6 +21,11 @@ class Dataset:
         self.tokens_per_rank = tokens_per_rank
         self.micro_batches = micro_batches
 
+    @property
+    def skipped_rows(self) -> int:
+        """Malformed rows dropped under ``data.skip_bad_rows=true`` (synthetic data has none)."""
+        return getattr(self.source, "skipped_rows", 0)
+
     def step_batches(self, step: int) -> list[PackedBatch]:
         first = (step - 1) * self.micro_batches
         return [self.source.micro_batch(first + m, self.num_ranks, self.tokens_per_rank)

@@ -20,8 +20,9 @@ from distca.data.packing import pack
 from distca.data.tokenizer import Tokenizer
 
 
-def read_documents(paths: list[str], skip_bad_rows: bool = False) -> list[str]:
-    """The text of every document in ``paths``; errors name the file (and line) at fault."""
+def read_documents(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[str], int]:
+    """The text of every document in ``paths`` and the number of bad rows skipped; errors name
+    the file (and line) at fault."""
     docs: list[str] = []
     skipped = 0
     for name in paths:
@@ -49,14 +50,15 @@ def read_documents(paths: list[str], skip_bad_rows: bool = False) -> list[str]:
                 docs.append(text)
     if skipped:
         warnings.warn(f"skipped {skipped} bad rows in {', '.join(paths)}", stacklevel=2)
-    return docs
+    return docs, skipped
 
 
 class TextData:
     def __init__(self, paths: list[str], tokenizer: Tokenizer, max_length: int, seed: int,
                  skip_bad_rows: bool = False):
         pieces: list[np.ndarray] = []
-        for text in read_documents(paths, skip_bad_rows):
+        texts, self.skipped_rows = read_documents(paths, skip_bad_rows)
+        for text in texts:
             ids = tokenizer.encode(text)
             pieces.extend(ids[i:i + max_length] for i in range(0, ids.size, max_length))
         if not pieces:

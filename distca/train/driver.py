@@ -91,7 +91,7 @@ class Trainer:
         loss = stats["loss"]
         finite = math.isfinite(loss)
         row = {"step": step, **stats, "tokens_per_s": stats["tokens"] / max(wall, 1e-9),
-               "restarts": self.restarts}
+               "restarts": self.restarts, "skipped_rows": self.data.skipped_rows}
         if step % t.log_interval == 0 or step == t.steps or not finite:
             metrics.log(row)
         if not finite or stats.get("skipped", 0.0):
