@@ -9,7 +9,9 @@ and learnable sinks (sinks shard with their heads).
 from __future__ import annotations
 
 import pytest
-from runtime_harness import assert_parity, run_ranks, skewed_batch
+from runtime_harness import ROOT, assert_parity, run_ranks, skewed_batch
+
+from distca.config import ConfigError, load_config
 
 T = 64  # tokens per data-parallel worker
 ONE_WORKER_DOCS = [30, 1, 9, 1, 12]  # one-token documents and padding in one worker's share
@@ -59,3 +61,16 @@ def test_tp2_and_pp2_match_single_process_reference(tmp_path):
 @pytest.mark.slow
 def test_dp2_with_tp2_and_pp2_match_single_process_reference(tmp_path):
     _check(4, _four_rank_scenarios(), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel.tp=3"], "parallel.tp"),  # heads do not split over 3 ranks
+    (["parallel.pp=3"], "parallel.pp"),  # 4 layers do not split over 3 stages
+    (["parallel.tp=2", "model.ffn_hidden_size=353"], "parallel.tp"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], "model.tie_embeddings"),
+    (["parallel.tp=2", "focusft.enabled=true"], "focusft.enabled"),
+    (["parallel.pp=2", "focusft.enabled=true"], "focusft.enabled"),
+])
+def test_unsupported_layouts_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(ROOT / "recipes" / "tiny.yaml", overrides)
