@@ -1,0 +1,55 @@
+"""The C++ CPU kernel at its tiling edges, against the float64 dense oracle.
+
+The kernel works in 64-row tiles grouped four to a block (one packed tile serves four of the
+other side), pads queries and the head dim to multiples of 16 and skips causally masked 6 x 16
+micro-blocks, so lengths around 16, 64 and 256, head dims that are not multiples of 16, and
+tasks that start mid-tile are where it can go wrong.
+"""
+
+import pytest
+import torch
+from test_attention_core import check, cpp_extension, split_tasks  # noqa: F401
+
+from distca.attention import cpp_backend, make_task_list
+from distca.attention.reference import causal_document_tasks, multiturn_tasks
+
+pytestmark = pytest.mark.usefixtures("cpp_extension")
+
+EDGES = [1, 15, 17, 63, 64, 65, 129, 255, 256, 257]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_documents_at_tile_edges(dtype):
+    check("cpp", causal_document_tasks(EDGES), heads=2, kv_heads=1, dim=24, dtype=dtype)
+
+
+@pytest.mark.parametrize("dim", [8, 40, 72])
+def test_head_dims_off_the_vector_width(dim):
+    check("cpp", causal_document_tasks([70, 1, 300]), heads=2, kv_heads=2, dim=dim)
+
+
+def test_kv_range_split_mid_tile():
+    # One 300-token causal document cut at 100 and 230 on both sides: the later query shards
+    # see the earlier key shards in full, each task starting in the middle of a key tile.
+    rows = [(100, 300, 0, 100, False), (230, 300, 100, 230, False), (0, 100, 0, 100, True),
+            (100, 230, 100, 230, True), (230, 300, 230, 300, True)]
+    check("cpp", make_task_list(*split_tasks(rows), 300, 300), heads=2, kv_heads=1, dim=32)
+
+
+def test_query_shards_longer_than_their_keys():
+    # Bottom-right causal with more queries than keys: the first 190 queries of the first task
+    # see nothing; the second task's queries start mid-tile.
+    rows = [(0, 260, 0, 70, True), (261, 400, 300, 420, True), (261, 400, 0, 50, False)]
+    check("cpp", make_task_list(*split_tasks(rows), 400, 420), heads=3, kv_heads=1, dim=16)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (3, 1)])
+def test_gqa_across_blocks(heads, kv_heads):
+    docs = [[(70, True), (200, False), (1, True), (30, False)], [(300, False)]]
+    check("cpp", multiturn_tasks(docs), heads=heads, kv_heads=kv_heads, dim=16)
+
+
+def test_build_cache_follows_the_cpu(monkeypatch):
+    here = cpp_backend.build_directory()
+    monkeypatch.setattr(cpp_backend, "_cpu_features", lambda: "flags: sse2")
+    assert cpp_backend.build_directory() != here
