@@ -144,12 +144,15 @@ def report(world: int, results: dict[str, list[dict[str, float]]]) -> list[str]:
     lines.append("")
     lines.append(f"{world} ranks: ideal bound (colocated / perfectly balanced, free comm) "
                  f"**{bound:.2f}x**")
+    busiest = {m: max(c["step_cpu"] for c in ranks) for m, ranks in results.items()}
     for mode in ("disaggregated", "disaggregated+pingpong"):
         speedup = step["colocated"] / step[mode]
         exposed = np.mean([c["comm_wait"] / c["step"] for c in results[mode]])
         lines.append(f"{world} ranks: colocated / {mode} step time **{speedup:.2f}x** "
                      f"({100 * (speedup - 1) / max(bound - 1, 1e-9):.0f}% of the ideal gain); "
-                     f"exposed comm {100 * exposed:.0f}% of step time (mean over ranks)")
+                     f"exposed comm {100 * exposed:.0f}% of step time (mean over ranks); busiest "
+                     f"rank's CPU seconds colocated / {mode} "
+                     f"{busiest['colocated'] / busiest[mode]:.2f}x")
     return lines
 
 
