@@ -16,9 +16,12 @@ Systems:
 * ``packing``: colocated attention, documents packed in order into the replicas;
 * ``varlen``: variable-length packing: whole documents go to the replica with the least predicted
   time (longest first), token counts free to differ by up to ``varlen_slack``;
-* ``per-doc-cp``: WLB-LLM-like: varlen packing across groups of ``cp`` replicas, and inside a
-  group every document split head/tail over the group (perfect balance) at the price of
-  all-gathering its k/v;
+* ``per-doc-cp``: WLB-LLM-like: whole documents packed (varlen) into groups of ``cp`` replicas;
+  inside a group every document is cut into ``2·cp`` chunks and replica ``r`` holds chunks
+  ``r`` and ``2·cp-1-r`` (head/tail), charged with the same shape-dependent attention cost as
+  every other system (tiny chunks of short documents run slowly), a ring all-gather of the
+  group's k/v (forward) and reduce-scatter of dk/dv (backward), and the real per-replica
+  imbalance that uneven chunks leave; with several candidate ``cp`` the fastest is taken;
 * ``distca``: packing for the linear layers and the planner for attention; its dispatch overlaps
   compute with ping-pong (``max``) or adds to it (sum) without.
 """
@@ -105,6 +108,7 @@ class StepTimes:
     seconds: dict[str, float]
     imbalance: float  # distca planner's max/mean attention cost
     bytes_moved: int  # distca planner's forward dispatch bytes per layer
+    cp_size: int = 1  # replicas per group of the fastest per-document CP candidate
 
 
 def attention_seconds(pairs, q_len, kv_len, model: ModelSpec, cluster: Cluster,
@@ -122,8 +126,11 @@ def attention_seconds(pairs, q_len, kv_len, model: ModelSpec, cluster: Cluster,
 
 def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: Hardware,
                    tokens_per_worker: int, tolerance: float = 0.1, ping_pong: bool = True,
-                   cp: int = 8, varlen_slack: float = 0.25) -> StepTimes:
-    """Predicted step seconds of every system for one batch of ``dp × T`` tokens."""
+                   cp: int | tuple[int, ...] = 8, varlen_slack: float = 0.25) -> StepTimes:
+    """Predicted step seconds of every system for one batch of ``dp × T`` tokens.
+
+    cp: replicas per per-document CP group, or candidates of which the fastest counts (each
+    lowered to the largest divisor of ``dp`` not above it)."""
     w, t = cluster.dp, tokens_per_worker
     layers = model.num_layers / cluster.pp
     bubble = (cluster.micro_batches + cluster.pp - 1) / cluster.micro_batches
@@ -139,13 +146,11 @@ def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
     doc_time = attention_seconds(doc_pairs, lengths, lengths, model, cluster, hw)
     seconds["varlen"] = _varlen(lengths, doc_time, w, t, linear_per_token, varlen_slack)
 
-    groups = max(1, w // cp)
-    size = w // groups
-    group_time = _varlen_totals(lengths, doc_time, groups, t * size, linear_per_token,
-                                varlen_slack)
-    kv_gather = (lengths.sum() / groups) * model.shape.kv_bytes * (size - 1) / size
-    cp_comm = 3 * kv_gather / (cluster.tp * _bandwidth(hw, cluster, size))
-    seconds["per-doc-cp"] = float(group_time.max() / size + cp_comm)
+    sizes = {max(d for d in range(1, min(int(c), w) + 1) if w % d == 0) for c in np.atleast_1d(cp)}
+    cp_times = {size: per_doc_cp_seconds(lengths, doc_time, model, cluster, hw, t, size,
+                                         linear_per_token, varlen_slack) for size in sizes}
+    cp_size = min(cp_times, key=cp_times.get)
+    seconds["per-doc-cp"] = cp_times[cp_size]
 
     plan = plan_step(docs, w, t, tolerance=tolerance, model=model.shape,
                      cost_table=hw.cost_table)
@@ -158,7 +163,45 @@ def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
     attention = np.maximum(compute, comm) if ping_pong else compute + comm
     seconds["distca"] = float((attention + t * linear_per_token).max())
     seconds = {k: v * layers * bubble for k, v in seconds.items()}
-    return StepTimes(seconds, plan.imbalance, plan.bytes_moved)
+    return StepTimes(seconds, plan.imbalance, plan.bytes_moved, int(cp_size))
+
+
+def per_doc_cp_seconds(lengths, doc_time, model: ModelSpec, cluster: Cluster, hw: Hardware,
+                       tokens_per_worker: int, cp: int, linear_per_token: float,
+                       slack: float = 0.25) -> float:
+    """Seconds per layer of per-document CP with groups of ``cp`` replicas: the slowest replica.
+
+    lengths (D,) int document lengths; doc_time (D,) predicted seconds of each whole document
+    (the packer's priority). A document of length L is cut at ``floor(j·L / 2cp)``; chunk j
+    attends causally to the document's first ``end_j`` tokens, so its cost has the shape
+    (chunk length, end_j) that :func:`attention_seconds` prices like any CA-task.
+    """
+    w = cluster.dp
+    if cp < 1 or w % cp:
+        raise ValueError(f"per-document CP group of {cp} replicas does not divide dp={w}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    group, _ = _pack_documents(lengths, doc_time, w // cp, tokens_per_worker * cp,
+                               linear_per_token, slack)
+    chunks = 2 * cp
+    ends = lengths[:, None] * np.arange(1, chunks + 1) // chunks  # (D, 2cp)
+    q = np.diff(ends, axis=1, prepend=0)
+    pairs = q * ends - q * (q - 1) // 2
+    busy = pairs > 0
+    chunk_time = np.zeros(q.shape)
+    chunk_time[busy] = attention_seconds(pairs[busy], q[busy], ends[busy], model, cluster, hw)
+    rank = np.arange(cp)
+    mirror = chunks - 1 - rank
+    attn = chunk_time[:, rank] + chunk_time[:, mirror]  # (D, cp): replica r's head and tail
+    tokens = q[:, rank] + q[:, mirror]
+    replica = group[:, None] * cp + rank  # (D, cp)
+    busy_s = np.bincount(replica.ravel(), weights=(attn + tokens * linear_per_token).ravel(),
+                         minlength=w)
+    # ring all-gather of the group's k/v forward, reduce-scatter of dk/dv backward: each replica
+    # moves (cp-1)/cp of the group's k/v bytes each way, spread over its tp GPUs' links
+    group_tokens = np.bincount(group, weights=lengths, minlength=w // cp)
+    moved = 2 * group_tokens * model.shape.kv_bytes * (cp - 1) / cp
+    comm = moved / (cluster.tp * _bandwidth(hw, cluster, cp))
+    return float((busy_s + np.repeat(comm, cp)).max())
 
 
 def simulate(distribution, model: ModelSpec, cluster: Cluster, hw: Hardware, max_len: int,
@@ -208,21 +251,23 @@ def _dispatch_seconds(plan, cluster: Cluster, hw: Hardware) -> np.ndarray:
     return 3 * np.maximum(received, sent)
 
 
-def _varlen_totals(lengths, doc_time, bins, capacity, linear_per_token, slack) -> np.ndarray:
+def _pack_documents(lengths, doc_time, bins, capacity, linear_per_token, slack):
     """Longest-processing-time packing of whole documents into ``bins`` of ``capacity`` tokens
-    (plus ``slack``); returns each bin's predicted seconds (linear + attention)."""
+    (plus ``slack``): ((D,) bin of each document, (bins,) predicted seconds of each bin)."""
     order = np.lexsort((np.arange(lengths.size), -doc_time))
     load = np.zeros(bins)
     tokens = np.zeros(bins)
+    where = np.zeros(lengths.size, dtype=np.int64)
     limit = capacity * (1 + slack)
     for i in order:
         fits = tokens + lengths[i] <= limit
         b = int(np.argmin(np.where(fits, load, np.inf))) if fits.any() else int(np.argmin(tokens))
         load[b] += doc_time[i] + lengths[i] * linear_per_token
         tokens[b] += lengths[i]
-    return load
+        where[i] = b
+    return where, load
 
 
 def _varlen(lengths, doc_time, bins, capacity, linear_per_token, slack) -> float:
-    return float(_varlen_totals(lengths, doc_time, bins, capacity, linear_per_token,
-                                slack).max())
+    return float(_pack_documents(lengths, doc_time, bins, capacity, linear_per_token,
+                                 slack)[1].max())

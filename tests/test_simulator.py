@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from distca.scheduler import CostTable
 from distca.scheduler.distributions import read_lengths, sample_lengths
-from distca.scheduler.simulator import SYSTEMS, Cluster, Hardware, ModelSpec, simulate_batch
+from distca.scheduler.simulator import (
+    SYSTEMS,
+    Cluster,
+    Hardware,
+    ModelSpec,
+    per_doc_cp_seconds,
+    simulate_batch,
+)
 
 LLAMA_8B = ModelSpec(32, 4096, 32, 8, 14336)
 
@@ -72,3 +79,50 @@ def test_cost_table_interpolates_and_validates(tmp_path):
     path.write_text("q_len,kv_len,pairs_per_s\n64,64,0\n")
     with pytest.raises(ValueError, match="t.csv:2"):
         CostTable.from_csv(path)
+
+
+def _cp_reference(lengths, model, cluster, hw, cp, linear_per_token):
+    """Per-replica seconds of one CP group holding every document, counted pair by pair."""
+    busy = np.zeros(cp)
+    for length in lengths:
+        ends = [length * j // (2 * cp) for j in range(2 * cp + 1)]
+        for r in range(cp):
+            for c in (r, 2 * cp - 1 - r):
+                q = range(ends[c], ends[c + 1])
+                pairs = float(sum(i + 1 for i in q))  # causal: query i sees keys 0..i
+                if q:
+                    rate = hw.peak_flops * hw.attention_mfu * min(1.0, len(q) / hw.min_efficient_shard)
+                    busy[r] += pairs * model.attention_flops_per_pair / (rate * cluster.tp)
+                busy[r] += len(q) * linear_per_token
+    kv = 2 * sum(lengths) * model.shape.kv_bytes * (cp - 1) / cp
+    return busy + kv / (cluster.tp * hw.network_bytes_per_s)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_doc_cp_matches_pairwise_reference(seed):
+    rng = np.random.default_rng(seed)
+    cp = int(rng.choice([2, 3, 4]))
+    # one-token documents, lengths not divisible by 2·cp, and documents above a replica's share
+    lengths = np.concatenate([[1, 1, 2 * cp - 1], rng.integers(1, 700, 5), [int(rng.integers(900, 1500))]])
+    cluster, hw = Cluster(8 * cp, tp=8, gpus_per_node=8), Hardware()
+    model = ModelSpec(2, 256, 4, 2, 512)
+    linear = float(rng.uniform(1e-9, 1e-7))
+    doc_time = np.zeros(lengths.size)
+    got = per_doc_cp_seconds(lengths, doc_time, model, cluster, hw, int(lengths.sum()), cp, linear)
+    want = _cp_reference(lengths.tolist(), model, cluster, hw, cp, linear)
+    assert got == pytest.approx(want.max(), rel=1e-9)
+    assert want.max() > want.min()  # uneven chunks leave a real imbalance
+
+
+def test_per_doc_cp_pays_for_tiny_shards_and_picks_its_best_group():
+    lengths = np.full(64 * 8, 256)  # 8 replicas of 16K tokens, short documents only
+    cluster = Cluster(64)
+    only_eight = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), 16384, cp=8)
+    # split 16 ways, every chunk is 16 tokens: far below the efficient shard, slower than packing
+    assert only_eight.seconds["per-doc-cp"] > 1.5 * only_eight.seconds["packing"]
+    tuned = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), 16384, cp=(1, 2, 8))
+    assert tuned.cp_size == 1
+    assert tuned.seconds["per-doc-cp"] < only_eight.seconds["per-doc-cp"]
+    with pytest.raises(ValueError, match="does not divide dp=8"):
+        per_doc_cp_seconds(lengths, np.zeros(lengths.size), LLAMA_8B, cluster, Hardware(),
+                           16384, 3, 1e-9)
