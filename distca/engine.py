@@ -12,7 +12,12 @@ heads, FFN and vocabulary over the ``parallel.tp`` ranks of a tensor-parallel gr
 over ``parallel.pp`` pipeline stages. Every rank of a (tensor rank, stage) pair's data-parallel
 group exchanges CA-tasks with the others in that group, with the one plan of the micro-batch
 (computed on global rank 0 and broadcast to all ranks before the step). With ``pp > 1`` the
-micro-batches run through :func:`distca.parallel.pipeline.run_1f1b`.
+micro-batches run through :func:`distca.parallel.pipeline.run_1f1b`, except with
+disaggregated attention and ``cad.ping_pong=false``: then they run the lock-step schedule
+(:func:`distca.parallel.pipeline.run_lockstep`), where all ``dp * pp`` ranks of a tensor rank
+join every attention exchange, one plan per tick over all of them, so ranks in the pipeline
+bubble serve the other stages' attention (:mod:`distca.parallel.lockstep`; ping-pong does not
+compose with it yet).
 """
 
 from __future__ import annotations
@@ -38,8 +43,15 @@ from distca.model import AttentionRuntime, apply_cpu_shims, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.model.sharding import gather_full, load_full
-from distca.parallel.pipeline import StageLinks, run_1f1b, run_forward_only
-from distca.parallel.planning import StepPlan, colocated_plan
+from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
+from distca.parallel.pipeline import (
+    StageLinks,
+    lockstep_timetable,
+    run_1f1b,
+    run_forward_only,
+    run_lockstep,
+)
+from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.scheduler import ModelShape
 
 IGNORE = -100
@@ -106,7 +118,35 @@ class Engine:
         self.plan_shape = ModelShape(h_q=m.num_attention_heads // tp, h_kv=m.num_kv_heads // tp,
                                      head_dim=m.hidden_size // m.num_attention_heads,
                                      bytes_per_elem=2 if cfg.trainer.precision.value == "bf16" else 4)
+        self.lockstep = self._lockstep_exchange() if p.pp > 1 and cfg.cad.enabled \
+            and not cfg.cad.ping_pong else None
         self.step = 0
+
+    def _lockstep_exchange(self) -> LockstepExchange:
+        """The cross-stage exchange group of this tensor rank (collective on every rank)."""
+        p, m = self.cfg.parallel, self.cfg.model
+        coords = [None] * dist.get_world_size()
+        dist.all_gather_object(coords, (self.tp_rank, self.pp_rank, self.dp_rank))
+        groups = {}
+        for t in range(p.tp):  # every rank creates every group, in the same order
+            ranks = sorted(r for r, c in enumerate(coords) if c[0] == t)
+            if [coords[r][1:] for r in ranks] != sorted(coords[r][1:] for r in ranks):
+                raise NotImplementedError("lock-step pipeline needs global ranks ordered by "
+                                          "(stage, data-parallel rank) within a tensor rank")
+            groups[t] = dist.new_group(ranks)
+        from distca.attention import core_attention
+
+        head_dim = m.hidden_size // m.num_attention_heads
+        scale, backend = head_dim ** -0.5, self.cfg.attention.backend.value
+
+        def attend(q, k, v, q_ranges, kv_ranges, causal):
+            return core_attention(q, k, v, q_ranges, kv_ranges, causal, softmax_scale=scale,
+                                  backend=backend)
+
+        s = self.plan_shape
+        return LockstepExchange(groups[self.tp_rank], p.dp, m.num_layers // p.pp,
+                                (s.h_q, s.h_kv, s.head_dim), attend, scale,
+                                self.model.config.params_dtype, self.device)
 
     # ---- one micro-batch -------------------------------------------------------------------
     def _plan(self, batch: PackedBatch) -> StepPlan:
@@ -130,7 +170,8 @@ class Engine:
         rows = batch.rank_slice(self.dp_rank)
         tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
-        self.runtime.set_batch(positions, self._layout(batch, plan))
+        self.runtime.set_batch(positions, self._layout(batch, plan) if self.lockstep is None
+                               else self.lockstep)
         if not self.is_first_stage:
             self.model.set_input_tensor(hidden_in)
         if not self.is_last_stage:
@@ -150,6 +191,34 @@ class Engine:
             None if self.is_last_stage else parallel_state.get_pipeline_model_parallel_next_rank(),
             (sizes.pop() if sizes else 0, 1, self.cfg.model.hidden_size),
             self.model.config.pipeline_dtype, self.device)
+
+    def _lockstep_plans(self, micro_batches: list[PackedBatch], timetable
+                        ) -> tuple[dict, list[StepPlan]]:
+        """One plan per forward tick over the tick's jobs and all ``dp * pp`` ranks of the
+        exchange (collective, in tick order); returns every job's placement and the plans."""
+        c, dp = self.cfg.cad, self.cfg.parallel.dp
+        tokens = micro_batches[0].tokens_per_rank
+        group_size = dp * self.cfg.parallel.pp
+        placements, plans = {}, []
+        for row in timetable:
+            jobs = [(s, op[1]) for s, op in enumerate(row) if op is not None and op[0] == "F"]
+            if not jobs:
+                continue
+            batches = [micro_batches[i] for _, i in jobs]
+            for b in batches:
+                if b.num_ranks != dp:
+                    raise ValueError(f"micro-batch has {b.num_ranks} worker slices, "
+                                     f"parallel.dp = {dp}")
+            tick = tick_documents([(b.doc_lengths, b.turn_lengths, b.turn_is_context)
+                                   for b in batches], dp * tokens)
+            plan = disaggregated_plan(tick.doc_lengths, tick.turn_lengths, tick.turn_is_context,
+                                      len(jobs) * dp, tokens, c.tolerance, c.min_shard_tokens,
+                                      self.plan_shape, self.device, num_servers=group_size,
+                                      buffer_budget_mb=c.buffer_budget_mb)
+            active = [s * dp + d for s, _ in jobs for d in range(dp)]
+            placements.update(zip(jobs, split_placement(plan.servers, tick, active, group_size)))
+            plans.append(plan)
+        return placements, plans
 
     def _layout(self, batch: PackedBatch, plan: StepPlan):
         """This rank's exchange layout; with ping-pong, one per nano-batch of the plan's tasks."""
@@ -195,18 +264,29 @@ class Engine:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         total = max(_loss_tokens(micro_batches), 1)
-        # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
-        plans = [self._plan(batch) for batch in micro_batches]
         losses = []  # this rank's loss sum per micro-batch (last pipeline stage only)
+        stats = {}
+        if self.lockstep is not None:
+            timetable = lockstep_timetable(self.cfg.parallel.pp, len(micro_batches))
+            placements, plans = self._lockstep_plans(micro_batches, timetable)
+            self.lockstep.start_step(placements, self._links(micro_batches).shape[0], True)
+        else:
+            # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
+            plans = [self._plan(batch) for batch in micro_batches]
 
         def stage_forward(i: int, hidden_in: torch.Tensor | None) -> torch.Tensor:
-            out = self._forward(micro_batches[i], plans[i], hidden_in)
+            out = self._forward(micro_batches[i], None if self.lockstep else plans[i], hidden_in)
             if not self.is_last_stage:
                 return out
             losses.append(out.detach())
             return out / total
 
-        if self.cfg.parallel.pp == 1:
+        if self.lockstep is not None:
+            run_lockstep(stage_forward, timetable, self.pp_rank, self._links(micro_batches),
+                         self.lockstep)
+            # score pairs this rank served while its own stage was in the pipeline bubble
+            stats["bubble_served_pairs"] = float(self.lockstep.bubble_pairs)
+        elif self.cfg.parallel.pp == 1:
             for i in range(len(micro_batches)):
                 stage_forward(i, None).backward()
         else:
@@ -215,15 +295,30 @@ class Engine:
         self._sync_gradients()
         return {"loss": self._global_loss_sum(losses) / total,
                 "imbalance_before": float(np.mean([p.imbalance_before for p in plans])),
-                "imbalance": float(np.mean([p.imbalance for p in plans]))}
+                "imbalance": float(np.mean([p.imbalance for p in plans])), **stats}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[PackedBatch]) -> float:
         """Global mean loss over the loss tokens of ``micro_batches``; no gradients, no update."""
         self.model.eval()
+        links = self._links(micro_batches)
+        if self.lockstep is not None:
+            timetable = lockstep_timetable(self.cfg.parallel.pp, len(micro_batches), backward=False)
+            self.lockstep.start_step(self._lockstep_plans(micro_batches, timetable)[0],
+                                     links.shape[0], False)
+            losses = []
+
+            def forward(i: int, hidden: torch.Tensor | None) -> torch.Tensor:
+                out = self._forward(micro_batches[i], None, hidden)
+                if self.is_last_stage:
+                    losses.append(out.detach())
+                return out
+
+            run_lockstep(forward, timetable, self.pp_rank, links, self.lockstep, train=False)
+            return self._global_loss_sum(losses) / max(_loss_tokens(micro_batches), 1)
         plans = [self._plan(batch) for batch in micro_batches]
         losses = run_forward_only(lambda i, hidden: self._forward(micro_batches[i], plans[i], hidden),
-                                  len(micro_batches), self._links(micro_batches))
+                                  len(micro_batches), links)
         return self._global_loss_sum(losses) / max(_loss_tokens(micro_batches), 1)
 
     def _global_loss_sum(self, losses: list[torch.Tensor]) -> float:

@@ -1,27 +1,38 @@
-"""An explicit one-forward-one-backward (1F1B) pipeline schedule over torch.distributed p2p.
+"""Pipeline schedules over torch.distributed p2p: explicit 1F1B, and lock-step ticks.
 
-Pipeline stage ``s`` of ``S`` runs ``min(S - s - 1, M)`` warm-up forwards, then alternates one
-forward and one backward until its ``M`` micro-batches are all forwarded, then drains the
-remaining backwards. Activations (forward) and their gradients (backward) of one fixed shape
-travel between neighbouring stages; every exchange that could wait on the other side posts
-both its send and its receive before waiting (megatron's pairing), so no ordering of blocking
-calls can deadlock.
+**1F1B** (:func:`run_1f1b`). Pipeline stage ``s`` of ``S`` runs ``min(S - s - 1, M)`` warm-up
+forwards, then alternates one forward and one backward until its ``M`` micro-batches are all
+forwarded, then drains the remaining backwards. Activations (forward) and their gradients
+(backward) of one fixed shape travel between neighbouring stages; every exchange that could wait
+on the other side posts both its send and its receive before waiting (megatron's pairing), so no
+ordering of blocking calls can deadlock. Attention is dispatched within each stage's
+data-parallel group; ranks in the pipeline bubble sit idle.
+
+**Lock-step** (:func:`lockstep_timetable`, :func:`run_lockstep`): design §5 wants ranks idle in
+the bubble to serve other stages' attention, so every rank must join every attention exchange.
+Time is cut into ticks; in each tick every stage runs the forward of one micro-batch, the
+backward of one, or nothing. The timetable keeps each stage's 1F1B order (so at most ``S``
+micro-batches are in flight per stage) and places an operation in the first tick after its
+input exists: a forward after the previous stage's forward of that micro-batch, a backward after
+the next stage's backward. With ``L/S`` layers on every stage, the ``c``-th attention call of
+every stage in a tick (forward layer ``c``, or backward layer ``L/S-1-c``; a bubble rank calls
+the tick's ``L/S`` serve-only rounds) is one collective round of all ranks (see
+:mod:`distca.parallel.lockstep`). After a tick's compute, neighbours exchange that tick's
+outputs: a stage receives exactly when its neighbour produced something for it in that tick,
+which every rank reads off the same timetable. The price against 1F1B: a stage never runs ahead
+of the tick, so a short backward waits for the longest operation of the tick.
 
 Why not megatron's ``get_forward_backward_func``: megatron-core 0.16.1's pipelined schedule
 allocates its token counter with a literal ``device="cuda"`` and its batched p2p calls
 ``torch.cuda.synchronize()``, so it cannot run on CPU without patching inside its functions;
-this schedule is the same 1F1B order with nothing CUDA-specific.
-
-Attention during the pipeline: each stage's forward dispatches its CA-tasks within that stage's
-data-parallel group (every rank of a stage runs the same schedule, so their exchanges pair up).
-Ranks idle in the pipeline bubble do not yet serve other stages' attention (design §5 wants
-every rank to join each exchange); that needs the plan to span stages and is not built yet.
+these schedules have nothing CUDA-specific.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,6 +40,9 @@ import torch.distributed as dist
 # forward(i, hidden_in or None) -> hidden_out on every stage but the last, the micro-batch's
 # scalar loss on the last stage.
 StageForward = Callable[[int, torch.Tensor | None], torch.Tensor]
+# One tick of the lock-step timetable: per stage ("F", i) / ("B", i) for the forward / backward
+# of micro-batch i, or None (bubble).
+TickRow = tuple[tuple[str, int] | None, ...]
 
 
 @dataclass
@@ -151,3 +165,95 @@ def run_forward_only(forward: StageForward, num_micro_batches: int,
         else:
             _send_forward(out, links)
     return losses
+
+
+def _one_f_one_b_order(stage: int, num_stages: int, num_micro_batches: int
+                       ) -> list[tuple[str, int]]:
+    warmup = min(num_stages - stage - 1, num_micro_batches)
+    order = [("F", i) for i in range(warmup)]
+    for j in range(num_micro_batches - warmup):
+        order += [("F", warmup + j), ("B", j)]
+    return order + [("B", i) for i in range(num_micro_batches - warmup, num_micro_batches)]
+
+
+def lockstep_timetable(num_stages: int, num_micro_batches: int,
+                       backward: bool = True) -> list[TickRow]:
+    """Ticks of the lock-step schedule (module docstring); forwards only if not ``backward``."""
+    orders = [_one_f_one_b_order(s, num_stages, num_micro_batches) if backward
+              else [("F", i) for i in range(num_micro_batches)] for s in range(num_stages)]
+    done: dict[tuple[str, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
+    position = [0] * num_stages
+    ticks: list[TickRow] = []
+    while any(p < len(o) for p, o in zip(position, orders)):
+        tick, row = len(ticks), []
+        for s, (p, order) in enumerate(zip(position, orders)):
+            if p == len(order):
+                row.append(None)
+                continue
+            kind, i = order[p]
+            source = s - 1 if kind == "F" else s + 1
+            ready = not 0 <= source < num_stages or done.get((kind, source, i), tick) < tick
+            row.append((kind, i) if ready else None)
+        for s, op in enumerate(row):
+            if op is not None:
+                done[(op[0], s, op[1])] = tick
+                position[s] += 1
+        ticks.append(tuple(row))
+    return ticks
+
+
+class TickServer(Protocol):
+    """The attention side of a lock-step tick (:class:`distca.parallel.lockstep.LockstepExchange`)."""
+
+    def begin_tick(self, row: TickRow) -> None: ...
+
+    def serve_idle(self) -> None: ...
+
+    def end_tick(self) -> None: ...
+
+
+def run_lockstep(forward: StageForward, timetable: list[TickRow], stage: int, links: StageLinks,
+                 server: TickServer, train: bool = True) -> None:
+    """Run this stage's part of ``timetable`` (forward and, if ``train``, backward).
+
+    Gradients accumulate in the parameters' ``.grad``; the last stage back-propagates what
+    ``forward`` returns. In a tick where this stage has nothing to do it serves attention.
+    """
+    inputs: dict[int, torch.Tensor | None] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    activations: dict[int, torch.Tensor] = {}  # received from the previous stage
+    grads: dict[int, torch.Tensor] = {}  # received from the next stage
+    for row in timetable:
+        server.begin_tick(row)
+        op = row[stage]
+        sends = []
+        if op is None:
+            server.serve_idle()
+        elif op[0] == "F":
+            i = op[1]
+            inp = activations.pop(i, None)
+            out = forward(i, inp)
+            if train:
+                inputs[i], outputs[i] = inp, out
+            if not links.is_last:
+                sends.append((out.detach(), links.next_rank))
+        else:
+            i = op[1]
+            grad_in = _backward(inputs.pop(i), outputs.pop(i), grads.pop(i, None))
+            if not links.is_first:
+                sends.append((grad_in, links.prev_rank))
+        server.end_tick()
+        prev = None if links.is_first else row[stage - 1]
+        after = None if links.is_last else row[stage + 1]
+        works = [dist.isend(t.contiguous(), dst) for t, dst in sends]
+        receives = []
+        for neighbour, kind, store in ((prev, "F", activations), (after, "B", grads)):
+            if neighbour is not None and neighbour[0] == kind:
+                buffer = torch.empty(links.shape, dtype=links.dtype, device=links.device)
+                src = links.prev_rank if kind == "F" else links.next_rank
+                works.append(dist.irecv(buffer, src))
+                receives.append((store, neighbour[1], buffer))
+        for work in works:
+            work.wait()
+        for store, i, buffer in receives:
+            store[i] = buffer.requires_grad_(train and store is activations)

@@ -3,13 +3,19 @@
 For the same weights and global batch, the loss and every parameter gradient of a TP=2 or PP=2
 run (TP shards and PP stages gathered into the full model) equal the reference's (fp32,
 relative error < 1e-5), with disaggregated attention on, ping-pong on and off, gated attention
-and learnable sinks (sinks shard with their heads).
+and learnable sinks (sinks shard with their heads). PP without ping-pong runs the lock-step
+schedule, where ranks in the pipeline bubble serve the other stage's attention.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from runtime_harness import ROOT, assert_parity, run_ranks, skewed_batch
+from distca.parallel.lockstep import split_placement, tick_documents
+from distca.parallel.pipeline import lockstep_timetable
+from distca.scheduler import ModelShape, plan_step
+from distca.scheduler.documents import documents_from_batch
+from runtime_harness import ROOT, assert_parity, load_result, run_ranks, skewed_batch
 
 from distca.config import ConfigError, load_config
 
@@ -31,6 +37,7 @@ def _two_rank_scenarios():
         ("tp2_blocking", tp2 + ["cad.tolerance=0", "cad.ping_pong=false"], one),
         # Three micro-batches: 1F1B warm-up, steady state and drain on both stages.
         ("pp2_pingpong", pp2 + ["cad.tolerance=0.1", "cad.ping_pong=true"], three),
+        ("pp2_lockstep", pp2 + ["cad.tolerance=0", "cad.ping_pong=false"], three),
     ]
 
 
@@ -45,6 +52,8 @@ def _four_rank_scenarios():
                                      "cad.ping_pong=false"] + GATED_SINKS, batches),
         ("dp2_pp2_pingpong", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
                                      "cad.ping_pong=true"] + GATED_SINKS, batches),
+        ("dp2_pp2_lockstep", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
+                                     "cad.ping_pong=false"] + GATED_SINKS, batches),
     ]
 
 
@@ -52,6 +61,10 @@ def _check(world: int, scenarios, out) -> None:
     run_ranks(world, scenarios, out)
     run_ranks(1, scenarios, out, reference=True)
     assert_parity(out, scenarios, world)
+    for name, *_ in scenarios:
+        if name.endswith("lockstep"):  # every rank's stage idles in some tick; it served then
+            for rank in range(world):
+                assert load_result(out, name, rank)["bubble_served_pairs"] > 0, (name, rank)
 
 
 def test_tp2_and_pp2_match_single_process_reference(tmp_path):
@@ -61,6 +74,72 @@ def test_tp2_and_pp2_match_single_process_reference(tmp_path):
 @pytest.mark.slow
 def test_dp2_with_tp2_and_pp2_match_single_process_reference(tmp_path):
     _check(4, _four_rank_scenarios(), tmp_path)
+
+
+@pytest.mark.parametrize("stages, micro_batches", [(2, 1), (2, 3), (3, 2), (4, 6)])
+def test_lockstep_timetable_is_1f1b_in_ticks(stages, micro_batches):
+    ticks = lockstep_timetable(stages, micro_batches)
+    when = {(op[0], s, op[1]): t for t, row in enumerate(ticks)
+            for s, op in enumerate(row) if op is not None}
+    assert len(when) == 2 * stages * micro_batches  # each F and B once per stage
+    for s in range(stages):
+        for i in range(micro_batches):
+            assert when[("F", s, i)] < when[("B", s, i)]
+            if s > 0:
+                assert when[("F", s - 1, i)] < when[("F", s, i)]
+                assert when[("B", s, i)] < when[("B", s - 1, i)]
+        # at most stages - s micro-batches wait for their backward on stage s (1F1B memory)
+        for t in range(len(ticks)):
+            live = sum(when[("F", s, i)] <= t < when[("B", s, i)] for i in range(micro_batches))
+            assert live <= stages - s
+    # equal-length operations: the classic 1F1B makespan
+    assert len(ticks) == 2 * (micro_batches + stages - 1)
+    assert lockstep_timetable(stages, micro_batches, backward=False) == [
+        tuple(("F", t - s) if 0 <= t - s < micro_batches else None for s in range(stages))
+        for t in range(micro_batches + stages - 1)]
+
+
+def _covered(placement, tokens: int) -> np.ndarray:
+    """(tokens, tokens) int: how many tasks over all servers score each (query, key) pair."""
+    seen = np.zeros((tokens, tokens), dtype=np.int64)
+    for q_tokens, kv_tokens, q_ranges, kv_ranges, causal in placement:
+        for (qa, qb), (ka, kb), c in zip(q_ranges, kv_ranges, causal):
+            for row, q in enumerate(q_tokens[qa:qb]):
+                keys = kv_tokens[ka:kb]
+                if c:  # bottom-right aligned
+                    keys = keys[:len(keys) - (qb - qa) + row + 1]
+                seen[q, keys] += 1
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tick_plan_split_covers_each_job_exactly(seed):
+    """Jobs of one tick planned together over more servers than workers: each job's tasks,
+    split back out, score every causal pair of its documents exactly once and no padding."""
+    rng = np.random.default_rng(seed)
+    dp, stages, tokens = 2, 3, 24
+    jobs, docs = [], []
+    for stage in sorted(rng.choice(stages, size=int(rng.integers(1, stages + 1)), replace=False)):
+        lengths = []
+        while sum(lengths) < dp * tokens - 1 and rng.random() < 0.85:
+            lengths.append(int(rng.integers(1, dp * tokens - sum(lengths))))
+        lengths = lengths or [1]
+        jobs.append(int(stage))
+        docs.append((np.array(lengths), None, None))
+    tick = tick_documents(docs, dp * tokens)
+    plan = plan_step(documents_from_batch(tick.doc_lengths), len(jobs) * dp, tokens,
+                     num_servers=dp * stages, tolerance=float(rng.choice([0.0, 0.1])),
+                     min_shard_tokens=2, model=ModelShape(h_q=2, h_kv=1, head_dim=4))
+    servers = [plan.server_inputs(s) for s in range(plan.num_servers)]
+    active = [s * dp + d for s in jobs for d in range(dp)]
+    for (lengths, _, _), placement in zip(docs, split_placement(servers, tick, active,
+                                                                dp * stages)):
+        want = np.zeros((dp * tokens, dp * tokens), dtype=np.int64)
+        start = 0
+        for n in lengths:
+            want[start:start + n, start:start + n] = np.tril(np.ones((n, n), dtype=np.int64))
+            start += n
+        np.testing.assert_array_equal(_covered(placement, dp * tokens), want)
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -16,6 +16,7 @@ from distca.model.core_attention import SinkTelemetry
 from distca.model.rope import rope_tables
 from distca.parallel.dispatch import dispatch_attention
 from distca.parallel.layout import DispatchLayout
+from distca.parallel.lockstep import LockstepExchange
 from distca.parallel.pingpong import pingpong_attention
 
 
@@ -28,8 +29,10 @@ class AttentionRuntime:
         self.backend = backend
         self.group = group
         self.positions: torch.Tensor | None = None
-        # One layout (blocking exchange) or two nano-batch layouts (ping-pong).
-        self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | None = None
+        # One layout (blocking exchange), two nano-batch layouts (ping-pong), or the lock-step
+        # pipeline's cross-stage exchange.
+        self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | LockstepExchange \
+            | None = None
         self.telemetry: SinkTelemetry | None = None
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Wall seconds of this rank, summed over layers: "serve" / "serve_bwd" = its server
@@ -67,6 +70,8 @@ class AttentionRuntime:
 
         if self.layout is None:
             raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
+        if isinstance(self.layout, LockstepExchange):  # pipeline ticks: rounds of all stages
+            return self.layout.attend_tokens(q, k, v, softmax_scale)
         start = time.perf_counter()
         if isinstance(self.layout, tuple):
             result = pingpong_attention(q, k, v, self.layout, run, self.group, self.timings)

@@ -1,0 +1,366 @@
+"""One attention exchange across all pipeline stages per (tick, layer slot) (design §5).
+
+Under the lock-step schedule of :func:`distca.parallel.pipeline.run_lockstep` every stage, in
+every tick, runs the forward of one micro-batch, the backward of one, or nothing (a bubble). A
+*job* is (stage, micro-batch): the stage's layers over that micro-batch's tokens, held by the
+stage's ``dp`` workers. In *round* ``c`` of a tick (one per layer slot, ``L/pp`` rounds), every
+rank of the exchange group (all ranks of one tensor rank: ``dp * pp`` of them) joins two
+all-to-alls:
+
+* to servers: a forward job's workers send q, k, v of its layer ``c``; a backward job's workers
+  send dO and dlse of its layer ``L/pp - 1 - c`` (autograd runs layers in reverse); bubble
+  ranks send nothing;
+* back to workers: servers return out + lse of the forward tasks, dq/dk/dv of the backward ones.
+
+Every rank is a server in every round, bubble ranks included. A forward tick's jobs are planned
+together over all ``dp * pp`` ranks (one plan per tick, workers first); a job's backward goes to
+the servers that ran its forward, which kept the inputs and the kernel's graph per (job, layer).
+Worker and server gradients are explicit (:class:`_RemoteAttention` on the worker, saved graphs
+on the server), not one autograd node spanning the collective: the jobs merged into one forward
+exchange run their backwards in different ticks.
+
+All buffers travel in fp32 (one dtype per all-to-all; forward and backward payloads mix).
+Group rank ``s * dp + d`` is worker ``d`` of stage ``s`` (megatron's ``tp-cp-ep-dp-pp`` order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from distca.parallel.dispatch import merge_partials
+from distca.parallel.layout import ServerInputs, server_inputs_from_tasks
+from distca.parallel.pingpong import task_pairs
+
+Job = tuple[int, int]  # (pipeline stage, micro-batch)
+Op = tuple[str, int] | None  # ("F", i) / ("B", i): forward / backward of micro-batch i; None: bubble
+# attend(q, k, v, q_ranges, kv_ranges, causal) -> (out (Nq, Hq, D), lse (Nq, Hq) fp32), no sink
+AttendFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TickDocuments:
+    """The documents of one forward tick's jobs laid back to back (stage order).
+
+    Job ``j`` occupies tokens ``[offsets[j], offsets[j] + dp*T)`` of the tick's stream; its
+    trailing padding becomes one-token documents (cheap to plan, their tasks are dropped), so the
+    stream satisfies the planner's back-to-back documents.
+    """
+
+    doc_lengths: np.ndarray
+    turn_lengths: np.ndarray | None
+    turn_is_context: np.ndarray | None
+    offsets: list[int]
+    real_tokens: list[int]  # document tokens of each job (the rest is padding)
+
+
+def tick_documents(docs: Sequence[tuple], tokens_per_job: int) -> TickDocuments:
+    """``docs``: per job ``(doc_lengths, turn_lengths, turn_is_context)`` of its micro-batch."""
+    lengths, turns, context, offsets, real = [], [], [], [], []
+    with_turns = any(t is not None for _, t, _ in docs)
+    for j, (doc_lengths, turn_lengths, turn_is_context) in enumerate(docs):
+        doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
+        n = int(doc_lengths.sum())
+        offsets.append(j * tokens_per_job)
+        real.append(n)
+        pad = np.ones(tokens_per_job - n if j < len(docs) - 1 else 0, dtype=np.int64)
+        lengths += [doc_lengths, pad]
+        if with_turns:
+            turns += [doc_lengths if turn_lengths is None else np.asarray(turn_lengths), pad]
+            context += [np.zeros(doc_lengths.size, dtype=bool) if turn_is_context is None
+                        else np.asarray(turn_is_context, dtype=bool), np.zeros(pad.size, dtype=bool)]
+    return TickDocuments(np.concatenate(lengths),
+                         np.concatenate(turns).astype(np.int64) if with_turns else None,
+                         np.concatenate(context) if with_turns else None, offsets, real)
+
+
+def split_placement(servers: list[ServerInputs], tick: TickDocuments, active_ranks: list[int],
+                    group_size: int) -> list[list[ServerInputs]]:
+    """Per job of the tick, its tasks per exchange-group rank in job-local token coordinates.
+
+    ``servers`` is the tick plan over ``group_size`` servers: server ``i < len(active_ranks)`` is
+    the worker on group rank ``active_ranks[i]``; the others are the remaining ranks in order.
+    """
+    idle = [g for g in range(group_size) if g not in set(active_ranks)]
+    rank_of = list(active_ranks) + idle
+    jobs: list[list[ServerInputs | None]] = [[None] * group_size for _ in tick.offsets]
+    for i, (q_tokens, kv_tokens, q_ranges, kv_ranges, causal) in enumerate(servers):
+        q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
+        kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
+        causal = np.asarray(causal, dtype=bool)
+        q_start = np.asarray(q_tokens, dtype=np.int64)[q_ranges[:, 0]]
+        kv_start = np.asarray(kv_tokens, dtype=np.int64)[kv_ranges[:, 0]]
+        q_len, kv_len = np.diff(q_ranges, axis=1)[:, 0], np.diff(kv_ranges, axis=1)[:, 0]
+        for j, (lo, n) in enumerate(zip(tick.offsets, tick.real_tokens)):
+            m = (q_start >= lo) & (q_start < lo + n)  # tasks never cross documents
+            jobs[j][rank_of[i]] = server_inputs_from_tasks(
+                q_start[m] - lo, q_start[m] - lo + q_len[m], kv_start[m] - lo,
+                kv_start[m] - lo + kv_len[m], causal[m])
+    return jobs
+
+
+@dataclass
+class JobLayout:
+    """One job's exchange seen from one rank. Index tensors are int64 on the exchange device."""
+
+    workers: list[int]  # group ranks holding the job's tokens (ascending = token order)
+    send_q: list[torch.Tensor]  # worker side, per group rank: local query rows sent there
+    send_kv: list[torch.Tensor]  # worker side, per group rank: local kv rows sent there
+    recv_q: list[int]  # server side, per worker of the job: query rows received from it
+    recv_kv: list[int]  # server side, per worker of the job: kv rows received from it
+    tasks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # q/kv ranges, causal
+    pairs: int  # score pairs this rank serves for the job (per layer, forward)
+
+
+def job_layout(placement: list[ServerInputs], workers: list[int], tokens_per_worker: int,
+               me: int, device: torch.device) -> JobLayout:
+    T = tokens_per_worker
+    send_q, send_kv = [], []
+    if me in workers:
+        lo = workers.index(me) * T
+
+        def local(ids) -> torch.Tensor:
+            ids = np.asarray(ids, dtype=np.int64)
+            a, b = np.searchsorted(ids, [lo, lo + T])
+            return torch.as_tensor(ids[a:b] - lo, device=device)
+
+        send_q = [local(p[0]) for p in placement]
+        send_kv = [local(p[1]) for p in placement]
+    q_tokens, kv_tokens, q_ranges, kv_ranges, causal = placement[me]
+    bounds = np.arange(len(workers) + 1) * T
+    recv_q = np.diff(np.searchsorted(q_tokens, bounds)).tolist()
+    recv_kv = np.diff(np.searchsorted(kv_tokens, bounds)).tolist()
+    causal = np.asarray(causal, dtype=bool)
+    tasks, pairs = None, 0
+    if causal.size:
+        q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
+        kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
+        tasks = (torch.as_tensor(q_ranges, device=device), torch.as_tensor(kv_ranges, device=device),
+                 torch.as_tensor(causal, device=device))
+        pairs = int(task_pairs(np.diff(q_ranges, axis=1)[:, 0], np.diff(kv_ranges, axis=1)[:, 0],
+                               causal).sum())
+    return JobLayout(list(workers), send_q, send_kv, recv_q, recv_kv, tasks, pairs)
+
+
+class LockstepExchange:
+    """Every rank's side of the cross-stage exchanges of one pipeline step (module docstring).
+
+    Set as the :class:`~distca.model.runtime.AttentionRuntime` layout: a worker's attention call
+    becomes one round. ``heads`` = (hq, hkv, d) per tensor rank; ``dtype`` = compute dtype.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, dp: int, layers_per_stage: int,
+                 heads: tuple[int, int, int], attend: AttendFn, softmax_scale: float,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.group, self.dp, self.slots = group, dp, layers_per_stage
+        self.me, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.heads, self.attend, self.softmax_scale = heads, attend, softmax_scale
+        self.dtype, self.device = dtype, device
+        self.placements: dict[Job, list[ServerInputs]] = {}
+        self.tokens_per_worker = 0
+        self.training = True
+        self.layouts: dict[Job, JobLayout] = {}
+        self.saved: dict[tuple[Job, int], tuple] = {}  # server graphs awaiting their backward
+        self.roles: list[tuple[str, Job] | None] = [None] * self.size
+        self.row: tuple[Op, ...] = ()
+        self.round = 0
+        # Score pairs served (forward + backward, all layers) in ticks where this rank's own
+        # stage had no micro-batch: the attention the pipeline bubble would otherwise waste.
+        self.bubble_pairs = 0
+
+    def start_step(self, placements: dict[Job, list[ServerInputs]], tokens_per_worker: int,
+                   training: bool) -> None:
+        self.placements, self.tokens_per_worker, self.training = placements, tokens_per_worker, training
+        self.layouts, self.saved, self.bubble_pairs = {}, {}, 0
+
+    def workers(self, stage: int) -> list[int]:
+        return [stage * self.dp + d for d in range(self.dp)]
+
+    # ---- the tick protocol of run_lockstep ---------------------------------------------------
+    def begin_tick(self, row: tuple[Op, ...]) -> None:
+        self.row, self.round = row, 0
+        self.roles = [None] * self.size
+        for s, op in enumerate(row):
+            if op is None:
+                continue
+            job = (s, op[1])
+            if op[0] == "F":
+                self.layouts[job] = job_layout(self.placements.pop(job), self.workers(s),
+                                               self.tokens_per_worker, self.me, self.device)
+            for g in self.workers(s):
+                self.roles[g] = (op[0], job)
+
+    def serve_idle(self) -> None:
+        """A bubble rank's part of the tick: serve every round with nothing of its own."""
+        empty = torch.zeros(0, dtype=torch.float32, device=self.device)
+        for _ in range(self.slots):
+            self.exchange_round([empty] * self.size)
+
+    def end_tick(self) -> None:
+        if self.round != self.slots:
+            raise RuntimeError(f"rank {self.me} joined {self.round} attention rounds in a tick "
+                               f"with {self.slots} layers per stage")
+        for s, op in enumerate(self.row):
+            if op is not None and (op[0] == "B" or not self.training):
+                del self.layouts[(s, op[1])]
+
+    # ---- worker side -------------------------------------------------------------------------
+    def attend_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's q (N, hq, d), k/v (N, hkv, d) through the round; merged (out (N, hq, d),
+        lse (N, hq) fp32) without sink."""
+        if softmax_scale != self.softmax_scale:
+            raise ValueError(f"softmax_scale {softmax_scale} differs from the exchange's "
+                             f"{self.softmax_scale} (bubble ranks serve with the latter)")
+        role = self.roles[self.me]
+        if role is None or role[0] != "F":
+            raise RuntimeError(f"rank {self.me} runs a forward in a tick where its role is {role}")
+        layout = self.layouts[role[1]]
+        out_r, lse_r = _RemoteAttention.apply(q, k, v, self, role[1])
+        index = torch.cat(layout.send_q) if layout.send_q else q.new_zeros(0, dtype=torch.int64)
+        out, lse = merge_partials(out_r, lse_r, index, q.shape[0])
+        return out.to(q.dtype), lse
+
+    # ---- one round ---------------------------------------------------------------------------
+    def exchange_round(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Send ``chunks[g]`` (fp32, flat) to each group rank as a worker, serve, and return
+        what each group rank sent back to this rank as a worker."""
+        hq, hkv, d = self.heads
+        to_servers = []
+        for g, role in enumerate(self.roles):
+            if role is None:
+                to_servers.append(0)
+                continue
+            kind, job = role
+            lay = self.layouts[job]
+            w = lay.workers.index(g)
+            width = hq * d * lay.recv_q[w]
+            to_servers.append(width + 2 * hkv * d * lay.recv_kv[w] if kind == "F"
+                              else width + hq * lay.recv_q[w])
+        received = self._all_to_all(chunks, to_servers)
+        replies = self._serve(received)
+        back = [0] * self.size
+        mine = self.roles[self.me]
+        if mine is not None:
+            lay = self.layouts[mine[1]]
+            for g in range(self.size):
+                nq, nkv = lay.send_q[g].numel(), lay.send_kv[g].numel()
+                back[g] = (nq * hq * (d + 1) if mine[0] == "F"
+                           else nq * hq * d + 2 * nkv * hkv * d)
+        self.round += 1
+        return self._all_to_all(replies, back)
+
+    def _all_to_all(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> list[torch.Tensor]:
+        send = torch.cat([c.reshape(-1).float() for c in chunks])
+        out = send.new_empty(sum(recv_counts))
+        dist.all_to_all_single(out, send, output_split_sizes=recv_counts,
+                               input_split_sizes=[c.numel() for c in chunks], group=self.group)
+        return list(torch.split(out, recv_counts))
+
+    def _serve(self, received: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Server side of one round: per-destination fp32 replies."""
+        hq, hkv, d = self.heads
+        replies = [received[0].new_zeros(0)] * self.size
+        jobs = {role[1]: role[0] for role in self.roles if role is not None}
+        idle = self.roles[self.me] is None
+        for job, kind in jobs.items():
+            lay = self.layouts[job]
+            if lay.tasks is None:
+                continue
+            if idle:
+                self.bubble_pairs += lay.pairs
+            parts = [received[g] for g in lay.workers]
+            if kind == "F":
+                q, k, v = _split_rows(parts, lay.recv_q, lay.recv_kv, (hq, hkv, hkv), d)
+                q, k, v = (t.to(self.dtype) for t in (q, k, v))
+                out, lse = self._forward_tasks((job, self.round), q, k, v, lay)
+                rows = [torch.cat([o.reshape(-1).float(), s.reshape(-1)])
+                        for o, s in zip(out.split(lay.recv_q), lse.float().split(lay.recv_q))]
+            else:
+                sizes = [n * hq * (d + 1) for n in lay.recv_q]
+                assert [p.numel() for p in parts] == sizes
+                dout = torch.cat([p[:n * hq * d] for p, n in zip(parts, lay.recv_q)]).view(-1, hq, d)
+                dlse = torch.cat([p[n * hq * d:] for p, n in zip(parts, lay.recv_q)]).view(-1, hq)
+                dq, dk, dv = self._backward_tasks((job, self.slots - 1 - self.round), dout, dlse)
+                rows = [torch.cat([a.reshape(-1), b.reshape(-1), c.reshape(-1)]).float()
+                        for a, b, c in zip(dq.split(lay.recv_q), dk.split(lay.recv_kv),
+                                           dv.split(lay.recv_kv))]
+            for g, row in zip(lay.workers, rows):
+                replies[g] = row
+        return replies
+
+    def _forward_tasks(self, key, q, k, v, lay: JobLayout):
+        if not self.training:
+            return self.attend(q, k, v, *lay.tasks)
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            out, lse = self.attend(*inputs, *lay.tasks)
+        self.saved[key] = (inputs, (out, lse))
+        return out.detach(), lse.detach()
+
+    def _backward_tasks(self, key, dout, dlse):
+        inputs, outputs = self.saved.pop(key)
+        return torch.autograd.grad(outputs, inputs, (dout.to(outputs[0].dtype), dlse))
+
+
+def _split_rows(parts: list[torch.Tensor], recv_q: list[int], recv_kv: list[int],
+                heads: tuple[int, int, int], d: int) -> tuple[torch.Tensor, ...]:
+    """Concatenate each worker's q, k, v rows (worker order = token order) into server buffers."""
+    hq, hk, hv = heads
+    qs, ks, vs = [], [], []
+    for p, nq, nkv in zip(parts, recv_q, recv_kv):
+        q, k, v = torch.split(p, [nq * hq * d, nkv * hk * d, nkv * hv * d])
+        qs.append(q)
+        ks.append(k)
+        vs.append(v)
+    return (torch.cat(qs).view(-1, hq, d), torch.cat(ks).view(-1, hk, d),
+            torch.cat(vs).view(-1, hv, d))
+
+
+class _RemoteAttention(torch.autograd.Function):
+    """Worker side of one layer: q, k, v out to the servers, partial rows back (and mirrored in
+    backward, which runs as a round of the backward tick)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, exchange: LockstepExchange, job: Job):
+        lay = exchange.layouts[job]
+        chunks = [torch.cat([q.index_select(0, qi).reshape(-1), k.index_select(0, ki).reshape(-1),
+                             v.index_select(0, ki).reshape(-1)])
+                  for qi, ki in zip(lay.send_q, lay.send_kv)]
+        back = exchange.exchange_round(chunks)
+        hq, d = q.shape[1], q.shape[2]
+        outs, lses = [], []
+        for flat, qi in zip(back, lay.send_q):
+            n = qi.numel()
+            outs.append(flat[:n * hq * d].view(n, hq, d))
+            lses.append(flat[n * hq * d:].view(n, hq))
+        ctx.exchange, ctx.job = exchange, job
+        ctx.meta = (q.shape, k.shape, q.dtype)
+        return torch.cat(outs).to(q.dtype), torch.cat(lses)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        ex, job = ctx.exchange, ctx.job
+        if ex.roles[ex.me] != ("B", job):
+            raise RuntimeError(f"backward of job {job} in a tick where rank {ex.me} is "
+                               f"{ex.roles[ex.me]}")
+        lay = ex.layouts[job]
+        sizes = [qi.numel() for qi in lay.send_q]
+        chunks = [torch.cat([a.reshape(-1).float(), b.reshape(-1).float()])
+                  for a, b in zip(dout.split(sizes), dlse.split(sizes))]
+        back = ex.exchange_round(chunks)
+        q_shape, kv_shape, dtype = ctx.meta
+        hq, hkv, d = q_shape[1], kv_shape[1], q_shape[2]
+        dq = torch.zeros(q_shape, dtype=torch.float32, device=dout.device)
+        dk = torch.zeros(kv_shape, dtype=torch.float32, device=dout.device)
+        dv = torch.zeros(kv_shape, dtype=torch.float32, device=dout.device)
+        for flat, qi, ki in zip(back, lay.send_q, lay.send_kv):
+            a, b, c = torch.split(flat, [qi.numel() * hq * d, ki.numel() * hkv * d,
+                                         ki.numel() * hkv * d])
+            dq.index_add_(0, qi, a.view(-1, hq, d))
+            dk.index_add_(0, ki, b.view(-1, hkv, d))
+            dv.index_add_(0, ki, c.view(-1, hkv, d))
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
