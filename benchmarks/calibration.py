@@ -15,12 +15,23 @@ one ``--tokens``-token document on rank 0, short documents elsewhere) in colocat
 disaggregated (ping-pong) mode, and the simulator predicts the same batches
 (``packing`` and ``distca`` systems with tp=1).
 
-    .venv/bin/python benchmarks/calibration.py --ranks 2 4 --table benchmarks/results/calibration_attention.csv
+CPU contention: the ranks are processes with one thread each, sharing ``--cores`` cores with
+whatever else runs on the machine; the table (``profile attention --clock cpu``) and the linear
+time are in CPU seconds, the work a rank does on a core of its own. While ``k`` ranks compute
+next to ``x`` other runnable threads, each rank runs at ``min(1, cores / (k + x))`` of a core
+(processor sharing; a rank waiting in gloo uses no core). The short batch, where every rank
+computes all the time, gives both unknowns: its CPU seconds per rank fit the linear time, and
+its CPU seconds over its wall seconds the share ``s`` each busy rank got, hence ``x``. A
+disaggregated step keeps every rank busy (the planner balances attention, linear work is even)
+and is predicted at share ``s``; a colocated step lets the ranks with short documents finish
+early and free their core, so it is predicted as the processor-sharing finish time of the
+per-rank work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +41,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from distca.scheduler import CostTable
-from distca.scheduler.simulator import Cluster, Hardware, ModelSpec, simulate_batch
+from distca.scheduler.documents import build_segments, documents_from_batch
+from distca.scheduler.simulator import (
+    Cluster,
+    Hardware,
+    ModelSpec,
+    attention_seconds,
+    simulate_batch,
+)
 
 from distca.config import load_config
 from distca.profile.comm import free_port, profile_comm
@@ -70,18 +88,25 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
                for m, extra in MODES.items()}
     runs = [("short", "colocated")] + [("skewed", m) for m in MODES]
     times = {run: [] for run in runs}
+    cpu = {run: [] for run in runs}
     for step in range(args.warmup + args.steps):
         for kind, mode in runs:  # alternating: load on the machine hits every run alike
             batch = [packed(batch_lengths(kind, world, args.tokens, args.short), world,
                             args.tokens, step)]
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             engines[mode].train_step(batch)
+            used = time.process_time() - start_cpu  # before the barrier: its wait is not work
             dist.barrier()
             if step >= args.warmup:
                 times[(kind, mode)].append(time.perf_counter() - start)
+                cpu[(kind, mode)].append(used)
+    short_cpu = torch.tensor([statistics.median(cpu[("short", "colocated")])],
+                             dtype=torch.float64)
+    dist.all_reduce(short_cpu)
     if rank == 0:
-        queue.put({f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()})
+        result = {f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()}
+        queue.put({**result, "short_cpu": float(short_cpu) / world})
     dist.destroy_process_group()
 
 
@@ -98,30 +123,57 @@ def measure(world: int, args) -> dict[str, float]:
     return result
 
 
-def predict(world: int, args, table: CostTable, bandwidth: float, measured_short: float) -> dict:
+def shared_finish(work: np.ndarray, cores: float, others: float = 0.0) -> float:
+    """Seconds until the last of these works (CPU seconds, one per rank) finishes when the busy
+    ranks and ``others`` outside threads share ``cores`` cores equally (processor sharing) and
+    a finished rank frees its share."""
+    clock, done = 0.0, 0.0
+    for i, w in enumerate(np.sort(np.asarray(work, dtype=np.float64))):
+        active = work.size - i
+        clock += (w - done) / min(1.0, cores / (active + others))
+        done = w
+    return clock
+
+
+def predict(world: int, args, table: CostTable, bandwidth: float, measured: dict) -> dict:
+    """Predicted skewed-batch step seconds from the table, the comm bandwidth and the short
+    batch's median wall and mean CPU seconds per rank (``measured``)."""
     cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides(world, args))
     m = cfg.model
     model = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
                       m.ffn_hidden_size, bytes_per_elem=4)
     cluster = Cluster(world, tp=1, gpus_per_node=world, micro_batches=1)
+    share = min(1.0, measured["short_cpu"] / measured["short/colocated"])
+    others = max(0.0, args.cores / share - world)
 
-    def hardware(linear_s_per_token_layer: float) -> Hardware:
+    def hardware(linear_s_per_token_layer: float, share: float) -> Hardware:
         # The simulator charges linear_flops_per_token / (peak · mfu) per token and layer.
-        return Hardware(peak_flops=model.linear_flops_per_token / linear_s_per_token_layer,
-                        linear_mfu=1.0, nvlink_bytes_per_s=bandwidth,
-                        network_bytes_per_s=bandwidth, cost_table=table)
+        slow_table = CostTable(table.q_lens, table.kv_lens, table.pairs_per_s * share)
+        return Hardware(peak_flops=model.linear_flops_per_token / linear_s_per_token_layer
+                        * share, linear_mfu=1.0, nvlink_bytes_per_s=bandwidth,
+                        network_bytes_per_s=bandwidth, cost_table=slow_table)
+
+    def rank_work(lengths: np.ndarray, linear: float) -> np.ndarray:
+        """(world,) CPU seconds of each rank's colocated step: its layers' linear work and the
+        attention of its own documents."""
+        seg = build_segments(documents_from_batch(lengths), args.tokens)
+        seconds = attention_seconds(seg.pairs(), seg.q_end - seg.q_start,
+                                    seg.kv_end - seg.kv_start, model, cluster,
+                                    hardware(1.0, 1.0))
+        attention = np.bincount(seg.home, weights=seconds, minlength=world)
+        return m.num_layers * (attention + args.tokens * linear)
 
     short = batch_lengths("short", world, args.tokens, args.short)
-    probe = simulate_batch(short, model, cluster, hardware(1.0), args.tokens, args.tolerance)
-    # with 1 s per token and layer, the prediction is layers·tokens + attention: solve for it
-    attention_short = probe.seconds["packing"] - m.num_layers * args.tokens
-    linear = (measured_short - attention_short) / (m.num_layers * args.tokens)
+    attention_short = rank_work(short, 0.0).mean()
+    linear = (measured["short_cpu"] - attention_short) / (m.num_layers * args.tokens)
     if linear <= 0:
-        raise RuntimeError("the short-document step is faster than its predicted attention")
+        raise RuntimeError("the short-document step uses less CPU than its predicted attention")
     skewed = batch_lengths("skewed", world, args.tokens, args.short)
-    step = simulate_batch(skewed, model, cluster, hardware(linear), args.tokens, args.tolerance)
-    return {"colocated": step.seconds["packing"], "distca": step.seconds["distca"],
-            "linear_s_per_token_layer": linear, "attention_short_s": attention_short}
+    step = simulate_batch(skewed, model, cluster, hardware(linear, share), args.tokens,
+                          args.tolerance)
+    return {"colocated": shared_finish(rank_work(skewed, linear), args.cores, others),
+            "distca": step.seconds["distca"], "linear_s_per_token_layer": linear,
+            "share": share, "others": others}
 
 
 def main() -> None:
@@ -134,23 +186,30 @@ def main() -> None:
     parser.add_argument("--min-shard", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=0.1)
     parser.add_argument("--comm-size", default=256 * 1024, type=int)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps; the median counts")
+    parser.add_argument("--cores", type=float, default=os.cpu_count(),
+                        help="CPU cores the ranks share (default: all of this machine's)")
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     table = CostTable.from_csv(args.table)
     print(f"tiny model, cpp attention, {args.tokens} tokens/rank, skewed batch (one "
           f"{args.tokens}-token document, {args.short}-token documents), median of {args.steps} "
           f"steps; table {args.table}")
-    print("| ranks | comm GB/s | linear µs/token/layer | mode | predicted s | measured s | "
-          "predicted / measured |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"ranks share {args.cores:g} cores (processor sharing); load: 1-minute load average "
+          "after the measurement; share: core fraction per busy rank on the short batch; "
+          "others: outside threads that implies")
+    print("| ranks | load | share | others | comm GB/s | linear CPU µs/token/layer | mode | "
+          "predicted s | measured s | predicted / measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for world in args.ranks:
         comm = profile_comm(world, [args.comm_size], iters=5)["rows"][0]["bus_GBps"] * 1e9
         measured = measure(world, args)
-        pred = predict(world, args, table, comm, measured["short/colocated"])
+        load = os.getloadavg()[0]
+        pred = predict(world, args, table, comm, measured)
         for mode in MODES:
             got = measured[f"skewed/{mode}"]
-            print(f"| {world} | {comm / 1e9:.2f} | {pred['linear_s_per_token_layer'] * 1e6:.1f} | "
+            print(f"| {world} | {load:.1f} | {pred['share']:.2f} | {pred['others']:.1f} | "
+                  f"{comm / 1e9:.2f} | {pred['linear_s_per_token_layer'] * 1e6:.1f} | "
                   f"{mode} | {pred[mode]:.3f} | {got:.3f} | {pred[mode] / got:.2f} |",
                   flush=True)
 

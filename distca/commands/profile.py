@@ -68,6 +68,8 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UsageError(f"--tp {args.tp} does not divide the heads of {args.model}")
     if args.min_pairs < 1:
         raise UsageError(f"--min-pairs must be >= 1, got {args.min_pairs}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     q_lens, kv_lens = parse_lengths("--q-lens", args.q_lens), parse_lengths("--kv-lens", args.kv_lens)
@@ -83,7 +85,8 @@ def run_attention(args: argparse.Namespace) -> int:
     try:
         result = profile_attention(q_lens, kv_lens, masks, heads, kv_heads,
                                    m["hidden_size"] // m["num_attention_heads"], args.backend,
-                                   min_pairs=args.min_pairs)
+                                   min_pairs=args.min_pairs, reps=args.repeats,
+                                   clock=args.clock)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
     result["model"], result["tp"] = args.model, args.tp
@@ -166,6 +169,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     attn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     attn.add_argument("--min-pairs", type=int, default=1 << 20,
                       help="score pairs per timed call: identical tasks are batched up to it")
+    attn.add_argument("--repeats", type=int, default=3,
+                      help="timed passes per point; the table keeps their median (3)")
+    attn.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                      help="wall seconds, or this process's CPU seconds (CPU, one thread: "
+                      "unaffected by other jobs on the machine)")
     attn.add_argument("--out", default=None, help="write the cost table CSV here")
     attn.add_argument("--json", action="store_true")
     attn.set_defaults(run=run_attention)

@@ -12,6 +12,7 @@ seconds and TFLOP/s for people.
 from __future__ import annotations
 
 import csv
+import statistics
 import time
 from pathlib import Path
 
@@ -38,8 +39,13 @@ def flops_per_pair(heads: int, head_dim: int) -> float:
 
 def time_shape(q_len: int, kv_len: int, causal: bool, heads: int, kv_heads: int, head_dim: int,
                backend: str, dtype: torch.dtype, device: torch.device, min_pairs: int,
-               reps: int) -> float:
-    """Best-of-``reps`` seconds per task of one forward + backward (after one warm-up)."""
+               reps: int, clock: str = "wall") -> float:
+    """Median over ``reps`` timed passes of the seconds per task of one forward + backward
+    (after one warm-up pass); the median, not the best, because the table predicts typical
+    steps on a machine whose load varies. clock ``cpu`` counts this process's CPU seconds
+    instead of wall seconds: with one thread, the time the work takes on a core of its own
+    even when other jobs share the machine."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     from distca.attention import core_attention, make_task_list
 
     copies = max(1, -(-min_pairs // task_pairs(q_len, kv_len, causal)))
@@ -56,23 +62,23 @@ def time_shape(q_len: int, kv_len: int, causal: bool, heads: int, kv_heads: int,
     tasks = make_task_list(torch.stack([idx * q_len, (idx + 1) * q_len], 1),
                            torch.stack([idx * kv_len, (idx + 1) * kv_len], 1),
                            torch.full((copies,), causal), q.shape[0], k.shape[0])
-    best = float("inf")
+    times = []
     for rep in range(reps + 1):
         q.grad = k.grad = v.grad = None
         _sync(device)
-        start = time.perf_counter()
+        start = timer()
         out, _ = core_attention(q, k, v, tasks, None, None, backend=backend)
         out.backward(grad)
         _sync(device)
         if rep:  # the first pass warms caches and kernels up
-            best = min(best, time.perf_counter() - start)
-    return best / copies
+            times.append(timer() - start)
+    return statistics.median(times) / copies
 
 
 def profile_attention(q_lens: list[int], kv_lens: list[int], masks: list[str], heads: int,
                       kv_heads: int, head_dim: int, backend: str = "auto",
                       dtype: torch.dtype | None = None, min_pairs: int = 1 << 20,
-                      reps: int = 2) -> dict:
+                      reps: int = 3, clock: str = "wall") -> dict:
     """Measure the grid; returns ``{"backend", "device", "dtype", "heads", "kv_heads",
     "head_dim", "rows": [{q_len, kv_len, mask, pairs_per_s, seconds_per_task, tflops}]}``."""
     from distca.attention.core import resolve_backend
@@ -82,10 +88,16 @@ def profile_attention(q_lens: list[int], kv_lens: list[int], masks: list[str], h
     unknown = sorted(set(masks) - set(MASKS))
     if not masks or unknown:
         raise ValueError(f"masks must be among {MASKS}, got {masks}")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be wall or cpu, got {clock!r}")
+    if reps < 1:
+        raise ValueError(f"need at least one timed repeat per point, got {reps}")
     if heads < 1 or kv_heads < 1 or head_dim < 1 or heads % kv_heads:
         raise ValueError(f"need heads a multiple of kv_heads, all >= 1 (got {heads}, "
                          f"{kv_heads}, {head_dim})")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if clock == "cpu" and device.type != "cpu":
+        raise ValueError("clock cpu times CPU work only; a GPU table needs the wall clock")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     name = resolve_backend(backend, device).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
     per_pair = flops_per_pair(heads, head_dim)
@@ -95,14 +107,15 @@ def profile_attention(q_lens: list[int], kv_lens: list[int], masks: list[str], h
             for kv_len in sorted(set(kv_lens)):
                 causal = mask == "causal"
                 seconds = time_shape(q_len, kv_len, causal, heads, kv_heads, head_dim, name,
-                                     dtype, device, min_pairs, reps)
+                                     dtype, device, min_pairs, reps, clock)
                 rate = task_pairs(q_len, kv_len, causal) / seconds
                 rows.append({"q_len": q_len, "kv_len": kv_len, "mask": mask,
                              "pairs_per_s": rate, "seconds_per_task": seconds,
                              "tflops": rate * per_pair / 1e12})
     return {"backend": name, "device": _device_name(device), "dtype": str(dtype).split(".")[-1],
             "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "threads": torch.get_num_threads(), "rows": rows}
+            "threads": torch.get_num_threads(), "repeats": reps, "clock": clock,
+            "rows": rows}
 
 
 def write_table(rows: list[dict], path: str | Path) -> None:
