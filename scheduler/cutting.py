@@ -14,6 +14,9 @@ whole kv prefix (``c = kv_start``) is often the cheapest piece there. Elsewhere 
 piece of ``r`` pairs is about ``sqrt(r·kv_bytes/q_bytes)`` rows high; :meth:`Cutter.propose`
 prices a few heights around both and keeps the fewest bytes per unit of cost moved.
 
+With a throughput table pieces are whole-kv bands only (see :meth:`Cutter.propose`), and a piece
+may add more predicted seconds to its receiver than it removes from the donor.
+
 Every cut leaves pieces of at least ``min_shard_tokens`` rows and kv columns (or the whole range).
 """
 
@@ -26,10 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 from distca.scheduler.cost import CostTable, ModelShape
 from distca.scheduler.documents import Segments
-
-# With a throughput table, thin pieces (and the columns a kv split keeps home) run slower than
-# the rows they came from: a cut may add at most this factor of what it removes from the donor.
-_MAX_INFLATION = 1.5
 
 
 class Residency:
@@ -169,17 +168,19 @@ class Cutter:
         before = self.home_units(i, x)
         best, best_score = None, math.inf
         for a in heights:
-            if self.table is not None:
-                rate = float(self.table.throughput(a, full_kv))
-            slack = capacity - min(owed * rate, capacity)
-            k = self._columns_for(a, full_kv, causal, lo * rate, hi * rate, slack)
-            if k is None:
-                continue
+            if self.table is None:
+                k = self._columns_for(a, full_kv, causal, lo, hi, capacity - min(owed, capacity))
+                if k is None:
+                    continue
+            else:
+                # A kv split keeps the band's far-left columns home as a thin task that runs
+                # slower than the rows it came from, often shedding nothing: whole bands only.
+                k = full_kv
             gain = self.units(a, k, causal)
             if gain > hi:
                 continue
             shed = before - self.home_units(i, x - a) - self.units(a, full_kv - k, False)
-            if shed <= 0 or gain > _MAX_INFLATION * shed:
+            if shed <= 0:
                 continue
             moved = a * self.q_bytes + self.resident.missing(server, doc, e - k, e) * self.kv_bytes
             score = moved / min(gain, shed)

@@ -11,6 +11,10 @@ servers below it, biggest room first. What they shed is cut to move the most sco
   of ``r`` pairs, ``a`` query rows by ``K`` kv columns costs ``a·q_bytes + K·kv_bytes``, least at
   ``a ≈ sqrt(r·kv_bytes/q_bytes)``: the band height is chosen there.
 
+With a throughput table the planner balances predicted seconds. Cutting changes the total (a
+thin band runs slower than the rows it leaves), so the cap follows the current mean and the
+granularity is one ``min_shard_tokens``-row whole band (see ``_grain_units``).
+
 Every cut leaves pieces of at least ``min_shard_tokens`` rows and kv columns (or the whole range).
 Each piece is one CA-task; the segment's untouched rows and the kept left columns stay as tasks on
 the home worker, so the tasks tile each document's mask exactly once. Python loops run over pieces
@@ -33,6 +37,7 @@ from distca.scheduler.documents import (
     Segments,
     as_document_batch,
     build_segments,
+    task_pairs,
 )
 from distca.scheduler.plan import Plan, imbalance, make_tasks
 
@@ -106,11 +111,22 @@ def grain_pairs(seg: Segments, min_shard: int) -> int:
 
 
 def _grain_units(seg: Segments, min_shard: int, cost_table: CostTable | None) -> float:
-    """``grain_pairs`` in planning units (seconds of a minimum-height shard with a table)."""
+    """``grain_pairs`` in planning units; with a table, seconds of the costliest minimum band.
+
+    With a throughput table a kv split is no longer free: the columns it keeps home run as a
+    thin task slower than the rows they came from, so a narrow piece can shed less time than it
+    adds (or none). The pieces that reliably shed are whole-kv tail bands of ``min_shard`` rows,
+    so the granularity is the predicted seconds of the costliest such band.
+    """
     grain = float(grain_pairs(seg, min_shard))
-    if cost_table is not None:
-        grain /= float(cost_table.throughput(min_shard, grain_pairs(seg, 1)))
-    return grain
+    if cost_table is None:
+        return grain
+    rows = np.minimum(seg.q_end - seg.q_start, min_shard)
+    cols = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
+    band = task_pairs(rows, cols, seg.causal)
+    seconds = cost_table.seconds(rows, cols, band)
+    return max(grain / float(cost_table.throughput(min_shard, grain_pairs(seg, 1))),
+               float(seconds.max(initial=0.0)))
 
 
 def _home_weight(seg: Segments, cutter: Cutter, cost_table: CostTable | None) -> np.ndarray:
@@ -148,23 +164,20 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     cutter = Cutter(seg, min_shard, model, cost_table)
     weight = _home_weight(seg, cutter, cost_table)
     load = np.bincount(seg.home, weights=weight, minlength=num_servers)
-    mean = load.sum() / num_servers
-    cap = max((1 + tolerance) * mean, mean + _grain_units(seg, min_shard, cost_table))
-    _rehome_short_tails(seg, cutter, load, cap, weight)
-    need = load - cap
-    room = (cap - load).tolist()
-    rooms = _Rooms(room)
-    done = 1e-12 * mean
+    rooms = _Rooms(load, tolerance, _grain_units(seg, min_shard, cost_table))
+    _rehome_short_tails(seg, cutter, load, rooms.cap, weight)
+    rooms.reset(load)
+    done = 1e-12 * rooms.total / num_servers
+    need = load - rooms.cap
     donors = [int(d) for d in np.lexsort((np.arange(num_servers), -need)) if need[d] > done]
     # Densest segments first: the last row of a segment sees the longest kv range.
     density = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
     by_home = np.lexsort((np.arange(len(seg)), -density, seg.home))
     bounds = np.searchsorted(seg.home[by_home], np.arange(num_servers + 1))
     for d in donors:
-        owed = float(need[d])
         queue = [int(i) for i in by_home[bounds[d]:bounds[d + 1]]]
         q = 0
-        while owed > done:
+        while (owed := rooms.load[d] - rooms.cap) > done:
             while q < len(queue) and cutter.rows_left(queue[q]) <= 0:
                 q += 1
             live = [i for i in queue[q:q + _SEGMENTS_TRIED] if cutter.rows_left(i) > 0]
@@ -173,19 +186,19 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
             best, best_score = None, math.inf
             for i in live:
                 for r in rooms.candidates(cutter.resident.holders.get(cutter.doc[i], ())):
-                    piece = cutter.propose(i, r, min(owed, room[r]), room[r], owed)
+                    room = rooms.room(r)
+                    piece = cutter.propose(i, r, min(owed, room), room, owed)
                     if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
                         best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
             if best is None:
                 # Nothing fits any room at the minimum shard size: overshoot the roomiest server.
                 # Only while the receiver ends below where the donor stands now.
-                r = max(range(num_servers), key=room.__getitem__)
-                best = cutter.propose(live[0], r, owed, owed + room[r], owed)
+                r = min(range(num_servers), key=rooms.load.__getitem__)
+                best = cutter.propose(live[0], r, owed, owed + rooms.room(r), owed)
                 if best is None:
                     break
             cutter.apply(best)
-            owed -= best.shed
-            rooms.take(best.server, best.gain)
+            rooms.move(d, best.server, best.shed, best.gain)
     return cutter.columns()
 
 
@@ -222,30 +235,54 @@ _ROOMIEST_TRIED = 2  # receivers with the most room offered besides the kv holde
 
 
 class _Rooms:
-    """Receivers' room (cap - load) with a lazy max-heap for the roomiest ones."""
+    """Servers' load against the cap, with a lazy min-heap for the roomiest receivers.
 
-    def __init__(self, room: list[float]):
-        self.room = room
-        self.heap = [(-room[r], r) for r in range(len(room)) if room[r] > 0]
+    The cap follows the current mean: with a throughput table a cut makes the donor shed less
+    than the receiver gains (thinner tasks run slower), so total predicted time grows as pieces
+    are cut and the bound ``max((1+ε)·mean, mean + grain)`` is measured against that total. In
+    score pairs the total never changes. A rising cap only gives receivers more room.
+    """
+
+    def __init__(self, load: np.ndarray, tolerance: float, grain: float):
+        self.tolerance, self.grain = tolerance, grain
+        self.reset(load)
+
+    def reset(self, load: np.ndarray) -> None:
+        self.load = load.tolist()
+        self.total = float(load.sum())
+        self._update_cap()
+        self.heap = [(self.load[r], r) for r in range(len(self.load))]
         heapq.heapify(self.heap)
+
+    def _update_cap(self) -> None:
+        mean = self.total / len(self.load)
+        self.cap = max((1 + self.tolerance) * mean, mean + self.grain)
+
+    def room(self, r: int) -> float:
+        return self.cap - self.load[r]
 
     def top(self, k: int) -> list[int]:
         """The ``k`` receivers with the most room left (fewer if fewer have room)."""
         out: list[tuple[float, int]] = []
         while self.heap and len(out) < k:
-            neg, r = heapq.heappop(self.heap)
-            if -neg == self.room[r] and self.room[r] > 0:
-                out.append((neg, r))
+            load, r = heapq.heappop(self.heap)
+            if load == self.load[r] and load < self.cap:
+                out.append((load, r))
         for item in out:
             heapq.heappush(self.heap, item)
         return [r for _, r in out]
 
     def candidates(self, holders) -> list[int]:
         """Receivers worth pricing: kv holders with room, then the roomiest others."""
-        picked = [r for r in holders if self.room[r] > 0]
+        picked = [r for r in holders if self.load[r] < self.cap]
         return picked + [r for r in self.top(_ROOMIEST_TRIED) if r not in picked]
 
-    def take(self, r: int, amount: float) -> None:
-        self.room[r] -= amount
-        if self.room[r] > 0:
-            heapq.heappush(self.heap, (-self.room[r], r))
+    def move(self, donor: int, receiver: int, shed: float, gain: float) -> None:
+        """``donor`` sheds ``shed`` and ``receiver`` gains ``gain`` (planning units)."""
+        self.load[donor] -= shed
+        self.load[receiver] += gain
+        if gain != shed:
+            self.total += gain - shed
+            self._update_cap()
+        heapq.heappush(self.heap, (self.load[receiver], receiver))
+        heapq.heappush(self.heap, (self.load[donor], donor))  # a rising cap may give it room
