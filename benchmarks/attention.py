@@ -10,6 +10,9 @@ shows that computed need. After the memory run: the best of ``--reps`` timed for
 forward+backwards.
 
     python benchmarks/attention.py --seq 4096 16384 32768 --out benchmarks/results/attention.md
+
+``--threads N`` sets torch's (and the cpp kernel's) thread count in every worker; on a shared
+machine a 1-thread run's CPU times are the steadiest comparison.
 """
 
 from __future__ import annotations
@@ -62,10 +65,11 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(seq: int, layout: str, method: str, reps: int) -> dict:
+def worker(seq: int, layout: str, method: str, reps: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    torch.set_num_threads(threads)
     from distca.attention import core_attention
     from distca.attention.reference import task_mask
 
@@ -144,6 +148,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dense-limit-gib", type=float, default=6.0)
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--worker", nargs=3, metavar=("SEQ", "LAYOUT", "METHOD"),
@@ -151,10 +156,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         seq, layout, method = args.worker
-        print(json.dumps(worker(int(seq), layout, method, args.reps)))
+        print(json.dumps(worker(int(seq), layout, method, args.reps, args.threads)))
         return
 
     import torch
+
+    from distca.attention import cpp_backend
 
     load_before = os.getloadavg()
     results, dense_bytes_per_s2 = {}, None
@@ -166,7 +173,8 @@ def main() -> None:
                     if need > args.dense_limit_gib:
                         results[(seq, layout, method)] = {"need_gib": need}
                         continue
-                cmd = [sys.executable, __file__, "--reps", str(args.reps), "--worker",
+                cmd = [sys.executable, __file__, "--reps", str(args.reps), "--threads",
+                       str(args.threads), "--worker",
                        str(seq), layout, method]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 r = json.loads(done.stdout.strip().splitlines()[-1])
@@ -179,7 +187,8 @@ def main() -> None:
         f"# Core attention on the CPU ({HEADS} heads, D = {HEAD_DIM}, fp32)\n\n"
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared "
         f"with other engineers' jobs (load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after), torch {torch.__version__} with {torch.get_num_threads()} threads. Times are "
+        f"{load_after[0]:.1f} after), torch {torch.__version__} with {args.threads} thread(s); cpp "
+        f"kernel built with `{cpp_backend.compile_flags()}`. Times are "
         f"the best of {args.reps} runs, wall clock and process CPU time (all threads; less "
         f"sensitive to the other jobs); peak memory is the resident-set high-water "
         f"mark of one forward+backward above the inputs. `dense` is SDPA with a materialised "

@@ -47,6 +47,11 @@ def _cpu_features() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def compile_flags() -> str:
+    """The compiler flags the extension is built with (for benchmark reports)."""
+    return " ".join(_CFLAGS)
+
+
 def build_directory() -> Path:
     """Where the extension for the current sources, flags and CPU is (or will be) built."""
     key = " ".join(_CFLAGS + _LDFLAGS + [torch.__version__, _cpu_features()])
