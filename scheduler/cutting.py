@@ -90,6 +90,9 @@ class Residency:
 class Piece:
     """Rows ``[x - rows, x)`` of segment ``seg`` with kv ``[kv_lo, e)`` go to ``server``.
 
+    A *head* piece instead takes the first remaining rows ``[s, s + rows)`` with the whole kv
+    prefix ``[kv_start, s + rows)`` (causal turns only).
+
     ``gain``: the receiver's added cost; ``shed``: the donor's removed cost (equal in score
     pairs; they differ with a throughput table because the kept tasks change shape); ``bytes``:
     what the piece adds to the dispatch given what the receiver already holds.
@@ -102,10 +105,11 @@ class Piece:
     gain: float
     shed: float
     bytes: int
+    head: bool = False
 
 
 class Cutter:
-    """Cuts pieces off the tail of segments; keeps the segments' remaining rows and the tasks."""
+    """Cuts pieces off segments; keeps the segments' remaining rows and the tasks."""
 
     def __init__(self, seg: Segments, min_shard: int, model: ModelShape,
                  cost_table: CostTable | None):
@@ -113,9 +117,10 @@ class Cutter:
         self.m = min_shard
         self.q_bytes, self.kv_bytes = model.q_bytes, model.kv_bytes
         self.table = cost_table
-        self.row_end = seg.q_end.tolist()  # rows [q_start, row_end) of each segment stay home
-        # Python lists: the planner reads single entries in its loop, where numpy scalars are slow.
-        self.q_start, self.kv_start = seg.q_start.tolist(), seg.kv_start.tolist()
+        # Rows [row_start, row_end) of each segment stay home. Python lists: the planner reads
+        # single entries in its loop, where numpy scalars are slow.
+        self.row_start, self.row_end = seg.q_start.tolist(), seg.q_end.tolist()
+        self.kv_start = seg.kv_start.tolist()
         self.kv_end, self.causal = seg.kv_end.tolist(), seg.causal.tolist()
         self.doc, self.home = seg.doc.tolist(), seg.home.tolist()
         self.resident = Residency(seg)
@@ -130,14 +135,15 @@ class Cutter:
             return float(pairs)
         return float(self.table.seconds(rows, cols, pairs))
 
-    def home_units(self, i: int, row_end: int) -> float:
-        """Cost of segment ``i``'s home task when rows ``[q_start, row_end)`` stay home."""
+    def home_units(self, i: int, row_end: int, row_start: int | None = None) -> float:
+        """Cost of segment ``i``'s home task when rows ``[row_start, row_end)`` stay home."""
         causal = self.causal[i]
         e = row_end if causal else self.kv_end[i]
-        return self.units(row_end - self.q_start[i], e - self.kv_start[i], causal)
+        start = self.row_start[i] if row_start is None else row_start
+        return self.units(row_end - start, e - self.kv_start[i], causal)
 
     def rows_left(self, i: int) -> int:
-        return self.row_end[i] - self.q_start[i]
+        return self.row_end[i] - self.row_start[i]
 
     def propose(self, i: int, server: int, lo: float, hi: float, owed: float) -> Piece | None:
         """The cheapest piece (bytes per unit moved) of segment ``i`` for ``server``.
@@ -146,7 +152,7 @@ class Cutter:
         has to shed: the columns a kv split keeps home are lost to later pieces, so a split may
         only waste the segment's spare capacity beyond ``owed``. None if no valid piece fits.
         """
-        x, qs, ds = self.row_end[i], self.q_start[i], self.kv_start[i]
+        x, qs, ds = self.row_end[i], self.row_start[i], self.kv_start[i]
         rows = x - qs
         if rows <= 0:
             return None
@@ -186,7 +192,39 @@ class Cutter:
             score = moved / min(gain, shed)
             if score < best_score:
                 best, best_score = Piece(i, server, a, e - k, gain, shed, moved), score
+        if causal and qs > ds:
+            head = self._head_piece(i, server, lo * rate, hi, before)
+            if head is not None and head.bytes / min(head.gain, head.shed) < best_score:
+                best = head
         return best
+
+    def _head_piece(self, i: int, server: int, target: float, hi: float,
+                    before: float) -> Piece | None:
+        """The first remaining rows of a causal segment with their whole kv prefix.
+
+        A server that holds the document's kv up to these rows (the previous worker, for a
+        document that spans workers) needs only the rows' own q and kv, where a tail band would
+        need the kv between its prefix and the band. Aims at ``target`` pairs, at most ``hi``.
+        """
+        s, x, ds = self.row_start[i], self.row_end[i], self.kv_start[i]
+        rows, m, p = x - s, self.m, s - ds
+        b = p + 0.5  # a rows after a prefix of p cost a·p + a(a+1)/2 pairs
+        a = math.ceil(math.sqrt(b * b + 2 * max(target, 1.0)) - b)
+        a = max(min(a, rows), min(m, rows))
+        if rows - a < m:
+            a = rows
+        gain = self.units(a, p + a, True)
+        while gain > hi and a > m and rows - (a - 1) >= m:
+            a = max(m, min(a - 1, math.floor(a * hi / gain)))
+            gain = self.units(a, p + a, True)
+        if gain > hi:
+            return None
+        shed = before - self.home_units(i, x, s + a)
+        if shed <= 0:
+            return None
+        moved = a * self.q_bytes + self.resident.missing(server, self.doc[i], ds, s + a) \
+            * self.kv_bytes
+        return Piece(i, server, a, ds, gain, shed, moved, head=True)
 
     def apply(self, piece: Piece) -> None:
         i = piece.seg
@@ -194,6 +232,12 @@ class Cutter:
         causal = self.causal[i]
         e = x if causal else self.kv_end[i]
         doc, a = self.doc[i], piece.rows
+        if piece.head:
+            s = self.row_start[i]
+            self.tasks.append((piece.server, doc, s, s + a, piece.kv_lo, s + a, True))
+            self.row_start[i] = s + a
+            self.resident.add(piece.server, doc, piece.kv_lo, s + a)
+            return
         self.tasks.append((piece.server, doc, x - a, x, piece.kv_lo, e, causal))
         if piece.kv_lo > self.kv_start[i]:
             self.tasks.append((self.home[i], doc, x - a, x, self.kv_start[i], piece.kv_lo, False))
@@ -203,7 +247,7 @@ class Cutter:
     def rehome(self, i: int, server: int) -> None:
         """Move all of segment ``i``'s rows to ``server``; its home stops importing the kv."""
         x, ds = self.row_end[i], self.kv_start[i]
-        self.apply(Piece(i, server, x - self.q_start[i], ds, 0.0, 0.0, 0))
+        self.apply(Piece(i, server, x - self.row_start[i], ds, 0.0, 0.0, 0))
         self.resident.drop(self.home[i], self.doc[i])
 
     def _heights(self, rows: int, full_kv: int, causal: bool, lo: float, hi: float,
@@ -251,11 +295,12 @@ class Cutter:
     def columns(self):
         """All tasks as columns for ``make_tasks``: moved pieces, kept columns, kept rows."""
         s = self.seg
+        row_start = np.array(self.row_start, dtype=np.int64)
         row_end = np.array(self.row_end, dtype=np.int64)
         kept_kv_end = np.where(s.causal, row_end, s.kv_end)
         moved = np.array(self.tasks, dtype=np.int64).reshape(-1, 7)
         return tuple(np.concatenate([a, b]) for a, b in zip(
-            (s.home, s.doc, s.q_start, row_end, s.kv_start, kept_kv_end, s.causal),
+            (s.home, s.doc, row_start, row_end, s.kv_start, kept_kv_end, s.causal),
             (moved[:, 0], moved[:, 1], moved[:, 2], moved[:, 3], moved[:, 4], moved[:, 5],
              moved[:, 6].astype(bool))))
 
