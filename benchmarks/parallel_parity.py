@@ -34,7 +34,11 @@ def main() -> None:
             loss_err = max(abs(g["loss"] - ref["loss"]) / abs(ref["loss"]) for g in got)
             grad_err = max(relative_error(g["grads"][k], v) for g in got
                            for k, v in ref["grads"].items())
-            print(f"| {name} | {world} | {loss_err:.1e} | {grad_err:.1e} | {len(ref['grads'])} |")
+            # lock-step only: score pairs each rank served while its own stage idled
+            bubble = " / ".join(str(int(g["bubble_served_pairs"])) for g in got
+                                if "bubble_served_pairs" in g) or "-"
+            print(f"| {name} | {world} | {loss_err:.1e} | {grad_err:.1e} | {len(ref['grads'])} "
+                  f"| {bubble} |")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ all-to-alls:
 Every rank is a server in every round, bubble ranks included. A forward tick's jobs are planned
 together over all ``dp * pp`` ranks (one plan per tick, workers first); a job's backward goes to
 the servers that ran its forward, which kept the inputs and the kernel's graph per (job, layer).
-Worker and server gradients are explicit (:class:`_RemoteAttention` on the worker, saved graphs
-on the server), not one autograd node spanning the collective: the jobs merged into one forward
-exchange run their backwards in different ticks.
+The tick plan balances the tick's forward tasks only: in a tick that also runs backwards,
+their (fixed) server load is not counted, so such a tick can be less balanced than its plan
+says. Worker and server gradients are explicit (:class:`_RemoteAttention` on the worker, saved
+graphs on the server), not one autograd node spanning the collective: the jobs merged into one
+forward exchange run their backwards in different ticks.
 
 All buffers travel in fp32 (one dtype per all-to-all; forward and backward payloads mix).
 Group rank ``s * dp + d`` is worker ``d`` of stage ``s`` (megatron's ``tp-cp-ep-dp-pp`` order).
