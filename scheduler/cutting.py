@@ -192,7 +192,7 @@ class Cutter:
             score = moved / min(gain, shed)
             if score < best_score:
                 best, best_score = Piece(i, server, a, e - k, gain, shed, moved), score
-        if causal and qs > ds:
+        if causal and qs > ds and (server, doc) in self.resident.spans:  # pays only on holders
             head = self._head_piece(i, server, lo * rate, hi, before)
             if head is not None and head.bytes / min(head.gain, head.shed) < best_score:
                 best = head
