@@ -157,9 +157,11 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     """Run the planner; returns task columns (server, doc, q_start, q_end, kv_start, kv_end,
     causal) for ``make_tasks``.
 
-    Donors (servers above the cap), most overloaded first, shed their excess one piece at a time.
-    Each piece is the cheapest in bytes per unit of cost among the donor's densest segments and
-    the receivers that already hold kv of that segment's document or have the most room.
+    Donors (servers above the cap) shed their excess one piece at a time. Each donor's piece is
+    the cheapest in bytes per unit of cost among its densest segments and the receivers that
+    already hold kv of that segment's document or have the most room; across donors the cheapest
+    piece is cut first (a min-heap of lazily repriced donors), so a kv holder's scarce room goes
+    to the donor it saves most for, not to whichever donor came first.
     """
     cutter = Cutter(seg, min_shard, model, cost_table)
     weight = _home_weight(seg, cutter, cost_table)
@@ -174,32 +176,62 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     density = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
     by_home = np.lexsort((np.arange(len(seg)), -density, seg.home))
     bounds = np.searchsorted(seg.home[by_home], np.arange(num_servers + 1))
-    for d in donors:
-        queue = [int(i) for i in by_home[bounds[d]:bounds[d + 1]]]
-        q = 0
-        while (owed := rooms.load[d] - rooms.cap) > done:
-            while q < len(queue) and cutter.rows_left(queue[q]) <= 0:
-                q += 1
-            live = [i for i in queue[q:q + _SEGMENTS_TRIED] if cutter.rows_left(i) > 0]
-            if not live:
-                break
-            best, best_score = None, math.inf
-            for i in live:
-                for r in rooms.candidates(cutter.resident.holders.get(cutter.doc[i], ())):
-                    room = rooms.room(r)
-                    piece = cutter.propose(i, r, min(owed, room), room, owed)
-                    if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
-                        best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
+    queues = {d: [int(i) for i in by_home[bounds[d]:bounds[d + 1]]] for d in donors}
+    # (bytes per unit, donor, receiver's version when priced, the piece): a donor is repriced
+    # when its receiver took a piece since (less room), and cuts only if still the cheapest.
+    heap: list = [(-math.inf, d, -1, None) for d in donors]
+    version = [0] * num_servers
+    deferred = set()  # donors already sent back once for their next piece
+    while heap:
+        score, d, priced, best = heapq.heappop(heap)
+        owed = rooms.load[d] - rooms.cap
+        if owed <= done:
+            continue
+        live = _live_segments(queues[d], cutter)
+        if not live:
+            continue
+        if best is None or priced != version[best.server]:
+            best, score = _best_piece(live, cutter, rooms, owed)
+            if heap and score > heap[0][0] and d not in deferred:
+                deferred.add(d)
+                # Rooms and residency changed since this donor was priced: whoever now has the
+                # cheapest piece cuts first, so a kv holder's room goes where it saves most.
+                heapq.heappush(heap, (score, d, -1 if best is None else version[best.server],
+                                      best))
+                continue
+        if best is None:
+            # Nothing fits any room at the minimum shard size: overshoot the roomiest server.
+            # Only while the receiver ends below where the donor stands now.
+            r = min(range(num_servers), key=rooms.load.__getitem__)
+            best = cutter.propose(live[0], r, owed, owed + rooms.room(r), owed)
             if best is None:
-                # Nothing fits any room at the minimum shard size: overshoot the roomiest server.
-                # Only while the receiver ends below where the donor stands now.
-                r = min(range(num_servers), key=rooms.load.__getitem__)
-                best = cutter.propose(live[0], r, owed, owed + rooms.room(r), owed)
-                if best is None:
-                    break
-            cutter.apply(best)
-            rooms.move(d, best.server, best.shed, best.gain)
+                continue
+        cutter.apply(best)
+        rooms.move(d, best.server, best.shed, best.gain)
+        version[best.server] += 1
+        deferred.discard(d)
+        heapq.heappush(heap, (score, d, -1, None))
     return cutter.columns()
+
+
+def _live_segments(queue: list[int], cutter: Cutter) -> list[int]:
+    """The donor's densest segments with rows left (drops exhausted ones from ``queue``)."""
+    while queue and cutter.rows_left(queue[0]) <= 0:
+        queue.pop(0)
+    return [i for i in queue[:_SEGMENTS_TRIED] if cutter.rows_left(i) > 0]
+
+
+def _best_piece(live: list[int], cutter: Cutter, rooms: _Rooms, owed: float):
+    """The piece with the fewest bytes per unit moved among ``live`` segments and the receivers
+    worth pricing; (None, inf) if none fits."""
+    best, best_score = None, math.inf
+    for i in live:
+        for r in rooms.candidates(cutter.resident.holders.get(cutter.doc[i], ())):
+            room = rooms.room(r)
+            piece = cutter.propose(i, r, min(owed, room), room, owed)
+            if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
+                best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
+    return best, best_score
 
 
 def _rehome_short_tails(seg: Segments, cutter: Cutter, load: np.ndarray, cap: float,
