@@ -177,9 +177,15 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     by_home = np.lexsort((np.arange(len(seg)), -density, seg.home))
     bounds = np.searchsorted(seg.home[by_home], np.arange(num_servers + 1))
     queues = {d: [int(i) for i in by_home[bounds[d]:bounds[d + 1]]] for d in donors}
-    # (bytes per unit, donor, receiver's version when priced, the piece): a donor is repriced
-    # when its receiver took a piece since (less room), and cuts only if still the cheapest.
-    heap: list = [(-math.inf, d, -1, None) for d in donors]
+    # With slack (ε > 0) the donor with the cheapest piece cuts first: heap entries are (bytes
+    # per unit, donor, receiver's version when priced, the piece); a donor is repriced when its
+    # receiver took a piece since, and cuts only if still the cheapest. At ε = 0 the rooms add
+    # up to the excess exactly: cheapest-first strands late donors with slivers of room no
+    # minimum-size piece fits (measured: 1.017 > bound at 512 servers), so donors go one after
+    # the other, most overloaded first (the key is the donor's rank).
+    cheapest_first = tolerance > 0
+    heap: list = [(-math.inf if cheapest_first else k, d, -1, None) for k, d in enumerate(donors)]
+    rank = {d: k for k, d in enumerate(donors)}
     version = [0] * num_servers
     deferred = set()  # donors already sent back once for their next piece
     while heap:
@@ -192,7 +198,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
             continue
         if best is None or priced != version[best.server]:
             best, score = _best_piece(live, cutter, rooms, owed)
-            if heap and score > heap[0][0] and d not in deferred:
+            if cheapest_first and heap and score > heap[0][0] and d not in deferred:
                 deferred.add(d)
                 # Rooms and residency changed since this donor was priced: whoever now has the
                 # cheapest piece cuts first, so a kv holder's room goes where it saves most.
@@ -210,7 +216,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
         rooms.move(d, best.server, best.shed, best.gain)
         version[best.server] += 1
         deferred.discard(d)
-        heapq.heappush(heap, (score, d, -1, None))
+        heapq.heappush(heap, (score if cheapest_first else rank[d], d, -1, None))
     return cutter.columns()
 
 
