@@ -15,7 +15,9 @@
 // merged lse and delta = rowsum(dO * O) - dlse, the ring-attention identity): one work item
 // per (independent task group, kv head) walks the group's key blocks, keeps dk/dv of the block's
 // kSpan key tiles in tiles, packs each query tile once per block and adds dq into the output; groups share no rows, so threads never share a write.
-// Causal tasks skip the micro-blocks (6 rows x 16 columns) that their mask hides entirely.
+// Causal tasks skip the micro-blocks (6 rows x 16 columns) that their mask hides entirely,
+// and the exp of 8-query groups it hides. Tiles move between row-major and transposed
+// layouts in 8 x 8 register blocks (transpose8).
 #include <omp.h>
 
 #include <limits>
@@ -95,23 +97,35 @@ inline i32x8 lane_ids(int64_t c) {
   return i32x8{b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7};
 }
 
-// dst (D x nq, row stride kQueryTile) = rows (n x D, row stride rs) transposed, times mul,
-// zero in the padding columns [n, nq). The tile is in L1, so this costs little.
-inline void transpose_tile(float* dst, const float* rows, int64_t rs, int64_t n, int64_t nq,
-                           int64_t D, float mul) {
-  for (int64_t d = 0; d < D; ++d) {
-    float* out = dst + d * kQueryTile;
-    for (int64_t i = 0; i < n; ++i) out[i] = rows[i * rs + d] * mul;
-    std::fill(out + n, out + nq, 0.0f);
+// dst (D x nq, row stride kQueryTile) = rows (nq x D, row stride rs) transposed, times mul.
+// The rows must be zero past the n real queries and readable to a multiple of 8 columns.
+inline void transpose_tile(float* dst, const float* rows, int64_t rs, int64_t nq, int64_t D,
+                           float mul) {
+  f32x8 cols[8];
+  for (int64_t i = 0; i < nq; i += 8) {
+    for (int64_t d = 0; d < D; d += 8) {
+      transpose8(rows + i * rs + d, rs, cols);
+      for (int64_t c = 0; c < std::min<int64_t>(8, D - d); ++c) {
+        store8(dst + (d + c) * kQueryTile + i, cols[c] * mul);
+      }
+    }
   }
+}
+
+// Pack query rows [a, a + n) (rows rs floats apart) as an nq x Dp tile, zero past row n and
+// column D, as transpose_tile wants them.
+inline void pack_query_rows(float* dst, const float* src, int64_t rs, int64_t n, int64_t nq,
+                            int64_t D, int64_t Dp) {
+  pack_rows(dst, Dp, src, rs, n, D, Dp);
+  std::fill(dst + n * Dp, dst + nq * Dp, 0.0f);
 }
 
 // Running state of one query tile in the forward: queries transposed and scaled, the output
 // accumulator transposed, and the per-query running max (log2 units) and sum.
 struct QueryTile {
-  std::vector<float> qt, acc, m, l;
-  explicit QueryTile(int64_t D)
-      : qt(D * kQueryTile), acc(D * kQueryTile), m(kQueryTile), l(kQueryTile) {}
+  std::vector<float> qt, acc, m, l;  // acc has Dp rows, so that 8 x 8 blocks can read it
+  QueryTile(int64_t D, int64_t Dp)
+      : qt(D * kQueryTile), acc(Dp * kQueryTile), m(kQueryTile), l(kQueryTile) {}
 };
 
 // Fold one key tile (keys/vals: nk x D) of `task` into query tile s (queries i0.., nq lanes).
@@ -135,6 +149,10 @@ void forward_tile(QueryTile& s, float* st, float* alpha, const float* keys, cons
     f32x8 sum = load8(s.l.data() + c) * a;
     for (int64_t j = 0; j < nk; ++j) {
       float* sc = st + j * kQueryTile + c;
+      if (c + 8 <= first_column(task, i0, j0, j, nq)) {  // causally hidden: no exp needed
+        store8(sc, f32x8{});
+        continue;
+      }
       const f32x8 p = exp2_8(load8(sc) - shift);
       store8(sc, p);
       sum += p;
@@ -159,12 +177,12 @@ void forward_tile(QueryTile& s, float* st, float* alpha, const float* keys, cons
 void forward_kernel(const float* qf, const float* kf, const float* vf, float* out, float* lse,
                     const std::vector<Task>& tasks, const std::vector<Block>& blocks, Shape sh,
                     float scale) {
-  const int64_t D = sh.dim, qs = sh.heads * D, ks = sh.kv_heads * D;
+  const int64_t D = sh.dim, Dp = round_up16(D), qs = sh.heads * D, ks = sh.kv_heads * D;
   const int64_t items = static_cast<int64_t>(blocks.size()) * sh.heads;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<QueryTile> tiles(kSpan, QueryTile(D));
-    std::vector<float> st(kKeyTile * kQueryTile), rows(kQueryTile * D), keys(kKeyTile * D),
+    std::vector<QueryTile> tiles(kSpan, QueryTile(D, Dp));
+    std::vector<float> st(kKeyTile * kQueryTile), rows(kQueryTile * Dp), keys(kKeyTile * D),
         vals(kKeyTile * D), alpha(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
@@ -177,9 +195,9 @@ void forward_kernel(const float* qf, const float* kf, const float* vf, float* ou
       };
       for (int64_t s = 0; s < n_tiles; ++s) {
         const auto [a, e] = tile_rows(s);
-        pack_rows(rows.data(), D, qf + a * qs + h * D, qs, e - a, D, D);
-        transpose_tile(tiles[s].qt.data(), rows.data(), D, e - a, round_up16(e - a), D,
-                       scale * kLog2e);
+        const int64_t nq = round_up16(e - a);
+        pack_query_rows(rows.data(), qf + a * qs + h * D, qs, e - a, nq, D, Dp);
+        transpose_tile(tiles[s].qt.data(), rows.data(), Dp, nq, D, scale * kLog2e);
         std::fill(tiles[s].acc.begin(), tiles[s].acc.end(), 0.0f);
         std::fill(tiles[s].m.begin(), tiles[s].m.end(), kNegInf);
         std::fill(tiles[s].l.begin(), tiles[s].l.end(), 0.0f);
@@ -207,11 +225,27 @@ void forward_kernel(const float* qf, const float* kf, const float* vf, float* ou
       for (int64_t s = 0; s < n_tiles; ++s) {
         const auto [a, e] = tile_rows(s);
         const QueryTile& qt = tiles[s];
+        f32x8 rows8[8];
+        for (int64_t i = 0; i < e - a; i += 8) {
+          const f32x8 l = load8(qt.l.data() + i);
+          const f32x8 inv = l > 0.0f ? 1.0f / l : f32x8{};
+          const int64_t n8 = std::min<int64_t>(8, e - a - i);
+          for (int64_t d = 0; d < D; d += 8) {
+            transpose8(qt.acc.data() + d * kQueryTile + i, kQueryTile, rows8);
+            for (int64_t c = 0; c < n8; ++c) {
+              const f32x8 o = rows8[c] * inv[c];
+              float* dst = out + (a + i + c) * qs + h * D + d;
+              if (d + 8 <= D) {
+                store8(dst, o);
+              } else {
+                for (int64_t x = 0; x < D - d; ++x) dst[x] = o[x];
+              }
+            }
+          }
+        }
         for (int64_t i = 0; i < e - a; ++i) {
-          const int64_t r = a + i;
-          const float inv = qt.l[i] > 0.0f ? 1.0f / qt.l[i] : 0.0f;
-          for (int64_t d = 0; d < D; ++d) out[r * qs + h * D + d] = qt.acc[d * kQueryTile + i] * inv;
-          lse[r * sh.heads + h] = qt.l[i] > 0.0f ? (qt.m[i] + std::log2(qt.l[i])) * kLn2 : kNegInf;
+          lse[(a + i) * sh.heads + h] =
+              qt.l[i] > 0.0f ? (qt.m[i] + std::log2(qt.l[i])) * kLn2 : kNegInf;
         }
       }
     }
@@ -246,12 +280,12 @@ struct BackwardInputs {
 void pack_query_tile(const BackwardInputs& in, QueryGrads& w, int64_t h, int64_t i0, int64_t n,
                      int64_t next) {
   const int64_t D = in.sh.dim, Dp = round_up16(D), nq = round_up16(n), qs = in.sh.heads * D;
-  pack_rows(w.qrows.data(), Dp, in.q + i0 * qs + h * D, qs, n, D, Dp);
-  pack_rows(w.dorows.data(), Dp, in.dout + i0 * qs + h * D, qs, n, D, Dp);
+  pack_query_rows(w.qrows.data(), in.q + i0 * qs + h * D, qs, n, nq, D, Dp);
+  pack_query_rows(w.dorows.data(), in.dout + i0 * qs + h * D, qs, n, nq, D, Dp);
   prefetch_rows(in.q + (i0 + kQueryTile) * qs + h * D, qs, next, D);
   prefetch_rows(in.dout + (i0 + kQueryTile) * qs + h * D, qs, next, D);
-  transpose_tile(w.qt.data(), w.qrows.data(), Dp, n, nq, D, in.scale * kLog2e);
-  transpose_tile(w.dot.data(), w.dorows.data(), Dp, n, nq, D, 1.0f);
+  transpose_tile(w.qt.data(), w.qrows.data(), Dp, nq, D, in.scale * kLog2e);
+  transpose_tile(w.dot.data(), w.dorows.data(), Dp, nq, D, 1.0f);
   for (int64_t i = 0; i < nq; ++i) {
     const float l = i < n ? in.lse[(i0 + i) * in.sh.heads + h] : kNegInf;
     w.lse2[i] = l == kNegInf ? 0.0f : l * kLog2e;  // rows that see nothing are masked anyway
@@ -271,7 +305,9 @@ void backward_tile(KeyTile& kt, QueryGrads& w, const Task& task, int64_t i0, int
     const int32_t first = static_cast<int32_t>(first_column(task, i0, j0, j, nq));
     float* pj = w.p.data() + j * kQueryTile;
     float* dj = w.ds.data() + j * kQueryTile;
-    for (int64_t c = 0; c < nq; c += 8) {
+    std::fill(pj, pj + std::min<int64_t>(first / 8 * 8, nq), 0.0f);  // hidden 8-lane groups
+    std::fill(dj, dj + std::min<int64_t>(first / 8 * 8, nq), 0.0f);
+    for (int64_t c = first / 8 * 8; c < nq; c += 8) {
       const i32x8 hidden = lane_ids(c) < first;
       const f32x8 p = hidden ? f32x8{} : exp2_8(load8(pj + c) - load8(w.lse2.data() + c));
       const f32x8 ds = p * (load8(dj + c) - load8(w.delta.data() + c)) * scale;

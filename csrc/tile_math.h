@@ -12,6 +12,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace distca {
 
 constexpr int64_t kQueryTile = 64;
@@ -31,6 +35,34 @@ inline f32x8 load8(const float* p) {
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline f32x8 splat8(float x) { return f32x8{} + x; }
+
+// out[c] = column c of the 8 x 8 block at src (rows rs floats apart): a transpose in
+// registers, replacing 64 strided scalar moves (which cost a quarter of the work on tiles of
+// short documents) by 24 shuffles.
+inline void transpose8(const float* src, int64_t rs, f32x8 out[8]) {
+#if defined(__AVX__)
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * rs);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);  // a0 b0 c0 d0 | a4 b4 c4 d4
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    out[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+#else
+  for (int c = 0; c < 8; ++c) {
+    for (int r = 0; r < 8; ++r) out[c][r] = src[r * rs + c];
+  }
+#endif
+}
 
 inline int64_t round_up16(int64_t n) { return (n + kLanes2 - 1) / kLanes2 * kLanes2; }
 

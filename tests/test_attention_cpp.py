@@ -1,9 +1,10 @@
 """The C++ CPU kernel at its tiling edges, against the float64 dense oracle.
 
 The kernel works in 64-row tiles grouped four to a block (one packed tile serves four of the
-other side), pads queries and the head dim to multiples of 16 and skips causally masked 6 x 16
-micro-blocks, so lengths around 16, 64 and 256, head dims that are not multiples of 16, and
-tasks that start mid-tile are where it can go wrong.
+other side), pads queries and the head dim to multiples of 16, transposes in 8 x 8 register
+blocks and skips causally masked 6 x 16 micro-blocks (and the exp of hidden 8-query groups), so
+lengths around 16, 64 and 256, head dims that are not multiples of 8 or 16, and tasks that
+start mid-tile are where it can go wrong.
 """
 
 import pytest
@@ -23,8 +24,9 @@ def test_documents_at_tile_edges(dtype):
     check("cpp", causal_document_tasks(EDGES), heads=2, kv_heads=1, dim=24, dtype=dtype)
 
 
-@pytest.mark.parametrize("dim", [8, 40, 72])
+@pytest.mark.parametrize("dim", [8, 12, 30, 40, 72])
 def test_head_dims_off_the_vector_width(dim):
+    # 12 and 30 end mid 8 x 8 transpose block (query packing and the output write).
     check("cpp", causal_document_tasks([70, 1, 300]), heads=2, kv_heads=2, dim=dim)
 
 
