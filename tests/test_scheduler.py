@@ -273,3 +273,40 @@ def test_cost_table_weighted_plan_stays_exact(tmp_path):
     np.testing.assert_array_equal(coverage(plan.tasks, 4096), mask.astype(np.int64))
     assert plan.server_cost.sum() == mask.sum()
     assert plan.imbalance < plan.imbalance_before
+
+
+def test_refine_moves_bands_only_when_bytes_drop_and_receivers_fit(monkeypatch):
+    """The clean-up pass keeps every task's shape, never adds bytes, keeps receivers <= cap,
+    and does move bands on these batches (16 workers, long tail: bands land off kv holders)."""
+    import distca.scheduler.planner as planner_module
+    from distca.scheduler.plan import make_tasks
+    from distca.scheduler.refine import refine_receivers
+
+    captured = {}
+
+    def keep(columns, units, cap, *rest):
+        captured.update(columns=columns, units=units, cap=cap)
+        return columns
+
+    monkeypatch.setattr(planner_module, "refine_receivers", keep)
+    workers, per, moved = 16, 512, 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        docs = documents_from_batch(_long_tail(rng, workers * per))
+        raw = plan_step(docs, workers, per, tolerance=float(rng.choice([0.0, 0.1])),
+                        min_shard_tokens=16, model=MODEL)
+        columns, units, cap = captured["columns"], captured["units"], captured["cap"]
+        out = refine_receivers(columns, units, cap, per, workers, MODEL.q_bytes, MODEL.kv_bytes)
+        refined = Plan(make_tasks(*out), workers, per, workers, MODEL, raw.imbalance_before)
+        changed = int((out[0] != columns[0]).sum())
+        moved += changed
+        assert refined.bytes_moved < raw.bytes_moved if changed else \
+            refined.bytes_moved == raw.bytes_moved
+        assert refined.bytes_moved == independent_bytes(refined)
+        assert all(np.array_equal(a, b) for a, b in zip(out[1:], columns[1:]))
+        live = (columns[3] > columns[2]) & (columns[5] > columns[4])
+        before = np.bincount(columns[0][live], weights=units[live], minlength=workers)
+        after = np.bincount(out[0][live], weights=units[live], minlength=workers)
+        assert np.all(after <= np.maximum(cap, before) + 1e-6 * cap)
+        assert refined.server_cost.sum() == raw.server_cost.sum()
+    assert moved > 0
