@@ -40,7 +40,6 @@ from distca.scheduler.documents import (
     task_pairs,
 )
 from distca.scheduler.plan import Plan, imbalance, make_tasks
-from distca.scheduler.refine import refine_receivers
 
 PLANNERS = ("distca", "greedy-baseline")
 
@@ -66,8 +65,7 @@ def plan_step(docs: DocumentBatch | Sequence[Document], num_workers: int, tokens
     before = np.zeros(num_servers, dtype=np.int64)
     np.add.at(before, segments.home, segments.pairs())
     if planner == "distca":
-        columns = balance(segments, num_servers, tolerance, min_shard_tokens, model, cost_table,
-                          tokens_per_worker)
+        columns = balance(segments, num_servers, tolerance, min_shard_tokens, model, cost_table)
     else:
         from distca.scheduler.greedy_baseline import balance_greedy
 
@@ -155,7 +153,7 @@ def imbalance_floor(docs: DocumentBatch | Sequence[Document], tokens_per_worker:
 
 
 def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
-            model: ModelShape, cost_table: CostTable | None, tokens_per_worker: int):
+            model: ModelShape, cost_table: CostTable | None):
     """Run the planner; returns task columns (server, doc, q_start, q_end, kv_start, kv_end,
     causal) for ``make_tasks``.
 
@@ -219,13 +217,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
         version[best.server] += 1
         deferred.discard(d)
         heapq.heappush(heap, (score if cheapest_first else rank[d], d, -1, None))
-    columns = cutter.columns()
-    rows, cols = columns[3] - columns[2], columns[5] - columns[4]
-    units = task_pairs(rows, cols, columns[6]).astype(np.float64)
-    if cost_table is not None:
-        units = cost_table.seconds(rows, cols, units)
-    return refine_receivers(columns, units, rooms.cap, tokens_per_worker, num_servers,
-                            cutter.q_bytes, cutter.kv_bytes)
+    return cutter.columns()
 
 
 def _live_segments(queue: list[int], cutter: Cutter) -> list[int]:
