@@ -61,6 +61,18 @@ def data_parallel_groups(cfg: DistcaConfig) -> tuple[dist.ProcessGroup, dist.Pro
     return dist.new_group(list(range(cfg.parallel.dp))), exchange
 
 
+def join_runtime(cfg: DistcaConfig) -> tuple[torch.device, dist.ProcessGroup, dist.ProcessGroup]:
+    """Set-up shared by workers and servers (collective): check the world, patch megatron for
+    CPU, initialise its model-parallel state; returns (device, gradient group, exchange group)."""
+    check_world(cfg)
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    apply_cpu_shims()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    return (device, *data_parallel_groups(cfg))
+
+
 def plan_micro_batch(cfg: DistcaConfig, batch: PackedBatch, shape: ModelShape,
                      device: torch.device) -> StepPlan:
     """The disaggregated plan of ``batch`` over workers and dedicated servers (collective)."""
@@ -80,14 +92,8 @@ class AttentionServer:
     """
 
     def __init__(self, cfg: DistcaConfig) -> None:
-        check_world(cfg)
         self.cfg = cfg
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
-        apply_cpu_shims()
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(1, 1)
-        self.dp_group, self.exchange_group = data_parallel_groups(cfg)
+        self.device, self.dp_group, self.exchange_group = join_runtime(cfg)
         self.rank = dist.get_rank()
         self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value,
                                         group=self.exchange_group)

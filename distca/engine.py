@@ -32,14 +32,13 @@ from megatron.core import parallel_state
 
 from distca.attention_server import (
     AttentionServer,
-    check_world,
-    data_parallel_groups,
     is_server_rank,
+    join_runtime,
     plan_micro_batch,
 )
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig
-from distca.model import AttentionRuntime, apply_cpu_shims, build_model
+from distca.model import AttentionRuntime, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.model.sharding import gather_full, load_full
@@ -85,15 +84,9 @@ class Engine:
         if not dist.is_initialized():
             raise RuntimeError("Engine needs torch.distributed.init_process_group first")
         p = cfg.parallel
-        check_world(cfg)
         self.cfg = cfg
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
-        apply_cpu_shims()
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(p.tp, p.pp)
         # exchange_group adds dedicated attention servers to the data-parallel workers
-        self.dp_group, self.exchange_group = data_parallel_groups(cfg)
+        self.device, self.dp_group, self.exchange_group = join_runtime(cfg)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
