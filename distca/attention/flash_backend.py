@@ -15,6 +15,7 @@ import inspect
 
 import torch
 
+from .gpu_probe import missing_reason
 from .merge import NEG_INF
 from .packing import merge_rows, pack_tasks
 from .tasks import TaskList
@@ -28,19 +29,11 @@ def _interface():
 
 
 def is_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _interface()
-    except ImportError:
-        return False
-    return True
+    return unavailable_reason() is None
 
 
-def unavailable_reason() -> str:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return "flash-attn is not installed (pip install 'distca[gpu]')"
+def unavailable_reason() -> str | None:
+    return missing_reason("flash_attn.flash_attn_interface", "flash-attn is not installed (pip install 'distca[gpu]')")
 
 
 def _call(fn, **kwargs):

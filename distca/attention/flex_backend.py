@@ -11,10 +11,10 @@ merged output, design §2). Primitives as in :mod:`distca.attention.torch_backen
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 
+from .gpu_probe import missing_reason
 from .merge import NEG_INF
 from .tasks import TaskList
 
@@ -22,19 +22,11 @@ DEVICES = ("cuda",)
 
 
 def is_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        importlib.import_module("torch.nn.attention.flex_attention")
-    except ImportError:
-        return False
-    return True
+    return unavailable_reason() is None
 
 
-def unavailable_reason() -> str:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return "this torch has no torch.nn.attention.flex_attention"
+def unavailable_reason() -> str | None:
+    return missing_reason("torch.nn.attention.flex_attention", "this torch has no torch.nn.attention.flex_attention")
 
 
 @functools.cache
