@@ -8,23 +8,30 @@ import sys
 
 from distca.cli import UsageError
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_TOKEN_UNITS = {"": 1, "K": 1 << 10}
+
+
+def _parse_counts(flag: str, text: str, units: dict[str, int], strip: str, what: str) -> list[int]:
+    """Comma-separated positive counts with an optional unit letter; bad items raise UsageError
+    naming the flag and the item."""
+    counts = []
+    for item in text.split(","):
+        item = item.strip().upper().removesuffix(strip)
+        unit = item[-1:] if item[-1:] in units else ""
+        try:
+            value = int(item[: len(item) - len(unit)]) * units[unit]
+        except ValueError:
+            raise UsageError(f"{flag}: {item!r} is not {what}") from None
+        if value < 1:
+            raise UsageError(f"{flag}: {item!r} must be positive")
+        counts.append(value)
+    return counts
 
 
 def parse_sizes(text: str) -> list[int]:
-    """'4K,1M,16M' -> byte counts; bad items raise UsageError naming them."""
-    sizes = []
-    for item in text.split(","):
-        item = item.strip().upper().removesuffix("B")
-        unit = item[-1:] if item[-1:] in _UNITS else ""
-        try:
-            value = int(item[: len(item) - len(unit)]) * _UNITS[unit]
-        except ValueError:
-            raise UsageError(f"--sizes: {item!r} is not a byte count like 64K or 4M") from None
-        if value < 1:
-            raise UsageError(f"--sizes: {item!r} must be positive")
-        sizes.append(value)
-    return sizes
+    """'4K,1M,16M' -> byte counts."""
+    return _parse_counts("--sizes", text, _BYTE_UNITS, "B", "a byte count like 64K or 4M")
 
 
 def run_comm(args: argparse.Namespace) -> int:
@@ -40,19 +47,8 @@ def run_comm(args: argparse.Namespace) -> int:
 
 
 def parse_lengths(flag: str, text: str) -> list[int]:
-    """'64,256,1K' -> token counts; bad items raise UsageError naming the flag."""
-    lengths = []
-    for item in text.split(","):
-        item = item.strip().upper()
-        scale = 1024 if item.endswith("K") else 1
-        try:
-            value = int(item.removesuffix("K")) * scale
-        except ValueError:
-            raise UsageError(f"{flag}: {item!r} is not a token count like 256 or 4K") from None
-        if value < 1:
-            raise UsageError(f"{flag}: {item!r} must be positive")
-        lengths.append(value)
-    return lengths
+    """'64,256,1K' -> token counts."""
+    return _parse_counts(flag, text, _TOKEN_UNITS, "", "a token count like 256 or 4K")
 
 
 def run_attention(args: argparse.Namespace) -> int:
