@@ -130,10 +130,11 @@ class _CoreAttention(torch.autograd.Function):
                                        dlse if bool(dlse.any()) else None)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            # sigmoid(s - L), not 1 - w: at s << L, 1 - w cancels to 0 in float32.
-            rest = torch.where(live, torch.sigmoid(sinks.to(lse.dtype) - lse), 0.0)
-            per_row = (torch.where(live, d_lse, 0.0)
-                       - (d_out.to(rest.dtype) * out.to(rest.dtype)).sum(-1)) * rest
+            # sigmoid(s - L), not 1 - w: at s << L, 1 - w cancels to 0 in float32. The sum over
+            # rows mixes signs, so it is accumulated in float64 ((Nq, Hq) values: cheap).
+            rest = torch.where(live, torch.sigmoid(sinks.double() - lse.double()), 0.0)
+            per_row = (torch.where(live, d_lse.double(), 0.0)
+                       - (d_out.double() * out.double()).sum(-1)) * rest
             dsinks = per_row.sum(0).to(sinks.dtype)
         return dq, dk, dv, dsinks, None, None, None
 
