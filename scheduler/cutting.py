@@ -160,34 +160,46 @@ class Cutter:
         e = x if causal else self.kv_end[i]
         full_kv = e - ds
         capacity = rows * full_kv - (rows * (rows - 1) // 2 if causal else 0)
-        rate = 1.0
-        if self.table is not None:  # aim in score pairs at a shard's throughput
-            rate = float(self.table.throughput(min(rows, self.m), full_kv))
+        table = self.table
+        if table is None:
+            # The smallest valid piece already overflows: no height fits (head pieces cost more).
+            a = self.m if self.m < rows else rows
+            k = max(a if causal else 1, self.m if self.m < full_kv else full_kv)
+            if a * k - (a * (a - 1) // 2 if causal else 0) > hi:
+                return None
+            rate = 1.0
+        else:  # aim in score pairs at a shard's throughput
+            rate = float(table.throughput(min(rows, self.m), full_kv))
         heights = self._heights(rows, full_kv, causal, lo * rate, hi * rate,
                                 capacity - min(owed * rate, capacity))
-        if self.table is not None:  # taller pieces run faster: offer a ladder of heights
+        if table is not None:  # taller pieces run faster: offer a ladder of heights
             ladder = self.m
             while ladder < rows:
                 ladder *= 4
                 heights.append(min(ladder, rows))
         doc = self.doc[i]
         before = self.home_units(i, x)
+        slack = capacity - min(owed, capacity)
         best, best_score = None, math.inf
         for a in heights:
-            if self.table is None:
-                k = self._columns_for(a, full_kv, causal, lo, hi, capacity - min(owed, capacity))
+            if table is None:
+                k = self._columns_for(a, full_kv, causal, lo, hi, slack)
                 if k is None:
+                    continue
+                # In score pairs the donor sheds exactly what the receiver gains.
+                gain = shed = float(a * k - (a * (a - 1) // 2 if causal else 0))
+                if gain > hi or gain <= 0:
                     continue
             else:
                 # A kv split keeps the band's far-left columns home as a thin task that runs
                 # slower than the rows it came from, often shedding nothing: whole bands only.
                 k = full_kv
-            gain = self.units(a, k, causal)
-            if gain > hi:
-                continue
-            shed = before - self.home_units(i, x - a) - self.units(a, full_kv - k, False)
-            if shed <= 0:
-                continue
+                gain = self.units(a, k, causal)
+                if gain > hi:
+                    continue
+                shed = before - self.home_units(i, x - a)
+                if shed <= 0:
+                    continue
             moved = a * self.q_bytes + self.resident.missing(server, doc, e - k, e) * self.kv_bytes
             score = moved / min(gain, shed)
             if score < best_score:
@@ -252,21 +264,25 @@ class Cutter:
 
     def _heights(self, rows: int, full_kv: int, causal: bool, lo: float, hi: float,
                  slack: float) -> list[int]:
-        """Candidate row counts: the whole-prefix band, and around the sqrt-optimal height."""
+        """Candidate row counts: the whole-prefix band, and around the sqrt-optimal height.
+
+        Every height is valid: at least ``min_shard`` rows (or all of them), and never leaving
+        fewer than ``min_shard`` rows behind.
+        """
         m = self.m
-
-        def valid(a: int) -> int:
-            a = max(min(a, rows), min(m, rows))
-            return rows if rows - a < m else a
-
-        band = _rows_for(max(lo, 1.0), full_kv, causal)
+        least = m if m < rows else rows
+        lo = lo if lo > 1.0 else 1.0
+        band = _rows_for(lo, full_kv, causal)
         if hi < math.inf:
             band = min(band, max(_rows_for(hi, full_kv, causal, up=False), 1))
-        widest = max(_rows_for(max(lo, 1.0) + slack, full_kv, causal, up=False), band)
-        best = math.sqrt(max(lo, 1.0) * self.kv_bytes / self.q_bytes)
-        out = {valid(band)}
-        for scale in (0.25, 0.5, 1.0, 2.0, 4.0):
-            out.add(valid(min(max(round(best * scale), band), widest)))
+        widest = max(_rows_for(lo + slack, full_kv, causal, up=False), band)
+        best = math.sqrt(lo * self.kv_bytes / self.q_bytes)
+        out = set()
+        for a in (band, round(best * 0.25), round(best * 0.5), round(best), round(best * 2.0),
+                  round(best * 4.0)):
+            a = band if a < band else widest if a > widest else a
+            a = least if a < least else rows if a > rows else a
+            out.add(rows if rows - a < m else a)
         return sorted(out)
 
     def _columns_for(self, a: int, full_kv: int, causal: bool, lo: float, hi: float,
@@ -277,15 +293,11 @@ class Cutter:
         """
         m = self.m
         tri = a * (a - 1) // 2 if causal else 0
-
-        def cost(k: int) -> int:
-            return a * k - tri
-
-        k_min = max(a if causal else 1, min(m, full_kv))
+        k_min = max(a if causal else 1, m if m < full_kv else full_kv)
         k = max(math.ceil((lo + tri) / a), k_min)
         if k >= full_kv or full_kv - k < m or a * (full_kv - k) > slack:
             k = full_kv
-        if cost(k) <= hi:
+        if a * k - tri <= hi:
             return k
         k = min(math.floor((hi + tri) / a), full_kv - m)
         if k >= k_min and a * (full_kv - k) <= slack:
@@ -306,26 +318,30 @@ class Cutter:
 
 
 def _rows_for(target: float, full_kv: int, causal: bool, up: bool = True) -> int:
-    """Rows of a whole tail band whose cost first reaches (or last stays under) target."""
+    """Rows of a whole tail band whose cost first reaches (or last stays under) target.
+
+    A band of ``a`` rows costs ``a·F - a(a-1)/2`` pairs (causal; ``a·F`` full), F = full_kv; the
+    float root is corrected by exact integer steps.
+    """
+    f = full_kv
     if causal:
-        b = full_kv + 0.5
+        b = f + 0.5
         disc = b * b - 2 * target
         real = b - math.sqrt(disc) if disc > 0 else b
+        t = 1
     else:
-        real = target / full_kv
-    a = max(1, math.ceil(real) if up else math.floor(real))
-
-    def cost(rows: int) -> float:
-        return rows * full_kv - (rows * (rows - 1) / 2 if causal else 0)
-
+        real = target / f
+        t = 0
     if up:
-        while a > 1 and cost(a - 1) >= target:
+        a = max(1, math.ceil(real))
+        while a > 1 and (a - 1) * f - t * (a - 1) * (a - 2) / 2 >= target:
             a -= 1
-        while cost(a) < target and a < full_kv:
+        while a * f - t * a * (a - 1) / 2 < target and a < f:
             a += 1
     else:
-        while a > 0 and cost(a) > target:
+        a = max(1, math.floor(real))
+        while a > 0 and a * f - t * a * (a - 1) / 2 > target:
             a -= 1
-        while a + 1 <= full_kv and cost(a + 1) <= target:
+        while a + 1 <= f and (a + 1) * f - t * (a + 1) * a / 2 <= target:
             a += 1
     return a
