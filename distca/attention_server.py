@@ -25,6 +25,8 @@ from megatron.core import parallel_state
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig, ServerMode
 from distca.model import AttentionRuntime, apply_cpu_shims
+from distca.parallel.layout import DispatchLayout
+from distca.parallel.nanobatch import NanoBatches, document_cuts, nano_batches
 from distca.parallel.planning import StepPlan, disaggregated_plan
 from distca.scheduler import ModelShape
 
@@ -84,6 +86,34 @@ def plan_micro_batch(cfg: DistcaConfig, batch: PackedBatch, shape: ModelShape,
                               buffer_budget_mb=c.buffer_budget_mb)
 
 
+def staggered_pingpong(cfg: DistcaConfig, group_size: int) -> bool:
+    """Whether ping-pong runs over whole layers with token nano-batches (the exchange of one
+    overlaps the other's linear layers, :mod:`distca.model.staggered`).
+
+    Otherwise ping-pong splits each layer's attention tasks in two (the exchange of one
+    overlaps the other's attention only): FocuSFT's bilevel step is built on that split, and
+    with one rank in the exchange there is no communication to hide, so its layout is kept
+    there (it is what FocuSFT's SFT-equivalence is measured against).
+    """
+    c = cfg.cad
+    return c.enabled and c.ping_pong and group_size > 1 and not cfg.focusft.enabled
+
+
+def exchange_layout(cfg: DistcaConfig, plan: StepPlan, batch: PackedBatch, rank: int,
+                    group_size: int, device: torch.device
+                    ) -> DispatchLayout | tuple[DispatchLayout, DispatchLayout] | NanoBatches:
+    """Group rank ``rank``'s exchange of ``batch``: one layout (blocking), two task nano-batch
+    layouts, or token nano-batches (see :func:`staggered_pingpong`)."""
+    c = cfg.cad
+    if staggered_pingpong(cfg, group_size):
+        cuts = document_cuts(batch.doc_lengths, batch.turn_lengths, batch.turn_is_context,
+                             batch.num_ranks, batch.tokens_per_rank)
+        return nano_batches(plan.servers, cuts, rank, batch.num_ranks, batch.tokens_per_rank,
+                            group_size, device)
+    return plan.layouts(rank, batch.num_ranks, batch.tokens_per_rank, group_size,
+                        c.enabled and c.ping_pong, device)
+
+
 class AttentionServer:
     """One dedicated server rank; the step API mirrors :class:`distca.engine.Engine`.
 
@@ -108,9 +138,11 @@ class AttentionServer:
         """Serve every layer's exchange of one micro-batch; a scalar whose backward serves the
         backward exchanges (in reverse layer order, as on the workers)."""
         c, s = self.cfg, self.shape
-        layout = plan.layouts(self.rank, batch.num_ranks, batch.tokens_per_rank,
-                              dist.get_world_size(self.exchange_group), c.cad.ping_pong,
-                              self.device)
+        layout = exchange_layout(c, plan, batch, self.rank,
+                                 dist.get_world_size(self.exchange_group), self.device)
+        if isinstance(layout, NanoBatches):
+            # the workers' staggered layers issue the exchanges of ping-pong attention
+            layout = layout.layouts
         self.runtime.set_batch(torch.zeros(0, dtype=torch.int64, device=self.device), layout)
         total = torch.zeros((), device=self.device)
         for _ in range(c.model.num_layers):

@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 
 from distca.attention_server import (
     AttentionServer,
+    exchange_layout,
     is_server_rank,
     join_runtime,
     plan_micro_batch,
@@ -42,7 +43,9 @@ from distca.model import AttentionRuntime, build_model
 from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.model.sharding import gather_full, load_full
+from distca.model.staggered import staggered_stage_forward
 from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
+from distca.parallel.nanobatch import NanoBatches
 from distca.parallel.pipeline import (
     StageLinks,
     lockstep_timetable,
@@ -163,16 +166,20 @@ class Engine:
         rows = batch.rank_slice(self.dp_rank)
         tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
-        self.runtime.set_batch(positions, self._layout(batch, plan) if self.lockstep is None
-                               else self.lockstep)
-        if not self.is_first_stage:
-            self.model.set_input_tensor(hidden_in)
-        if not self.is_last_stage:
-            return self.model(tokens, None, None)
-        labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
-        mask = labels != IGNORE
-        losses = self.model(tokens, None, None, labels=torch.where(mask, labels, 0))
-        return (losses.float() * mask).sum()
+        layout = self._layout(batch, plan) if self.lockstep is None else self.lockstep
+        self.runtime.set_batch(positions, layout)
+        labels = mask = None
+        if self.is_last_stage:
+            labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
+            mask = labels != IGNORE
+            labels = torch.where(mask, labels, 0)
+        if isinstance(layout, NanoBatches):
+            out = staggered_stage_forward(self.model, self.runtime, tokens, hidden_in, labels)
+        else:
+            if not self.is_first_stage:
+                self.model.set_input_tensor(hidden_in)
+            out = self.model(tokens, None, None, labels=labels)
+        return out if mask is None else (out.float() * mask).sum()
 
     def _links(self, micro_batches: list[PackedBatch]) -> StageLinks:
         """This stage's pipeline neighbours; activations are (T, 1, hidden) per micro-batch."""
@@ -214,11 +221,10 @@ class Engine:
         return placements, plans
 
     def _layout(self, batch: PackedBatch, plan: StepPlan):
-        """This rank's exchange layout; with ping-pong, one per nano-batch of the plan's tasks."""
-        c = self.cfg.cad
-        return plan.layouts(self.dp_rank, batch.num_ranks, batch.tokens_per_rank,
-                            dist.get_world_size(self.exchange_group), c.enabled and c.ping_pong,
-                            self.device)
+        """This rank's exchange: one layout, task nano-batch layouts or token nano-batches
+        (:func:`distca.attention_server.exchange_layout`)."""
+        return exchange_layout(self.cfg, plan, batch, self.dp_rank,
+                               dist.get_world_size(self.exchange_group), self.device)
 
     # ---- the public step API ---------------------------------------------------------------
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:

@@ -65,14 +65,35 @@ def split_nano_batches(servers: list[ServerInputs]) -> tuple[list[ServerInputs],
     return halves
 
 
-def _start_results(received, pending_qkv, layout: DispatchLayout, attend: AttendFn,
-                   shape: tuple[int, int, int], group, timings):
+def send_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DispatchLayout,
+             group: dist.ProcessGroup | None = None, timings: dict[str, float] | None = None):
+    """Launch the q/k/v exchange of ``layout``: q (Nq, hq, d) rows indexed by
+    ``layout.send_q_idx``, k and v (Nkv, hkv, d) by ``send_kv_idx``. Returns the in-flight
+    exchange for :func:`serve_and_return`."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    return start_all_to_all(pack_qkv(q, k, v, layout), layout.send_counts_by_rank(hq * d, hkv * d),
+                            layout.recv_counts_by_rank(hq * d, hkv * d), group, timings)
+
+
+def serve_and_return(sent, layout: DispatchLayout, attend: AttendFn, shape: tuple[int, int, int],
+                     group: dist.ProcessGroup | None = None,
+                     timings: dict[str, float] | None = None):
+    """Wait for the q/k/v of :func:`send_qkv`, run this rank's tasks and launch the return of
+    out + lse; ``shape`` = (hq, hkv, d). Returns the in-flight exchange for
+    :func:`receive_results`."""
     hq, hkv, d = shape
-    recv = finish_all_to_all(received, pending_qkv)
+    recv = finish_all_to_all(*sent)
     out_s, lse_s = serve(*unpack_qkv(recv, layout, hq, hkv, d), layout, attend)
     back = pack_results(out_s.float(), lse_s, layout)
     return start_all_to_all(back, [n * hq * (d + 1) for n in layout.recv_q_counts],
                             layout.return_counts_by_rank(hq * (d + 1)), group, timings)
+
+
+def receive_results(returned, layout: DispatchLayout, hq: int, d: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wait for :func:`serve_and_return`'s results: per-row partials (out (R, hq, d) fp32,
+    lse (R, hq)) in ``layout.merge_index`` order."""
+    return unpack_results(finish_all_to_all(*returned), layout, hq, d)
 
 
 def pingpong_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,14 +108,10 @@ def pingpong_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     blocked on the exchanges (forward and backward).
     """
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    shape = (hq, hkv, d)
-    sent = [start_all_to_all(pack_qkv(q, k, v, lay), lay.send_counts_by_rank(hq * d, hkv * d),
-                             lay.recv_counts_by_rank(hq * d, hkv * d), group, timings)
-            for lay in layouts]
-    returned = [_start_results(token, pending, lay, attend, shape, group, timings)
-                for (token, pending), lay in zip(sent, layouts)]
-    partials = [unpack_results(finish_all_to_all(token, pending), lay, hq, d)
-                for (token, pending), lay in zip(returned, layouts)]
+    sent = [send_qkv(q, k, v, lay, group, timings) for lay in layouts]
+    returned = [serve_and_return(x, lay, attend, (hq, hkv, d), group, timings)
+                for x, lay in zip(sent, layouts)]
+    partials = [receive_results(x, lay, hq, d) for x, lay in zip(returned, layouts)]
     out_r = torch.cat([p[0] for p in partials])
     lse_r = torch.cat([p[1] for p in partials])
     index = torch.cat([lay.merge_index for lay in layouts])

@@ -75,6 +75,10 @@ class DistcaCoreAttention(MegatronModule):
         cos, sin = self.runtime.rope(self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, lse = self.runtime.attend(q, k, v.contiguous(), self.softmax_scale)
+        return self.finish(out, lse)
+
+    def finish(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """Merged (out (S, hq, d), lse (S, hq) fp32) -> with the sink applied, (S, 1, hq*d)."""
         if self.sinks is not None:
             has_task = torch.isfinite(lse)
             out, lse = apply_sink(out, lse, self.sinks)

@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from distca.model.core_attention import SinkTelemetry
 from distca.model.rope import rope_tables
-from distca.parallel.dispatch import dispatch_attention
+from distca.parallel.dispatch import AttendFn, dispatch_attention
 from distca.parallel.layout import DispatchLayout
 from distca.parallel.lockstep import LockstepExchange
+from distca.parallel.nanobatch import NanoBatches
 from distca.parallel.pingpong import pingpong_attention
 
 
@@ -29,10 +30,11 @@ class AttentionRuntime:
         self.backend = backend
         self.group = group
         self.positions: torch.Tensor | None = None
-        # One layout (blocking exchange), two nano-batch layouts (ping-pong), or the lock-step
-        # pipeline's cross-stage exchange.
-        self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | LockstepExchange \
-            | None = None
+        # One layout (blocking exchange), two task nano-batch layouts (ping-pong inside the
+        # attention call), token nano-batches (ping-pong over whole layers, driven by
+        # distca.model.staggered), or the lock-step pipeline's cross-stage exchange.
+        self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | NanoBatches \
+            | LockstepExchange | None = None
         self.telemetry: SinkTelemetry | None = None
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Wall seconds of this rank, summed over layers: "serve" / "serve_bwd" = its server
@@ -42,7 +44,8 @@ class AttentionRuntime:
         self.timings: dict[str, float] | None = None
 
     def set_batch(self, positions: torch.Tensor,
-                  layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout]) -> None:
+                  layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | NanoBatches
+                  | LockstepExchange) -> None:
         """positions (N,) int64: logical position of each of this rank's tokens; ``layout`` is
         one exchange, or a pair of nano-batch exchanges to run ping-pong."""
         self.positions = positions
@@ -57,6 +60,24 @@ class AttentionRuntime:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged (out (N, hq, d), lse (N, hq) fp32) of this rank's tokens, without the sink."""
+        if self.layout is None:
+            raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
+        if isinstance(self.layout, LockstepExchange):  # pipeline ticks: rounds of all stages
+            return self.layout.attend_tokens(q, k, v, softmax_scale)
+        if isinstance(self.layout, NanoBatches):
+            raise RuntimeError("token nano-batches run whole layers staggered "
+                               "(distca.model.staggered), not one attention call at a time")
+        start = time.perf_counter()
+        run = self.kernel(softmax_scale)
+        if isinstance(self.layout, tuple):
+            result = pingpong_attention(q, k, v, self.layout, run, self.group, self.timings)
+        else:
+            result = dispatch_attention(q, k, v, self.layout, run, self.group, self.timings)
+        self._clock("attend", start)
+        return result
+
+    def kernel(self, softmax_scale: float) -> AttendFn:
+        """The server-side attention of this runtime's backend (clocked when timings are on)."""
         from distca.attention import core_attention
 
         def run(sq, sk, sv, q_ranges, kv_ranges, causal):
@@ -68,17 +89,7 @@ class AttentionRuntime:
                 return kernel(sq, sk, sv)
             return _ClockedKernel.apply(self.timings, kernel, sq, sk, sv)
 
-        if self.layout is None:
-            raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
-        if isinstance(self.layout, LockstepExchange):  # pipeline ticks: rounds of all stages
-            return self.layout.attend_tokens(q, k, v, softmax_scale)
-        start = time.perf_counter()
-        if isinstance(self.layout, tuple):
-            result = pingpong_attention(q, k, v, self.layout, run, self.group, self.timings)
-        else:
-            result = dispatch_attention(q, k, v, self.layout, run, self.group, self.timings)
-        self._clock("attend", start)
-        return result
+        return run
 
     def _clock(self, key: str, start: float) -> None:
         if self.timings is not None:

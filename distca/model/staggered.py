@@ -1,0 +1,117 @@
+"""Ping-pong over the linear layers: one pipeline stage's forward as two staggered nano-batches.
+
+The rank's tokens are split into two causally closed nano-batches
+(:mod:`distca.parallel.nanobatch`). Every layer is run in two halves per nano-batch: *before*
+attention (input norm, QKV (+gate) projection, RoPE) and *after* it (sink, output gate,
+o_proj, residual, MLP block). With ``a``/``b`` the nano-batches, one layer is::
+
+    after(a, l-1), before(a, l), send a  | after(b, l-1), before(b, l), send b  [a's q/k/v fly]
+    | serve a, return a                                                          [b's q/k/v fly]
+    | serve b, return b                                                          [a's out flies]
+    | (next layer) after(a, l), before(a, l+1), send a                           [b's out flies]
+
+so each nano-batch's exchanges overlap the other's linear layers or attention. Autograd replays
+the nodes in reverse creation order, which mirrors the overlap in the backward (the dO of one
+nano-batch travels during the other's MLP/o_proj backward, its dq/dk/dv during the other's
+QKV backward). The collectives are issued in the same order as
+:func:`distca.parallel.pingpong.pingpong_attention` (send a, send b, return a, return b per
+layer), so dedicated attention servers serve these layers with that function.
+
+The halves call megatron-core 0.16's own submodules of ``TransformerLayer`` and
+``SelfAttention`` in the order of their ``forward`` methods (no recompute, offload or
+inference paths, which distca does not use).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from distca.model.rope import apply_rope
+from distca.model.runtime import AttentionRuntime
+from distca.parallel.dispatch import merge_partials
+from distca.parallel.pingpong import receive_results, send_qkv, serve_and_return
+
+
+def _before_attention(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q (n, hq, d), k, v (n, hkv, d), gate or None) of hidden (n, 1, H), RoPE applied."""
+    attn = layer.self_attention
+    parts = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None,
+                                             output_gate=attn.config.attention_output_gate,
+                                             split_qkv=True)
+    q, k, v = (x[:, 0] for x in parts[:3])
+    gate = parts[3] if len(parts) == 4 else None
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
+
+
+def _after_attention(layer, out: torch.Tensor, lse: torch.Tensor, gate, residual: torch.Tensor
+                     ) -> torch.Tensor:
+    """The layer's output hidden (n, 1, H) from merged attention (out (n, hq, d), lse (n, hq))."""
+    attn = layer.self_attention
+    context = attn.core_attention.finish(out, lse)
+    if gate is not None:
+        context = attn._apply_output_gate(context, gate)
+    with layer.bias_dropout_add_exec_handler():
+        hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
+            attn.linear_proj(context), residual, layer.hidden_dropout)
+    return layer._forward_mlp(hidden)
+
+
+def staggered_layers(layers, hidden: torch.Tensor, runtime: AttentionRuntime) -> torch.Tensor:
+    """Run ``layers`` on hidden (T, 1, H) with the runtime's token nano-batches; same shape out."""
+    nano = runtime.layout
+    core = layers[0].self_attention.core_attention
+    hq, d = core.heads, core.head_dim
+    attend = runtime.kernel(core.softmax_scale)
+    group, timings = runtime.group, runtime.timings
+    cos, sin = runtime.rope(d)
+    tables = [(cos.index_select(0, r), sin.index_select(0, r)) for r in nano.rows]
+    hidden_of = [hidden.index_select(0, r) for r in nano.rows]
+    pending = [None, None]  # per nano-batch: (returned exchange, layer, gate, residual)
+
+    def land(i: int) -> torch.Tensor:
+        returned, layer, gate, residual = pending[i]
+        layout = nano.layouts[i]
+        out_r, lse_r = receive_results(returned, layout, hq, d)
+        out, lse = merge_partials(out_r, lse_r, layout.merge_index, residual.shape[0])
+        return _after_attention(layer, out.to(residual.dtype), lse, gate, residual)
+
+    for layer in layers:
+        sent, first_kv = [], None
+        for i in (0, 1):
+            if pending[i] is not None:
+                hidden_of[i] = land(i)
+            q, k, v, gate = _before_attention(layer, hidden_of[i], *tables[i])
+            if i == 0:
+                first_kv = (k, v)
+            else:  # the second nano-batch's tasks also read the first one's kv
+                k, v = torch.cat([first_kv[0], k]), torch.cat([first_kv[1], v])
+            sent.append((send_qkv(q, k, v, nano.layouts[i], group, timings), gate))
+        for i, (exchange, gate) in enumerate(sent):
+            shape = (hq, first_kv[0].shape[1], d)
+            returned = serve_and_return(exchange, nano.layouts[i], attend, shape, group, timings)
+            pending[i] = (returned, layer, gate, hidden_of[i])
+    hidden_of = [land(i) for i in (0, 1)]
+    return torch.cat(hidden_of).index_select(0, nano.order)
+
+
+def staggered_stage_forward(model: GPTModel, runtime: AttentionRuntime, tokens: torch.Tensor,
+                            hidden_in: torch.Tensor | None = None,
+                            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(tokens, None, None, labels=labels)`` of one pipeline stage, layers staggered.
+
+    tokens (1, T) int64; ``hidden_in`` (T, 1, H) is the previous stage's output (stages after
+    the first). Returns per-token losses (1, T) fp32 on the last stage, else hidden (T, 1, H).
+    """
+    decoder = model.decoder
+    hidden = model.embedding(input_ids=tokens, position_ids=None) if model.pre_process \
+        else hidden_in
+    if len(decoder.layers):
+        hidden = staggered_layers(decoder.layers, hidden, runtime)
+    if not model.post_process:
+        return hidden
+    hidden = decoder.final_layernorm(hidden)
+    weight = (model.shared_embedding_or_output_weight()
+              if model.share_embeddings_and_output_weights else None)
+    logits, _ = model.output_layer(hidden, weight=weight)
+    return model.compute_language_model_loss(labels, logits)
