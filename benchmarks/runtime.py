@@ -8,7 +8,9 @@ ping-pong. Per rank and step it clocks:
 
 * attn fwd / attn bwd: this rank's server kernels (its share of everyone's attention);
 * comm wait: blocked on exchanges, forward and backward: the rank's idle time, i.e. transfer
-  time not hidden behind compute plus waiting for slower ranks;
+  time not hidden behind compute plus waiting for slower ranks. With blocking exchanges all of
+  it is exposed; ping-pong (token nano-batches, each one's exchange overlapping the other's
+  linear layers or attention) hides part of it, and the ratio of the two is reported;
 * plan: computing (rank 0) and receiving the step's plan;
 * other: the rest of the step: linear layers, pack/unpack/merge, optimizer;
 * step cpu / attn cpu: CPU seconds of the whole process during the step / of the attention
@@ -145,6 +147,7 @@ def report(world: int, results: dict[str, list[dict[str, float]]]) -> list[str]:
     lines.append(f"{world} ranks: ideal bound (colocated / perfectly balanced, free comm) "
                  f"**{bound:.2f}x**")
     busiest = {m: max(c["step_cpu"] for c in ranks) for m, ranks in results.items()}
+    wait = {m: float(np.mean([c["comm_wait"] for c in ranks])) for m, ranks in results.items()}
     for mode in ("disaggregated", "disaggregated+pingpong"):
         speedup = step["colocated"] / step[mode]
         exposed = np.mean([c["comm_wait"] / c["step"] for c in results[mode]])
@@ -153,6 +156,11 @@ def report(world: int, results: dict[str, list[dict[str, float]]]) -> list[str]:
                      f"exposed comm {100 * exposed:.0f}% of step time (mean over ranks); busiest "
                      f"rank's CPU seconds colocated / {mode} "
                      f"{busiest['colocated'] / busiest[mode]:.2f}x")
+    lines.append(f"{world} ranks: exposed communication with ping-pong / without (blocking "
+                 f"exchanges: every second of communication is exposed) "
+                 f"{wait['disaggregated+pingpong']:.3f} s / {wait['disaggregated']:.3f} s = "
+                 f"**{100 * wait['disaggregated+pingpong'] / wait['disaggregated']:.0f}%** "
+                 f"(mean over ranks; {100 * (1 - wait['disaggregated+pingpong'] / wait['disaggregated']):.0f}% hidden)")
     return lines
 
 

@@ -56,3 +56,54 @@ def test_two_ranks_more_scenarios_match_reference(tmp_path):
 @pytest.mark.slow
 def test_four_ranks_match_single_process_reference(tmp_path):
     _check(4, extended=True, out=tmp_path)
+
+
+def test_staggered_layers_equal_the_plain_forward_in_one_process():
+    """The layer halves of distca.model.staggered compose to megatron's own layer forward: loss
+    and every gradient of one process, token nano-batches vs one blocking exchange."""
+    import torch
+    import torch.distributed as dist
+    from distca.parallel.nanobatch import document_cuts, nano_batches
+    from megatron.core import parallel_state
+    from runtime_harness import ROOT, _randomize_sinks, free_port, relative_error
+
+    from distca.config import load_config
+    from distca.engine import Engine
+    from distca.model.staggered import staggered_stage_forward
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        cfg = load_config(ROOT / "recipes" / "tiny.yaml",
+                          ["parallel.dp=1", "cad.enabled=true", "cad.ping_pong=false",
+                           "cad.min_shard_tokens=4", "trainer.seed=5"] + GATED_SINKS)
+        engine = Engine(cfg)
+        _randomize_sinks(engine.model)
+        batch = skewed_batch(1, 96, [40, 1, 17, 1, 30], seed=3)
+        plan = engine._plan(batch)
+        results = []
+        for staggered in (False, True):
+            engine.model.zero_grad(set_to_none=True)
+            if staggered:
+                cuts = document_cuts(batch.doc_lengths, None, None, 1, 96)
+                nano = nano_batches(plan.servers, cuts, 0, 1, 96, 1)
+                assert min(r.numel() for r in nano.rows) > 0
+                engine.runtime.set_batch(torch.as_tensor(batch.position_ids()), nano)
+                labels = torch.as_tensor(batch.labels).view(1, -1)
+                mask = labels != -100
+                losses = staggered_stage_forward(engine.model, engine.runtime,
+                                                 torch.as_tensor(batch.tokens).view(1, -1),
+                                                 labels=torch.where(mask, labels, 0))
+                loss = (losses.float() * mask).sum()
+            else:
+                loss = engine._forward(batch, plan)
+            loss.backward()
+            results.append((float(loss.detach()), {n: q.grad.clone()
+                                          for n, q in engine.model.named_parameters()}))
+        (plain, plain_grads), (stag, stag_grads) = results
+        assert abs(stag - plain) <= 1e-5 * abs(plain)
+        for name, grad in plain_grads.items():
+            assert relative_error(stag_grads[name], grad) < 1e-5, name
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
