@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "huge_pages.h"
 #include "tile_math.h"
 #include "varlen_tasks.h"
 
@@ -412,7 +413,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   const auto tasks = read_tasks(q_ranges, kv_ranges, causal);
   const auto blocks = make_blocks(tasks, /*by_kv=*/false, kSpan * kQueryTile);
   const auto qf = as_float(q), kf = as_float(k), vf = as_float(v);
-  auto out = torch::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  auto out = zeros_on_huge_pages(q.sizes());
   auto lse = torch::full({q.size(0), sh.heads}, kNegInf, q.options().dtype(at::kFloat));
   forward_kernel(qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
                  out.data_ptr<float>(), lse.data_ptr<float>(), tasks, blocks, sh,
@@ -433,9 +434,8 @@ std::vector<torch::Tensor> backward(torch::Tensor dout, torch::Tensor q, torch::
     group_blocks.push_back(make_blocks(tasks, /*by_kv=*/true, kSpan * kKeyTile, &group));
   }
   const auto qf = as_float(q), dof = as_float(dout), kf = as_float(k), vf = as_float(v);
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto dq = torch::zeros(q.sizes(), f32), dk = torch::zeros(k.sizes(), f32),
-       dv = torch::zeros(v.sizes(), f32);
+  auto dq = zeros_on_huge_pages(q.sizes()), dk = zeros_on_huge_pages(k.sizes()),
+       dv = zeros_on_huge_pages(v.sizes());
   const BackwardInputs in{qf.data_ptr<float>(),    dof.data_ptr<float>(), kf.data_ptr<float>(),
                           vf.data_ptr<float>(),    lse.data_ptr<float>(), delta.data_ptr<float>(),
                           dq.data_ptr<float>(),    dk.data_ptr<float>(),  dv.data_ptr<float>(),

@@ -28,7 +28,7 @@ MAX_HEAD_DIM = 256
 
 _ROOT = Path(__file__).resolve().parents[2]
 _SOURCES = ("csrc/attention_cpu.cpp",)
-_HEADERS = ("csrc/tile_math.h", "csrc/varlen_tasks.h")
+_HEADERS = ("csrc/huge_pages.h", "csrc/tile_math.h", "csrc/varlen_tasks.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 
