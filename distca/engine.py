@@ -17,7 +17,11 @@ disaggregated attention and ``cad.ping_pong=false``: then they run the lock-step
 (:func:`distca.parallel.pipeline.run_lockstep`), where all ``dp * pp`` ranks of a tensor rank
 join every attention exchange, one plan per tick over all of them, so ranks in the pipeline
 bubble serve the other stages' attention (:mod:`distca.parallel.lockstep`; ping-pong does not
-compose with it yet).
+compose with it yet; the glue lives in :mod:`distca.pipeline_glue`).
+
+Ping-pong (``cad.ping_pong=true`` with disaggregated attention): each stage forward runs its
+layers as two staggered token nano-batches (:mod:`distca.model.staggered`), so one
+nano-batch's exchange overlaps the other's linear layers, in forward and backward.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.model.sharding import gather_full, load_full
 from distca.model.staggered import staggered_stage_forward
-from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
 from distca.parallel.nanobatch import NanoBatches
 from distca.parallel.pipeline import (
     StageLinks,
@@ -53,7 +56,8 @@ from distca.parallel.pipeline import (
     run_forward_only,
     run_lockstep,
 )
-from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
+from distca.parallel.planning import StepPlan, colocated_plan
+from distca.pipeline_glue import lockstep_exchange, lockstep_plans, stage_links
 from distca.scheduler import ModelShape
 
 IGNORE = -100
@@ -114,35 +118,12 @@ class Engine:
         self.plan_shape = ModelShape(h_q=m.num_attention_heads // tp, h_kv=m.num_kv_heads // tp,
                                      head_dim=m.hidden_size // m.num_attention_heads,
                                      bytes_per_elem=2 if cfg.trainer.precision.value == "bf16" else 4)
-        self.lockstep = self._lockstep_exchange() if p.pp > 1 and cfg.cad.enabled \
-            and not cfg.cad.ping_pong else None
+        self.lockstep = None
+        if p.pp > 1 and cfg.cad.enabled and not cfg.cad.ping_pong:
+            self.lockstep = lockstep_exchange(cfg, (self.tp_rank, self.pp_rank, self.dp_rank),
+                                              self.plan_shape, self.model.config.params_dtype,
+                                              self.device)
         self.step = 0
-
-    def _lockstep_exchange(self) -> LockstepExchange:
-        """The cross-stage exchange group of this tensor rank (collective on every rank)."""
-        p, m = self.cfg.parallel, self.cfg.model
-        coords = [None] * dist.get_world_size()
-        dist.all_gather_object(coords, (self.tp_rank, self.pp_rank, self.dp_rank))
-        groups = {}
-        for t in range(p.tp):  # every rank creates every group, in the same order
-            ranks = sorted(r for r, c in enumerate(coords) if c[0] == t)
-            if [coords[r][1:] for r in ranks] != sorted(coords[r][1:] for r in ranks):
-                raise NotImplementedError("lock-step pipeline needs global ranks ordered by "
-                                          "(stage, data-parallel rank) within a tensor rank")
-            groups[t] = dist.new_group(ranks)
-        from distca.attention import core_attention
-
-        head_dim = m.hidden_size // m.num_attention_heads
-        scale, backend = head_dim ** -0.5, self.cfg.attention.backend.value
-
-        def attend(q, k, v, q_ranges, kv_ranges, causal):
-            return core_attention(q, k, v, q_ranges, kv_ranges, causal, softmax_scale=scale,
-                                  backend=backend)
-
-        s = self.plan_shape
-        return LockstepExchange(groups[self.tp_rank], p.dp, m.num_layers // p.pp,
-                                (s.h_q, s.h_kv, s.head_dim), attend, scale,
-                                self.model.config.params_dtype, self.device)
 
     # ---- one micro-batch -------------------------------------------------------------------
     def _plan(self, batch: PackedBatch) -> StepPlan:
@@ -182,43 +163,11 @@ class Engine:
         return out if mask is None else (out.float() * mask).sum()
 
     def _links(self, micro_batches: list[PackedBatch]) -> StageLinks:
-        """This stage's pipeline neighbours; activations are (T, 1, hidden) per micro-batch."""
-        sizes = {b.tokens_per_rank for b in micro_batches}
-        if len(sizes) > 1:
-            raise ValueError(f"pipelined micro-batches need one tokens_per_rank, got {sorted(sizes)}")
-        return StageLinks(
-            None if self.is_first_stage else parallel_state.get_pipeline_model_parallel_prev_rank(),
-            None if self.is_last_stage else parallel_state.get_pipeline_model_parallel_next_rank(),
-            (sizes.pop() if sizes else 0, 1, self.cfg.model.hidden_size),
-            self.model.config.pipeline_dtype, self.device)
+        return stage_links(self.cfg, micro_batches, self.model.config.pipeline_dtype, self.device)
 
     def _lockstep_plans(self, micro_batches: list[PackedBatch], timetable
                         ) -> tuple[dict, list[StepPlan]]:
-        """One plan per forward tick over the tick's jobs and all ``dp * pp`` ranks of the
-        exchange (collective, in tick order); returns every job's placement and the plans."""
-        c, dp = self.cfg.cad, self.cfg.parallel.dp
-        tokens = micro_batches[0].tokens_per_rank
-        group_size = dp * self.cfg.parallel.pp
-        placements, plans = {}, []
-        for row in timetable:
-            jobs = [(s, op[1]) for s, op in enumerate(row) if op is not None and op[0] == "F"]
-            if not jobs:
-                continue
-            batches = [micro_batches[i] for _, i in jobs]
-            for b in batches:
-                if b.num_ranks != dp:
-                    raise ValueError(f"micro-batch has {b.num_ranks} worker slices, "
-                                     f"parallel.dp = {dp}")
-            tick = tick_documents([(b.doc_lengths, b.turn_lengths, b.turn_is_context)
-                                   for b in batches], dp * tokens)
-            plan = disaggregated_plan(tick.doc_lengths, tick.turn_lengths, tick.turn_is_context,
-                                      len(jobs) * dp, tokens, c.tolerance, c.min_shard_tokens,
-                                      self.plan_shape, self.device, num_servers=group_size,
-                                      buffer_budget_mb=c.buffer_budget_mb)
-            active = [s * dp + d for s, _ in jobs for d in range(dp)]
-            placements.update(zip(jobs, split_placement(plan.servers, tick, active, group_size)))
-            plans.append(plan)
-        return placements, plans
+        return lockstep_plans(self.cfg, micro_batches, timetable, self.plan_shape, self.device)
 
     def _layout(self, batch: PackedBatch, plan: StepPlan):
         """This rank's exchange: one layout, task nano-batch layouts or token nano-batches

@@ -1,17 +1,24 @@
-"""Ping-pong dispatch: each layer's attention exchange as two overlapped nano-batches (design §5).
+"""Ping-pong dispatch: one layer's attention exchange as two overlapped nano-batches (design §5).
 
-A step's CA-tasks are split, server by server, into two nano-batches of about equal score pairs
-(:func:`split_nano_batches`). :func:`pingpong_attention` then runs both exchanges of one layer
-with asynchronous all-to-alls, ordered so that one nano-batch's communication is in flight while
-the other's tasks are computed::
+An exchange runs in three phases, each a function here: :func:`send_qkv` launches the q/k/v
+all-to-all, :func:`serve_and_return` waits for it, runs this rank's tasks and launches the
+return of out + lse, :func:`receive_results` waits for those. Work between two phases overlaps
+the exchange in flight. Two users:
+
+* token nano-batches (:mod:`distca.parallel.nanobatch`, driven by
+  :mod:`distca.model.staggered`): the phases of one nano-batch interleave with the other's
+  linear layers, per layer;
+* task nano-batches (:func:`split_nano_batches`: every server's tasks split into two halves of
+  near-equal score pairs) in :func:`pingpong_attention`, which overlaps one half's exchange with
+  the other half's attention only::
 
     send q/k/v 0 | send q/k/v 1 | wait 0, serve 0, send out 0 | wait 1, serve 1, send out 1
     | wait out 0 | wait out 1 | merge all partial rows by LSE
 
-Autograd replays the nodes in reverse creation order, which gives the mirrored overlap in the
-backward: the dO exchange of nano-batch 0 is in flight while nano-batch 1's server backward runs,
-and the dq/dk/dv exchange of nano-batch 1 while nano-batch 0's runs. Every rank builds the same
-graph, so the collectives are issued in the same order everywhere.
+Both issue the collectives of a layer in this order, so a dedicated server serves token
+nano-batches with :func:`pingpong_attention`. Autograd replays the nodes in reverse creation
+order, which gives the mirrored overlap in the backward; every rank builds a graph with the
+same exchange order, so the collectives line up everywhere.
 """
 
 from __future__ import annotations
