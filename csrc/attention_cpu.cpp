@@ -60,14 +60,20 @@ inline int64_t visible_keys(const Task& task, int64_t i0, int64_t j0, int64_t c,
   return task.causal ? std::clamp<int64_t>(task.key_end(i0 + c) - j0, 0, nk) : nk;
 }
 
-// dst[r][0:n] = src[r][0:n] * mul for `rows` rows, zero-padded to `width` columns.
+// dst[r][0:n] = src[r][0:n] for `rows` rows, zero-padded to `width` columns. With ahead > 0,
+// each row's n floats `ahead` floats on are fetched into L2 on the way: that is the next
+// head's slice of the same tokens, which the next work item gathers. Paced by the copy, these
+// prefetches hide the memory latency that otherwise stalls every row of a gather.
 inline void pack_rows(float* dst, int64_t dst_rs, const float* src, int64_t src_rs,
-                      int64_t rows, int64_t n, int64_t width, float mul = 1.0f) {
+                      int64_t rows, int64_t n, int64_t width, int64_t ahead = 0) {
   for (int64_t r = 0; r < rows; ++r) {
     float* d = dst + r * dst_rs;
     const float* s = src + r * src_rs;
+    if (ahead > 0) {
+      for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(s + ahead + c, 0, 2);
+    }
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) d[c] = s[c] * mul;
+    for (int64_t c = 0; c < n; ++c) d[c] = s[c];
     std::fill(d + n, d + width, 0.0f);
   }
 }
@@ -116,8 +122,8 @@ inline void transpose_tile(float* dst, const float* rows, int64_t rs, int64_t nq
 // Pack query rows [a, a + n) (rows rs floats apart) as an nq x Dp tile, zero past row n and
 // column D, as transpose_tile wants them.
 inline void pack_query_rows(float* dst, const float* src, int64_t rs, int64_t n, int64_t nq,
-                            int64_t D, int64_t Dp) {
-  pack_rows(dst, Dp, src, rs, n, D, Dp);
+                            int64_t D, int64_t Dp, int64_t ahead) {
+  pack_rows(dst, Dp, src, rs, n, D, Dp, ahead);
   std::fill(dst + n * Dp, dst + nq * Dp, 0.0f);
 }
 
@@ -190,6 +196,9 @@ void forward_kernel(const float* qf, const float* kf, const float* vf, float* ou
       const Block& blk = blocks[item / sh.heads];
       const int64_t h = item % sh.heads, kvh = h / sh.group();
       const int64_t n_tiles = (blk.end - blk.start + kQueryTile - 1) / kQueryTile;
+      // The next item is likely this block's next head: prefetch its rows (pack_rows).
+      const int64_t next_q = h + 1 < sh.heads ? D : 0;
+      const int64_t next_kv = h % sh.group() == sh.group() - 1 && kvh + 1 < sh.kv_heads ? D : 0;
       auto tile_rows = [&](int64_t s) {  // [first, end) query rows of tile s
         const int64_t a = blk.start + s * kQueryTile;
         return Range{a, std::min(a + kQueryTile, blk.end)};
@@ -197,7 +206,7 @@ void forward_kernel(const float* qf, const float* kf, const float* vf, float* ou
       for (int64_t s = 0; s < n_tiles; ++s) {
         const auto [a, e] = tile_rows(s);
         const int64_t nq = round_up16(e - a);
-        pack_query_rows(rows.data(), qf + a * qs + h * D, qs, e - a, nq, D, Dp);
+        pack_query_rows(rows.data(), qf + a * qs + h * D, qs, e - a, nq, D, Dp, next_q);
         transpose_tile(tiles[s].qt.data(), rows.data(), Dp, nq, D, scale * kLog2e);
         std::fill(tiles[s].acc.begin(), tiles[s].acc.end(), 0.0f);
         std::fill(tiles[s].m.begin(), tiles[s].m.end(), kNegInf);
@@ -209,8 +218,8 @@ void forward_kernel(const float* qf, const float* kf, const float* vf, float* ou
         for (int64_t j0 = task.ka; j0 < kv_end; j0 += kKeyTile) {
           const int64_t nk = std::min(kKeyTile, kv_end - j0);
           // Contiguous copies: rows ks floats apart would map a tile onto a few L1 sets.
-          pack_rows(keys.data(), D, kf + j0 * ks + kvh * D, ks, nk, D, D);
-          pack_rows(vals.data(), D, vf + j0 * ks + kvh * D, ks, nk, D, D);
+          pack_rows(keys.data(), D, kf + j0 * ks + kvh * D, ks, nk, D, D, next_kv);
+          pack_rows(vals.data(), D, vf + j0 * ks + kvh * D, ks, nk, D, D, next_kv);
           const int64_t next = std::clamp<int64_t>(kv_end - j0 - kKeyTile, 0, kKeyTile);
           prefetch_rows(kf + (j0 + kKeyTile) * ks + kvh * D, ks, next, D);
           prefetch_rows(vf + (j0 + kKeyTile) * ks + kvh * D, ks, next, D);
@@ -281,8 +290,9 @@ struct BackwardInputs {
 void pack_query_tile(const BackwardInputs& in, QueryGrads& w, int64_t h, int64_t i0, int64_t n,
                      int64_t next) {
   const int64_t D = in.sh.dim, Dp = round_up16(D), nq = round_up16(n), qs = in.sh.heads * D;
-  pack_query_rows(w.qrows.data(), in.q + i0 * qs + h * D, qs, n, nq, D, Dp);
-  pack_query_rows(w.dorows.data(), in.dout + i0 * qs + h * D, qs, n, nq, D, Dp);
+  const int64_t ahead = h + 1 < in.sh.heads ? D : 0;  // the next head's rows (pack_rows)
+  pack_query_rows(w.qrows.data(), in.q + i0 * qs + h * D, qs, n, nq, D, Dp, ahead);
+  pack_query_rows(w.dorows.data(), in.dout + i0 * qs + h * D, qs, n, nq, D, Dp, ahead);
   prefetch_rows(in.q + (i0 + kQueryTile) * qs + h * D, qs, next, D);
   prefetch_rows(in.dout + (i0 + kQueryTile) * qs + h * D, qs, next, D);
   transpose_tile(w.qt.data(), w.qrows.data(), Dp, nq, D, in.scale * kLog2e);
@@ -349,8 +359,9 @@ void backward_kernel(const BackwardInputs& in, const std::vector<Task>& tasks,
         const int64_t n_tiles = (blk.end - blk.start + kKeyTile - 1) / kKeyTile;
         for (int64_t u = 0; u < n_tiles; ++u) {
           const int64_t j0 = blk.start + u * kKeyTile, nk = std::min(kKeyTile, blk.end - j0);
-          pack_rows(tiles[u].keys.data(), Dp, in.k + j0 * ks + kvh * D, ks, nk, D, Dp);
-          pack_rows(tiles[u].vals.data(), Dp, in.v + j0 * ks + kvh * D, ks, nk, D, Dp);
+          const int64_t ahead = kvh + 1 < sh.kv_heads ? D : 0;  // the next item's rows
+          pack_rows(tiles[u].keys.data(), Dp, in.k + j0 * ks + kvh * D, ks, nk, D, Dp, ahead);
+          pack_rows(tiles[u].vals.data(), Dp, in.v + j0 * ks + kvh * D, ks, nk, D, Dp, ahead);
           std::fill(tiles[u].dk.begin(), tiles[u].dk.end(), 0.0f);
           std::fill(tiles[u].dv.begin(), tiles[u].dv.end(), 0.0f);
         }
