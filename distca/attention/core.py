@@ -17,7 +17,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from .merge import NEG_INF, apply_sink, sink_weight
+from .gpu_probe import fused_on_cuda
+from .merge import NEG_INF, accum_dtype, apply_sink, sink_weight
 from .tasks import TaskList, make_task_list
 
 BACKENDS = ("torch", "cpp", "flash", "flex")
@@ -101,15 +102,25 @@ def _prepare(q, k, v, q_ranges, kv_ranges, causal, sinks, softmax_scale, backend
     return tasks, scale, resolve_backend(backend, q.device)
 
 
+_apply_sink = fused_on_cuda(apply_sink)
+
+
 class _CoreAttention(torch.autograd.Function):
     """Merged varlen attention plus sink; backward by the ring-attention identity (design §2-3)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, tasks: TaskList, scale: float, impl: ModuleType):
-        out, lse = impl.forward(q, k, v, tasks, scale)
+        # A backend without a standalone backward (flex) keeps its forward's graph instead of
+        # recomputing the forward in backward.
+        ctx.graph = None
+        ctx.set_materialize_grads(False)  # an unused lse gets None: no gradient pass for it
+        if hasattr(impl, "forward_with_graph") and any(ctx.needs_input_grad[:3]):
+            out, lse, ctx.graph = impl.forward_with_graph(q, k, v, tasks, scale)
+        else:
+            out, lse = impl.forward(q, k, v, tasks, scale)
         lse_out = lse
         if sinks is not None:
-            out, lse_out = apply_sink(out, lse, sinks)
+            out, lse_out = _apply_sink(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.tasks, ctx.scale, ctx.impl = tasks, scale, impl
         return out, lse_out
@@ -118,26 +129,43 @@ class _CoreAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        live = lse != NEG_INF
-        # With the sink, O' = O * w and L' = logaddexp(L, s): the kernel backward gets
-        # dout = w * dO' and out = O' (which folds dL/dO' into delta), and dL' reaches L as w * dL'.
-        w = sink_weight(lse, sinks).masked_fill_(~live, 0.0) if sinks is not None else None
-        dout = d_out if w is None else (d_out.to(w.dtype) * w.unsqueeze(-1)).to(d_out.dtype)
-        dlse = torch.where(live, d_lse, 0.0)
-        if w is not None:
-            dlse = dlse * w
-        dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale,
-                                       dlse if bool(dlse.any()) else None)
-        dsinks = None
-        if sinks is not None and ctx.needs_input_grad[3]:
-            # sigmoid(s - L), not 1 - w: at s << L, 1 - w cancels to 0 in float32. The sum over
-            # rows mixes signs, so it is accumulated in float64 ((Nq, Hq) values: cheap).
-            rest = torch.where(live, torch.sigmoid(sinks.double() - lse.double()), 0.0)
-            per_row = (torch.where(live, d_lse.double(), 0.0)
-                       - (d_out.double() * out.double()).sum(-1)) * rest
-            dsinks = per_row.sum(0).to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        dout, dlse, dsinks = _sink_backward(d_out, d_lse, out, lse, sinks)
+        if ctx.graph is not None:
+            dq, dk, dv = ctx.impl.backward_from_graph(ctx.graph, dout, out, lse, dlse)
+            ctx.graph = None
+        else:
+            dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale, dlse)
+        return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, None, None, None
 
+
+@fused_on_cuda
+def _sink_backward(d_out, d_lse, out, lse, sinks):
+    """What the kernel backward and the sink need from the output gradients.
+
+    ``d_out`` (N, H, D), ``d_lse`` (N, H) float32 or None, ``out`` = O' and ``lse`` = L (before
+    the sink), ``sinks`` (H,) or None. Returns the kernel's ``dout`` (N, H, D) in ``d_out``'s
+    dtype, its ``dlse`` (N, H) or None, and ``dsinks`` (H,) or None.
+    """
+    live = lse != NEG_INF
+    dlse = None if d_lse is None else torch.where(live, d_lse, 0.0)
+    if sinks is None:
+        return d_out, dlse, None
+    # With the sink, O' = O * w and L' = logaddexp(L, s): the kernel backward gets
+    # dout = w * dO' and out = O' (which folds dL/dO' into delta), and dL' reaches L as w * dL'.
+    w = torch.where(live, sink_weight(lse, sinks), 0.0)
+    dout = (d_out.to(w.dtype) * w.unsqueeze(-1)).to(d_out.dtype)
+    # sigmoid(s - L), not 1 - w: at s << L, 1 - w cancels to 0 in float32. The sum over rows
+    # mixes signs, so it is accumulated in float64 ((N, H) values: cheap).
+    rest = torch.where(live, torch.sigmoid(sinks.double() - lse.double()), 0.0)
+    acc = accum_dtype(out.dtype)
+    per_row = -(d_out.to(acc) * out.to(acc)).sum(-1).double()
+    if dlse is not None:
+        per_row = per_row + dlse.double()
+        dlse = dlse * w
+    dsinks = (per_row * rest).sum(0).to(sinks.dtype)
+    return dout, dlse, dsinks
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, kv_ranges,
                    causal, sinks: torch.Tensor | None = None,

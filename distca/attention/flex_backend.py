@@ -1,24 +1,37 @@
 """GPU backend on PyTorch flex_attention (used where flash-attn is absent).
 
-The whole task list is one flex call: a block mask built from per-row task slots (row ``i``'s
-``m``-th task lets it see keys ``[start[i, m], end[i, m])``, the causal limit folded into
-``end``), so flex returns the merged ``(O, L)`` directly. flex has no standalone backward, so
-``backward`` recomputes the forward under autograd and feeds it gradients chosen so that
-``dS = P (dP - delta)`` with the caller's ``delta`` (the ring-attention identity with the
-merged output, design §2). Primitives as in :mod:`distca.attention.torch_backend`.
+The whole task list is one flex call. Its block mask is built from the tasks themselves in
+O(tasks + blocks²/128²) memory, never from an S×S grid: each (128-query, 128-key) block is
+empty, partial (the ``mask_mod`` decides per pair) or full (no per-pair check). The
+``mask_mod`` reads per-row task slots (row ``i``'s ``m``-th task lets it see keys
+``[start[i, m], end[i, m])``, the causal limit folded into ``end``), so flex returns the
+merged ``(O, L)`` directly.
+
+Token counts are padded to buckets (at most 1/8 extra rows, multiples of 128) so that the
+compiled kernel is reused across steps whose token counts differ slightly; padded rows are in
+no task. flex has no standalone backward: :func:`forward_with_graph` keeps the autograd graph of
+the forward for :func:`backward_from_graph` (the path ``core_attention`` takes), and
+:func:`backward` (the runtime's split forward/backward) recomputes the forward first. Either
+way the gradients are chosen so that ``dS = P (dP - delta)`` with the caller's ``delta`` (the
+ring-attention identity with the merged output, design §2). Primitives as in
+:mod:`distca.attention.torch_backend`.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
-from .gpu_probe import missing_reason
+from .gpu_probe import fused_on_cuda, missing_reason
 from .merge import NEG_INF
 from .tasks import TaskList
 
 DEVICES = ("cuda",)
+BLOCK = 128
+
+Graph = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
 
 def is_available() -> bool:
@@ -36,33 +49,77 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _slot_tables(tasks: TaskList) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_q, M) int32 ``start`` and ``end`` of the keys each row sees in its m-th task."""
-    count = torch.zeros(tasks.num_q, dtype=torch.int64)
+def padded_length(n: int) -> int:
+    """``n`` rounded up to a multiple of ``max(128, 2**ceil(log2 n) / 8)``."""
+    step = max(BLOCK, (1 << max(n - 1, 0).bit_length()) // 8)
+    return max(step, -(-n // step) * step)
+
+
+def _causal_end(row: tuple[int, int, int, int, bool], r: np.ndarray) -> np.ndarray:
+    """Exclusive key end seen by query rows ``r`` of a task (bottom-right causal)."""
+    a, b, c, d, causal = row
+    return np.minimum(d, d - b + 1 + r) if causal else np.full_like(r, d)
+
+
+def _slot_tables(tasks: TaskList, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, M) int32 ``start`` and ``end`` of the keys each row sees in its m-th task."""
+    count = np.zeros(rows, dtype=np.int64)
     entries = []
-    for a, b, c, d, causal in tasks.rows:
+    for task in tasks.rows:
+        a, b, c, d, _ = task
         if b <= a or d <= c:
             continue
-        rows = torch.arange(a, b)
-        slot = count[a:b].clone()
+        r = np.arange(a, b)
+        entries.append((r, count[a:b].copy(), c, _causal_end(task, r)))
         count[a:b] += 1
-        end = torch.clamp(d - b + 1 + rows, max=d) if causal else torch.full_like(rows, d)
-        entries.append((rows, slot, c, end))
-    width = max(int(count.max()) if tasks.num_q else 0, 1)
-    start = torch.zeros(tasks.num_q, width, dtype=torch.int32)
-    end = torch.zeros(tasks.num_q, width, dtype=torch.int32)
-    for rows, slot, c, e in entries:
-        start[rows, slot] = c
-        end[rows, slot] = e.to(torch.int32)
-    return start, end
+    width = max(int(count.max()) if rows else 0, 1)
+    start = np.zeros((rows, width), dtype=np.int32)
+    end = np.zeros((rows, width), dtype=np.int32)
+    for r, slot, c, e in entries:
+        start[r, slot] = c
+        end[r, slot] = e
+    return torch.from_numpy(start), torch.from_numpy(end)
+
+
+def block_grid(tasks: TaskList, q_blocks: int, kv_blocks: int) -> np.ndarray:
+    """(q_blocks, kv_blocks) int8: 0 no pair visible, 1 some pairs, 2 every pair visible.
+
+    "Full" is claimed only where one task owns all 128 rows of the query block and every row
+    sees the whole key block; anything else visible is partial (exact per pair via mask_mod).
+    """
+    grid = np.zeros((q_blocks, kv_blocks), dtype=np.int8)
+    for task in tasks.rows:
+        a, b, c, d, _ = task
+        if b <= a or d <= c:
+            continue
+        for qb in range(a // BLOCK, (b - 1) // BLOCK + 1):
+            r0, r1 = max(a, qb * BLOCK), min(b, (qb + 1) * BLOCK)
+            first_end, last_end = _causal_end(task, np.array([r0, r1 - 1]))
+            if last_end <= c:
+                continue
+            row = grid[qb]
+            np.maximum(row[c // BLOCK:(last_end - 1) // BLOCK + 1], 1,
+                       out=row[c // BLOCK:(last_end - 1) // BLOCK + 1])
+            if r1 - r0 == BLOCK:
+                lo, hi = -(-c // BLOCK), first_end // BLOCK
+                row[lo:max(lo, hi)] = 2
+    return grid
+
+
+def _blocks_of(kind: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 1, Q) counts and (1, 1, Q, KV) indices (the listed blocks first) of a bool grid."""
+    count = kind.sum(-1, dtype=np.int32)
+    index = np.argsort(~kind, axis=-1, kind="stable").astype(np.int32)
+    return torch.from_numpy(count)[None, None], torch.from_numpy(index)[None, None]
 
 
 def _block_mask(tasks: TaskList, device: torch.device):
     key = f"flex_block_mask:{device}"
     if key not in tasks._on_device:
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import BlockMask
 
-        start, end = (t.to(device) for t in _slot_tables(tasks))
+        rows, cols = padded_length(tasks.num_q), padded_length(tasks.num_kv)
+        start, end = (t.to(device) for t in _slot_tables(tasks, rows))
 
         def visible(b, h, q_idx, kv_idx):
             ok = (kv_idx >= start[q_idx, 0]) & (kv_idx < end[q_idx, 0])
@@ -70,17 +127,30 @@ def _block_mask(tasks: TaskList, device: torch.device):
                 ok = ok | ((kv_idx >= start[q_idx, m]) & (kv_idx < end[q_idx, m]))
             return ok
 
-        tasks._on_device[key] = create_block_mask(visible, None, None, tasks.num_q,
-                                                  tasks.num_kv, device=device)
+        grid = block_grid(tasks, rows // BLOCK, cols // BLOCK)
+        partial = [t.to(device) for t in _blocks_of(grid == 1)]
+        full = [t.to(device) for t in _blocks_of(grid == 2)]
+        tasks._on_device[key] = BlockMask.from_kv_blocks(
+            *partial, *full, BLOCK_SIZE=BLOCK, mask_mod=visible, seq_lengths=(rows, cols))
     return tasks._on_device[key]
 
 
+def _heads_first(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, H, D) -> (1, H, rows, D), zero rows appended (they are in no task)."""
+    x = x.transpose(0, 1)
+    if rows > x.shape[1]:
+        x = torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[1]))
+    return x.unsqueeze(0)
+
+
 def _run(q, k, v, tasks, scale):
-    """flex over (N, H, D) tensors -> out (N, H, D), lse (N, H) float32."""
-    out, lse = _flex()(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                       v.transpose(0, 1).unsqueeze(0), block_mask=_block_mask(tasks, q.device),
-                       scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-    return out.squeeze(0).transpose(0, 1), lse.squeeze(0).transpose(0, 1).float()
+    """flex over (N, H, D) tensors -> out (Nq, Hq, D), lse (Nq, Hq) float32."""
+    rows, cols = padded_length(tasks.num_q), padded_length(tasks.num_kv)
+    out, lse = _flex()(_heads_first(q, rows), _heads_first(k, cols), _heads_first(v, cols),
+                       block_mask=_block_mask(tasks, q.device), scale=scale,
+                       enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    n = tasks.num_q
+    return out[0, :, :n].transpose(0, 1), lse[0, :, :n].transpose(0, 1).float()
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
@@ -89,17 +159,46 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
     return out.contiguous(), lse.contiguous()
 
 
-def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             out: torch.Tensor, lse: torch.Tensor, tasks: TaskList, scale: float,
-             dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_with_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, Graph]:
+    """:func:`forward` that also returns the autograd graph :func:`backward_from_graph` needs."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     with torch.enable_grad():
         own_out, own_lse = _run(*leaves, tasks, scale)
-    # autograd gives dS = P (dP - rowsum(dout * own_out) + g_lse); choose g_lse so that the
-    # bracket is dP - delta with delta = rowsum(dout * out) - dlse.
+    return own_out.detach().contiguous(), own_lse.detach().contiguous(), (leaves, own_out, own_lse)
+
+
+def backward_from_graph(graph: Graph, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        dlse: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) given the merged ``out``/``lse`` of the rows, as :func:`backward`."""
+    leaves, own_out, own_lse = graph
+    grads = _graph_grads(dout, out, lse, dlse, own_out.detach(), own_lse.detach())
+    return torch.autograd.grad((own_out, own_lse), leaves, grads)
+
+
+@fused_on_cuda
+def _graph_grads(dout, out, lse, dlse, own_out, own_lse):
+    """Gradients to feed flex's autograd graph: ((N, H, D) like own_out, (N, H) float32).
+
+    Autograd through flex differentiates this call's softmax P_own = P * exp(L - L_own).
+    Scaling dout by c = exp(L_own - L) turns its dS = P_own (dP - rowsum(dout * own_out) +
+    g_lse) into P (dP - delta) with delta = rowsum(dout * out) - dlse (the merged row's), for
+    g_lse = rowsum(c * dout * own_out) - c * delta; dv = P_own^T (c * dout) = P^T dout.
+    """
+    live = lse != NEG_INF
+    c = torch.where(live, torch.exp(own_lse - torch.where(live, lse, 0.0)), 0.0)
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse
-    g_lse = (dout.float() * own_out.detach().float()).sum(-1) - delta
-    g_lse = torch.where(lse == NEG_INF, 0.0, g_lse)
-    return torch.autograd.grad((own_out, own_lse), leaves, (dout, g_lse))
+    scaled = dout.float() * c.unsqueeze(-1)
+    g_lse = (scaled * own_out.float()).sum(-1) - c * delta
+    return scaled.to(own_out.dtype), g_lse
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             out: torch.Tensor, lse: torch.Tensor, tasks: TaskList, scale: float,
+             dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *_, graph = forward_with_graph(q, k, v, tasks, scale)
+    return backward_from_graph(graph, dout, out, lse, dlse)
+
