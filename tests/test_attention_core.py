@@ -324,3 +324,24 @@ def test_random_layouts(backend):
     for _ in range(3):
         rows, n = random_layout(gen)
         check(backend, make_task_list(*split_tasks(rows), n, n), heads=2, kv_heads=1, dim=16)
+
+
+@pytest.mark.parametrize("offset", [-20.0, 0.0, 20.0])
+def test_apply_sink_gradient_does_not_cancel(offset):
+    """Autograd through apply_sink (the GPU graph path) keeps dsinks at a sink far below L."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    out = torch.randn(50, 3, 8, generator=gen, dtype=torch.float64)
+    lse = torch.randn(50, 3, generator=gen, dtype=torch.float64) + 5.0
+    lse[7] = float("-inf")
+    sinks = torch.full((3,), 5.0 + offset, dtype=torch.float64)
+    d_out = torch.randn(50, 3, 8, generator=gen, dtype=torch.float64)
+    d_lse = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [x.to(dtype).requires_grad_() for x in (out, lse, sinks)]
+        new_out, new_lse = apply_sink(*leaves)
+        torch.autograd.backward([new_out, new_lse], [d_out.to(dtype),
+                                                     torch.where(lse.isfinite(), d_lse, 0.0).to(dtype)])
+        grads.append([x.grad for x in leaves])
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-5

@@ -110,33 +110,32 @@ class _CoreAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, tasks: TaskList, scale: float, impl: ModuleType):
-        # A backend without a standalone backward (flex) keeps its forward's graph instead of
-        # recomputing the forward in backward.
-        ctx.graph = None
         ctx.set_materialize_grads(False)  # an unused lse gets None: no gradient pass for it
-        if hasattr(impl, "forward_with_graph") and any(ctx.needs_input_grad[:3]):
-            out, lse, ctx.graph = impl.forward_with_graph(q, k, v, tasks, scale)
-        else:
-            out, lse = impl.forward(q, k, v, tasks, scale)
+        # A backend without a standalone backward (flex) runs kernel and sink as one graph and
+        # keeps it for backward instead of recomputing the forward.
+        ctx.graph, ctx.tasks, ctx.scale, ctx.impl = None, tasks, scale, impl
+        if hasattr(impl, "forward_with_graph") and any(ctx.needs_input_grad[:4]):
+            out, lse_out, ctx.graph = impl.forward_with_graph(q, k, v, sinks, tasks, scale)
+            return out, lse_out
+        out, lse = impl.forward(q, k, v, tasks, scale)
         lse_out = lse
         if sinks is not None:
             out, lse_out = _apply_sink(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.tasks, ctx.scale, ctx.impl = tasks, scale, impl
         return out, lse_out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_lse):
+        if ctx.graph is not None:
+            dq, dk, dv, dsinks = ctx.impl.backward_from_graph(ctx.graph, d_out, d_lse)
+            ctx.graph = None
+            return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, None, None, None
         q, k, v, out, lse, sinks = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
         dout, dlse, dsinks = _sink_backward(d_out, d_lse, out, lse, sinks)
-        if ctx.graph is not None:
-            dq, dk, dv = ctx.impl.backward_from_graph(ctx.graph, dout, out, lse, dlse)
-            ctx.graph = None
-        else:
-            dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale, dlse)
+        dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale, dlse)
         return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, None, None, None
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .gpu_probe import fused_on_cuda, missing_reason
-from .merge import NEG_INF
+from .merge import NEG_INF, apply_sink
 from .tasks import TaskList
 
 DEVICES = ("cuda",)
@@ -40,13 +40,6 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str | None:
     return missing_reason("torch.nn.attention.flex_attention", "this torch has no torch.nn.attention.flex_attention")
-
-
-@functools.cache
-def _flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
 
 
 def padded_length(n: int) -> int:
@@ -143,38 +136,61 @@ def _heads_first(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.unsqueeze(0)
 
 
-def _run(q, k, v, tasks, scale):
-    """flex over (N, H, D) tensors -> out (Nq, Hq, D), lse (Nq, Hq) float32."""
+@functools.cache
+def _compiled_attention():
+    """flex plus the optional sink, compiled into one graph (one set of guards and launches)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def attention(q, k, v, sinks, block_mask, scale: float, rows: int, cols: int):
+        n = q.shape[0]
+        out, lse = flex_attention(_heads_first(q, rows), _heads_first(k, cols),
+                                  _heads_first(v, cols), block_mask=block_mask, scale=scale,
+                                  enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+        out, lse = out[0, :, :n].transpose(0, 1), lse[0, :, :n].transpose(0, 1).float()
+        if sinks is not None:
+            out, lse = apply_sink(out, lse, sinks)
+        return out.contiguous(), lse.contiguous()
+
+    return torch.compile(attention, dynamic=False)
+
+
+def _run(q, k, v, sinks, tasks, scale):
+    """(N, H, D) tensors -> out (Nq, Hq, D), lse (Nq, Hq) float32, the sink applied if given."""
     rows, cols = padded_length(tasks.num_q), padded_length(tasks.num_kv)
-    out, lse = _flex()(_heads_first(q, rows), _heads_first(k, cols), _heads_first(v, cols),
-                       block_mask=_block_mask(tasks, q.device), scale=scale,
-                       enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-    n = tasks.num_q
-    return out[0, :, :n].transpose(0, 1), lse[0, :, :n].transpose(0, 1).float()
+    return _compiled_attention()(q, k, v, sinks, _block_mask(tasks, q.device), scale, rows, cols)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _run(q, k, v, tasks, scale)
-    return out.contiguous(), lse.contiguous()
+    return _run(q, k, v, None, tasks, scale)
 
 
-def forward_with_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor, Graph]:
-    """:func:`forward` that also returns the autograd graph :func:`backward_from_graph` needs."""
+def forward_with_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       sinks: torch.Tensor | None, tasks: TaskList, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, Graph]:
+    """The whole forward of ``core_attention`` (kernel and sink) as one compiled graph.
+
+    Returns ``out`` (Nq, Hq, D) and ``lse`` (Nq, Hq) float32 after the sink, and the graph that
+    :func:`backward_from_graph` differentiates: flex has no standalone backward, and keeping
+    the graph avoids recomputing the forward.
+    """
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    if sinks is not None:
+        leaves.append(sinks.detach().requires_grad_())
     with torch.enable_grad():
-        own_out, own_lse = _run(*leaves, tasks, scale)
-    return own_out.detach().contiguous(), own_lse.detach().contiguous(), (leaves, own_out, own_lse)
+        out, lse = _run(*leaves[:3], leaves[3] if sinks is not None else None, tasks, scale)
+    return out.detach(), lse.detach(), (leaves, out, lse)
 
 
-def backward_from_graph(graph: Graph, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                        dlse: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) given the merged ``out``/``lse`` of the rows, as :func:`backward`."""
-    leaves, own_out, own_lse = graph
-    grads = _graph_grads(dout, out, lse, dlse, own_out.detach(), own_lse.detach())
-    return torch.autograd.grad((own_out, own_lse), leaves, grads)
+def backward_from_graph(graph: Graph, d_out: torch.Tensor | None, d_lse: torch.Tensor | None):
+    """(dq, dk, dv, dsinks or None) of :func:`forward_with_graph`'s outputs."""
+    leaves, out, lse = graph
+    if d_lse is not None:
+        d_lse = torch.where(lse.detach() == NEG_INF, 0.0, d_lse)
+    pairs = [(t, g) for t, g in ((out, d_out), (lse, d_lse)) if g is not None]
+    grads = torch.autograd.grad([t for t, _ in pairs], leaves, [g for _, g in pairs],
+                                allow_unused=True)
+    return (*grads[:3], grads[3] if len(leaves) == 4 else None)
 
 
 @fused_on_cuda
@@ -199,6 +215,8 @@ def _graph_grads(dout, out, lse, dlse, own_out, own_lse):
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              out: torch.Tensor, lse: torch.Tensor, tasks: TaskList, scale: float,
              dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    *_, graph = forward_with_graph(q, k, v, tasks, scale)
-    return backward_from_graph(graph, dout, out, lse, dlse)
-
+    # The runtime's split backward: recompute this server's forward, then feed its graph the
+    # gradients of the merged rows.
+    _, _, (leaves, own_out, own_lse) = forward_with_graph(q, k, v, None, tasks, scale)
+    grads = _graph_grads(dout, out, lse, dlse, own_out.detach(), own_lse.detach())
+    return torch.autograd.grad((own_out, own_lse), leaves, grads)

@@ -70,7 +70,10 @@ def apply_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
     """
     s = sinks.to(lse.dtype)
     live = lse != NEG_INF
-    w = torch.where(live, torch.sigmoid(lse - s), 0.0)
+    total = torch.logaddexp(lse, s.expand_as(lse))  # = s on rows with no task
+    # w = exp(L - L') rather than sigmoid(L - s): autograd then gets dw/ds = -w exp(s - L'),
+    # where sigmoid's w (1 - w) cancels to 0 in float32 once the sink is ~17 below L.
+    w = torch.where(live, torch.exp(lse - total), 0.0)
     new_out = (out.to(lse.dtype) * w.unsqueeze(-1)).to(out.dtype)
-    new_lse = torch.where(live, torch.logaddexp(lse, s.expand_as(lse)), NEG_INF)
+    new_lse = torch.where(live, total, NEG_INF)
     return new_out, new_lse
