@@ -4,7 +4,8 @@ The kernel works in 64-row tiles grouped four to a block (one packed tile serves
 other side), pads queries and the head dim to multiples of 16, transposes in 8 x 8 register
 blocks and skips causally masked 6 x 16 micro-blocks (and the exp of hidden 8-query groups), so
 lengths around 16, 64 and 256, head dims that are not multiples of 8 or 16, and tasks that
-start mid-tile are where it can go wrong.
+start mid-tile are where it can go wrong. Outputs of 2 MiB and more live on their own
+huge-page mappings, which must read as zero wherever the kernel writes nothing.
 """
 
 import pytest
@@ -49,6 +50,22 @@ def test_query_shards_longer_than_their_keys():
 def test_gqa_across_blocks(heads, kv_heads):
     docs = [[(70, True), (200, False), (1, True), (30, False)], [(300, False)]]
     check("cpp", multiturn_tasks(docs), heads=heads, kv_heads=kv_heads, dim=16)
+
+
+def test_huge_page_outputs_zero_where_no_task_writes():
+    # 1024 x 4 x 128 float32 = 2 MiB: out, dq, dk and dv all take the huge-page path. Query rows
+    # 700..760 are in no task; key rows 700..800 are seen by none.
+    rows = [(0, 300, 0, 300, True), (300, 700, 300, 700, True), (760, 1024, 800, 1024, True),
+            (760, 1024, 0, 300, False)]
+    tasks = make_task_list(*split_tasks(rows), 1024, 1024)
+    out, lse, leaves = check("cpp", tasks, heads=4, kv_heads=4, dim=128, sink_offsets=None)
+    assert not out[700:760].any() and not leaves[0].grad[700:760].any()
+    assert not leaves[1].grad[700:800].any() and not leaves[2].grad[700:800].any()
+    q, k, v = (x.detach() for x in leaves)
+    raw_out, raw_lse = cpp_backend.forward(q, k, v, tasks, 0.1)
+    grads = cpp_backend.backward(torch.randn_like(q), q, k, v, raw_out, raw_lse, tasks, 0.1)
+    for x in (raw_out, *grads):
+        assert x.untyped_storage().data_ptr() % (2 << 20) == 0  # its own 2 MiB-aligned mapping
 
 
 def test_build_cache_follows_the_cpu(monkeypatch):
