@@ -1,19 +1,21 @@
 """GPU backend on PyTorch flex_attention (used where flash-attn is absent).
 
-The whole task list is one flex call. Its block mask is built from the tasks themselves in
-O(tasks + blocks²/128²) memory, never from an S×S grid: each (128-query, 128-key) block is
-empty, partial (the ``mask_mod`` decides per pair) or full (no per-pair check). The
-``mask_mod`` reads per-row task slots (row ``i``'s ``m``-th task lets it see keys
+The whole task list is one flex call. Its block mask is built from the tasks themselves,
+never from an S×S grid: one byte per (128-query, 128-key) block says empty, partial (the
+``mask_mod`` decides per pair) or full (no per-pair check), plus (rows, M) int32 slot tables
+that the ``mask_mod`` reads (row ``i``'s ``m``-th task lets it see keys
 ``[start[i, m], end[i, m])``, the causal limit folded into ``end``), so flex returns the
 merged ``(O, L)`` directly.
 
 Token counts are padded to buckets (at most 1/8 extra rows, multiples of 128) so that the
 compiled kernel is reused across steps whose token counts differ slightly; padded rows are in
-no task. flex has no standalone backward: :func:`forward_with_graph` keeps the autograd graph of
-the forward for :func:`backward_from_graph` (the path ``core_attention`` takes), and
-:func:`backward` (the runtime's split forward/backward) recomputes the forward first. Either
-way the gradients are chosen so that ``dS = P (dP - delta)`` with the caller's ``delta`` (the
-ring-attention identity with the merged output, design §2). Primitives as in
+no task. (torch recompiles a function at most ``torch._dynamo.config.recompile_limit`` times,
+8 by default, then runs flex eagerly: a process that needs more shapes should raise it.)
+flex has no standalone backward: :func:`forward_with_graph` runs kernel and sink as one
+compiled graph and keeps its autograd graph for :func:`backward_from_graph` (the path
+``core_attention`` takes); :func:`backward` (the runtime's split forward/backward) recomputes
+this server's forward and feeds its graph gradients chosen so that ``dS = P (dP - delta)``
+with the merged rows' ``delta`` (the ring-attention identity, design §2). Primitives as in
 :mod:`distca.attention.torch_backend`.
 """
 
