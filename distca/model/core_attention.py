@@ -85,7 +85,7 @@ class DistcaCoreAttention(MegatronModule):
             if self.runtime.telemetry is not None:
                 mass = torch.sigmoid(self.sinks.detach().float()[None, :] - lse.detach())
                 self.runtime.telemetry.add(self.layer_number, mass[has_task])
-        return out.reshape(out.shape[0], 1, -1)
+        return out.reshape(out.shape[0], 1, out.shape[1] * out.shape[2])
 
 
 def _tp_size() -> int:

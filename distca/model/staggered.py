@@ -36,11 +36,17 @@ from distca.parallel.pingpong import receive_results, send_qkv, serve_and_return
 def _before_attention(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(q (n, hq, d), k, v (n, hkv, d), gate or None) of hidden (n, 1, H), RoPE applied."""
     attn = layer.self_attention
+    n = hidden.shape[0]
+    if n == 0:
+        # A worker inside one long document can have an empty nano-batch; it still joins the
+        # exchanges. megatron's reshape cannot infer the heads of zero rows: run one zero row
+        # and keep none of it.
+        hidden = hidden.new_zeros(1, *hidden.shape[1:])
     parts = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None,
                                              output_gate=attn.config.attention_output_gate,
                                              split_qkv=True)
-    q, k, v = (x[:, 0] for x in parts[:3])
-    gate = parts[3] if len(parts) == 4 else None
+    q, k, v = (x[:n, 0] for x in parts[:3])
+    gate = parts[3][:n] if len(parts) == 4 else None
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
 
 
