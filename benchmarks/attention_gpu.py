@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +33,7 @@ from distca.attention import (
     flex_backend,  # noqa: E402
 )
 from distca.attention.reference import causal_document_tasks  # noqa: E402
+from distca.profile.attention import flops_per_pair, task_pairs  # noqa: E402
 
 
 def median_ms(fn, grad_to_none=None) -> float:
@@ -46,20 +46,6 @@ def median_ms(fn, grad_to_none=None) -> float:
 def matmul_peak_tflops(dtype: torch.dtype) -> float:
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=dtype) for _ in range(2))
     return 2 * 8192 ** 3 / median_ms(lambda: a @ b) / 1e9
-
-
-def visible_pairs(tasks) -> int:
-    pairs = 0
-    for a, b, c, d, causal in tasks.rows:
-        nq, nk = b - a, d - c
-        if nq <= 0 or nk <= 0:
-            continue
-        if causal:
-            seen = np.clip(nk - nq + 1 + np.arange(nq), 0, nk)
-            pairs += int(seen.sum())
-        else:
-            pairs += nq * nk
-    return pairs
 
 
 def make_tasks(layout: str, seq: int):
@@ -120,8 +106,9 @@ def measure(layout: str, seq: int, heads: int, kv_heads: int, dim: int, dtype) -
             times["sdpa_fwd"] = median_ms(lambda: sdpa(sq, sk, sv, is_causal=True, **gqa))
         times["sdpa_fwd_bwd"] = median_ms(
             lambda: sdpa(sq, sk, sv, is_causal=True, **gqa).backward(sdout), [sq, sk, sv])
-    fwd_flops = 4.0 * visible_pairs(tasks) * dim * heads
-    tflops = {name: (fwd_flops * (1 if name.endswith("_fwd") else 3.5)) / ms / 1e9
+    pairs = sum(task_pairs(b - a, d - c, causal) for a, b, c, d, causal in tasks.rows)
+    fwd_bwd_flops = pairs * flops_per_pair(heads, dim)
+    tflops = {name: fwd_bwd_flops / (3.5 if name.endswith("_fwd") else 1) / ms / 1e9
               for name, ms in times.items()}
     return dict(layout=layout, seq=seq, shape=f"{heads}/{kv_heads}x{dim}", tasks=len(tasks),
                 mask_ms=mask_ms, times=times, tflops=tflops)

@@ -1,4 +1,5 @@
-"""Availability probe shared by the GPU backends (flash, flex)."""
+"""What the GPU paths share: the backends' availability probe (flash, flex), and compiling the
+elementwise steps around the kernel into one launch on CUDA (core, flex)."""
 
 from __future__ import annotations
 
