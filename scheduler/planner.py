@@ -254,8 +254,8 @@ def _rehome_short_tails(seg: Segments, cutter: Cutter, load: np.ndarray, cap: fl
     rows = seg.q_end - seg.q_start
     saving = prefix * cutter.kv_bytes - rows * (cutter.q_bytes + cutter.kv_bytes)
     key = seg.home * (seg.doc.max(initial=0) + 1) + seg.doc
-    alone = np.bincount(np.unique(key, return_inverse=True)[1])[
-        np.unique(key, return_inverse=True)[1]] == 1  # the worker's only segment of the doc
+    group = np.unique(key, return_inverse=True)[1]
+    alone = np.bincount(group)[group] == 1  # the worker's only segment of the doc
     picked = np.flatnonzero(seg.causal & (prefix > 0) & (saving > 0) & alone & (seg.home > 0))
     for i in picked[np.argsort(-saving[picked], kind="stable")].tolist():
         h, w = int(seg.home[i]), float(weight[i])
