@@ -39,14 +39,13 @@ class Residency:
         self.holders: dict[int, list[int]] = defaultdict(list)
         # Every home task reads kv from its document's start, so what a worker holds of a
         # document is one prefix; only documents on two or more workers can be reused elsewhere.
-        kv_end = np.where(seg.causal, seg.q_end, seg.kv_end)
         order = np.lexsort((seg.home, seg.doc))
         doc, home = seg.doc[order], seg.home[order]
         first = np.ones(doc.size, dtype=bool)
         first[1:] = (doc[1:] != doc[:-1]) | (home[1:] != home[:-1])
         starts = np.flatnonzero(first)
         group_doc, group_home = doc[starts], home[starts]
-        group_end = np.maximum.reduceat(kv_end[order], starts) if starts.size else starts
+        group_end = np.maximum.reduceat(seg.kv_end[order], starts) if starts.size else starts
         shared = np.zeros(group_doc.size, dtype=bool)
         shared[1:] = group_doc[1:] == group_doc[:-1]
         shared[:-1] |= shared[1:]

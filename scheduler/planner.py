@@ -106,7 +106,7 @@ def grain_pairs(seg: Segments, min_shard: int) -> int:
     With ε = 0 the bound ``max <= mean`` is impossible at token granularity in general, so the
     planner aims at ``max((1+ε)·mean, mean + grain)``.
     """
-    density = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
+    density = seg.kv_end - seg.kv_start
     return int(max(density.max(initial=0), min_shard * min_shard))
 
 
@@ -122,7 +122,7 @@ def _grain_units(seg: Segments, min_shard: int, cost_table: CostTable | None) ->
     if cost_table is None:
         return grain
     rows = np.minimum(seg.q_end - seg.q_start, min_shard)
-    cols = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
+    cols = seg.kv_end - seg.kv_start
     band = task_pairs(rows, cols, seg.causal)
     seconds = cost_table.seconds(rows, cols, band)
     return max(grain / float(cost_table.throughput(min_shard, grain_pairs(seg, 1))),
@@ -173,7 +173,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     need = load - rooms.cap
     donors = [int(d) for d in np.lexsort((np.arange(num_servers), -need)) if need[d] > done]
     # Densest segments first: the last row of a segment sees the longest kv range.
-    density = np.where(seg.causal, seg.q_end, seg.kv_end) - seg.kv_start
+    density = seg.kv_end - seg.kv_start
     by_home = np.lexsort((np.arange(len(seg)), -density, seg.home))
     bounds = np.searchsorted(seg.home[by_home], np.arange(num_servers + 1))
     queues = {d: [int(i) for i in by_home[bounds[d]:bounds[d + 1]]] for d in donors}
