@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distca.config import DistcaConfig
-from distca.profile.attention import flops_per_pair
 from distca.profile.breakdown import CATEGORIES, find_step_event, step_breakdown
 from distca.profile.comm import free_port
 
@@ -36,19 +35,19 @@ STEP_EVENT = "distca.profile.train_step"
 def model_flops(cfg: DistcaConfig, batches) -> float:
     """Forward + backward FLOPs of one step over ``batches`` (a list of PackedBatch)."""
     from distca.scheduler.documents import build_segments, documents_from_batch
+    from distca.scheduler.simulator import ModelSpec
 
     m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
-    per_layer = m.hidden_size * head_dim * (2 * m.num_attention_heads + 2 * m.num_kv_heads) \
-        + 3 * m.hidden_size * m.ffn_hidden_size
-    linear_per_token = 6.0 * (m.num_layers * per_layer + m.hidden_size * m.vocab_size)
+    spec = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
+                     m.ffn_hidden_size)
+    linear_per_token = m.num_layers * spec.linear_flops_per_token \
+        + 6.0 * m.hidden_size * m.vocab_size  # the LM head
     tokens = pairs = 0
     for b in batches:
         docs = documents_from_batch(b.doc_lengths, b.turn_lengths, b.turn_is_context)
         tokens += int(b.doc_lengths.sum())
         pairs += int(build_segments(docs, b.tokens_per_rank).pairs().sum())
-    return tokens * linear_per_token + \
-        pairs * m.num_layers * flops_per_pair(m.num_attention_heads, head_dim)
+    return tokens * linear_per_token + pairs * m.num_layers * spec.attention_flops_per_pair
 
 
 def measure_peak_flops(device: torch.device, size: int | None = None, reps: int = 3) -> float:
