@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from distca.attention.merge import apply_sink
 from distca.model.rope import apply_rope
 
 
@@ -28,17 +29,6 @@ class SinkTelemetry:
     def add(self, layer: int, mass: torch.Tensor) -> None:
         self.mass_sum[layer] = self.mass_sum.get(layer, 0.0) + float(mass.sum())
         self.rows[layer] = self.rows.get(layer, 0) + mass.numel()
-
-
-def apply_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add one value-less softmax column per head: out (N, H, D) * sigma(L - s), L' = logaddexp.
-
-    Rows with no task (lse = -inf) stay zero. Autograd gives the exact dq/dk/dv (through out and
-    lse) and ``ds_h = -sum_i sigma(s_h - L_i) (dO'_i . O'_i)``.
-    """
-    scale = torch.sigmoid(lse - sinks.float()[None, :])
-    return out * scale.unsqueeze(-1).to(out.dtype), torch.logaddexp(lse, sinks.float()[None, :])
 
 
 class DistcaCoreAttention(MegatronModule):
