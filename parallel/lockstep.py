@@ -27,20 +27,18 @@ Group rank ``s * dp + d`` is worker ``d`` of stage ``s`` (megatron's ``tp-cp-ep-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from distca.parallel.dispatch import merge_partials
+from distca.parallel.dispatch import AttendFn, merge_partials
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks
 from distca.parallel.pingpong import task_pairs
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
 Op = tuple[str, int] | None  # ("F", i) / ("B", i): forward / backward of micro-batch i; None: bubble
-# attend(q, k, v, q_ranges, kv_ranges, causal) -> (out (Nq, Hq, D), lse (Nq, Hq) fp32), no sink
-AttendFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
