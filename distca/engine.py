@@ -121,8 +121,8 @@ class Engine:
         self.lockstep = None
         if p.pp > 1 and cfg.cad.enabled and not cfg.cad.ping_pong:
             self.lockstep = lockstep_exchange(cfg, (self.tp_rank, self.pp_rank, self.dp_rank),
-                                              self.plan_shape, self.model.config.params_dtype,
-                                              self.device)
+                                              self.plan_shape, self.runtime,
+                                              self.model.config.params_dtype, self.device)
         self.step = 0
 
     # ---- one micro-batch -------------------------------------------------------------------

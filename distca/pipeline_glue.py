@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig
+from distca.model.runtime import AttentionRuntime
 from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
 from distca.parallel.pipeline import StageLinks
 from distca.parallel.planning import StepPlan, disaggregated_plan
@@ -23,9 +24,11 @@ from distca.scheduler import ModelShape
 
 
 def lockstep_exchange(cfg: DistcaConfig, coords: tuple[int, int, int], shape: ModelShape,
-                      dtype: torch.dtype, device: torch.device) -> LockstepExchange:
+                      runtime: AttentionRuntime, dtype: torch.dtype, device: torch.device
+                      ) -> LockstepExchange:
     """The cross-stage exchange group of this rank's tensor rank (collective on every rank);
-    ``coords`` = this rank's (tensor, pipeline, data-parallel) rank."""
+    ``coords`` = this rank's (tensor, pipeline, data-parallel) rank; tasks run on ``runtime``'s
+    kernel."""
     p, m = cfg.parallel, cfg.model
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, coords)
@@ -36,16 +39,10 @@ def lockstep_exchange(cfg: DistcaConfig, coords: tuple[int, int, int], shape: Mo
             raise NotImplementedError("lock-step pipeline needs global ranks ordered by "
                                       "(stage, data-parallel rank) within a tensor rank")
         groups[t] = dist.new_group(ranks)
-    from distca.attention import core_attention
-
-    scale, backend = shape.head_dim ** -0.5, cfg.attention.backend.value
-
-    def attend(q, k, v, q_ranges, kv_ranges, causal):
-        return core_attention(q, k, v, q_ranges, kv_ranges, causal, softmax_scale=scale,
-                              backend=backend)
-
+    scale = shape.head_dim ** -0.5
     return LockstepExchange(groups[coords[0]], p.dp, m.num_layers // p.pp,
-                            (shape.h_q, shape.h_kv, shape.head_dim), attend, scale, dtype, device)
+                            (shape.h_q, shape.h_kv, shape.head_dim), runtime.kernel(scale), scale,
+                            dtype, device)
 
 
 def stage_links(cfg: DistcaConfig, micro_batches: list[PackedBatch], dtype: torch.dtype,
