@@ -145,13 +145,13 @@ class Engine:
         ``hidden_in`` is the previous stage's output (None on the first stage).
         """
         rows = batch.rank_slice(self.dp_rank)
-        tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
+        tokens = rank_rows(batch.tokens, rows, self.device)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
         layout = self._layout(batch, plan) if self.lockstep is None else self.lockstep
         self.runtime.set_batch(positions, layout)
         labels = mask = None
         if self.is_last_stage:
-            labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
+            labels = rank_rows(batch.labels, rows, self.device)
             mask = labels != IGNORE
             labels = torch.where(mask, labels, 0)
         if isinstance(layout, NanoBatches):
@@ -372,6 +372,12 @@ class Engine:
                 self.optimizer.state[q] = {k: v.to(q.device) if k != "step" else v.clone()
                                            for k, v in entries.items()}
         self.step = int(state["step"])
+
+
+def rank_rows(array: np.ndarray, rows: slice, device: torch.device) -> torch.Tensor:
+    """(1, T) copy of this rank's ``rows`` of a batch array: a batch that came through Ray is
+    read-only, which ``torch.as_tensor`` would share (and warn about)."""
+    return torch.tensor(array[rows], device=device).view(1, -1)
 
 
 def _loss_tokens(micro_batches: list[PackedBatch]) -> int:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig
-from distca.engine import IGNORE, Engine, _all_reduce_scalar, _loss_tokens
+from distca.engine import IGNORE, Engine, _all_reduce_scalar, _loss_tokens, rank_rows
 from distca.focusft.fast_weights import FastLoRA, top_layer_count
 from distca.parallel.planning import StepPlan
 
@@ -57,8 +57,8 @@ class FocusftEngine(Engine):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Point the attention runtime at ``batch``; this rank's tokens, labels, loss mask (1, T)."""
         rows = batch.rank_slice(self.dp_rank)
-        tokens = torch.as_tensor(batch.tokens[rows], device=self.device).view(1, -1)
-        labels = torch.as_tensor(batch.labels[rows], device=self.device).view(1, -1)
+        tokens = rank_rows(batch.tokens, rows, self.device)
+        labels = rank_rows(batch.labels, rows, self.device)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
         # the SFT step's own layout (ping-pong nano-batches when on): any other split of the
         # attention work changes the float summation order and inner_steps=0 would drift from SFT
