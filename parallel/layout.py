@@ -140,6 +140,20 @@ def server_inputs_from_tasks(q_start, q_end, kv_start, kv_end, causal) -> Server
     return q_tokens, kv_tokens, q_ranges, kv_ranges, np.asarray(causal, dtype=bool)
 
 
+def server_tasks(inputs: ServerInputs
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of :func:`server_inputs_from_tasks`: one server's tasks in global token
+    coordinates, (q_start, q_end, kv_start, kv_end) int64 and causal bool, each (T,)."""
+    q_tokens, kv_tokens, q_ranges, kv_ranges, causal = inputs
+    q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
+    kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
+    # A task's local range is contiguous in the buffer and in global ids alike.
+    q_start = np.asarray(q_tokens, dtype=np.int64)[q_ranges[:, 0]]
+    kv_start = np.asarray(kv_tokens, dtype=np.int64)[kv_ranges[:, 0]]
+    return (q_start, q_start + (q_ranges[:, 1] - q_ranges[:, 0]), kv_start,
+            kv_start + (kv_ranges[:, 1] - kv_ranges[:, 0]), np.asarray(causal, dtype=bool))
+
+
 def colocated_server_inputs(segments, num_workers: int) -> list[ServerInputs]:
     """Every task on the worker that holds its queries (no balancing): ``cad.enabled=false``.
 

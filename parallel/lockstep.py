@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from distca.parallel.dispatch import AttendFn, merge_partials
-from distca.parallel.layout import ServerInputs, server_inputs_from_tasks
+from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.pingpong import task_pairs
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
@@ -87,18 +87,13 @@ def split_placement(servers: list[ServerInputs], tick: TickDocuments, active_ran
     idle = [g for g in range(group_size) if g not in set(active_ranks)]
     rank_of = list(active_ranks) + idle
     jobs: list[list[ServerInputs | None]] = [[None] * group_size for _ in tick.offsets]
-    for i, (q_tokens, kv_tokens, q_ranges, kv_ranges, causal) in enumerate(servers):
-        q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
-        kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
-        causal = np.asarray(causal, dtype=bool)
-        q_start = np.asarray(q_tokens, dtype=np.int64)[q_ranges[:, 0]]
-        kv_start = np.asarray(kv_tokens, dtype=np.int64)[kv_ranges[:, 0]]
-        q_len, kv_len = np.diff(q_ranges, axis=1)[:, 0], np.diff(kv_ranges, axis=1)[:, 0]
+    for i, inputs in enumerate(servers):
+        q_start, q_end, kv_start, kv_end, causal = server_tasks(inputs)
         for j, (lo, n) in enumerate(zip(tick.offsets, tick.real_tokens)):
             m = (q_start >= lo) & (q_start < lo + n)  # tasks never cross documents
-            jobs[j][rank_of[i]] = server_inputs_from_tasks(
-                q_start[m] - lo, q_start[m] - lo + q_len[m], kv_start[m] - lo,
-                kv_start[m] - lo + kv_len[m], causal[m])
+            jobs[j][rank_of[i]] = server_inputs_from_tasks(q_start[m] - lo, q_end[m] - lo,
+                                                           kv_start[m] - lo, kv_end[m] - lo,
+                                                           causal[m])
     return jobs
 
 

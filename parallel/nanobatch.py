@@ -30,6 +30,7 @@ from distca.parallel.layout import (
     ServerInputs,
     build_layout,
     server_inputs_from_tasks,
+    server_tasks,
 )
 from distca.scheduler.documents import documents_from_batch
 
@@ -66,17 +67,9 @@ def split_servers_at_cuts(servers: list[ServerInputs], cuts: np.ndarray
     plan broke the causal closure the ping-pong relies on).
     """
     halves: tuple[list[ServerInputs], list[ServerInputs]] = ([], [])
-    for q_tokens, kv_tokens, q_ranges, kv_ranges, causal in servers:
-        q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
-        kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
-        causal = np.asarray(causal, dtype=bool)
-        q_tokens, kv_tokens = np.asarray(q_tokens, np.int64), np.asarray(kv_tokens, np.int64)
-        n = q_ranges.shape[0]
-        q_start = q_tokens[q_ranges[:, 0]] if n else np.zeros(0, np.int64)
-        kv_start = kv_tokens[kv_ranges[:, 0]] if n else np.zeros(0, np.int64)
-        q_end = q_start + np.diff(q_ranges, axis=1)[:, 0]
-        kv_end = kv_start + np.diff(kv_ranges, axis=1)[:, 0]
-        doc_cut = cuts[q_start] if n else np.zeros(0, np.int64)
+    for inputs in servers:
+        q_start, q_end, kv_start, kv_end, causal = server_tasks(inputs)
+        doc_cut = cuts[q_start]
         split = np.clip(doc_cut, q_start, q_end)
         kv_end_first = np.where(causal, kv_end - (q_end - split), kv_end)
         first = (split > q_start) & (kv_end_first > kv_start)

@@ -36,7 +36,12 @@ from distca.parallel.dispatch import (
     unpack_qkv,
     unpack_results,
 )
-from distca.parallel.layout import DispatchLayout, ServerInputs, server_inputs_from_tasks
+from distca.parallel.layout import (
+    DispatchLayout,
+    ServerInputs,
+    server_inputs_from_tasks,
+    server_tasks,
+)
 
 
 def task_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: np.ndarray) -> np.ndarray:
@@ -50,25 +55,18 @@ def split_nano_batches(servers: list[ServerInputs]) -> tuple[list[ServerInputs],
     """Split every server's tasks into two nano-batches of near-equal score pairs (greedy, largest
     task first), returned as two lists of per-server inputs in global token coordinates."""
     halves: tuple[list[ServerInputs], list[ServerInputs]] = ([], [])
-    for q_tokens, kv_tokens, q_ranges, kv_ranges, causal in servers:
-        q_ranges = np.asarray(q_ranges, dtype=np.int64).reshape(-1, 2)
-        kv_ranges = np.asarray(kv_ranges, dtype=np.int64).reshape(-1, 2)
-        causal = np.asarray(causal, dtype=bool)
-        q_len, kv_len = np.diff(q_ranges, axis=1)[:, 0], np.diff(kv_ranges, axis=1)[:, 0]
-        # A task's local range is contiguous in the buffer and in global ids alike.
-        q_start = np.asarray(q_tokens, dtype=np.int64)[q_ranges[:, 0]] if q_len.size else q_len
-        kv_start = np.asarray(kv_tokens, dtype=np.int64)[kv_ranges[:, 0]] if kv_len.size else kv_len
-        side = np.zeros(q_len.size, dtype=np.int64)
+    for inputs in servers:
+        q_start, q_end, kv_start, kv_end, causal = server_tasks(inputs)
+        side = np.zeros(q_start.size, dtype=np.int64)
         load = [0, 0]
-        pairs = task_pairs(q_len, kv_len, causal)
+        pairs = task_pairs(q_end - q_start, kv_end - kv_start, causal)
         for t in np.argsort(-pairs, kind="stable"):
             side[t] = int(load[1] < load[0])
             load[side[t]] += int(pairs[t])
         for half in (0, 1):
             m = side == half
-            halves[half].append(server_inputs_from_tasks(q_start[m], q_start[m] + q_len[m],
-                                                         kv_start[m], kv_start[m] + kv_len[m],
-                                                         causal[m]))
+            halves[half].append(server_inputs_from_tasks(q_start[m], q_end[m], kv_start[m],
+                                                         kv_end[m], causal[m]))
     return halves
 
 
