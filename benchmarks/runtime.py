@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -108,9 +107,9 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 
 def measure(world: int, args) -> dict[str, list[dict[str, float]]]:
     """{mode: [clocks of rank r]} from ``world`` spawned gloo ranks on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from distca.profile.comm import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]

@@ -10,7 +10,6 @@ weights and are compared with one single-process colocated reference run per key
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distca.batch import PackedBatch
+from distca.profile.comm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def skewed_batch(num_workers: int, tokens_per_worker: int, doc_lengths, seed: int,

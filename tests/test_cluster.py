@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from train_helpers import REPO, distca_cmd, metrics
+
+from distca.profile.comm import free_port
 
 CLUSTER = REPO / "cluster"
 
@@ -47,12 +48,6 @@ def test_slurm_script_is_valid_bash_and_submits_a_job():
 def test_readme_shows_job_submit():
     assert "ray job submit --address" in (CLUSTER / "README.md").read_text()
     assert "distca train recipes/llama3-8b-128k.yaml" in (CLUSTER / "README.md").read_text()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pids_using(temp_dir: str) -> list[int]:
