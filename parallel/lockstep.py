@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from distca.parallel.dispatch import AttendFn, merge_partials
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
-from distca.parallel.pingpong import task_pairs
+from distca.scheduler import task_pairs
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
 Op = tuple[str, int] | None  # ("F", i) / ("B", i): forward / backward of micro-batch i; None: bubble

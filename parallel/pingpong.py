@@ -42,13 +42,7 @@ from distca.parallel.layout import (
     server_inputs_from_tasks,
     server_tasks,
 )
-
-
-def task_pairs(q_len: np.ndarray, kv_len: np.ndarray, causal: np.ndarray) -> np.ndarray:
-    """Score pairs of each task; a causal task's last query sees the whole kv range."""
-    q_len, kv_len = q_len.astype(np.int64), kv_len.astype(np.int64)
-    diagonal = q_len * kv_len - q_len * (q_len - 1) // 2
-    return np.where(causal, diagonal, q_len * kv_len)
+from distca.scheduler import task_pairs
 
 
 def split_nano_batches(servers: list[ServerInputs]) -> tuple[list[ServerInputs], list[ServerInputs]]:

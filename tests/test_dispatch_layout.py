@@ -66,7 +66,8 @@ def test_merge_partials_equals_attention_over_the_union_of_keys():
 
 
 def test_nano_batch_split_keeps_every_task_once_and_balances_pairs():
-    from distca.parallel.pingpong import split_nano_batches, task_pairs
+    from distca.parallel.pingpong import split_nano_batches
+    from distca.scheduler import task_pairs
 
     rng = np.random.default_rng(3)
     servers = []
