@@ -21,7 +21,8 @@ from distca.model.rope import apply_rope
 
 @dataclass
 class SinkTelemetry:
-    """Running sums of the learnable-sink mass sigma(s_h - L'_i) over rows, per layer."""
+    """Running sums, per layer, of the learnable-sink mass exp(s_h - L'_i) over rows (L' with
+    the sink; :mod:`distca.attention.telemetry` documents the formula)."""
 
     mass_sum: dict[int, float] = field(default_factory=dict)
     rows: dict[int, int] = field(default_factory=dict)
@@ -73,7 +74,8 @@ class DistcaCoreAttention(MegatronModule):
             has_task = torch.isfinite(lse)
             out, lse = apply_sink(out, lse, self.sinks)
             if self.runtime.telemetry is not None:
-                mass = torch.sigmoid(self.sinks.detach().float()[None, :] - lse.detach())
+                # lse is L' (sink included) here: the sink's share is exp(s - L') = sigma(s - L).
+                mass = torch.exp(self.sinks.detach().float()[None, :] - lse.detach())
                 self.runtime.telemetry.add(self.layer_number, mass[has_task])
         return out.reshape(out.shape[0], 1, out.shape[1] * out.shape[2])
 
