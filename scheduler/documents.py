@@ -156,13 +156,17 @@ class Segments:
 
 
 def task_pairs(q_len, kv_len, causal) -> np.ndarray:
-    """Score pairs of CA-tasks: full ``|q||kv|``; causal (bottom-right) ``|q||kv| - |q|(|q|-1)/2``.
+    """Score pairs of CA-tasks: full ``|q||kv|``; causal (bottom-right aligned) ``r|kv| - r(r-1)/2``
+    with ``r = min(|q|, |kv|)``.
 
-    Arrays broadcast; int64 in, int64 out.
+    Bottom-right alignment: query row ``i`` (0-based) sees ``max(0, min(|kv|, |kv| - |q| + i + 1))``
+    keys, so when ``|q| > |kv|`` the first ``|q| - |kv|`` rows see nothing and the rest form a
+    ``|kv|``-row triangle. Arrays broadcast; int64 in, int64 out.
     """
     q = np.asarray(q_len, dtype=np.int64)
     kv = np.asarray(kv_len, dtype=np.int64)
-    return q * kv - np.where(causal, q * (q - 1) // 2, 0)
+    r = np.minimum(q, kv)
+    return np.where(causal, r * kv - r * (r - 1) // 2, q * kv)
 
 
 def build_segments(docs: DocumentBatch, tokens_per_worker: int) -> Segments:

@@ -240,6 +240,26 @@ def test_task_pairs_formula():
     assert task_pairs(4, 7, False) == 28
 
 
+def dense_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    """Allowed entries of a dense mask; bottom-right causal: row i sees keys j <= kv - q + i."""
+    rows, cols = np.ogrid[:q_len, :kv_len]
+    if not causal:
+        return q_len * kv_len
+    return int((cols <= kv_len - q_len + rows).sum())
+
+
+@pytest.mark.parametrize("q_len", [1, 2, 3, 7, 10, 33])
+@pytest.mark.parametrize("kv_len", [1, 2, 3, 7, 10, 33])
+@pytest.mark.parametrize("causal", [True, False])
+def test_task_pairs_counts_a_dense_mask(q_len, kv_len, causal):
+    assert task_pairs(q_len, kv_len, causal) == dense_pairs(q_len, kv_len, causal)
+    # Arrays too (how Plan and the planner call it), with |q| and |kv| swapped in the second task.
+    counts = task_pairs(np.array([q_len, kv_len]), np.array([kv_len, q_len]),
+                        np.array([causal, causal]))
+    np.testing.assert_array_equal(counts, [dense_pairs(q_len, kv_len, causal),
+                                           dense_pairs(kv_len, q_len, causal)])
+
+
 def test_documents_accept_lists_and_reject_bad_input():
     docs = documents_from_batch([3, 4], [1, 2, 4], [True, False, False])
     assert list(docs) == [Document(0, 3, (1, 2), (True, False)), Document(3, 4, (4,), (False,))]

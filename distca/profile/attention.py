@@ -18,18 +18,10 @@ from pathlib import Path
 
 import torch
 
+from distca.scheduler import task_pairs
+
 MASKS = ("causal", "full")
 CSV_COLUMNS = ("q_len", "kv_len", "mask", "pairs_per_s", "seconds_per_task", "tflops")
-
-
-def task_pairs(q_len: int, kv_len: int, causal: bool) -> int:
-    """Score pairs of one task; a bottom-right causal mask with q_len > kv_len leaves the first
-    q_len - kv_len rows empty."""
-    if not causal:
-        return q_len * kv_len
-    if q_len <= kv_len:
-        return q_len * kv_len - q_len * (q_len - 1) // 2
-    return kv_len * (kv_len + 1) // 2
 
 
 def flops_per_pair(heads: int, head_dim: int) -> float:
