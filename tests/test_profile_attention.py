@@ -60,6 +60,8 @@ def test_cost_table_mask_column_selects_rows(tmp_path):
                                         (["--masks", "causal,diag"], "--masks"),
                                         (["--model", "nope"], "--model"),
                                         (["--tp", "3"], "--tp"),
+                                        (["--tp", "0"], "--tp"),
+                                        (["--tp", "-2"], "--tp"),
                                         (["--min-pairs", "0"], "--min-pairs"),
                                         (["--repeats", "0"], "--repeats")])
 def test_profile_attention_bad_input(argv, flag, capsys):

@@ -58,10 +58,10 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UsageError(f"--model: unknown preset {args.model!r} "
                          f"(known: {', '.join(MODEL_PRESETS)})")
     m = MODEL_PRESETS[args.model]
+    if args.tp < 1 or m["num_attention_heads"] % args.tp or m["num_kv_heads"] % args.tp:
+        raise UsageError(f"--tp {args.tp} does not divide the heads of {args.model} "
+                         f"({m['num_attention_heads']} query, {m['num_kv_heads']} kv)")
     heads, kv_heads = m["num_attention_heads"] // args.tp, m["num_kv_heads"] // args.tp
-    if args.tp < 1 or heads * args.tp != m["num_attention_heads"] or kv_heads < 1 \
-            or kv_heads * args.tp != m["num_kv_heads"]:
-        raise UsageError(f"--tp {args.tp} does not divide the heads of {args.model}")
     if args.min_pairs < 1:
         raise UsageError(f"--min-pairs must be >= 1, got {args.min_pairs}")
     if args.repeats < 1:
