@@ -334,6 +334,10 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     if c.server_mode is ServerMode.dedicated and c.num_dedicated_servers == 0:
         raise _fail(source, "cad.num_dedicated_servers",
                     "server_mode=dedicated needs at least one dedicated server")
+    if c.server_mode is ServerMode.dedicated and (p.tp, p.pp) != (1, 1):
+        raise _fail(source, "cad.server_mode",
+                    f"dedicated attention servers run with parallel.tp=1 and pp=1 only "
+                    f"(got tp={p.tp}, pp={p.pp}); use the default in-place servers")
     if c.server_mode is ServerMode.dedicated and not c.enabled:
         raise _fail(source, "cad.server_mode",
                     "dedicated attention servers need cad.enabled=true (colocated attention "

@@ -62,6 +62,13 @@ def test_bad_values_name_key_and_file(override, key):
     assert key in message and "tiny.yaml" in message
 
 
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_dedicated_servers_with_tp_or_pp_fail_up_front(layout):
+    message = _error(ROOT / "recipes/tiny.yaml",
+                     ["cad.server_mode=dedicated", "cad.num_dedicated_servers=1", layout])
+    assert "cad.server_mode" in message and "tiny.yaml" in message
+
+
 def test_bad_recipe_file_content(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": {"preset": "tiny", "hidden_size": "wide"}}))
