@@ -66,11 +66,10 @@ def test_packed_batches_merge_like_the_torch_backend():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash", "flex"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_backends_many_blocks(backend, dtype, monkeypatch):
+def test_gpu_backends_many_blocks(backend, dtype):
     """16-bit GPU kernels over layouts spanning many 128-token blocks, head dim 64 and 128."""
     if not core._backend_module(backend).is_available():
         pytest.skip(core._backend_module(backend).unavailable_reason())
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)
     check(backend, causal_document_tasks([1, 900, 130, 2, 1000]), heads=4, kv_heads=2,
           dim=64, dtype=dtype)
     check(backend, multiturn_tasks([[(300, True), (260, False), (1, True), (200, False)],

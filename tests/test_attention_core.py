@@ -135,10 +135,6 @@ def backend(request):
         module = _backend_module(request.param)
         if not module.is_available():
             pytest.skip(module.unavailable_reason())
-        # Every test shape compiles its own flex kernel; torch's default of 8 per function
-        # would silently fall back to eager flex.
-        monkeypatch = request.getfixturevalue("monkeypatch")
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 256)
     return request.param
 
 

@@ -9,8 +9,9 @@ merged ``(O, L)`` directly.
 
 Token counts are padded to buckets (at most 1/8 extra rows, multiples of 128) so that the
 compiled kernel is reused across steps whose token counts differ slightly; padded rows are in
-no task. (torch recompiles a function at most ``torch._dynamo.config.recompile_limit`` times,
-8 by default, then runs flex eagerly: a process that needs more shapes should raise it.)
+no task. Each bucket pair is one compiled kernel; torch's default of 8 recompiles per function
+would then silently fall back to eager flex (an S×S score matrix) after 8 shapes, so calls run
+with a limit of :data:`SHAPE_LIMIT` instead.
 flex has no standalone backward: :func:`forward_with_graph` runs kernel and sink as one
 compiled graph and keeps its autograd graph for :func:`backward_from_graph` (the path
 ``core_attention`` takes); :func:`backward` (the runtime's split forward/backward) recomputes
@@ -32,6 +33,9 @@ from .tasks import TaskList
 
 DEVICES = ("cuda",)
 BLOCK = 128
+# Compiled shapes per process: ~8 buckets per doubling of the token count, for q and kv, with
+# and without sinks, stay far below it over a training run.
+SHAPE_LIMIT = 512
 
 Graph = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
@@ -159,7 +163,9 @@ def _compiled_attention():
 def _run(q, k, v, sinks, tasks, scale):
     """(N, H, D) tensors -> out (Nq, Hq, D), lse (Nq, Hq) float32, the sink applied if given."""
     rows, cols = padded_length(tasks.num_q), padded_length(tasks.num_kv)
-    return _compiled_attention()(q, k, v, sinks, _block_mask(tasks, q.device), scale, rows, cols)
+    with torch._dynamo.config.patch(recompile_limit=SHAPE_LIMIT):
+        return _compiled_attention()(q, k, v, sinks, _block_mask(tasks, q.device), scale,
+                                     rows, cols)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
