@@ -12,16 +12,16 @@ heads, FFN and vocabulary over the ``parallel.tp`` ranks of a tensor-parallel gr
 over ``parallel.pp`` pipeline stages. Every rank of a (tensor rank, stage) pair's data-parallel
 group exchanges CA-tasks with the others in that group, with the one plan of the micro-batch
 (computed on global rank 0 and broadcast to all ranks before the step). With ``pp > 1`` the
-micro-batches run through :func:`distca.parallel.pipeline.run_1f1b`, except with
-disaggregated attention and ``cad.ping_pong=false``: then they run the lock-step schedule
-(:func:`distca.parallel.pipeline.run_lockstep`), where all ``dp * pp`` ranks of a tensor rank
-join every attention exchange, one plan per tick over all of them, so ranks in the pipeline
-bubble serve the other stages' attention (:mod:`distca.parallel.lockstep`; ping-pong does not
-compose with it yet; the glue lives in :mod:`distca.pipeline_glue`).
+micro-batches run through :func:`distca.parallel.pipeline.run_1f1b` with colocated attention
+and through the lock-step schedule (:func:`distca.parallel.pipeline.run_lockstep`) with
+disaggregated attention: all ``dp * pp`` ranks of a tensor rank join every attention exchange,
+one plan per tick over all of them, so ranks in the pipeline bubble serve the other stages'
+attention (:mod:`distca.parallel.lockstep`; glue in :mod:`distca.pipeline_glue`).
 
 Ping-pong (``cad.ping_pong=true`` with disaggregated attention): each stage forward runs its
 layers as two staggered token nano-batches (:mod:`distca.model.staggered`), so one
-nano-batch's exchange overlaps the other's linear layers, in forward and backward.
+nano-batch's exchange overlaps the other's linear layers, in forward and backward (in the
+lock-step schedule too).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from distca.parallel.pipeline import (
     run_lockstep,
 )
 from distca.parallel.planning import StepPlan, colocated_plan
-from distca.pipeline_glue import lockstep_exchange, lockstep_plans, stage_links
+from distca.pipeline_glue import lockstep_exchange, stage_links, start_lockstep_step
 from distca.scheduler import ModelShape
 
 IGNORE = -100
@@ -119,7 +119,7 @@ class Engine:
                                      head_dim=m.hidden_size // m.num_attention_heads,
                                      bytes_per_elem=2 if cfg.trainer.precision.value == "bf16" else 4)
         self.lockstep = None
-        if p.pp > 1 and cfg.cad.enabled and not cfg.cad.ping_pong:
+        if p.pp > 1 and cfg.cad.enabled:
             self.lockstep = lockstep_exchange(cfg, (self.tp_rank, self.pp_rank, self.dp_rank),
                                               self.plan_shape, self.runtime,
                                               self.model.config.params_dtype, self.device)
@@ -154,7 +154,7 @@ class Engine:
             labels = rank_rows(batch.labels, rows, self.device)
             mask = labels != IGNORE
             labels = torch.where(mask, labels, 0)
-        if isinstance(layout, NanoBatches):
+        if isinstance(layout, NanoBatches) or (layout is self.lockstep and self.lockstep.nanos == 2):
             out = staggered_stage_forward(self.model, self.runtime, tokens, hidden_in, labels)
         else:
             if not self.is_first_stage:
@@ -165,9 +165,10 @@ class Engine:
     def _links(self, micro_batches: list[PackedBatch]) -> StageLinks:
         return stage_links(self.cfg, micro_batches, self.model.config.pipeline_dtype, self.device)
 
-    def _lockstep_plans(self, micro_batches: list[PackedBatch], timetable
-                        ) -> tuple[dict, list[StepPlan]]:
-        return lockstep_plans(self.cfg, micro_batches, timetable, self.plan_shape, self.device)
+    def _start_lockstep(self, micro_batches: list[PackedBatch], timetable,
+                        training: bool) -> list[StepPlan]:
+        return start_lockstep_step(self.cfg, self.lockstep, micro_batches, timetable,
+                                   self.plan_shape, self.device, training)
 
     def _layout(self, batch: PackedBatch, plan: StepPlan):
         """This rank's exchange: one layout, task nano-batch layouts or token nano-batches
@@ -216,8 +217,7 @@ class Engine:
         stats = {}
         if self.lockstep is not None:
             timetable = lockstep_timetable(self.cfg.parallel.pp, len(micro_batches))
-            placements, plans = self._lockstep_plans(micro_batches, timetable)
-            self.lockstep.start_step(placements, self._links(micro_batches).shape[0], True)
+            plans = self._start_lockstep(micro_batches, timetable, True)
         else:
             # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
             plans = [self._plan(batch) for batch in micro_batches]
@@ -252,8 +252,7 @@ class Engine:
         links = self._links(micro_batches)
         if self.lockstep is not None:
             timetable = lockstep_timetable(self.cfg.parallel.pp, len(micro_batches), backward=False)
-            self.lockstep.start_step(self._lockstep_plans(micro_batches, timetable)[0],
-                                     links.shape[0], False)
+            self._start_lockstep(micro_batches, timetable, False)
             losses = []
 
             def forward(i: int, hidden: torch.Tensor | None) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Glue between :class:`distca.engine.Engine` and the pipeline schedules (design §5).
 
 With ``parallel.pp > 1`` the engine needs, per step: its stage's pipeline neighbours
-(:func:`stage_links`) and, for the lock-step schedule (disaggregated attention with
-``cad.ping_pong=false``), the cross-stage exchange group of its tensor rank
-(:func:`lockstep_exchange`) and one plan per forward tick over every ``dp * pp`` rank of that
-group (:func:`lockstep_plans`), so that ranks in the pipeline bubble serve the other stages'
-attention.
+(:func:`stage_links`) and, for the lock-step schedule (disaggregated attention), the
+cross-stage exchange group of its tensor rank (:func:`lockstep_exchange`; two nano-batches per
+job with ``cad.ping_pong=true``) and one plan per forward tick over every ``dp * pp`` rank of
+that group (:func:`lockstep_plans`, handed to the exchange by :func:`start_lockstep_step`), so
+that ranks in the pipeline bubble serve the other stages' attention.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from distca.batch import PackedBatch
 from distca.config import DistcaConfig
 from distca.model.runtime import AttentionRuntime
 from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
+from distca.parallel.nanobatch import document_cuts
 from distca.parallel.pipeline import StageLinks
 from distca.parallel.planning import StepPlan, disaggregated_plan
 from distca.scheduler import ModelShape
@@ -42,7 +43,7 @@ def lockstep_exchange(cfg: DistcaConfig, coords: tuple[int, int, int], shape: Mo
     scale = shape.head_dim ** -0.5
     return LockstepExchange(groups[coords[0]], p.dp, m.num_layers // p.pp,
                             (shape.h_q, shape.h_kv, shape.head_dim), runtime.kernel(scale), scale,
-                            dtype, device)
+                            dtype, device, nano_batches=2 if cfg.cad.ping_pong else 1)
 
 
 def stage_links(cfg: DistcaConfig, micro_batches: list[PackedBatch], dtype: torch.dtype,
@@ -57,6 +58,21 @@ def stage_links(cfg: DistcaConfig, micro_batches: list[PackedBatch], dtype: torc
         None if first else parallel_state.get_pipeline_model_parallel_prev_rank(),
         None if last else parallel_state.get_pipeline_model_parallel_next_rank(),
         (sizes.pop() if sizes else 0, 1, cfg.model.hidden_size), dtype, device)
+
+
+def start_lockstep_step(cfg: DistcaConfig, exchange: LockstepExchange,
+                        micro_batches: list[PackedBatch], timetable, shape: ModelShape,
+                        device: torch.device, training: bool) -> list[StepPlan]:
+    """Plan the step's ticks (:func:`lockstep_plans`) and hand every job's placement (and,
+    with ping-pong, its document cuts) to ``exchange`` (collective); returns the plans."""
+    placements, plans = lockstep_plans(cfg, micro_batches, timetable, shape, device)
+    cuts = None
+    if exchange.nanos == 2:
+        dp, tokens = cfg.parallel.dp, micro_batches[0].tokens_per_rank
+        cuts = {job: document_cuts(b.doc_lengths, b.turn_lengths, b.turn_is_context, dp, tokens)
+                for job, b in ((job, micro_batches[job[1]]) for job in placements)}
+    exchange.start_step(placements, micro_batches[0].tokens_per_rank, training, cuts)
+    return plans
 
 
 def lockstep_plans(cfg: DistcaConfig, micro_batches: list[PackedBatch], timetable,

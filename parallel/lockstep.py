@@ -17,9 +17,18 @@ together over all ``dp * pp`` ranks (one plan per tick, workers first); a job's 
 the servers that ran its forward, which kept the inputs and the kernel's graph per (job, layer).
 The tick plan balances the tick's forward tasks only: in a tick that also runs backwards,
 their (fixed) server load is not counted, so such a tick can be less balanced than its plan
-says. Worker and server gradients are explicit (:class:`_RemoteAttention` on the worker, saved
-graphs on the server), not one autograd node spanning the collective: the jobs merged into one
+says. Worker and server gradients are explicit (autograd nodes of
+:mod:`distca.parallel.lockstep_worker` on the worker, saved graphs on the server), not one autograd node spanning the collective: the jobs merged into one
 forward exchange run their backwards in different ticks.
+
+With ping-pong (``nano_batches=2``) each job's tokens are two causally closed nano-batches
+(:mod:`distca.parallel.nanobatch`, split at the job's document cuts) and a round is two
+*sub-rounds*, each an asynchronous all-to-all to the servers and one back. Every rank posts, per
+round: to-servers 0, to-servers 1, then serves each in turn and posts its return (back 0, back
+1). A forward job sends its first nano-batch in sub-round 0 and runs the second one's linear
+layers while it travels (:mod:`distca.model.staggered`); a backward job sends its second
+nano-batch's dO first, because autograd reaches it first, and runs the first one's o_proj/MLP
+backward meanwhile. Server graphs are kept per (job, layer, nano-batch).
 
 All buffers travel in fp32 (one dtype per all-to-all; forward and backward payloads mix).
 Group rank ``s * dp + d`` is worker ``d`` of stage ``s`` (megatron's ``tp-cp-ep-dp-pp`` order).
@@ -33,8 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from distca.parallel.dispatch import AttendFn, merge_partials
+from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
+from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
 from distca.scheduler import task_pairs
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
@@ -140,39 +150,82 @@ def job_layout(placement: list[ServerInputs], workers: list[int], tokens_per_wor
     return JobLayout(list(workers), send_q, send_kv, recv_q, recv_kv, tasks, pairs)
 
 
+def nano_job_layouts(placement: list[ServerInputs], cuts: np.ndarray, workers: list[int],
+                     tokens_per_worker: int, me: int, device: torch.device
+                     ) -> tuple[list[JobLayout], tuple[torch.Tensor, torch.Tensor]]:
+    """One job's two token nano-batch layouts (:mod:`distca.parallel.nanobatch`) and this
+    rank's local rows of each nano-batch ((n_i,) int64; empty off the job's workers).
+
+    ``cuts`` (dp*T,) int64: the job's :func:`~distca.parallel.nanobatch.document_cuts`. As in
+    :func:`~distca.parallel.nanobatch.nano_batches`, layout 0 indexes the first nano-batch's
+    rows; layout 1 indexes q rows within the second and kv rows within the concatenation
+    (first rows, then second rows): its tasks also read the first nano-batch's kv.
+    """
+    worker = workers.index(me) if me in workers else None
+    rows, order = nano_rows(cuts, worker, tokens_per_worker)
+    order_t = torch.as_tensor(order, device=device)
+    layouts = []
+    for i, half in enumerate(split_servers_at_cuts(placement, cuts)):
+        lay = job_layout(half, workers, tokens_per_worker, me, device)
+        q_base = rows[0].size if i == 1 else 0
+        lay.send_q = [order_t.index_select(0, x) - q_base for x in lay.send_q]
+        lay.send_kv = [order_t.index_select(0, x) for x in lay.send_kv]
+        layouts.append(lay)
+    return layouts, tuple(torch.as_tensor(r, device=device) for r in rows)
+
+
 class LockstepExchange:
     """Every rank's side of the cross-stage exchanges of one pipeline step (module docstring).
 
     Set as the :class:`~distca.model.runtime.AttentionRuntime` layout: a worker's attention call
-    becomes one round. ``heads`` = (hq, hkv, d) per tensor rank; ``dtype`` = compute dtype.
+    becomes one round (:mod:`distca.parallel.lockstep_worker`). ``heads`` = (hq, hkv, d) per
+    tensor rank; ``dtype`` = compute dtype; ``nano_batches`` = 2 runs ping-pong (two sub-rounds
+    per round), 1 one blocking exchange per round.
     """
 
     def __init__(self, group: dist.ProcessGroup, dp: int, layers_per_stage: int,
                  heads: tuple[int, int, int], attend: AttendFn, softmax_scale: float,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, nano_batches: int = 1) -> None:
+        if nano_batches not in (1, 2):
+            raise ValueError(f"nano_batches must be 1 or 2, got {nano_batches}")
         self.group, self.dp, self.slots = group, dp, layers_per_stage
         self.me, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.heads, self.attend, self.softmax_scale = heads, attend, softmax_scale
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.nanos = dtype, device, nano_batches
         self.placements: dict[Job, list[ServerInputs]] = {}
+        self.cuts: dict[Job, np.ndarray] = {}
         self.tokens_per_worker = 0
         self.training = True
-        self.layouts: dict[Job, JobLayout] = {}
-        self.saved: dict[tuple[Job, int], tuple] = {}  # server graphs awaiting their backward
+        self.layouts: dict[Job, list[JobLayout]] = {}  # per job: one layout per nano-batch
+        self.rows: dict[Job, tuple[torch.Tensor, torch.Tensor]] = {}  # per job: nano rows
+        self.saved: dict[tuple, tuple] = {}  # server graphs awaiting their backward
         self.roles: list[tuple[str, Job] | None] = [None] * self.size
         self.row: tuple[Op, ...] = ()
         self.round = 0
+        self.inbound: list[tuple] = []  # this round's launched to-server sub-rounds
+        self.returns: dict[tuple[int, int], tuple] = {}  # (round, sub-round) -> return in flight
         # Score pairs served (forward + backward, all layers) in ticks where this rank's own
         # stage had no micro-batch: the attention the pipeline bubble would otherwise waste.
         self.bubble_pairs = 0
 
     def start_step(self, placements: dict[Job, list[ServerInputs]], tokens_per_worker: int,
-                   training: bool) -> None:
+                   training: bool, cuts: dict[Job, np.ndarray] | None = None) -> None:
+        """``placements``: every job's tasks per group rank; ``cuts``: every job's document
+        cuts (ping-pong only, see :func:`nano_job_layouts`)."""
+        if (cuts is None) != (self.nanos == 1):
+            raise ValueError(f"document cuts are needed exactly with ping-pong "
+                             f"(nano_batches={self.nanos})")
         self.placements, self.tokens_per_worker, self.training = placements, tokens_per_worker, training
-        self.layouts, self.saved, self.bubble_pairs = {}, {}, 0
+        self.cuts = cuts or {}
+        self.layouts, self.rows, self.saved, self.bubble_pairs = {}, {}, {}, 0
 
     def workers(self, stage: int) -> list[int]:
         return [stage * self.dp + d for d in range(self.dp)]
+
+    def nano_of(self, kind: str, sub: int) -> int:
+        """The nano-batch a job sends in sub-round ``sub``: a forward sends its first one first;
+        a backward its second (autograd reaches the second nano-batch's results first)."""
+        return sub if kind == "F" else self.nanos - 1 - sub
 
     # ---- the tick protocol of run_lockstep ---------------------------------------------------
     def begin_tick(self, row: tuple[Op, ...]) -> None:
@@ -183,86 +236,111 @@ class LockstepExchange:
                 continue
             job = (s, op[1])
             if op[0] == "F":
-                self.layouts[job] = job_layout(self.placements.pop(job), self.workers(s),
-                                               self.tokens_per_worker, self.me, self.device)
+                placement, workers = self.placements.pop(job), self.workers(s)
+                if self.nanos == 1:
+                    self.layouts[job] = [job_layout(placement, workers, self.tokens_per_worker,
+                                                    self.me, self.device)]
+                else:
+                    self.layouts[job], self.rows[job] = nano_job_layouts(
+                        placement, self.cuts.pop(job), workers, self.tokens_per_worker, self.me,
+                        self.device)
             for g in self.workers(s):
                 self.roles[g] = (op[0], job)
 
     def serve_idle(self) -> None:
         """A bubble rank's part of the tick: serve every round with nothing of its own."""
-        empty = torch.zeros(0, dtype=torch.float32, device=self.device)
+        empty = [torch.zeros(0, dtype=torch.float32, device=self.device)] * self.size
         for _ in range(self.slots):
-            self.exchange_round([empty] * self.size)
+            for sub in range(self.nanos):
+                self.launch(sub, empty)
+            self.serve_round()
+            for sub in range(self.nanos):
+                self.collect(self.round - 1, sub)
 
     def end_tick(self) -> None:
-        if self.round != self.slots:
+        if self.round != self.slots or self.inbound or self.returns:
             raise RuntimeError(f"rank {self.me} joined {self.round} attention rounds in a tick "
-                               f"with {self.slots} layers per stage")
+                               f"with {self.slots} layers per stage ({len(self.inbound)} "
+                               f"sub-rounds unserved, {len(self.returns)} returns uncollected)")
         for s, op in enumerate(self.row):
             if op is not None and (op[0] == "B" or not self.training):
                 del self.layouts[(s, op[1])]
+                self.rows.pop((s, op[1]), None)
 
-    # ---- worker side -------------------------------------------------------------------------
-    def attend_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's q (N, hq, d), k/v (N, hkv, d) through the round; merged (out (N, hq, d),
-        lse (N, hq) fp32) without sink."""
-        if softmax_scale != self.softmax_scale:
-            raise ValueError(f"softmax_scale {softmax_scale} differs from the exchange's "
-                             f"{self.softmax_scale} (bubble ranks serve with the latter)")
-        role = self.roles[self.me]
-        if role is None or role[0] != "F":
-            raise RuntimeError(f"rank {self.me} runs a forward in a tick where its role is {role}")
-        layout = self.layouts[role[1]]
-        out_r, lse_r = _RemoteAttention.apply(q, k, v, self, role[1])
-        index = torch.cat(layout.send_q) if layout.send_q else q.new_zeros(0, dtype=torch.int64)
-        out, lse = merge_partials(out_r, lse_r, index, q.shape[0])
-        return out.to(q.dtype), lse
-
-    # ---- one round ---------------------------------------------------------------------------
+    # ---- one round: sub-rounds out, serve, sub-rounds back -----------------------------------
     def exchange_round(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Send ``chunks[g]`` (fp32, flat) to each group rank as a worker, serve, and return
-        what each group rank sent back to this rank as a worker."""
+        """One blocking round (``nano_batches=1``): send ``chunks[g]`` (fp32, flat) to each group
+        rank as a worker, serve, and return what each group rank sent back to this rank."""
+        self.launch(0, chunks)
+        self.serve_round()
+        return self.collect(self.round - 1, 0)
+
+    def launch(self, sub: int, chunks: list[torch.Tensor]) -> None:
+        """Post sub-round ``sub`` of this round's all-to-all to the servers: ``chunks[g]`` (fp32,
+        flat) goes to group rank ``g``. Every rank posts sub-rounds 0, 1, ... in order."""
+        if sub != len(self.inbound):
+            raise RuntimeError(f"rank {self.me} posts sub-round {sub} of round {self.round} "
+                               f"after {len(self.inbound)} (every rank must post them in order)")
         hq, hkv, d = self.heads
-        to_servers = []
+        counts = []
         for g, role in enumerate(self.roles):
             if role is None:
-                to_servers.append(0)
+                counts.append(0)
                 continue
             kind, job = role
-            lay = self.layouts[job]
+            lay = self.layouts[job][self.nano_of(kind, sub)]
             w = lay.workers.index(g)
             width = hq * d * lay.recv_q[w]
-            to_servers.append(width + 2 * hkv * d * lay.recv_kv[w] if kind == "F"
-                              else width + hq * lay.recv_q[w])
-        received = self._all_to_all(chunks, to_servers)
-        replies = self._serve(received)
-        back = [0] * self.size
-        mine = self.roles[self.me]
-        if mine is not None:
-            lay = self.layouts[mine[1]]
-            for g in range(self.size):
-                nq, nkv = lay.send_q[g].numel(), lay.send_kv[g].numel()
-                back[g] = (nq * hq * (d + 1) if mine[0] == "F"
-                           else nq * hq * d + 2 * nkv * hkv * d)
-        self.round += 1
-        return self._all_to_all(replies, back)
+            counts.append(width + 2 * hkv * d * lay.recv_kv[w] if kind == "F"
+                          else width + hq * lay.recv_q[w])
+        self.inbound.append(self._start(chunks, counts))
 
-    def _all_to_all(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> list[torch.Tensor]:
+    def serve_round(self) -> None:
+        """After every sub-round is posted: per sub-round, wait for it, serve it and post its
+        return (so a sub-round's return travels while the next one is served)."""
+        if len(self.inbound) != self.nanos:
+            raise RuntimeError(f"rank {self.me} serves round {self.round} with "
+                               f"{len(self.inbound)} of {self.nanos} sub-rounds posted")
+        hq, hkv, d = self.heads
+        mine = self.roles[self.me]
+        for sub, (buffer, work, counts) in enumerate(self.inbound):
+            work.wait()
+            replies = self._serve(sub, list(torch.split(buffer, counts)))
+            back = [0] * self.size
+            if mine is not None:
+                lay = self.layouts[mine[1]][self.nano_of(mine[0], sub)]
+                for g in range(self.size):
+                    nq, nkv = lay.send_q[g].numel(), lay.send_kv[g].numel()
+                    back[g] = (nq * hq * (d + 1) if mine[0] == "F"
+                               else nq * hq * d + 2 * nkv * hkv * d)
+            self.returns[(self.round, sub)] = self._start(replies, back)
+        self.inbound = []
+        self.round += 1
+
+    def collect(self, round_: int, sub: int) -> list[torch.Tensor]:
+        """Wait for sub-round ``sub`` of round ``round_`` to come back: per group rank, what it
+        returned to this rank as a worker (fp32, flat)."""
+        buffer, work, counts = self.returns.pop((round_, sub))
+        work.wait()
+        return list(torch.split(buffer, counts))
+
+    def _start(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> tuple:
         send = torch.cat([c.reshape(-1).float() for c in chunks])
         out = send.new_empty(sum(recv_counts))
-        dist.all_to_all_single(out, send, output_split_sizes=recv_counts,
-                               input_split_sizes=[c.numel() for c in chunks], group=self.group)
-        return list(torch.split(out, recv_counts))
+        work = dist.all_to_all_single(out, send, output_split_sizes=recv_counts,
+                                      input_split_sizes=[c.numel() for c in chunks],
+                                      group=self.group, async_op=True)
+        return out, work, recv_counts
 
-    def _serve(self, received: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Server side of one round: per-destination fp32 replies."""
+    def _serve(self, sub: int, received: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Server side of one sub-round: per-destination fp32 replies."""
         hq, hkv, d = self.heads
         replies = [received[0].new_zeros(0)] * self.size
         jobs = {role[1]: role[0] for role in self.roles if role is not None}
         idle = self.roles[self.me] is None
         for job, kind in jobs.items():
-            lay = self.layouts[job]
+            nano = self.nano_of(kind, sub)
+            lay = self.layouts[job][nano]
             if lay.tasks is None:
                 continue
             if idle:
@@ -271,13 +349,14 @@ class LockstepExchange:
             if kind == "F":
                 q, k, v = _split_rows(parts, lay.recv_q, lay.recv_kv, (hq, hkv, hkv), d)
                 q, k, v = (t.to(self.dtype) for t in (q, k, v))
-                out, lse = self._forward_tasks((job, self.round), q, k, v, lay)
+                out, lse = self._forward_tasks((job, self.round, nano), q, k, v, lay)
                 rows = [torch.cat([o.reshape(-1).float(), s.reshape(-1)])
                         for o, s in zip(out.split(lay.recv_q), lse.float().split(lay.recv_q))]
             else:
                 dout = torch.cat([p[:n * hq * d] for p, n in zip(parts, lay.recv_q)]).view(-1, hq, d)
                 dlse = torch.cat([p[n * hq * d:] for p, n in zip(parts, lay.recv_q)]).view(-1, hq)
-                dq, dk, dv = self._backward_tasks((job, self.slots - 1 - self.round), dout, dlse)
+                key = (job, self.slots - 1 - self.round, nano)
+                dq, dk, dv = self._backward_tasks(key, dout, dlse)
                 rows = [torch.cat([a.reshape(-1), b.reshape(-1), c.reshape(-1)]).float()
                         for a, b, c in zip(dq.split(lay.recv_q), dk.split(lay.recv_kv),
                                            dv.split(lay.recv_kv))]
@@ -311,49 +390,3 @@ def _split_rows(parts: list[torch.Tensor], recv_q: list[int], recv_kv: list[int]
         vs.append(v)
     return (torch.cat(qs).view(-1, hq, d), torch.cat(ks).view(-1, hk, d),
             torch.cat(vs).view(-1, hv, d))
-
-
-class _RemoteAttention(torch.autograd.Function):
-    """Worker side of one layer: q, k, v out to the servers, partial rows back (and mirrored in
-    backward, which runs as a round of the backward tick)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, exchange: LockstepExchange, job: Job):
-        lay = exchange.layouts[job]
-        chunks = [torch.cat([q.index_select(0, qi).reshape(-1), k.index_select(0, ki).reshape(-1),
-                             v.index_select(0, ki).reshape(-1)])
-                  for qi, ki in zip(lay.send_q, lay.send_kv)]
-        back = exchange.exchange_round(chunks)
-        hq, d = q.shape[1], q.shape[2]
-        outs, lses = [], []
-        for flat, qi in zip(back, lay.send_q):
-            n = qi.numel()
-            outs.append(flat[:n * hq * d].view(n, hq, d))
-            lses.append(flat[n * hq * d:].view(n, hq))
-        ctx.exchange, ctx.job = exchange, job
-        ctx.meta = (q.shape, k.shape, q.dtype)
-        return torch.cat(outs).to(q.dtype), torch.cat(lses)
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        ex, job = ctx.exchange, ctx.job
-        if ex.roles[ex.me] != ("B", job):
-            raise RuntimeError(f"backward of job {job} in a tick where rank {ex.me} is "
-                               f"{ex.roles[ex.me]}")
-        lay = ex.layouts[job]
-        sizes = [qi.numel() for qi in lay.send_q]
-        chunks = [torch.cat([a.reshape(-1).float(), b.reshape(-1).float()])
-                  for a, b in zip(dout.split(sizes), dlse.split(sizes))]
-        back = ex.exchange_round(chunks)
-        q_shape, kv_shape, dtype = ctx.meta
-        hq, hkv, d = q_shape[1], kv_shape[1], q_shape[2]
-        dq = torch.zeros(q_shape, dtype=torch.float32, device=dout.device)
-        dk = torch.zeros(kv_shape, dtype=torch.float32, device=dout.device)
-        dv = torch.zeros(kv_shape, dtype=torch.float32, device=dout.device)
-        for flat, qi, ki in zip(back, lay.send_q, lay.send_kv):
-            a, b, c = torch.split(flat, [qi.numel() * hq * d, ki.numel() * hkv * d,
-                                         ki.numel() * hkv * d])
-            dq.index_add_(0, qi, a.view(-1, hq, d))
-            dk.index_add_(0, ki, b.view(-1, hkv, d))
-            dv.index_add_(0, ki, c.view(-1, hkv, d))
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None

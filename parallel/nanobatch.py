@@ -103,6 +103,21 @@ class NanoBatches:
     layouts: tuple[DispatchLayout, DispatchLayout]
 
 
+def nano_rows(cuts: np.ndarray, worker: int | None, tokens_per_worker: int
+              ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """Worker ``worker``'s local token indices of the first and second nano-batch (ascending,
+    int64) and ``order`` (T,) int64: each local token's place in their concatenation. A rank
+    that holds no tokens (``worker`` None) gets empty arrays."""
+    first_local = np.zeros(0, dtype=bool)
+    if worker is not None:
+        ids = np.arange(worker * tokens_per_worker, (worker + 1) * tokens_per_worker)
+        first_local = ids < cuts[ids]
+    rows = (np.flatnonzero(first_local), np.flatnonzero(~first_local))
+    order = np.zeros(first_local.size, dtype=np.int64)
+    order[np.concatenate(rows)] = np.arange(first_local.size)
+    return rows, order
+
+
 def nano_batches(servers: list[ServerInputs], cuts: np.ndarray, rank: int, num_workers: int,
                  tokens_per_worker: int, group_size: int,
                  device: torch.device | str = "cpu") -> NanoBatches:
@@ -110,14 +125,8 @@ def nano_batches(servers: list[ServerInputs], cuts: np.ndarray, rank: int, num_w
     t = tokens_per_worker
     halves = split_servers_at_cuts(servers, cuts)
     server_ranks = list(range(len(servers)))
-    first_local = np.zeros(0, dtype=bool)
-    if rank < num_workers:
-        ids = np.arange(rank * t, (rank + 1) * t)
-        first_local = ids < cuts[ids]
-    rows_np = (np.flatnonzero(first_local), np.flatnonzero(~first_local))
+    rows_np, order = nano_rows(cuts, rank if rank < num_workers else None, t)
     n_first = rows_np[0].size
-    order = np.zeros(first_local.size, dtype=np.int64)  # local token -> place in nano order
-    order[np.concatenate(rows_np)] = np.arange(first_local.size)
     order_t = torch.as_tensor(order, device=device)
 
     def remap(layout: DispatchLayout, q_base: int, kv_base: int) -> DispatchLayout:

@@ -2,7 +2,7 @@
 
 A *scenario* is (name, config overrides, micro-batches). One process group runs all scenarios
 of a test: each rank builds an Engine per scenario, runs one ``forward_backward`` and saves its
-loss and parameter gradients. Scenarios whose overrides differ only in ``cad.*`` and
+loss and parameter gradients (and, with pipeline stages, ``eval_loss`` of the same batches). Scenarios whose overrides differ only in ``cad.*`` and
 ``parallel.*`` and that run the same micro-batches share a *key*: they start from the same saved
 weights and are compared with one single-process colocated reference run per key.
 """
@@ -99,6 +99,8 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
             batches = [as_single_worker(b) for b in batches]
         stats = engine.forward_backward(batches)
         grads = {} if server else engine.full_gradients()
+        if cfg.parallel.pp > 1:  # pipelines evaluate with their own forward-only schedule
+            stats["eval_loss"] = engine.eval_loss(batches)
         who = f"ref.{key}" if reference else f"{name}.{rank}"
         torch.save({**stats, "grads": grads}, out / f"{who}.pt")
         dist.barrier()
@@ -129,6 +131,8 @@ def assert_parity(outdir: Path, scenarios: list, world: int) -> None:
         for rank in range(world):
             got = load_result(outdir, name, rank)
             assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), name
+            if "eval_loss" in got:  # same weights, no dropout: the training loss
+                assert abs(got["eval_loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), name
             assert got["grads"].keys() == ref["grads"].keys()
             # The plan really moved attention work (with one data-parallel worker per
             # stage and tensor rank there is no imbalance to remove).

@@ -3,8 +3,9 @@
 For the same weights and global batch, the loss and every parameter gradient of a TP=2 or PP=2
 run (TP shards and PP stages gathered into the full model) equal the reference's (fp32,
 relative error < 1e-5), with disaggregated attention on, ping-pong on and off, gated attention
-and learnable sinks (sinks shard with their heads). PP without ping-pong runs the lock-step
-schedule, where ranks in the pipeline bubble serve the other stage's attention.
+and learnable sinks (sinks shard with their heads). PP with disaggregated attention runs the
+lock-step schedule (ping-pong on or off), where ranks in the pipeline bubble serve the other
+stage's attention; PP with colocated attention runs 1F1B. PP runs also check ``eval_loss``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def _two_rank_scenarios():
         ("tp2_blocking", tp2 + ["cad.tolerance=0", "cad.ping_pong=false"], one),
         # Three micro-batches: 1F1B warm-up, steady state and drain on both stages.
         ("pp2_pingpong", pp2 + ["cad.tolerance=0.1", "cad.ping_pong=true"], three),
-        ("pp2_lockstep", pp2 + ["cad.tolerance=0", "cad.ping_pong=false"], three),
+        ("pp2_blocking", pp2 + ["cad.tolerance=0", "cad.ping_pong=false"], three),
+        ("pp2_colocated", [o for o in pp2 if o != "cad.enabled=true"] + ["cad.enabled=false"],
+         three),  # the 1F1B schedule
     ]
 
 
@@ -52,7 +55,9 @@ def _four_rank_scenarios():
                                      "cad.ping_pong=false"] + GATED_SINKS, batches),
         ("dp2_pp2_pingpong", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
                                      "cad.ping_pong=true"] + GATED_SINKS, batches),
-        ("dp2_pp2_lockstep", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
+        ("dp2_pp2_pingpong_eps0", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0",
+                                          "cad.ping_pong=true"] + GATED_SINKS, batches),
+        ("dp2_pp2_blocking", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
                                      "cad.ping_pong=false"] + GATED_SINKS, batches),
     ]
 
@@ -61,9 +66,9 @@ def _check(world: int, scenarios, out) -> None:
     run_ranks(world, scenarios, out)
     run_ranks(1, scenarios, out, reference=True)
     assert_parity(out, scenarios, world)
-    for name, *_ in scenarios:
-        if name.endswith("lockstep"):  # every rank's stage idles in some tick; it served then
-            for rank in range(world):
+    for name, overrides, _ in scenarios:
+        if {"parallel.pp=2", "cad.enabled=true"} <= set(overrides):  # the lock-step schedule:
+            for rank in range(world):  # every rank's stage idles in some tick; it served then
                 assert load_result(out, name, rank)["bubble_served_pairs"] > 0, (name, rank)
 
 

@@ -17,6 +17,7 @@ from distca.model.rope import rope_tables
 from distca.parallel.dispatch import AttendFn, dispatch_attention
 from distca.parallel.layout import DispatchLayout
 from distca.parallel.lockstep import LockstepExchange
+from distca.parallel.lockstep_worker import lockstep_attention
 from distca.parallel.nanobatch import NanoBatches
 from distca.parallel.pingpong import pingpong_attention
 
@@ -63,7 +64,7 @@ class AttentionRuntime:
         if self.layout is None:
             raise RuntimeError("AttentionRuntime.set_batch was not called before the forward")
         if isinstance(self.layout, LockstepExchange):  # pipeline ticks: rounds of all stages
-            return self.layout.attend_tokens(q, k, v, softmax_scale)
+            return lockstep_attention(self.layout, q, k, v, softmax_scale)
         if isinstance(self.layout, NanoBatches):
             raise RuntimeError("token nano-batches run whole layers staggered "
                                "(distca.model.staggered), not one attention call at a time")

@@ -30,6 +30,8 @@ from megatron.core.models.gpt import GPTModel
 from distca.model.rope import apply_rope
 from distca.model.runtime import AttentionRuntime
 from distca.parallel.dispatch import merge_partials
+from distca.parallel.lockstep_worker import LockstepNanoExchange
+from distca.parallel.nanobatch import NanoBatches
 from distca.parallel.pingpong import receive_results, send_qkv, serve_and_return
 
 
@@ -63,27 +65,54 @@ def _after_attention(layer, out: torch.Tensor, lse: torch.Tensor, gate, residual
     return layer._forward_mlp(hidden)
 
 
+class _TokenNanoExchange:
+    """The per-stage exchange of token nano-batches (:class:`NanoBatches`) in the phases of
+    :func:`staggered_layers`: send each nano-batch, serve both, land each."""
+
+    def __init__(self, nano: NanoBatches, runtime: AttentionRuntime, softmax_scale: float) -> None:
+        self.nano, self.rows, self.order = nano, nano.rows, nano.order
+        self.attend = runtime.kernel(softmax_scale)
+        self.group, self.timings = runtime.group, runtime.timings
+        self.sent: list = [None, None]
+        self.returned: list = [None, None]
+
+    def send(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.sent[i] = (send_qkv(q, k, v, self.nano.layouts[i], self.group, self.timings),
+                        (q.shape[1], k.shape[1], q.shape[2]))
+
+    def serve(self) -> None:
+        for i, (exchange, shape) in enumerate(self.sent):
+            self.returned[i] = serve_and_return(exchange, self.nano.layouts[i], self.attend, shape,
+                                                self.group, self.timings)
+
+    def land(self, i: int, num_rows: int, hq: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = self.nano.layouts[i]
+        out_r, lse_r = receive_results(self.returned[i], layout, hq, d)
+        return merge_partials(out_r, lse_r, layout.merge_index, num_rows)
+
+
 def staggered_layers(layers, hidden: torch.Tensor, runtime: AttentionRuntime) -> torch.Tensor:
-    """Run ``layers`` on hidden (T, 1, H) with the runtime's token nano-batches; same shape out."""
-    nano = runtime.layout
+    """Run ``layers`` on hidden (T, 1, H) with the runtime's token nano-batches (per-stage
+    exchange, or the lock-step pipeline's when its layout is a ping-pong
+    :class:`~distca.parallel.lockstep.LockstepExchange`); same shape out."""
     core = layers[0].self_attention.core_attention
     hq, d = core.heads, core.head_dim
-    attend = runtime.kernel(core.softmax_scale)
-    group, timings = runtime.group, runtime.timings
+    if isinstance(runtime.layout, NanoBatches):
+        exchange = _TokenNanoExchange(runtime.layout, runtime, core.softmax_scale)
+    else:
+        exchange = LockstepNanoExchange(runtime.layout, core.softmax_scale)
     cos, sin = runtime.rope(d)
-    tables = [(cos.index_select(0, r), sin.index_select(0, r)) for r in nano.rows]
-    hidden_of = [hidden.index_select(0, r) for r in nano.rows]
-    pending = [None, None]  # per nano-batch: (returned exchange, layer, gate, residual)
+    tables = [(cos.index_select(0, r), sin.index_select(0, r)) for r in exchange.rows]
+    hidden_of = [hidden.index_select(0, r) for r in exchange.rows]
+    pending = [None, None]  # per nano-batch: (layer, gate, residual) awaiting its results
 
     def land(i: int) -> torch.Tensor:
-        returned, layer, gate, residual = pending[i]
-        layout = nano.layouts[i]
-        out_r, lse_r = receive_results(returned, layout, hq, d)
-        out, lse = merge_partials(out_r, lse_r, layout.merge_index, residual.shape[0])
+        layer, gate, residual = pending[i]
+        out, lse = exchange.land(i, residual.shape[0], hq, d)
         return _after_attention(layer, out.to(residual.dtype), lse, gate, residual)
 
     for layer in layers:
-        sent, first_kv = [], None
+        gates, first_kv = [], None
         for i in (0, 1):
             if pending[i] is not None:
                 hidden_of[i] = land(i)
@@ -92,13 +121,12 @@ def staggered_layers(layers, hidden: torch.Tensor, runtime: AttentionRuntime) ->
                 first_kv = (k, v)
             else:  # the second nano-batch's tasks also read the first one's kv
                 k, v = torch.cat([first_kv[0], k]), torch.cat([first_kv[1], v])
-            sent.append((send_qkv(q, k, v, nano.layouts[i], group, timings), gate))
-        for i, (exchange, gate) in enumerate(sent):
-            shape = (hq, first_kv[0].shape[1], d)
-            returned = serve_and_return(exchange, nano.layouts[i], attend, shape, group, timings)
-            pending[i] = (returned, layer, gate, hidden_of[i])
+            exchange.send(i, q, k, v)
+            gates.append(gate)
+        exchange.serve()
+        pending = [(layer, gates[i], hidden_of[i]) for i in (0, 1)]
     hidden_of = [land(i) for i in (0, 1)]
-    return torch.cat(hidden_of).index_select(0, nano.order)
+    return torch.cat(hidden_of).index_select(0, exchange.order)
 
 
 def staggered_stage_forward(model: GPTModel, runtime: AttentionRuntime, tokens: torch.Tensor,
