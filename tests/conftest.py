@@ -28,3 +28,16 @@ def single_process_group():
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def cpp_extension():
+    """The C++ kernel, built (or loaded from build/extensions) once per session. It skips only
+    where the machine has no C++ compiler: a build that fails on our sources fails the tests."""
+    from distca.attention import cpp_backend
+
+    if cpp_backend.is_available():
+        return
+    if cpp_backend.has_compiler():
+        pytest.fail(f"cpp backend: {cpp_backend.unavailable_reason()}")
+    pytest.skip(f"cpp backend unavailable: {cpp_backend.unavailable_reason()}")

@@ -115,15 +115,6 @@ def check(backend, tasks, heads=4, kv_heads=2, dim=32, dtype=torch.float32,
     return out, lse, leaves
 
 
-@pytest.fixture(scope="session")
-def cpp_extension():
-    """Build (or load from build/extensions) the C++ kernel once per test session."""
-    from distca.attention import cpp_backend
-
-    if not cpp_backend.is_available():
-        pytest.skip(f"cpp backend unavailable: {cpp_backend.unavailable_reason()}")
-
-
 @pytest.fixture(params=[*CPU_BACKENDS, *(pytest.param(b, marks=pytest.mark.gpu)
                                           for b in GPU_BACKENDS)])
 def backend(request):

@@ -10,7 +10,7 @@ huge-page mappings, which must read as zero wherever the kernel writes nothing.
 
 import pytest
 import torch
-from test_attention_core import check, cpp_extension, split_tasks  # noqa: F401
+from test_attention_core import check, split_tasks
 
 from distca.attention import cpp_backend, make_task_list
 from distca.attention.reference import causal_document_tasks, multiturn_tasks

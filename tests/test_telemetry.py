@@ -21,11 +21,9 @@ def dense_probs(q, k, mask, sinks):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_telemetry_matches_dense_weights(backend):
+def test_telemetry_matches_dense_weights(backend, request):
     if backend == "cpp":
-        from distca.attention import cpp_backend
-        if not cpp_backend.is_available():
-            pytest.skip(cpp_backend.unavailable_reason())
+        request.getfixturevalue("cpp_extension")
     tasks = multiturn_tasks(DOCS)
     n, heads = tasks.num_q, 3
     gen = torch.Generator().manual_seed(7)

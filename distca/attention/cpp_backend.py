@@ -28,13 +28,18 @@ MAX_HEAD_DIM = 256
 
 _ROOT = Path(__file__).resolve().parents[2]
 _SOURCES = ("csrc/attention_cpu.cpp",)
-_HEADERS = ("csrc/huge_pages.h", "csrc/tile_math.h", "csrc/varlen_tasks.h")
+_HEADERS = ("csrc/huge_pages.h", "csrc/tile_math.h", "csrc/tile_packing.h", "csrc/varlen_tasks.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 
 
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def has_compiler() -> bool:
+    """Whether a C++ compiler is on PATH (``$CXX`` or ``c++``), so that a build can be tried."""
+    return _compiler() is not None
 
 
 def _cpu_features() -> str:
