@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from distca.parallel.lockstep import split_placement, tick_documents
+import torch
+from distca.parallel.dispatch import merge_partials
+from distca.parallel.lockstep import nano_job_layouts, split_placement, tick_documents
+from distca.parallel.nanobatch import document_cuts
 from distca.parallel.pipeline import lockstep_timetable
 from distca.scheduler import ModelShape, plan_step
 from distca.scheduler.documents import documents_from_batch
 from runtime_harness import ROOT, assert_parity, load_result, run_ranks, skewed_batch
 
+from distca.attention import core_attention
 from distca.config import ConfigError, load_config
 
 T = 64  # tokens per data-parallel worker
@@ -117,12 +121,9 @@ def _covered(placement, tokens: int) -> np.ndarray:
     return seen
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_tick_plan_split_covers_each_job_exactly(seed):
-    """Jobs of one tick planned together over more servers than workers: each job's tasks,
-    split back out, score every causal pair of its documents exactly once and no padding."""
-    rng = np.random.default_rng(seed)
-    dp, stages, tokens = 2, 3, 24
+def _random_tick(rng: np.random.Generator, dp: int, stages: int, tokens: int):
+    """A forward tick of random jobs planned over ``dp * stages`` servers: the jobs' stages,
+    their documents and, per job, its tasks per exchange-group rank (job-local tokens)."""
     jobs, docs = [], []
     for stage in sorted(rng.choice(stages, size=int(rng.integers(1, stages + 1)), replace=False)):
         lengths = []
@@ -137,14 +138,95 @@ def test_tick_plan_split_covers_each_job_exactly(seed):
                      min_shard_tokens=2, model=ModelShape(h_q=2, h_kv=1, head_dim=4))
     servers = [plan.server_inputs(s) for s in range(plan.num_servers)]
     active = [s * dp + d for s in jobs for d in range(dp)]
-    for (lengths, _, _), placement in zip(docs, split_placement(servers, tick, active,
-                                                                dp * stages)):
-        want = np.zeros((dp * tokens, dp * tokens), dtype=np.int64)
-        start = 0
-        for n in lengths:
-            want[start:start + n, start:start + n] = np.tril(np.ones((n, n), dtype=np.int64))
-            start += n
-        np.testing.assert_array_equal(_covered(placement, dp * tokens), want)
+    return jobs, docs, split_placement(servers, tick, active, dp * stages)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tick_plan_split_covers_each_job_exactly(seed):
+    """Jobs of one tick planned together over more servers than workers: each job's tasks,
+    split back out, score every causal pair of its documents exactly once and no padding."""
+    dp, stages, tokens = 2, 3, 24
+    _, docs, placements = _random_tick(np.random.default_rng(seed), dp, stages, tokens)
+    for (lengths, _, _), placement in zip(docs, placements):
+        np.testing.assert_array_equal(_covered(placement, dp * tokens),
+                                      _causal_pairs(lengths, dp * tokens))
+
+
+def _causal_pairs(lengths, tokens: int) -> np.ndarray:
+    """(tokens, tokens) int: 1 where query and key share a document and key <= query."""
+    want = np.zeros((tokens, tokens), dtype=np.int64)
+    start = 0
+    for n in lengths:
+        want[start:start + n, start:start + n] = np.tril(np.ones((n, n), dtype=np.int64))
+        start += n
+    return want
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
+    """Every rank's two nano-batch layouts of a tick's jobs, exchanged in one process (workers
+    send q/k/v rows, servers run their tasks, workers merge the partial rows by LSE), give each
+    job's causal attention within its documents (fp64). This is the ping-pong lock-step's data
+    path with dp = 2 workers per job, without processes: documents longer than a worker's
+    share, one-token documents, servers on idle stages."""
+    rng = np.random.default_rng(seed)
+    dp, stages, tokens, hq, hkv, d = 2, 3, 24, 4, 2, 8
+    jobs, docs, placements = _random_tick(rng, dp, stages, tokens)
+    gen = torch.Generator().manual_seed(seed)
+    for stage, (lengths, _, _), placement in zip(jobs, docs, placements):
+        workers = [stage * dp + w for w in range(dp)]
+        cuts = document_cuts(lengths, None, None, dp, tokens)
+        views = [nano_job_layouts(placement, cuts, workers, tokens, g, torch.device("cpu"))
+                 for g in range(dp * stages)]
+        q = torch.randn(dp * tokens, hq, d, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(dp * tokens, hkv, d, generator=gen, dtype=torch.float64)
+                for _ in range(2))
+        got = torch.zeros_like(q)
+        for i in (0, 1):
+            mine = {}  # worker's nano-batch tensors: its q rows, kv rows (first rows + own)
+            for w, g in enumerate(workers):
+                rows = views[g][1]
+                kv_rows = rows[0] if i == 0 else torch.cat(rows)
+                local = slice(w * tokens, (w + 1) * tokens)
+                mine[g] = (q[local][rows[i]], k[local][kv_rows], v[local][kv_rows])
+            partials = {g: ([], []) for g in workers}
+            for server, (layouts, _) in enumerate(views):
+                lay = layouts[i]
+                sent = [[], [], []]
+                for w, g in enumerate(workers):
+                    src = views[g][0][i]
+                    assert src.send_q[server].numel() == lay.recv_q[w]
+                    assert src.send_kv[server].numel() == lay.recv_kv[w]
+                    wq, wk, wv = mine[g]
+                    sent[0].append(wq[src.send_q[server]])
+                    sent[1].append(wk[src.send_kv[server]])
+                    sent[2].append(wv[src.send_kv[server]])
+                sq, sk, sv = (torch.cat(x) for x in sent)
+                if lay.tasks is None:
+                    assert sq.shape[0] == 0
+                    continue
+                out, lse = core_attention(sq, sk, sv, *lay.tasks, softmax_scale=d ** -0.5,
+                                          backend="torch")
+                for g, o, s in zip(workers, out.split(lay.recv_q), lse.split(lay.recv_q)):
+                    partials[g][0].append(o)
+                    partials[g][1].append(s)
+            for w, g in enumerate(workers):
+                rows, send_q = views[g][1][i], views[g][0][i].send_q
+                out_r = torch.cat(partials[g][0]) if partials[g][0] else q.new_zeros(0, hq, d)
+                lse_r = torch.cat(partials[g][1]) if partials[g][1] else q.new_zeros(0, hq)
+                merged, _ = merge_partials(out_r, lse_r.double(), torch.cat(send_q), rows.numel())
+                got[w * tokens + rows] = merged.double()
+        n = int(np.sum(lengths))
+        mask = torch.as_tensor(_causal_pairs(lengths, dp * tokens)[:n, :n], dtype=torch.bool)
+        kk, vv = (x[:n].repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[:n], kk) * d ** -0.5
+        want = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf"))
+                            .softmax(-1), vv)
+        # merge_partials weighs partial rows in fp32: each output is a convex combination of
+        # v rows with weights off by a few fp32 ulps, so its error is within 16 eps32 * max|v|.
+        atol = 16 * torch.finfo(torch.float32).eps * float(v.abs().max())
+        torch.testing.assert_close(got[:n], want, rtol=0, atol=atol)
+        assert not got[n:].any()  # padding rows get no attention
 
 
 @pytest.mark.parametrize("overrides, key", [
