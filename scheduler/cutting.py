@@ -67,6 +67,12 @@ class Residency:
         if self.spans.pop((server, doc), None) is not None:
             self.holders[doc].remove(server)
 
+    def trim(self, server: int, doc: int, lo: int) -> None:
+        """``server`` no longer reads ``doc``'s kv before ``lo`` (it lent those columns out)."""
+        if (server, doc) in self.spans:
+            self.spans[(server, doc)] = [(max(a, lo), b) for a, b in self.spans[(server, doc)]
+                                         if b > lo]
+
     def add(self, server: int, doc: int, lo: int, hi: int) -> None:
         key = (server, doc)
         spans = self.spans.get(key)
@@ -255,6 +261,15 @@ class Cutter:
         self.row_end[i] = x - a
         self.resident.add(piece.server, doc, piece.kv_lo, e)
 
+    def lend(self, i: int, server: int, kv_end: int) -> None:
+        """Segment ``i``'s rows against its kv columns ``[kv_start, kv_end)`` run on ``server``
+        as one full task; the home keeps the rows against ``[kv_end, e)`` and stops importing
+        the lent columns. Before any piece is cut (the segment's rows are all home)."""
+        self.tasks.append((server, self.doc[i], self.row_start[i], self.row_end[i],
+                           self.kv_start[i], kv_end, False))
+        self.kv_start[i] = kv_end
+        self.resident.trim(self.home[i], self.doc[i], kv_end)
+
     def rehome(self, i: int, server: int) -> None:
         """Move all of segment ``i``'s rows to ``server``; its home stops importing the kv."""
         x, ds = self.row_end[i], self.kv_start[i]
@@ -308,10 +323,11 @@ class Cutter:
         s = self.seg
         row_start = np.array(self.row_start, dtype=np.int64)
         row_end = np.array(self.row_end, dtype=np.int64)
+        kv_start = np.array(self.kv_start, dtype=np.int64)  # lent columns left the home
         kept_kv_end = np.where(s.causal, row_end, s.kv_end)
         moved = np.array(self.tasks, dtype=np.int64).reshape(-1, 7)
         return tuple(np.concatenate([a, b]) for a, b in zip(
-            (s.home, s.doc, row_start, row_end, s.kv_start, kept_kv_end, s.causal),
+            (s.home, s.doc, row_start, row_end, kv_start, kept_kv_end, s.causal),
             (moved[:, 0], moved[:, 1], moved[:, 2], moved[:, 3], moved[:, 4], moved[:, 5],
              moved[:, 6].astype(bool))))
 

@@ -40,6 +40,7 @@ from distca.scheduler.documents import (
     task_pairs,
 )
 from distca.scheduler.plan import Plan, imbalance, make_tasks
+from distca.scheduler.prefixes import spare_prefix_imports
 
 PLANNERS = ("distca", "greedy-baseline")
 
@@ -167,7 +168,10 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     weight = _home_weight(seg, cutter, cost_table)
     load = np.bincount(seg.home, weights=weight, minlength=num_servers)
     rooms = _Rooms(load, tolerance, _grain_units(seg, min_shard, cost_table))
-    _rehome_short_tails(seg, cutter, load, rooms.cap, weight)
+    # A lend moves room from the holder to the home. At ε = 0 the rooms add up to the excess
+    # exactly and a holder's room is the cheapest a donor of that document can use (measured:
+    # lending at ε = 0 took pretrain 64×128K from 0.670 to 0.678 of the greedy's bytes).
+    spare_prefix_imports(seg, cutter, load, rooms.cap, weight, lend=tolerance > 0)
     rooms.reset(load)
     done = 1e-12 * rooms.total / num_servers
     need = load - rooms.cap
@@ -238,34 +242,6 @@ def _best_piece(live: list[int], cutter: Cutter, rooms: _Rooms, owed: float):
             if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
                 best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
     return best, best_score
-
-
-def _rehome_short_tails(seg: Segments, cutter: Cutter, load: np.ndarray, cap: float,
-                       weight: np.ndarray) -> None:
-    """Run a spanning causal document's short segment on the previous worker.
-
-    The home of such a segment imports the document's whole kv prefix for a few rows; the
-    previous worker already holds that prefix, so sending it the rows (q and their own kv) is
-    cheaper whenever ``rows·(q_bytes + kv_bytes) < prefix·kv_bytes``. Done where the excess above
-    the cap grows by less than the saving would pay for (one fresh piece of that size costs about
-    ``2·sqrt(excess·q_bytes·kv_bytes)``), and never above the most loaded server.
-    """
-    prefix = seg.q_start - seg.kv_start
-    rows = seg.q_end - seg.q_start
-    saving = prefix * cutter.kv_bytes - rows * (cutter.q_bytes + cutter.kv_bytes)
-    key = seg.home * (seg.doc.max(initial=0) + 1) + seg.doc
-    group = np.unique(key, return_inverse=True)[1]
-    alone = np.bincount(group)[group] == 1  # the worker's only segment of the doc
-    picked = np.flatnonzero(seg.causal & (prefix > 0) & (saving > 0) & alone & (seg.home > 0))
-    for i in picked[np.argsort(-saving[picked], kind="stable")].tolist():
-        h, w = int(seg.home[i]), float(weight[i])
-        excess = max(0.0, load[h - 1] + w - cap) - max(0.0, load[h - 1] - cap) \
-            + max(0.0, load[h] - w - cap) - max(0.0, load[h] - cap)
-        worth = excess <= 0 or saving[i] > 2 * math.sqrt(excess * cutter.q_bytes * cutter.kv_bytes)
-        if worth and load[h - 1] + w <= load.max():  # never raise the most loaded server
-            cutter.rehome(i, h - 1)
-            load[h - 1] += w
-            load[h] -= w
 
 
 _SEGMENTS_TRIED = 3  # a donor's densest segments weighed against each other for every piece

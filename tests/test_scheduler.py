@@ -80,12 +80,39 @@ def test_tasks_cover_the_mask_exactly_once(batch, planner, tolerance, min_shard)
     assert (~t["causal"] | (t["kv_end"] - t["kv_start"] >= t["q_end"] - t["q_start"])).all()
 
 
+@st.composite
+def spanning_batches(draw):
+    """Documents up to three workers long between short ones: (lengths, W, T). About one plan
+    in five lends a prefix (``distca.scheduler.prefixes``), against one in fifty of ``batches``."""
+    workers, per_worker = draw(st.integers(2, 5)), draw(st.integers(16, 48))
+    lengths = []
+    while sum(lengths) < workers * per_worker:
+        longest = 3 * per_worker if draw(st.booleans()) else 8
+        lengths.append(min(draw(st.integers(1, longest)), workers * per_worker - sum(lengths)))
+    return lengths, workers, per_worker
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch=spanning_batches(), tolerance=st.sampled_from([0.05, 0.3]),
+       min_shard=st.integers(1, 4))
+def test_lent_prefixes_tile_the_mask_exactly_once(batch, tolerance, min_shard):
+    lengths, workers, per_worker = batch
+    plan = plan_step(documents_from_batch(lengths), workers, per_worker, tolerance=tolerance,
+                     min_shard_tokens=min_shard, model=MODEL)
+    n = workers * per_worker
+    np.testing.assert_array_equal(coverage(plan.tasks, n),
+                                  allowed_mask(lengths, num_tokens=n).astype(np.int64))
+    assert plan.bytes_moved == independent_bytes(plan)
+    t = plan.tasks
+    assert (~t["causal"] | (t["kv_end"] - t["kv_start"] >= t["q_end"] - t["q_start"])).all()
+
+
 @settings(max_examples=60, deadline=None)
-@given(batch=batches(), min_shard=st.integers(1, 6))
-def test_cuts_respect_the_minimum_shard(batch, min_shard):
+@given(batch=batches(), min_shard=st.integers(1, 6), tolerance=st.sampled_from([0.0, 0.05, 0.3]))
+def test_cuts_respect_the_minimum_shard(batch, min_shard, tolerance):
     lengths, turns, contexts, workers, per_worker, servers = batch
     docs = documents_from_batch(lengths, turns, contexts)
-    plan = plan_step(docs, workers, per_worker, servers, tolerance=0.0,
+    plan = plan_step(docs, workers, per_worker, servers, tolerance=tolerance,
                      min_shard_tokens=min_shard, model=MODEL)
     seg = build_segments(docs, per_worker)
     t = plan.tasks
@@ -293,3 +320,22 @@ def test_cost_table_weighted_plan_stays_exact(tmp_path):
     np.testing.assert_array_equal(coverage(plan.tasks, 4096), mask.astype(np.int64))
     assert plan.server_cost.sum() == mask.sum()
     assert plan.imbalance < plan.imbalance_before
+
+
+def test_short_spanning_segment_lends_its_prefix_to_a_holder_with_room():
+    # Document 0 spans workers 0-2; worker 2 holds its last 100 rows, whose kv prefix is 2048
+    # tokens. Worker 1 (which holds all of it) is overloaded, worker 0 holds [0, 1024) and has
+    # room: it runs those rows against [0, 1024), and worker 2 keeps them against [1024, 2148).
+    lengths = [2148] + [100] * 9
+    plan = plan_step(documents_from_batch(lengths), 3, 1024, tolerance=0.1, min_shard_tokens=16,
+                     model=MODEL)
+    t = plan.tasks
+    lent = (t["server"] == 0) & (t["q_start"] == 2048) & (t["q_end"] == 2148)
+    assert lent.sum() == 1 and t[lent]["kv_start"][0] == 0 and t[lent]["kv_end"][0] == 1024
+    assert not t[lent]["causal"][0]
+    kept = (t["server"] == 2) & (t["q_start"] == 2048) & (t["q_end"] == 2148)
+    assert kept.sum() == 1 and t[kept]["kv_start"][0] == 1024 and t[kept]["causal"][0]
+    mask = allowed_mask(lengths, num_tokens=3 * 1024)
+    np.testing.assert_array_equal(coverage(t, 3 * 1024), mask.astype(np.int64))
+    assert plan.bytes_moved == independent_bytes(plan)
+    assert plan.imbalance <= 1.1 + 1e-9
