@@ -17,11 +17,18 @@ ping-pong. Per rank and step it clocks:
   kernels. On a shared machine, wall seconds well above CPU seconds mean the rank was waiting
   for a core, not for work.
 
+With ``--pp S`` the ranks form ``S`` pipeline stages (``world / S`` data-parallel workers each)
+over ``--micro-batches`` skewed micro-batches: colocated runs 1F1B, both disaggregated modes the
+lock-step schedule (bubble ranks serve attention; ping-pong overlaps each round's exchange with
+the other nano-batch's linear work); comm wait then includes a stage waiting for the tick's
+slowest operation.
+
 The *ideal bound* is the speedup a perfect planner with free communication would reach:
 colocated step time over ``max_r(step_r - attn_r - wait_r) + mean_r(attn_r)`` measured on the
 colocated run.
 
     .venv/bin/python benchmarks/runtime.py --ranks 2 4 --tokens 4096 --steps 3 --backend auto
+    .venv/bin/python benchmarks/runtime.py --ranks 2 --pp 2 --tokens 2048 --micro-batches 4
 """
 
 from __future__ import annotations
@@ -56,17 +63,20 @@ def skewed_batch(ranks: int, tokens: int, short: int, seed: int):
 
 
 def _timed_plan(engine):
-    """Wrap ``engine._plan`` so that planning time lands in the runtime's clocks."""
-    plan = engine._plan
+    """Wrap ``engine._plan`` and ``engine._start_lockstep`` (the lock-step pipeline's tick
+    plans) so that planning time lands in the runtime's clocks."""
+    def clocked(plan):
+        def timed(*args):
+            start = time.perf_counter()
+            result = plan(*args)
+            t = engine.runtime.timings
+            t["plan"] = t.get("plan", 0.0) + time.perf_counter() - start
+            return result
 
-    def timed(batch):
-        start = time.perf_counter()
-        result = plan(batch)
-        t = engine.runtime.timings
-        t["plan"] = t.get("plan", 0.0) + time.perf_counter() - start
-        return result
+        return timed
 
-    engine._plan = timed
+    for name in ("_plan", "_start_lockstep"):
+        setattr(engine, name, clocked(getattr(engine, name)))
 
 
 def _rank(rank: int, world: int, port: int, args, queue) -> None:
@@ -76,7 +86,8 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     from distca.config import load_config
     from distca.engine import Engine
 
-    common = [f"parallel.dp={world}", f"data.tokens_per_rank={args.tokens}",
+    dp = world // args.pp
+    common = [f"parallel.dp={dp}", f"parallel.pp={args.pp}", f"data.tokens_per_rank={args.tokens}",
               f"cad.min_shard_tokens={args.min_shard}", f"cad.tolerance={args.tolerance}",
               f"attention.backend={args.backend}", *args.model]
     engines = {}
@@ -86,9 +97,12 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         _timed_plan(engines[mode])
     rows = {mode: [] for mode in engines}
     for step in range(args.warmup + args.steps):
-        batch = [skewed_batch(world, args.tokens, args.short, step)]
+        batch = [skewed_batch(dp, args.tokens, args.short, step * args.micro_batches + i)
+                 for i in range(args.micro_batches)]
         for mode, engine in engines.items():
             engine.runtime.timings = {}
+            if engine.lockstep is not None:  # the pipeline's cross-stage exchange waits too
+                engine.lockstep.timings = engine.runtime.timings
             dist.barrier()
             start, cpu = time.perf_counter(), time.process_time()
             stats = engine.train_step(batch)
@@ -235,6 +249,8 @@ def main() -> None:
                         help="attention.backend of every engine")
     parser.add_argument("--model", nargs="*", default=[],
                         help="extra model.* overrides, e.g. model.num_attention_heads=8")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (parallel.pp)")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--exchange", action="store_true",
                         help="only time the exchange path's local work per layer (one process)")
     args = parser.parse_args()
@@ -246,7 +262,8 @@ def main() -> None:
         for world in args.ranks:
             print("\n".join(exchange_costs(world, args)))
         return
-    print(f"tiny model {' '.join(args.model)}, {args.tokens} tokens/worker, one "
+    print(f"tiny model {' '.join(args.model)}, pp={args.pp}, {args.micro_batches} "
+          f"micro-batch(es) per step, {args.tokens} tokens/worker, one "
           f"{args.tokens}-token document on worker 0, {args.short}-token documents elsewhere, "
           f"eps={args.tolerance}, backend {args.backend}, one torch thread per rank, median of "
           f"{args.steps} steps after {args.warmup} warm-up; load average before: "

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 
-def _waited(timings: dict[str, float] | None, start: float) -> None:
+def record_wait(timings: dict[str, float] | None, start: float) -> None:
+    """Add the seconds since ``start`` (blocked on an exchange) to ``timings["comm_wait"]``."""
     if timings is not None:
         timings["comm_wait"] = timings.get("comm_wait", 0.0) + time.perf_counter() - start
 
@@ -47,7 +48,7 @@ class _AllToAll(torch.autograd.Function):
         ctx.group, ctx.timings = group, timings
         start = time.perf_counter()
         out, _ = _launch(flat, send_counts, recv_counts, group, async_op=False)
-        _waited(timings, start)
+        record_wait(timings, start)
         return out
 
     @staticmethod
@@ -55,7 +56,7 @@ class _AllToAll(torch.autograd.Function):
         send_counts, recv_counts = ctx.counts
         start = time.perf_counter()
         out, _ = _launch(grad, recv_counts, send_counts, ctx.group, async_op=False)
-        _waited(ctx.timings, start)
+        record_wait(ctx.timings, start)
         return out, None, None, None, None
 
 
@@ -92,7 +93,7 @@ class _Start(torch.autograd.Function):
         grad, work = ctx.pending.backward
         start = time.perf_counter()
         work.wait()
-        _waited(ctx.pending.timings, start)
+        record_wait(ctx.pending.timings, start)
         ctx.pending.backward = None
         return grad, None
 
@@ -103,7 +104,7 @@ class _Finish(torch.autograd.Function):
         out, work = pending.forward
         start = time.perf_counter()
         work.wait()
-        _waited(pending.timings, start)
+        record_wait(pending.timings, start)
         pending.forward = None
         ctx.pending = pending
         return out

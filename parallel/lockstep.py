@@ -36,12 +36,14 @@ Group rank ``s * dp + d`` is worker ``d`` of stage ``s`` (megatron's ``tp-cp-ep-
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from distca.parallel.alltoall import record_wait
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
@@ -207,6 +209,7 @@ class LockstepExchange:
         # Score pairs served (forward + backward, all layers) in ticks where this rank's own
         # stage had no micro-batch: the attention the pipeline bubble would otherwise waste.
         self.bubble_pairs = 0
+        self.timings: dict[str, float] | None = None  # "comm_wait": seconds blocked, if set
 
     def start_step(self, placements: dict[Job, list[ServerInputs]], tokens_per_worker: int,
                    training: bool, cuts: dict[Job, np.ndarray] | None = None) -> None:
@@ -304,7 +307,7 @@ class LockstepExchange:
         hq, hkv, d = self.heads
         mine = self.roles[self.me]
         for sub, (buffer, work, counts) in enumerate(self.inbound):
-            work.wait()
+            self._wait(work)
             replies = self._serve(sub, list(torch.split(buffer, counts)))
             back = [0] * self.size
             if mine is not None:
@@ -321,8 +324,13 @@ class LockstepExchange:
         """Wait for sub-round ``sub`` of round ``round_`` to come back: per group rank, what it
         returned to this rank as a worker (fp32, flat)."""
         buffer, work, counts = self.returns.pop((round_, sub))
-        work.wait()
+        self._wait(work)
         return list(torch.split(buffer, counts))
+
+    def _wait(self, work) -> None:
+        start = time.perf_counter()
+        work.wait()
+        record_wait(self.timings, start)
 
     def _start(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> tuple:
         send = torch.cat([c.reshape(-1).float() for c in chunks])
