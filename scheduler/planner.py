@@ -180,7 +180,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     density = seg.kv_end - seg.kv_start
     by_home = np.lexsort((np.arange(len(seg)), -density, seg.home))
     bounds = np.searchsorted(seg.home[by_home], np.arange(num_servers + 1))
-    queues = {d: [int(i) for i in by_home[bounds[d]:bounds[d + 1]]] for d in donors}
+    queues = {d: [int(i) for i in by_home[bounds[d]:bounds[d + 1]]] for d in range(num_servers)}
     # With slack (ε > 0) the donor with the cheapest piece cuts first: heap entries are (bytes
     # per unit, donor, receiver's version when priced, the piece); a donor is repriced when its
     # receiver took a piece since, and cuts only if still the cheapest. At ε = 0 the rooms add
@@ -192,6 +192,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     rank = {d: k for k, d in enumerate(donors)}
     version = [0] * num_servers
     deferred = set()  # donors already sent back once for their next piece
+    moved_bytes = moved_units = 0.0  # what the pieces so far moved
     while heap:
         score, d, priced, best = heapq.heappop(heap)
         owed = rooms.load[d] - rooms.cap
@@ -216,9 +217,18 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
             best = cutter.propose(live[0], r, owed, owed + rooms.room(r), owed)
             if best is None:
                 continue
-        cutter.apply(best)
-        rooms.move(d, best.server, best.shed, best.gain)
-        version[best.server] += 1
+        pieces = [(best, d)]
+        # A donor's last piece is often a small remnant sent where none of its kv lives, at
+        # several times the plan's bytes per unit so far: try relaying it through a kv holder.
+        if best.shed >= owed - done and best.bytes * moved_units > \
+                _COSTLY * moved_bytes * min(best.gain, best.shed):
+            pieces = _relay(best, d, cutter, rooms, queues, owed) or pieces
+        for piece, giver in pieces:
+            cutter.apply(piece)
+            rooms.move(giver, piece.server, piece.shed, piece.gain)
+            version[piece.server] += 1
+            moved_bytes += piece.bytes
+            moved_units += min(piece.gain, piece.shed)
         deferred.discard(d)
         heapq.heappush(heap, (score if cheapest_first else rank[d], d, -1, None))
     return cutter.columns()
@@ -231,18 +241,61 @@ def _live_segments(queue: list[int], cutter: Cutter) -> list[int]:
     return [i for i in queue[:_SEGMENTS_TRIED] if cutter.rows_left(i) > 0]
 
 
-def _best_piece(live: list[int], cutter: Cutter, rooms: _Rooms, owed: float):
+def _best_piece(live: list[int], cutter: Cutter, rooms: _Rooms, owed: float, skip: int = -1):
     """The piece with the fewest bytes per unit moved among ``live`` segments and the receivers
-    worth pricing; (None, inf) if none fits."""
+    worth pricing (but ``skip``); (None, inf) if none fits."""
     best, best_score = None, math.inf
     for i in live:
         for r in rooms.candidates(cutter.resident.holders.get(cutter.doc[i], ())):
+            if r == skip:
+                continue
             room = rooms.room(r)
             piece = cutter.propose(i, r, min(owed, room), room, owed)
             if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
                 best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
     return best, best_score
 
+
+def _relay(best, d: int, cutter: Cutter, rooms: _Rooms, queues: dict, owed: float):
+    """Relay donor ``d``'s piece ``best`` through a kv holder: [(piece, giver), ...] or None.
+
+    A holder ``v`` of the piece's kv, at most at the cap, takes the donor's rows for little more
+    than their q, and sheds as much of its own work to a holder of *that* work's kv with room:
+    two pieces at about q cost instead of one that imports kv. Kept only where the two move
+    clearly fewer bytes per unit than ``best`` (``_RELAY_GAIN``): they take a second receiver's
+    room, which later donors may have needed. Only the ``_RELAYS_TRIED`` holders with the
+    cheapest first pieces get their second piece priced, as a document spread over many workers
+    has many holders.
+    """
+    i = best.seg
+    firsts = []
+    if best.server in cutter.resident.holders.get(cutter.doc[i], ()):
+        return None
+    for v in cutter.resident.holders.get(cutter.doc[i], ()):
+        if v == d or rooms.load[v] > rooms.cap:
+            continue
+        live = [j for j in _live_segments(queues[v], cutter) if j != i]
+        if not any(r != v and rooms.load[r] < rooms.cap
+                   for j in live for r in cutter.resident.holders.get(cutter.doc[j], ())):
+            continue
+        first = cutter.propose(i, v, best.gain, best.gain, owed)
+        if first is not None and rooms.load[v] + first.gain > rooms.cap:
+            firsts.append((first.bytes / min(first.gain, first.shed), v, first, live))
+    out, score = None, best.bytes / min(best.gain, best.shed) * _RELAY_GAIN
+    for _, v, first, live in sorted(firsts, key=lambda f: f[:2])[:_RELAYS_TRIED]:
+        over = rooms.load[v] + first.gain - rooms.cap
+        second, _ = _best_piece(live, cutter, rooms, over, skip=v)
+        if second is None or second.shed < over:
+            continue
+        relayed = (first.bytes + second.bytes) / min(first.gain, first.shed)
+        if relayed < score:
+            out, score = [(first, d), (second, v)], relayed
+    return out
+
+
+_COSTLY = 3.0  # a donor's last piece is relayed only above this times the mean bytes per unit
+_RELAY_GAIN = 0.8  # a relay must move at most this share of the direct piece's bytes per unit
+_RELAYS_TRIED = 2  # holders whose second piece is priced
 
 _SEGMENTS_TRIED = 3  # a donor's densest segments weighed against each other for every piece
 _ROOMIEST_TRIED = 2  # receivers with the most room offered besides the kv holders
