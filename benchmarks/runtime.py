@@ -164,8 +164,10 @@ def report(world: int, results: dict[str, list[dict[str, float]]]) -> list[str]:
     for mode in ("disaggregated", "disaggregated+pingpong"):
         speedup = step["colocated"] / step[mode]
         exposed = np.mean([c["comm_wait"] / c["step"] for c in results[mode]])
+        gain = (f"{100 * (speedup - 1) / (bound - 1):.0f}% of the ideal gain" if bound > 1
+                else "the bound leaves no gain")
         lines.append(f"{world} ranks: colocated / {mode} step time **{speedup:.2f}x** "
-                     f"({100 * (speedup - 1) / max(bound - 1, 1e-9):.0f}% of the ideal gain); "
+                     f"({gain}); "
                      f"exposed comm {100 * exposed:.0f}% of step time (mean over ranks); busiest "
                      f"rank's CPU seconds colocated / {mode} "
                      f"{busiest['colocated'] / busiest[mode]:.2f}x")

@@ -5,8 +5,8 @@ forwards, then alternates one forward and one backward until its ``M`` micro-bat
 forwarded, then drains the remaining backwards. Activations (forward) and their gradients
 (backward) of one fixed shape travel between neighbouring stages; every exchange that could wait
 on the other side posts both its send and its receive before waiting (megatron's pairing), so no
-ordering of blocking calls can deadlock. Attention is dispatched within each stage's
-data-parallel group; ranks in the pipeline bubble sit idle.
+ordering of blocking calls can deadlock. The engine runs it with colocated attention only
+(disaggregated attention takes the lock-step schedule); ranks in the bubble sit idle.
 
 **Lock-step** (:func:`lockstep_timetable`, :func:`run_lockstep`): design §5 wants ranks idle in
 the bubble to serve other stages' attention, so every rank must join every attention exchange.

@@ -33,7 +33,8 @@ class AttentionRuntime:
         self.positions: torch.Tensor | None = None
         # One layout (blocking exchange), two task nano-batch layouts (ping-pong inside the
         # attention call), token nano-batches (ping-pong over whole layers, driven by
-        # distca.model.staggered), or the lock-step pipeline's cross-stage exchange.
+        # distca.model.staggered), or the lock-step pipeline's cross-stage exchange (blocking
+        # rounds here, or token nano-batches driven by distca.model.staggered).
         self.layout: DispatchLayout | tuple[DispatchLayout, DispatchLayout] | NanoBatches \
             | LockstepExchange | None = None
         self.telemetry: SinkTelemetry | None = None

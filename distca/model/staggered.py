@@ -17,6 +17,10 @@ QKV backward). The collectives are issued in the same order as
 :func:`distca.parallel.pingpong.pingpong_attention` (send a, send b, return a, return b per
 layer), so dedicated attention servers serve these layers with that function.
 
+The same driver runs a stage's forward in the lock-step pipeline with ping-pong: the exchange
+is then :class:`distca.parallel.lockstep_worker.LockstepNanoExchange`, whose sends and returns
+are the sub-rounds of the tick's rounds, which every stage and bubble rank joins.
+
 The halves call megatron-core 0.16's own submodules of ``TransformerLayer`` and
 ``SelfAttention`` in the order of their ``forward`` methods (no recompute, offload or
 inference paths, which distca does not use).
