@@ -339,3 +339,29 @@ def test_short_spanning_segment_lends_its_prefix_to_a_holder_with_room():
     np.testing.assert_array_equal(coverage(t, 3 * 1024), mask.astype(np.int64))
     assert plan.bytes_moved == independent_bytes(plan)
     assert plan.imbalance <= 1.1 + 1e-9
+
+
+def test_costly_last_piece_is_relayed_through_a_kv_holder(monkeypatch):
+    # Worker 3 (all of document 2 from token 1261 on) sheds to servers 2 and 0, which then hold
+    # document 2's kv. Its last sliver would go to server 1, which holds none of it. Relayed,
+    # server 0 takes the sliver for its q alone and sheds as much of document 0 to server 1,
+    # which holds document 0's kv (the document spans workers 0 and 1): two q-only pieces.
+    from distca.scheduler import planner
+
+    lengths = [636, 625, 787]
+    docs = documents_from_batch(lengths)
+
+    def plan():
+        return plan_step(docs, 4, 512, tolerance=0.05, min_shard_tokens=16, model=MODEL)
+
+    relayed = plan()
+    monkeypatch.setattr(planner, "_RELAY_GAIN", 0.0)
+    direct = plan()
+    assert relayed.bytes_moved < direct.bytes_moved
+    t = relayed.tasks
+    on_1 = t[t["server"] == 1]
+    assert not (on_1["doc"] == 2).any() and (on_1["q_start"] < 512).any()
+    mask = allowed_mask(lengths, num_tokens=4 * 512)
+    np.testing.assert_array_equal(coverage(t, 4 * 512), mask.astype(np.int64))
+    assert relayed.bytes_moved == independent_bytes(relayed)
+    assert relayed.imbalance <= 1.05 + 1e-9
