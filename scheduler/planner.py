@@ -162,7 +162,8 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     the cheapest in bytes per unit of cost among its densest segments and the receivers that
     already hold kv of that segment's document or have the most room; across donors the cheapest
     piece is cut first (a min-heap of lazily repriced donors), so a kv holder's scarce room goes
-    to the donor it saves most for, not to whichever donor came first.
+    to the donor it saves most for, not to whichever donor came first. A donor's costly last
+    piece may be relayed through a full kv holder instead (``_relay``).
     """
     cutter = Cutter(seg, min_shard, model, cost_table)
     weight = _home_weight(seg, cutter, cost_table)
