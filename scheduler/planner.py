@@ -140,7 +140,12 @@ def _home_weight(seg: Segments, cutter: Cutter, cost_table: CostTable | None) ->
 def imbalance_floor(docs: DocumentBatch | Sequence[Document], tokens_per_worker: int,
                     num_servers: int, min_shard_tokens: int = 128,
                     cost_table: CostTable | None = None) -> float:
-    """``1 + grain/mean``: the imbalance the planner promises at ε = 0.
+    """``1 + grain/mean``: the imbalance the planner aims at, and reaches, at ε = 0 wherever
+    the donors' last rows can be cut to fit the rooms left. Where a donor's last segment has
+    fewer than two minimum shards of rows left, each wider than any room, it moves them whole
+    and overshoots: by at most 0.53 of a band of ``min_shard_tokens`` rows of the longest
+    document in 3600 measured cases (~1% of small random batches at a minimum shard of 16);
+    the property test allows the larger of the floor and one such band.
 
     In score pairs, or in the table's predicted seconds (summed over each server's tasks) when
     a cost table is given; the planner's bound is ``max(1 + ε, imbalance_floor)``.
