@@ -83,13 +83,13 @@ def test_flex_block_grid_is_exact_at_block_level():
     Runs on the CPU: the grid is what lets flex skip the per-pair mask on full blocks, so a
     wrong "full" would silently widen the mask on the GPU.
     """
-    from test_attention_core import random_layout
+    from test_attention_core import fresh_seed, random_layout
 
     from distca.attention import flex_backend
     from distca.attention.reference import task_mask
 
     block = flex_backend.BLOCK
-    gen = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    gen = torch.Generator().manual_seed(fresh_seed())
     layouts = [causal_document_tasks([700, 1, 300]), multiturn_tasks([[(300, True), (260, False),
                                                                        (200, True)]]),
                make_task_list(*split_tasks([(0, 300, 0, 300, True), (300, 600, 0, 250, False),

@@ -1,7 +1,6 @@
 """Sink telemetry against the dense float64 attention matrix."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -72,6 +71,7 @@ def test_training_sink_mass_is_the_sink_share_of_the_softmax():
     from types import SimpleNamespace
 
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from test_attention_core import fresh_seed
 
     from distca.model.core_attention import DistcaCoreAttention, SinkTelemetry
 
@@ -81,7 +81,7 @@ def test_training_sink_mass_is_the_sink_share_of_the_softmax():
     runtime = SimpleNamespace(telemetry=SinkTelemetry())
     layer = DistcaCoreAttention(config, layer_number=1, runtime=runtime, learnable_sinks=True,
                                 pg_collection=SimpleNamespace(tp=SimpleNamespace(size=lambda: 1)))
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen = torch.Generator().manual_seed(fresh_seed())
     lse = torch.randn(rows, heads, generator=gen) + 4.0
     lse[3] = float("-inf")  # a row in no task: not counted
     with torch.no_grad():

@@ -166,6 +166,7 @@ def _sink_backward(d_out, d_lse, out, lse, sinks):
     dsinks = (per_row * rest).sum(0).to(sinks.dtype)
     return dout, dlse, dsinks
 
+
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, kv_ranges,
                    causal, sinks: torch.Tensor | None = None,
                    softmax_scale: float | None = None,
