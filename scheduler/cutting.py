@@ -112,6 +112,11 @@ class Piece:
     bytes: int
     head: bool = False
 
+    @property
+    def per_unit(self) -> float:
+        """Bytes per unit of cost moved: what pieces are ranked by (fewest first)."""
+        return self.bytes / min(self.gain, self.shed)
+
 
 class Cutter:
     """Cuts pieces off segments; keeps the segments' remaining rows and the tasks."""
@@ -211,7 +216,7 @@ class Cutter:
                 best, best_score = Piece(i, server, a, e - k, gain, shed, moved), score
         if causal and qs > ds and (server, doc) in self.resident.spans:  # pays only on holders
             head = self._head_piece(i, server, lo * rate, hi, before)
-            if head is not None and head.bytes / min(head.gain, head.shed) < best_score:
+            if head is not None and head.per_unit < best_score:
                 best = head
         return best
 

@@ -257,8 +257,8 @@ def _best_piece(live: list[int], cutter: Cutter, rooms: _Rooms, owed: float, ski
                 continue
             room = rooms.room(r)
             piece = cutter.propose(i, r, min(owed, room), room, owed)
-            if piece is not None and piece.bytes / min(piece.gain, piece.shed) < best_score:
-                best, best_score = piece, piece.bytes / min(piece.gain, piece.shed)
+            if piece is not None and piece.per_unit < best_score:
+                best, best_score = piece, piece.per_unit
     return best, best_score
 
 
@@ -286,8 +286,8 @@ def _relay(best, d: int, cutter: Cutter, rooms: _Rooms, queues: dict, owed: floa
             continue
         first = cutter.propose(i, v, best.gain, best.gain, owed)
         if first is not None and rooms.load[v] + first.gain > rooms.cap:
-            firsts.append((first.bytes / min(first.gain, first.shed), v, first, live))
-    out, score = None, best.bytes / min(best.gain, best.shed) * _RELAY_GAIN
+            firsts.append((first.per_unit, v, first, live))
+    out, score = None, best.per_unit * _RELAY_GAIN
     for _, v, first, live in sorted(firsts, key=lambda f: f[:2])[:_RELAYS_TRIED]:
         over = rooms.load[v] + first.gain - rooms.cap
         second, _ = _best_piece(live, cutter, rooms, over, skip=v)
