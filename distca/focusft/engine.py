@@ -36,6 +36,7 @@ from distca.batch import PackedBatch
 from distca.config import DistcaConfig
 from distca.engine import IGNORE, Engine, _all_reduce_scalar, _loss_tokens, rank_rows
 from distca.focusft.fast_weights import FastLoRA, top_layer_count
+from distca.model.staggered import language_model_losses
 from distca.parallel.planning import StepPlan
 
 
@@ -87,11 +88,7 @@ class FocusftEngine(Engine):
         hidden = decoder.layers[first]._forward_mlp(hidden)
         for layer in decoder.layers[first + 1:]:
             hidden, _ = layer(hidden_states=hidden, attention_mask=None)
-        hidden = decoder.final_layernorm(hidden)
-        weight = (self.model.shared_embedding_or_output_weight()
-                  if self.model.share_embeddings_and_output_weights else None)
-        logits, _ = self.model.output_layer(hidden, weight=weight)
-        losses = self.model.compute_language_model_loss(labels, logits)
+        losses = language_model_losses(self.model, hidden, labels)
         return (losses.float() * mask).sum()
 
     # ---- the bilevel step ------------------------------------------------------------------

@@ -146,9 +146,14 @@ def staggered_stage_forward(model: GPTModel, runtime: AttentionRuntime, tokens: 
         else hidden_in
     if len(decoder.layers):
         hidden = staggered_layers(decoder.layers, hidden, runtime)
-    if not model.post_process:
-        return hidden
-    hidden = decoder.final_layernorm(hidden)
+    return language_model_losses(model, hidden, labels) if model.post_process else hidden
+
+
+def language_model_losses(model: GPTModel, hidden: torch.Tensor, labels: torch.Tensor
+                          ) -> torch.Tensor:
+    """The last stage's tail of ``model``'s forward: final norm, output layer and per-token
+    losses (1, T) fp32 of the decoder's output hidden (T, 1, H)."""
+    hidden = model.decoder.final_layernorm(hidden)
     weight = (model.shared_embedding_or_output_weight()
               if model.share_embeddings_and_output_weights else None)
     logits, _ = model.output_layer(hidden, weight=weight)
