@@ -177,7 +177,7 @@ def balance(seg: Segments, num_servers: int, tolerance: float, min_shard: int,
     # A lend moves room from the holder to the home. At ε = 0 the rooms add up to the excess
     # exactly and a holder's room is the cheapest a donor of that document can use (measured:
     # lending at ε = 0 took pretrain 64×128K from 0.670 to 0.678 of the greedy's bytes).
-    spare_prefix_imports(seg, cutter, load, rooms.cap, weight, lend=tolerance > 0)
+    spare_prefix_imports(cutter, load, rooms.cap, weight, lend=tolerance > 0)
     rooms.reset(load)
     done = 1e-12 * rooms.total / num_servers
     need = load - rooms.cap

@@ -25,13 +25,14 @@ from distca.scheduler.cutting import Cutter
 from distca.scheduler.documents import Segments
 
 
-def spare_prefix_imports(seg: Segments, cutter: Cutter, load: np.ndarray, cap: float,
-                         weight: np.ndarray, lend: bool) -> None:
+def spare_prefix_imports(cutter: Cutter, load: np.ndarray, cap: float, weight: np.ndarray,
+                         lend: bool) -> None:
     """Lend (when ``lend``) or rehome spanning segments, most bytes saved first.
 
     ``load`` (S,) and ``weight`` (N,), the servers' and the home tasks' planning cost, follow the
     moves. Segments must be whole (no piece cut yet).
     """
+    seg = cutter.seg
     prefix = seg.q_start - seg.kv_start
     rows = seg.q_end - seg.q_start
     lent_saving = prefix * cutter.kv_bytes - rows * cutter.q_bytes  # the whole prefix lent
@@ -45,7 +46,7 @@ def spare_prefix_imports(seg: Segments, cutter: Cutter, load: np.ndarray, cap: f
         picked = np.flatnonzero(_alone(seg) & rehomable)
         order = np.argsort(-moved_saving[picked], kind="stable")
     for i in picked[order].tolist():
-        if lend and _lend(i, seg, cutter, load, cap, weight):
+        if lend and _lend(i, cutter, load, cap, weight):
             continue
         if rehomable[i]:
             _rehome(i, int(moved_saving[i]), cutter, load, cap, weight)
@@ -59,11 +60,10 @@ def _alone(seg: Segments) -> np.ndarray:
     return np.bincount(group)[group] == 1
 
 
-def _lend(i: int, seg: Segments, cutter: Cutter, load: np.ndarray, cap: float,
-          weight: np.ndarray) -> bool:
+def _lend(i: int, cutter: Cutter, load: np.ndarray, cap: float, weight: np.ndarray) -> bool:
     """Lend segment ``i``'s prefix to the earlier worker that saves most and has room."""
     h, doc, ds = cutter.home[i], cutter.doc[i], cutter.kv_start[i]
-    q_start = int(seg.q_start[i])
+    q_start = cutter.row_start[i]
     rows, e = cutter.row_end[i] - q_start, cutter.kv_end[i]
     best = None  # (bytes saved, holder, end of the lent columns, the holder's gain)
     j = i - 1
