@@ -60,6 +60,13 @@ def independent_bytes(plan: Plan) -> int:
     return total
 
 
+def assert_tiles_once(plan: Plan, mask: np.ndarray) -> None:
+    """The plan's tasks cover the dense ``mask`` exactly once, and its byte count is exact."""
+    n = plan.num_workers * plan.tokens_per_worker
+    np.testing.assert_array_equal(coverage(plan.tasks, n), mask.astype(np.int64))
+    assert plan.bytes_moved == independent_bytes(plan)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=batches(), planner=st.sampled_from(["distca", "greedy-baseline"]),
        tolerance=st.sampled_from([0.0, 0.05, 0.3]), min_shard=st.integers(1, 8))
@@ -68,13 +75,11 @@ def test_tasks_cover_the_mask_exactly_once(batch, planner, tolerance, min_shard)
     docs = documents_from_batch(lengths, turns, contexts)
     plan = plan_step(docs, workers, per_worker, servers, tolerance=tolerance,
                      min_shard_tokens=min_shard, model=MODEL, planner=planner)
-    n = workers * per_worker
-    mask = allowed_mask(lengths, turns, contexts, num_tokens=n)
-    np.testing.assert_array_equal(coverage(plan.tasks, n), mask.astype(np.int64))
+    mask = allowed_mask(lengths, turns, contexts, num_tokens=workers * per_worker)
+    assert_tiles_once(plan, mask)
     assert plan.server_cost.sum() == mask.sum()  # cost conservation
     before = build_segments(docs, per_worker).pairs().sum()
     assert before == mask.sum()
-    assert plan.bytes_moved == independent_bytes(plan)
     t = plan.tasks
     assert ((t["server"] >= 0) & (t["server"] < servers)).all()
     assert (~t["causal"] | (t["kv_end"] - t["kv_start"] >= t["q_end"] - t["q_start"])).all()
@@ -99,10 +104,7 @@ def test_lent_prefixes_tile_the_mask_exactly_once(batch, tolerance, min_shard):
     lengths, workers, per_worker = batch
     plan = plan_step(documents_from_batch(lengths), workers, per_worker, tolerance=tolerance,
                      min_shard_tokens=min_shard, model=MODEL)
-    n = workers * per_worker
-    np.testing.assert_array_equal(coverage(plan.tasks, n),
-                                  allowed_mask(lengths, num_tokens=n).astype(np.int64))
-    assert plan.bytes_moved == independent_bytes(plan)
+    assert_tiles_once(plan, allowed_mask(lengths, num_tokens=workers * per_worker))
     t = plan.tasks
     assert (~t["causal"] | (t["kv_end"] - t["kv_start"] >= t["q_end"] - t["q_start"])).all()
 
@@ -341,9 +343,7 @@ def test_short_spanning_segment_lends_its_prefix_to_a_holder_with_room():
     assert not t[lent]["causal"][0]
     kept = (t["server"] == 2) & (t["q_start"] == 2048) & (t["q_end"] == 2148)
     assert kept.sum() == 1 and t[kept]["kv_start"][0] == 1024 and t[kept]["causal"][0]
-    mask = allowed_mask(lengths, num_tokens=3 * 1024)
-    np.testing.assert_array_equal(coverage(t, 3 * 1024), mask.astype(np.int64))
-    assert plan.bytes_moved == independent_bytes(plan)
+    assert_tiles_once(plan, allowed_mask(lengths, num_tokens=3 * 1024))
     assert plan.imbalance <= 1.1 + 1e-9
 
 
@@ -367,7 +367,5 @@ def test_costly_last_piece_is_relayed_through_a_kv_holder(monkeypatch):
     t = relayed.tasks
     on_1 = t[t["server"] == 1]
     assert not (on_1["doc"] == 2).any() and (on_1["q_start"] < 512).any()
-    mask = allowed_mask(lengths, num_tokens=4 * 512)
-    np.testing.assert_array_equal(coverage(t, 4 * 512), mask.astype(np.int64))
-    assert relayed.bytes_moved == independent_bytes(relayed)
+    assert_tiles_once(relayed, allowed_mask(lengths, num_tokens=4 * 512))
     assert relayed.imbalance <= 1.05 + 1e-9
