@@ -33,12 +33,21 @@ def record_wait(timings: dict[str, float] | None, start: float) -> None:
         timings["comm_wait"] = timings.get("comm_wait", 0.0) + time.perf_counter() - start
 
 
-def _launch(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-            group: dist.ProcessGroup | None, async_op: bool):
+def launch_all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                      group: dist.ProcessGroup | None, async_op: bool):
+    """Post the exchange of ``flat`` (not differentiable); returns (output buffer, work handle,
+    None unless ``async_op``)."""
     out = flat.new_empty(sum(recv_counts))
     work = dist.all_to_all_single(out, flat.contiguous(), output_split_sizes=recv_counts,
                                   input_split_sizes=send_counts, group=group, async_op=async_op)
     return out, work
+
+
+def wait_all_to_all(work, timings: dict[str, float] | None) -> None:
+    """Wait for an exchange posted with ``async_op=True``, clocked as ``comm_wait``."""
+    start = time.perf_counter()
+    work.wait()
+    record_wait(timings, start)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -47,7 +56,7 @@ class _AllToAll(torch.autograd.Function):
         ctx.counts = (send_counts, recv_counts)
         ctx.group, ctx.timings = group, timings
         start = time.perf_counter()
-        out, _ = _launch(flat, send_counts, recv_counts, group, async_op=False)
+        out, _ = launch_all_to_all(flat, send_counts, recv_counts, group, async_op=False)
         record_wait(timings, start)
         return out
 
@@ -55,7 +64,7 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         send_counts, recv_counts = ctx.counts
         start = time.perf_counter()
-        out, _ = _launch(grad, recv_counts, send_counts, ctx.group, async_op=False)
+        out, _ = launch_all_to_all(grad, recv_counts, send_counts, ctx.group, async_op=False)
         record_wait(ctx.timings, start)
         return out, None, None, None, None
 
@@ -82,7 +91,7 @@ class PendingExchange:
 class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat, pending):
-        pending.forward = _launch(flat, pending.send_counts, pending.recv_counts, pending.group,
+        pending.forward = launch_all_to_all(flat, pending.send_counts, pending.recv_counts, pending.group,
                                   async_op=True)
         ctx.pending = pending
         # A token output that links this node to the finish node in the autograd graph.
@@ -91,9 +100,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad):
         grad, work = ctx.pending.backward
-        start = time.perf_counter()
-        work.wait()
-        record_wait(ctx.pending.timings, start)
+        wait_all_to_all(work, ctx.pending.timings)
         ctx.pending.backward = None
         return grad, None
 
@@ -102,9 +109,7 @@ class _Finish(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, pending):
         out, work = pending.forward
-        start = time.perf_counter()
-        work.wait()
-        record_wait(pending.timings, start)
+        wait_all_to_all(work, pending.timings)
         pending.forward = None
         ctx.pending = pending
         return out
@@ -112,7 +117,7 @@ class _Finish(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         p = ctx.pending
-        p.backward = _launch(grad, p.recv_counts, p.send_counts, p.group, async_op=True)
+        p.backward = launch_all_to_all(grad, p.recv_counts, p.send_counts, p.group, async_op=True)
         return torch.zeros((), dtype=grad.dtype), None
 
 

@@ -36,14 +36,13 @@ Group rank ``s * dp + d`` is worker ``d`` of stage ``s`` (megatron's ``tp-cp-ep-
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from distca.parallel.alltoall import record_wait
+from distca.parallel.alltoall import launch_all_to_all, wait_all_to_all
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
@@ -307,7 +306,7 @@ class LockstepExchange:
         hq, hkv, d = self.heads
         mine = self.roles[self.me]
         for sub, (buffer, work, counts) in enumerate(self.inbound):
-            self._wait(work)
+            wait_all_to_all(work, self.timings)
             replies = self._serve(sub, list(torch.split(buffer, counts)))
             back = [0] * self.size
             if mine is not None:
@@ -324,20 +323,13 @@ class LockstepExchange:
         """Wait for sub-round ``sub`` of round ``round_`` to come back: per group rank, what it
         returned to this rank as a worker (fp32, flat)."""
         buffer, work, counts = self.returns.pop((round_, sub))
-        self._wait(work)
+        wait_all_to_all(work, self.timings)
         return list(torch.split(buffer, counts))
-
-    def _wait(self, work) -> None:
-        start = time.perf_counter()
-        work.wait()
-        record_wait(self.timings, start)
 
     def _start(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> tuple:
         send = torch.cat([c.reshape(-1).float() for c in chunks])
-        out = send.new_empty(sum(recv_counts))
-        work = dist.all_to_all_single(out, send, output_split_sizes=recv_counts,
-                                      input_split_sizes=[c.numel() for c in chunks],
-                                      group=self.group, async_op=True)
+        out, work = launch_all_to_all(send, [c.numel() for c in chunks], recv_counts, self.group,
+                                      async_op=True)
         return out, work, recv_counts
 
     def _serve(self, sub: int, received: list[torch.Tensor]) -> list[torch.Tensor]:
