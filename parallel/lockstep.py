@@ -153,9 +153,10 @@ def job_layout(placement: list[ServerInputs], workers: list[int], tokens_per_wor
 
 def nano_job_layouts(placement: list[ServerInputs], cuts: np.ndarray, workers: list[int],
                      tokens_per_worker: int, me: int, device: torch.device
-                     ) -> tuple[list[JobLayout], tuple[torch.Tensor, torch.Tensor]]:
-    """One job's two token nano-batch layouts (:mod:`distca.parallel.nanobatch`) and this
-    rank's local rows of each nano-batch ((n_i,) int64; empty off the job's workers).
+                     ) -> tuple[list[JobLayout], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One job's two token nano-batch layouts (:mod:`distca.parallel.nanobatch`), this rank's
+    local rows of each nano-batch ((n_i,) int64; empty off the job's workers) and ``order``
+    ((T,) int64: each local token's place in the rows' concatenation).
 
     ``cuts`` (dp*T,) int64: the job's :func:`~distca.parallel.nanobatch.document_cuts`. As in
     :func:`~distca.parallel.nanobatch.nano_batches`, layout 0 indexes the first nano-batch's
@@ -172,7 +173,7 @@ def nano_job_layouts(placement: list[ServerInputs], cuts: np.ndarray, workers: l
         lay.send_q = [order_t.index_select(0, x) - q_base for x in lay.send_q]
         lay.send_kv = [order_t.index_select(0, x) for x in lay.send_kv]
         layouts.append(lay)
-    return layouts, tuple(torch.as_tensor(r, device=device) for r in rows)
+    return layouts, tuple(torch.as_tensor(r, device=device) for r in rows), order_t
 
 
 class LockstepExchange:
@@ -198,7 +199,8 @@ class LockstepExchange:
         self.tokens_per_worker = 0
         self.training = True
         self.layouts: dict[Job, list[JobLayout]] = {}  # per job: one layout per nano-batch
-        self.rows: dict[Job, tuple[torch.Tensor, torch.Tensor]] = {}  # per job: nano rows
+        # per job: nano rows and their order (see nano_job_layouts)
+        self.rows: dict[Job, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self.saved: dict[tuple, tuple] = {}  # server graphs awaiting their backward
         self.roles: list[tuple[str, Job] | None] = [None] * self.size
         self.row: tuple[Op, ...] = ()
@@ -243,9 +245,10 @@ class LockstepExchange:
                     self.layouts[job] = [job_layout(placement, workers, self.tokens_per_worker,
                                                     self.me, self.device)]
                 else:
-                    self.layouts[job], self.rows[job] = nano_job_layouts(
+                    layouts, rows, order = nano_job_layouts(
                         placement, self.cuts.pop(job), workers, self.tokens_per_worker, self.me,
                         self.device)
+                    self.layouts[job], self.rows[job] = layouts, (rows, order)
             for g in self.workers(s):
                 self.roles[g] = (op[0], job)
 

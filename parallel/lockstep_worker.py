@@ -30,10 +30,8 @@ def lockstep_attention(exchange: LockstepExchange, q: torch.Tensor, k: torch.Ten
         raise RuntimeError("a ping-pong lock-step exchange runs whole layers staggered "
                            "(distca.model.staggered), not one attention call at a time")
     job = _forward_job(exchange, softmax_scale)
-    layout = exchange.layouts[job][0]
     out_r, lse_r = _RemoteAttention.apply(q, k, v, exchange, job)
-    index = torch.cat(layout.send_q) if layout.send_q else q.new_zeros(0, dtype=torch.int64)
-    out, lse = merge_partials(out_r, lse_r, index, q.shape[0])
+    out, lse = _merge(out_r, lse_r, exchange.layouts[job][0].send_q, q.shape[0])
     return out.to(q.dtype), lse
 
 
@@ -60,6 +58,13 @@ def _unpack_results(back: list[torch.Tensor], send_q, hq: int, d: int):
         outs.append(flat[:n * hq * d].view(n, hq, d))
         lses.append(flat[n * hq * d:].view(n, hq))
     return torch.cat(outs), torch.cat(lses)
+
+
+def _merge(out_r: torch.Tensor, lse_r: torch.Tensor, send_q: list[torch.Tensor], num_rows: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the partial rows of :func:`_unpack_results` into this rank's ``num_rows`` rows."""
+    index = torch.cat(send_q) if send_q else out_r.new_zeros(0, dtype=torch.int64)
+    return merge_partials(out_r, lse_r, index, num_rows)
 
 
 def _grad_chunks(dout, dlse, send_q) -> list[torch.Tensor]:
@@ -180,12 +185,7 @@ class LockstepNanoExchange:
                                "(cad.ping_pong=false)")
         self.exchange = exchange
         self.job = _forward_job(exchange, softmax_scale)
-        self.rows = exchange.rows[self.job]
-        order = torch.empty(sum(r.numel() for r in self.rows), dtype=torch.int64,
-                            device=exchange.device)
-        cat = torch.cat(self.rows)
-        order[cat] = torch.arange(cat.numel(), device=exchange.device)
-        self.order = order
+        self.rows, self.order = exchange.rows[self.job]
         self.pending: list[tuple[torch.Tensor, _Ticket] | None] = [None, None]
 
     def send(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -201,6 +201,4 @@ class LockstepNanoExchange:
         token, ticket = self.pending[i]
         self.pending[i] = None
         out_r, lse_r = _ReceiveNano.apply(token, ticket, hq, d)
-        send_q = self.exchange.layouts[self.job][i].send_q
-        index = torch.cat(send_q) if send_q else out_r.new_zeros(0, dtype=torch.int64)
-        return merge_partials(out_r, lse_r, index, num_rows)
+        return _merge(out_r, lse_r, self.exchange.layouts[self.job][i].send_q, num_rows)

@@ -190,7 +190,7 @@ def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
                 local = slice(w * tokens, (w + 1) * tokens)
                 mine[g] = (q[local][rows[i]], k[local][kv_rows], v[local][kv_rows])
             partials = {g: ([], []) for g in workers}
-            for server, (layouts, _) in enumerate(views):
+            for server, (layouts, *_) in enumerate(views):
                 lay = layouts[i]
                 sent = [[], [], []]
                 for w, g in enumerate(workers):
