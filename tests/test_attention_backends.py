@@ -4,7 +4,8 @@ import warnings
 
 import pytest
 import torch
-from test_attention_core import check, rel_err, split_tasks
+from emulated_gpu_backends import EMULATED, gpu_backend_for
+from test_attention_core import GPU_BACKENDS, check, rel_err, split_tasks
 
 from distca.attention import attention_forward, core, cpp_backend, make_task_list
 from distca.attention.packing import merge_rows, pack_tasks
@@ -63,16 +64,20 @@ def test_packed_batches_merge_like_the_torch_backend():
     assert rel_err(out, ref_out) < 1e-6 and rel_err(lse, ref_lse) < 1e-6
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flash", "flex"])
+@pytest.fixture
+def gpu_backend(request):
+    return gpu_backend_for(request.param, request)
+
+
+@pytest.mark.parametrize("gpu_backend", [
+    *(pytest.param(b, marks=pytest.mark.gpu) for b in GPU_BACKENDS),
+    *(pytest.param(name, marks=pytest.mark.slow) for name in EMULATED)], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_backends_many_blocks(backend, dtype):
+def test_gpu_backends_many_blocks(gpu_backend, dtype):
     """16-bit GPU kernels over layouts spanning many 128-token blocks, head dim 64 and 128."""
-    if not core._backend_module(backend).is_available():
-        pytest.skip(core._backend_module(backend).unavailable_reason())
-    check(backend, causal_document_tasks([1, 900, 130, 2, 1000]), heads=4, kv_heads=2,
+    check(gpu_backend, causal_document_tasks([1, 900, 130, 2, 1000]), heads=4, kv_heads=2,
           dim=64, dtype=dtype)
-    check(backend, multiturn_tasks([[(300, True), (260, False), (1, True), (200, False)],
+    check(gpu_backend, multiturn_tasks([[(300, True), (260, False), (1, True), (200, False)],
                                     [(700, True), (129, False)]]),
           heads=8, kv_heads=2, dim=128, dtype=dtype)
 

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from emulated_gpu_backends import EMULATED, gpu_backend_for
 
 from distca.attention import (
     apply_sink,
@@ -13,6 +14,7 @@ from distca.attention import (
     make_task_list,
     merge_partials,
 )
+from distca.attention.core import _backend_module
 from distca.attention.reference import (
     causal_document_tasks,
     dense_attention,
@@ -26,11 +28,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def placement(backend: str, dtype: torch.dtype = torch.float32) -> tuple[str, torch.dtype]:
-    """(device, dtype) a test runs a backend on: the GPU backends are 16-bit kernels, so their
-    float32 cases run in bfloat16 (with the bfloat16 tolerance)."""
-    if backend in GPU_BACKENDS:
-        return "cuda", torch.bfloat16 if dtype == torch.float32 else dtype
-    return "cpu", dtype
+    """(device, dtype) a test runs a backend on: the GPU kernels are 16-bit, so their float32
+    cases run in bfloat16 (with the bfloat16 tolerance); emulated on the CPU, they keep it."""
+    device = _backend_module(backend).DEVICES[0]
+    if device == "cuda":
+        return device, torch.bfloat16 if dtype == torch.float32 else dtype
+    return device, dtype
 
 
 def fresh_seed() -> int:
@@ -115,18 +118,15 @@ def check(backend, tasks, heads=4, kv_heads=2, dim=32, dtype=torch.float32,
     return out, lse, leaves
 
 
-@pytest.fixture(params=[*CPU_BACKENDS, *(pytest.param(b, marks=pytest.mark.gpu)
-                                          for b in GPU_BACKENDS)])
+GPU_PARAMS = [*(pytest.param(b, marks=pytest.mark.gpu) for b in GPU_BACKENDS), *EMULATED]
+
+
+@pytest.fixture(params=[*CPU_BACKENDS, *GPU_PARAMS])
 def backend(request):
     if request.param == "cpp":
         request.getfixturevalue("cpp_extension")
-    if request.param in GPU_BACKENDS:
-        from distca.attention.core import _backend_module
-
-        module = _backend_module(request.param)
-        if not module.is_available():
-            pytest.skip(module.unavailable_reason())
-    return request.param
+        return request.param
+    return request.param if request.param == "torch" else gpu_backend_for(request.param, request)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

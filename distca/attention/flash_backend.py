@@ -40,9 +40,11 @@ def _call(fn, **kwargs):
     """Call a flash-attn internal with the keywords its installed version accepts.
 
     flash-attn renamed some arguments across 2.x releases (``window_size`` became
-    ``window_size_left``/``window_size_right``); unknown ones are dropped.
+    ``window_size_left``/``window_size_right``); unknown ones are dropped. From 2.6 the
+    internals are ``torch.library.custom_op`` objects whose own signature is
+    ``(*args, **kwargs)``: the names come from the function they wrap.
     """
-    params = inspect.signature(fn).parameters
+    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
     if "window_size" in params:
         kwargs["window_size"] = (-1, -1)
     return fn(**{name: value for name, value in kwargs.items() if name in params})

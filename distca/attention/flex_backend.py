@@ -142,22 +142,28 @@ def _heads_first(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.unsqueeze(0)
 
 
+def _attention(q, k, v, sinks, block_mask, scale: float, rows: int, cols: int):
+    """flex plus the optional sink: what :func:`_compiled_attention` compiles."""
+    from torch.nn.attention import flex_attention as flex
+
+    n = q.shape[0]
+    args = (_heads_first(q, rows), _heads_first(k, cols), _heads_first(v, cols))
+    options = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if hasattr(flex, "AuxRequest"):  # torch >= 2.9 deprecates return_lse
+        out, aux = flex.flex_attention(*args, **options, return_aux=flex.AuxRequest(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = flex.flex_attention(*args, **options, return_lse=True)
+    out, lse = out[0, :, :n].transpose(0, 1), lse[0, :, :n].transpose(0, 1).float()
+    if sinks is not None:
+        out, lse = apply_sink(out, lse, sinks)
+    return out.contiguous(), lse.contiguous()
+
+
 @functools.cache
 def _compiled_attention():
-    """flex plus the optional sink, compiled into one graph (one set of guards and launches)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    def attention(q, k, v, sinks, block_mask, scale: float, rows: int, cols: int):
-        n = q.shape[0]
-        out, lse = flex_attention(_heads_first(q, rows), _heads_first(k, cols),
-                                  _heads_first(v, cols), block_mask=block_mask, scale=scale,
-                                  enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-        out, lse = out[0, :, :n].transpose(0, 1), lse[0, :, :n].transpose(0, 1).float()
-        if sinks is not None:
-            out, lse = apply_sink(out, lse, sinks)
-        return out.contiguous(), lse.contiguous()
-
-    return torch.compile(attention, dynamic=False)
+    """:func:`_attention` compiled into one graph (one set of guards and launches)."""
+    return torch.compile(_attention, dynamic=False)
 
 
 def _run(q, k, v, sinks, tasks, scale):
