@@ -52,6 +52,11 @@ def make_tasks(layout: str, seq: int):
     return causal_document_tasks([seq]) if layout == "one-doc" else layout_tasks(layout, seq)
 
 
+def heads_first(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, H, D) -> contiguous (1, H, rows, D), zero-padded: plain flex's input layout."""
+    return flex_backend._padded(x, rows).transpose(0, 1).unsqueeze(0).contiguous()
+
+
 def measure(layout: str, seq: int, heads: int, kv_heads: int, dim: int, dtype) -> dict:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -73,9 +78,8 @@ def measure(layout: str, seq: int, heads: int, kv_heads: int, dim: int, dtype) -
 
     rows = flex_backend.padded_length(seq)
     block_mask = flex_backend._block_mask(tasks, q.device)
-    padded = [flex_backend._heads_first(x.detach(), rows).contiguous().requires_grad_()
-              for x in leaves]
-    plain_dout = flex_backend._heads_first(dout, rows).contiguous()
+    padded = [heads_first(x.detach(), rows).requires_grad_() for x in leaves]
+    plain_dout = heads_first(dout, rows)
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def plain_fwd():

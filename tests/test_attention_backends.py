@@ -4,12 +4,17 @@ import warnings
 
 import pytest
 import torch
-from emulated_gpu_backends import EMULATED, gpu_backend_for
-from test_attention_core import GPU_BACKENDS, check, rel_err, split_tasks
+from emulated_gpu_backends import EMULATED, emulate, gpu_backend_for
+from test_attention_core import GPU_BACKENDS, check, fresh_seed, rel_err, split_tasks
 
-from distca.attention import attention_forward, core, cpp_backend, make_task_list
+from distca.attention import attention_forward, core, cpp_backend, flex_backend, make_task_list
 from distca.attention.packing import merge_rows, pack_tasks
-from distca.attention.reference import causal_document_tasks, multiturn_tasks
+from distca.attention.reference import (
+    causal_document_tasks,
+    dense_attention,
+    multiturn_tasks,
+    task_mask,
+)
 
 GLM = [[(9, True), (6, False), (1, True), (12, False)], [(1, True)], [(20, True), (17, False)]]
 
@@ -115,3 +120,29 @@ def test_flex_block_grid_is_exact_at_block_level():
         assert torch.all(grid[visible_any] > 0), "a visible pair lies in an empty block"
         if tasks is layouts[0]:  # one task per row: every fully visible block is claimed full
             assert int((grid == 2).sum()) == int(visible_all.sum()) > 0
+
+
+def test_flex_compiles_once_per_token_bucket(monkeypatch):
+    """Token counts inside one padded bucket reuse the compiled graph, with and without grad.
+
+    Dynamo's guards decide this whatever compiles the graph; its ``eager`` backend shows them
+    on the CPU. Each call brings a new TaskList, so a new block mask and ``mask_mod``."""
+    from torch._dynamo.utils import counters
+
+    emulate("flex-eager@cpu", monkeypatch)
+    compiled = torch.compile(flex_backend._attention, dynamic=False, backend="eager")
+    monkeypatch.setattr(flex_backend, "_compiled_attention", lambda: compiled)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    sinks = torch.randn(2, generator=gen, requires_grad=True)
+    before, graphs = counters["stats"]["unique_graphs"], []
+    for n in (200, 201, 230, 256, 300):
+        tasks = causal_document_tasks([n - 50, 50])
+        q, k, v = (torch.randn(n, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+        out, lse = core.core_attention(q, k, v, tasks, None, None, sinks=sinks, backend="flex")
+        out.sum().backward()
+        with torch.no_grad():
+            core.core_attention(q, k, v, tasks, None, None, sinks=sinks, backend="flex")
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        ref, ref_lse = dense_attention(q, k, v, task_mask(tasks), sinks)
+        assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+    assert graphs[0] > 0 and graphs[:4] == graphs[:1] * 4 and graphs[4] > graphs[3], graphs
