@@ -7,7 +7,14 @@ import torch
 from emulated_gpu_backends import EMULATED, emulate, gpu_backend_for
 from test_attention_core import GPU_BACKENDS, check, fresh_seed, rel_err, split_tasks
 
-from distca.attention import attention_forward, core, cpp_backend, flex_backend, make_task_list
+from distca.attention import (
+    attention_forward,
+    core,
+    cpp_backend,
+    flash_backend,
+    flex_backend,
+    make_task_list,
+)
 from distca.attention.packing import merge_rows, pack_tasks
 from distca.attention.reference import (
     causal_document_tasks,
@@ -146,3 +153,19 @@ def test_flex_compiles_once_per_token_bucket(monkeypatch):
         ref, ref_lse = dense_attention(q, k, v, task_mask(tasks), sinks)
         assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
     assert graphs[0] > 0 and graphs[:4] == graphs[:1] * 4 and graphs[4] > graphs[3], graphs
+
+
+@pytest.mark.parametrize("name,module,builder", [
+    ("flash-2.6@cpu", flash_backend, "pack_tasks"),
+    ("flex-eager@cpu", flex_backend, "_build_block_mask")])
+def test_gpu_backends_derive_task_metadata_once(monkeypatch, name, module, builder):
+    """Forward and backward (with an lse gradient: two flash passes) share one packing or block
+    mask: each build copies index tensors to the device."""
+    emulate(name, monkeypatch)
+    real, calls = getattr(module, builder), []
+    monkeypatch.setattr(module, builder, lambda *args: calls.append(args) or real(*args))
+    tasks = multiturn_tasks(GLM)
+    q = torch.randn(tasks.num_q, 2, 8, requires_grad=True)
+    out, lse = core.core_attention(q, q, q, tasks, None, None, backend=EMULATED[name])
+    (out.sum() + lse.nan_to_num(0.0, neginf=0.0).sum()).backward()
+    assert len(calls) == 1 and q.grad is not None

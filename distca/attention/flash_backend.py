@@ -17,7 +17,7 @@ import torch
 
 from .gpu_probe import missing_reason
 from .merge import NEG_INF
-from .packing import merge_rows, pack_tasks
+from .packing import PackedBatch, merge_rows, pack_tasks
 from .tasks import TaskList
 
 DEVICES = ("cuda",)
@@ -56,11 +56,15 @@ def _lse_from_flash(lse: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.where(torch.isinf(lse), NEG_INF, lse)
 
 
+def _batches(tasks: TaskList, device: torch.device) -> list[PackedBatch]:
+    return tasks.derived(f"flash_batches:{device}", lambda: pack_tasks(tasks.rows, device))
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     fa = _interface()
     parts = []
-    for batch in pack_tasks(tasks.rows, q.device):
+    for batch in _batches(tasks, q.device):
         qp, kp, vp = q[batch.q_index], k[batch.kv_index], v[batch.kv_index]
         result = _call(
             fa._flash_attn_varlen_forward, q=qp, k=kp, v=vp, cu_seqlens_q=batch.cu_q,
@@ -75,7 +79,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
 
 def _task_grads(dout, q, k, v, out, lse, tasks, scale, dq, dk, dv) -> None:
     fa = _interface()
-    for batch in pack_tasks(tasks.rows, q.device):
+    for batch in _batches(tasks, q.device):
         qp, kp, vp = q[batch.q_index], k[batch.kv_index], v[batch.kv_index]
         lse_p = lse[batch.q_index].transpose(0, 1).contiguous()
         lse_p = torch.where(lse_p == NEG_INF, float("inf"), lse_p)

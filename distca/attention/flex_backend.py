@@ -28,7 +28,7 @@ import functools
 import numpy as np
 import torch
 
-from .gpu_probe import fused_on_cuda, missing_reason
+from .gpu_probe import fused_on_cuda, host_to_device, missing_reason
 from .merge import NEG_INF, apply_sink
 from .tasks import TaskList
 
@@ -114,26 +114,27 @@ def _blocks_of(kind: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(count)[None, None], torch.from_numpy(index)[None, None]
 
 
+def _build_block_mask(tasks: TaskList, device: torch.device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, cols = padded_length(tasks.num_q), padded_length(tasks.num_kv)
+    start, end = (host_to_device(t, device) for t in _slot_tables(tasks, rows))
+
+    def visible(b, h, q_idx, kv_idx):
+        ok = (kv_idx >= start[q_idx, 0]) & (kv_idx < end[q_idx, 0])
+        for m in range(1, start.shape[1]):
+            ok = ok | ((kv_idx >= start[q_idx, m]) & (kv_idx < end[q_idx, m]))
+        return ok
+
+    grid = block_grid(tasks, rows // BLOCK, cols // BLOCK)
+    partial = [host_to_device(t, device) for t in _blocks_of(grid == 1)]
+    full = [host_to_device(t, device) for t in _blocks_of(grid == 2)]
+    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=BLOCK, mask_mod=visible,
+                                    seq_lengths=(rows, cols))
+
+
 def _block_mask(tasks: TaskList, device: torch.device):
-    key = f"flex_block_mask:{device}"
-    if key not in tasks._on_device:
-        from torch.nn.attention.flex_attention import BlockMask
-
-        rows, cols = padded_length(tasks.num_q), padded_length(tasks.num_kv)
-        start, end = (t.to(device) for t in _slot_tables(tasks, rows))
-
-        def visible(b, h, q_idx, kv_idx):
-            ok = (kv_idx >= start[q_idx, 0]) & (kv_idx < end[q_idx, 0])
-            for m in range(1, start.shape[1]):
-                ok = ok | ((kv_idx >= start[q_idx, m]) & (kv_idx < end[q_idx, m]))
-            return ok
-
-        grid = block_grid(tasks, rows // BLOCK, cols // BLOCK)
-        partial = [t.to(device) for t in _blocks_of(grid == 1)]
-        full = [t.to(device) for t in _blocks_of(grid == 2)]
-        tasks._on_device[key] = BlockMask.from_kv_blocks(
-            *partial, *full, BLOCK_SIZE=BLOCK, mask_mod=visible, seq_lengths=(rows, cols))
-    return tasks._on_device[key]
+    return tasks.derived(f"flex_block_mask:{device}", lambda: _build_block_mask(tasks, device))
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:

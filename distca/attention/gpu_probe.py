@@ -1,5 +1,6 @@
-"""What the GPU paths share: the backends' availability probe (flash, flex), and compiling the
-elementwise steps around the kernel into one launch on CUDA (core, flex)."""
+"""What the GPU paths share: the backends' availability probe (flash, flex), host-to-device
+copies of task metadata, and compiling the elementwise steps around the kernel into one launch
+on CUDA (core, flex)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def missing_reason(module: str, when_missing: str) -> str | None:
     except ImportError:
         return when_missing
     return None
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on ``device``; to CUDA through pinned memory without blocking the host.
+
+    A copy from pageable memory first waits for the stream to drain, which would stall the
+    host in every attention call that copies task metadata and keep it from queueing the
+    next nano-batch's kernels.
+    """
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def fused_on_cuda(fn):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .gpu_probe import host_to_device
 from .merge import NEG_INF
 
 
@@ -34,7 +35,7 @@ def _ranges_index(ranges: list[tuple[int, int]], device) -> tuple[torch.Tensor, 
     index = torch.arange(int(lengths.sum())) - torch.repeat_interleave(offsets - starts, lengths)
     cu = torch.zeros(len(ranges) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    return index.to(device), cu.to(device)
+    return host_to_device(index, device), host_to_device(cu, device)
 
 
 def pack_tasks(rows: list[tuple[int, int, int, int, bool]], device) -> list[PackedBatch]:

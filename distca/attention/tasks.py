@@ -10,9 +10,13 @@ which equals attention over the union of their keys only when the key sets are d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,19 +34,17 @@ class TaskList:
     num_q: int
     num_kv: int
     rows: list[tuple[int, int, int, int, bool]] = field(repr=False, compare=False)
-    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q_ranges, kv_ranges, causal) copied to ``device`` once and cached."""
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = tuple(
-                t.to(device) for t in (self.q_ranges, self.kv_ranges, self.causal)
-            )
-        return self._on_device[key]
+    def derived(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``, once per list and ``key``: what a backend derives from the tasks (packed
+        batches, a block mask) serves a forward and its backward."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def coverage(self) -> torch.Tensor:
         """(num_q,) bool: True for query tokens that belong to at least one task."""
