@@ -7,7 +7,9 @@ Only their kernels are swapped:
   result) and >= 2.6 (``torch.library.custom_op`` objects, ``window_size_left/right``,
   ``softcap``, 4-tuple result). Its math is dense float64 per sequence: bottom-right causal,
   GQA, LSE (H, total_q) float32 with +inf on rows that see no key, and a backward that, like
-  flash-attn's, takes ``delta = rowsum(dout * out)`` from the ``out`` it is given.
+  flash-attn's, takes ``delta = rowsum(dout * out)`` from the ``out`` it is given. Unlike
+  flash-attn it also takes float32, so that the backend's own arithmetic is held to the fp32
+  tolerance; head dims must be multiples of 8 up to 256, as flash-attn's checks demand.
 - ``flex`` runs the uncompiled graph (torch's eager flex_attention, which refuses CPU
   gradients only in a device check): block mask, slot tables, ``mask_mod``, padding, the sink
   inside the graph and the split backward are the product's own code.
@@ -43,7 +45,9 @@ def _sequences(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool):
         yield slice(a, b), slice(c, d), mask
 
 
-def _check_plain(dropout_p: float, window: tuple[int, int], softcap: float, alibi) -> None:
+def _check_plain(q: torch.Tensor, dropout_p: float, window: tuple[int, int], softcap: float,
+                 alibi) -> None:
+    assert q.shape[-1] % 8 == 0 and q.shape[-1] <= 256, f"flash-attn rejects head dim {q.shape[-1]}"
     assert dropout_p == 0.0 and window == (-1, -1) and softcap == 0.0 and alibi is None
 
 
@@ -89,7 +93,7 @@ def _flash_2_5() -> types.ModuleType:
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                    alibi_slopes, return_softmax, block_table=None):
-        _check_plain(dropout_p, tuple(window_size), 0.0, alibi_slopes)
+        _check_plain(q, dropout_p, tuple(window_size), 0.0, alibi_slopes)
         out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
         return out, q, k, v, out, lse, None, None
 
@@ -97,7 +101,7 @@ def _flash_2_5() -> types.ModuleType:
                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                     softmax_scale, causal, window_size, alibi_slopes,
                                     deterministic, rng_state=None):
-        _check_plain(dropout_p, tuple(window_size), 0.0, alibi_slopes)
+        _check_plain(q, dropout_p, tuple(window_size), 0.0, alibi_slopes)
         delta = _backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
                           cu_seqlens_k, softmax_scale, causal)
         return dq, dk, dv, delta
@@ -118,7 +122,7 @@ def _custom_forward(
     block_table: torch.Tensor | None = None, leftpad_k: torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None, zero_tensors: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_plain(dropout_p, (window_size_left, window_size_right), softcap, alibi_slopes)
+    _check_plain(q, dropout_p, (window_size_left, window_size_right), softcap, alibi_slopes)
     out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     return out, lse, torch.empty(0), torch.empty(2, dtype=torch.int64)
 
@@ -134,7 +138,7 @@ def _custom_backward(
     deterministic: bool = False, rng_state: torch.Tensor | None = None,
     zero_tensors: bool = False,
 ) -> torch.Tensor:
-    _check_plain(dropout_p, (window_size_left, window_size_right), softcap, alibi_slopes)
+    _check_plain(q, dropout_p, (window_size_left, window_size_right), softcap, alibi_slopes)
     return _backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                      softmax_scale, causal)
 
