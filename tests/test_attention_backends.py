@@ -5,7 +5,14 @@ import warnings
 import pytest
 import torch
 from emulated_gpu_backends import EMULATED, emulate, gpu_backend_for
-from test_attention_core import GPU_BACKENDS, check, fresh_seed, rel_err, split_tasks
+from test_attention_core import (
+    GPU_BACKENDS,
+    check,
+    fresh_seed,
+    random_layout,
+    rel_err,
+    split_tasks,
+)
 
 from distca.attention import (
     attention_forward,
@@ -90,7 +97,7 @@ def test_gpu_backends_many_blocks(gpu_backend, dtype):
     check(gpu_backend, causal_document_tasks([1, 900, 130, 2, 1000]), heads=4, kv_heads=2,
           dim=64, dtype=dtype)
     check(gpu_backend, multiturn_tasks([[(300, True), (260, False), (1, True), (200, False)],
-                                    [(700, True), (129, False)]]),
+                                        [(700, True), (129, False)]]),
           heads=8, kv_heads=2, dim=128, dtype=dtype)
 
 
@@ -100,11 +107,6 @@ def test_flex_block_grid_is_exact_at_block_level():
     Runs on the CPU: the grid is what lets flex skip the per-pair mask on full blocks, so a
     wrong "full" would silently widen the mask on the GPU.
     """
-    from test_attention_core import fresh_seed, random_layout
-
-    from distca.attention import flex_backend
-    from distca.attention.reference import task_mask
-
     block = flex_backend.BLOCK
     gen = torch.Generator().manual_seed(fresh_seed())
     layouts = [causal_document_tasks([700, 1, 300]), multiturn_tasks([[(300, True), (260, False),

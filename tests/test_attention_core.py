@@ -125,8 +125,9 @@ GPU_PARAMS = [*(pytest.param(b, marks=pytest.mark.gpu) for b in GPU_BACKENDS), *
 def backend(request):
     if request.param == "cpp":
         request.getfixturevalue("cpp_extension")
+    if request.param in CPU_BACKENDS:
         return request.param
-    return request.param if request.param == "torch" else gpu_backend_for(request.param, request)
+    return gpu_backend_for(request.param, request)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
