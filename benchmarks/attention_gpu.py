@@ -101,9 +101,8 @@ def measure(layout: str, seq: int, heads: int, kv_heads: int, dim: int, dtype) -
         ("plain_fwd_bwd", plain_fwd_bwd, padded),
         ("sink_fwd_bwd", sink_fwd_bwd, [*leaves, sinks])]}
     if layout == "one-doc":
-        sq, sk, sv = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_()
-                      for x in leaves)
-        sdout = dout.transpose(0, 1).unsqueeze(0).contiguous()
+        sq, sk, sv = (heads_first(x.detach(), seq).requires_grad_() for x in leaves)
+        sdout = heads_first(dout, seq)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         gqa = dict(enable_gqa=heads != kv_heads)
         with torch.no_grad():
