@@ -29,8 +29,9 @@ def spare_prefix_imports(cutter: Cutter, load: np.ndarray, cap: float, weight: n
                          lend: bool) -> None:
     """Lend (when ``lend``) or rehome spanning segments, most bytes saved first.
 
-    ``load`` (S,) and ``weight`` (N,), the servers' and the home tasks' planning cost, follow the
-    moves. Segments must be whole (no piece cut yet).
+    ``load`` (S,), the servers' planning cost, follows the moves; ``weight`` (N,) is read only:
+    the home tasks' cost before any move (each segment moves at most once). Segments must be
+    whole (no piece cut yet).
     """
     seg = cutter.seg
     prefix = seg.q_start - seg.kv_start
@@ -84,7 +85,6 @@ def _lend(i: int, cutter: Cutter, load: np.ndarray, cap: float, weight: np.ndarr
     cutter.lend(i, v, c)
     load[v] += gain
     load[h] -= weight[i] - kept
-    weight[i] = kept
     return True
 
 
