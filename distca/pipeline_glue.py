@@ -66,12 +66,12 @@ def start_lockstep_step(cfg: DistcaConfig, exchange: LockstepExchange,
     """Plan the step's ticks (:func:`lockstep_plans`) and hand every job's placement (and,
     with ping-pong, its document cuts) to ``exchange`` (collective); returns the plans."""
     placements, plans = lockstep_plans(cfg, micro_batches, timetable, shape, device)
-    cuts = None
-    if exchange.nanos == 2:
-        dp, tokens = cfg.parallel.dp, micro_batches[0].tokens_per_rank
-        cuts = {job: document_cuts(b.doc_lengths, b.turn_lengths, b.turn_is_context, dp, tokens)
-                for job, b in ((job, micro_batches[job[1]]) for job in placements)}
-    exchange.start_step(placements, micro_batches[0].tokens_per_rank, training, cuts)
+    tokens, cuts = micro_batches[0].tokens_per_rank, None
+    if exchange.nanos == 2:  # a micro-batch's cuts serve the jobs of all its stages
+        per_batch = [document_cuts(b.doc_lengths, b.turn_lengths, b.turn_is_context,
+                                   cfg.parallel.dp, tokens) for b in micro_batches]
+        cuts = {job: per_batch[job[1]] for job in placements}
+    exchange.start_step(placements, tokens, training, cuts)
     return plans
 
 
