@@ -22,6 +22,7 @@ from distca.scheduler.documents import documents_from_batch
 from runtime_harness import ROOT, assert_parity, load_result, run_ranks, skewed_batch
 
 from distca.attention import core_attention
+from distca.attention.reference import dense_attention
 from distca.config import ConfigError, load_config
 
 T = 64  # tokens per data-parallel worker
@@ -218,10 +219,7 @@ def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
                 got[w * tokens + rows] = merged.double()
         n = int(np.sum(lengths))
         mask = torch.as_tensor(_causal_pairs(lengths, dp * tokens)[:n, :n], dtype=torch.bool)
-        kk, vv = (x[:n].repeat_interleave(hq // hkv, dim=1) for x in (k, v))
-        scores = torch.einsum("qhd,khd->hqk", q[:n], kk) * d ** -0.5
-        want = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf"))
-                            .softmax(-1), vv)
+        want, _ = dense_attention(q[:n], k[:n], v[:n], mask, softmax_scale=d ** -0.5)
         # merge_partials weighs partial rows in fp32: each output is a convex combination of
         # v rows with weights off by a few fp32 ulps, so its error is within 16 eps32 * max|v|.
         atol = 16 * torch.finfo(torch.float32).eps * float(v.abs().max())
