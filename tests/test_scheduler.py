@@ -14,6 +14,7 @@ from distca.scheduler import (
     task_pairs,
 )
 from distca.scheduler.documents import build_segments
+from distca.scheduler.plan import make_tasks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_scheduler_oracle import allowed_mask, coverage
@@ -276,11 +277,9 @@ def test_task_pairs_formula():
 
 
 def dense_pairs(q_len: int, kv_len: int, causal: bool) -> int:
-    """Allowed entries of a dense mask; bottom-right causal: row i sees keys j <= kv - q + i."""
-    rows, cols = np.ogrid[:q_len, :kv_len]
-    if not causal:
-        return q_len * kv_len
-    return int((cols <= kv_len - q_len + rows).sum())
+    """Pairs the dense oracle covers for one task of ``q_len`` rows by ``kv_len`` keys."""
+    task = make_tasks([0], [0], [0], [q_len], [0], [kv_len], [causal])
+    return int(coverage(task, max(q_len, kv_len)).sum())
 
 
 @pytest.mark.parametrize("q_len", [1, 2, 3, 7, 10, 33])
