@@ -130,12 +130,12 @@ class _CoreAttention(torch.autograd.Function):
         if ctx.graph is not None:
             dq, dk, dv, dsinks = ctx.impl.backward_from_graph(ctx.graph, d_out, d_lse)
             ctx.graph = None
-            return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, None, None, None
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        dout, dlse, dsinks = _sink_backward(d_out, d_lse, out, lse, sinks)
-        dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale, dlse)
+        else:
+            q, k, v, out, lse, sinks = ctx.saved_tensors
+            if d_out is None:
+                d_out = torch.zeros_like(out)
+            dout, dlse, dsinks = _sink_backward(d_out, d_lse, out, lse, sinks)
+            dq, dk, dv = ctx.impl.backward(dout, q, k, v, out, lse, ctx.tasks, ctx.scale, dlse)
         return dq, dk, dv, dsinks if ctx.needs_input_grad[3] else None, None, None, None
 
 
