@@ -33,13 +33,9 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
-
 def has_compiler() -> bool:
     """Whether a C++ compiler is on PATH (``$CXX`` or ``c++``), so that a build can be tried."""
-    return _compiler() is not None
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 def _cpu_features() -> str:
@@ -72,7 +68,7 @@ def _load() -> tuple[ModuleType | None, str]:
     missing = [rel for rel in _SOURCES + _HEADERS if not (_ROOT / rel).is_file()]
     if missing:
         return None, f"C++ sources not found: {', '.join(missing)} under {_ROOT}"
-    if _compiler() is None:
+    if not has_compiler():
         return None, f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r})"
     from torch.utils.cpp_extension import load
 
