@@ -154,7 +154,8 @@ class Engine:
             labels = rank_rows(batch.labels, rows, self.device)
             mask = labels != IGNORE
             labels = torch.where(mask, labels, 0)
-        if isinstance(layout, NanoBatches) or (layout is self.lockstep and self.lockstep.nanos == 2):
+        if isinstance(layout, NanoBatches) or (layout is self.lockstep
+                                               and self.lockstep.nanos == 2):
             out = staggered_stage_forward(self.model, self.runtime, tokens, hidden_in, labels)
         else:
             if not self.is_first_stage:

@@ -35,8 +35,8 @@ def record_wait(timings: dict[str, float] | None, start: float) -> None:
 
 def launch_all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                       group: dist.ProcessGroup | None, async_op: bool):
-    """Post the exchange of ``flat`` (not differentiable); returns (output buffer, work handle,
-    None unless ``async_op``)."""
+    """Post the exchange of ``flat`` (not differentiable); returns (output buffer, work handle),
+    the handle None unless ``async_op``."""
     out = flat.new_empty(sum(recv_counts))
     work = dist.all_to_all_single(out, flat.contiguous(), output_split_sizes=recv_counts,
                                   input_split_sizes=send_counts, group=group, async_op=async_op)
@@ -91,8 +91,8 @@ class PendingExchange:
 class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat, pending):
-        pending.forward = launch_all_to_all(flat, pending.send_counts, pending.recv_counts, pending.group,
-                                  async_op=True)
+        pending.forward = launch_all_to_all(flat, pending.send_counts, pending.recv_counts,
+                                            pending.group, async_op=True)
         ctx.pending = pending
         # A token output that links this node to the finish node in the autograd graph.
         return flat.new_zeros(())

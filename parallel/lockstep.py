@@ -18,8 +18,9 @@ the servers that ran its forward, which kept the inputs and the kernel's graph p
 The tick plan balances the tick's forward tasks only: in a tick that also runs backwards,
 their (fixed) server load is not counted, so such a tick can be less balanced than its plan
 says. Worker and server gradients are explicit (autograd nodes of
-:mod:`distca.parallel.lockstep_worker` on the worker, saved graphs on the server), not one autograd node spanning the collective: the jobs merged into one
-forward exchange run their backwards in different ticks.
+:mod:`distca.parallel.lockstep_worker` on the worker, saved graphs on the server), not one
+autograd node spanning the collective: the jobs merged into one forward exchange run their
+backwards in different ticks.
 
 With ping-pong (``nano_batches=2``) each job's tokens are two causally closed nano-batches
 (:mod:`distca.parallel.nanobatch`, split at the job's document cuts) and a round is two

@@ -2,9 +2,10 @@
 
 A *scenario* is (name, config overrides, micro-batches). One process group runs all scenarios
 of a test: each rank builds an Engine per scenario, runs one ``forward_backward`` and saves its
-loss and parameter gradients (and, with pipeline stages, ``eval_loss`` of the same batches). Scenarios whose overrides differ only in ``cad.*`` and
-``parallel.*`` and that run the same micro-batches share a *key*: they start from the same saved
-weights and are compared with one single-process colocated reference run per key.
+loss and parameter gradients (and, with pipeline stages, ``eval_loss`` of the same batches).
+Scenarios whose overrides differ only in ``cad.*`` and ``parallel.*`` and that run the same
+micro-batches share a *key*: they start from the same saved weights and are compared with one
+single-process colocated reference run per key.
 """
 
 from __future__ import annotations
