@@ -274,10 +274,11 @@ def _relay(best, d: int, cutter: Cutter, rooms: _Rooms, queues: dict, owed: floa
     has many holders.
     """
     i = best.seg
-    firsts = []
-    if best.server in cutter.resident.holders.get(cutter.doc[i], ()):
+    holders = cutter.resident.holders.get(cutter.doc[i], ())
+    if best.server in holders:
         return None
-    for v in cutter.resident.holders.get(cutter.doc[i], ()):
+    firsts = []
+    for v in holders:
         if v == d or rooms.load[v] > rooms.cap:
             continue
         live = [j for j in _live_segments(queues[v], cutter) if j != i]
