@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import layout_tasks  # noqa: E402
+from distca.scheduler import attention_flops_per_pair, task_pairs  # noqa: E402
 
 from distca.attention import (
     core_attention,  # noqa: E402
     flex_backend,  # noqa: E402
 )
 from distca.attention.reference import causal_document_tasks  # noqa: E402
-from distca.profile.attention import flops_per_pair, task_pairs  # noqa: E402
 
 
 def median_ms(fn, grad_to_none=None) -> float:
@@ -110,7 +110,7 @@ def measure(layout: str, seq: int, heads: int, kv_heads: int, dim: int, dtype) -
         times["sdpa_fwd_bwd"] = median_ms(
             lambda: sdpa(sq, sk, sv, is_causal=True, **gqa).backward(sdout), [sq, sk, sv])
     pairs = sum(task_pairs(b - a, d - c, causal) for a, b, c, d, causal in tasks.rows)
-    fwd_bwd_flops = pairs * flops_per_pair(heads, dim)
+    fwd_bwd_flops = pairs * attention_flops_per_pair(heads, dim)
     tflops = {name: fwd_bwd_flops / (3.5 if name.endswith("_fwd") else 1) / ms / 1e9
               for name, ms in times.items()}
     return dict(layout=layout, seq=seq, shape=f"{heads}/{kv_heads}x{dim}", tasks=len(tasks),

@@ -17,6 +17,12 @@ import numpy as np
 LSE_BYTES = 4  # the row log-sum-exp travels back in fp32
 
 
+def attention_flops_per_pair(heads: int, head_dim: int) -> float:
+    """Forward + backward FLOPs per score pair and layer: QKᵀ and PV forward (4·heads·head_dim),
+    the backward about 2.5× that."""
+    return 3.5 * 4 * heads * head_dim
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """Attention shape of one layer: query heads, key/value heads, head dim, bytes per element."""

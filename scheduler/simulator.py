@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from distca.scheduler.cost import CostTable, ModelShape
+from distca.scheduler.cost import CostTable, ModelShape, attention_flops_per_pair
 from distca.scheduler.distributions import sample_lengths
 from distca.scheduler.documents import build_segments, documents_from_batch
 from distca.scheduler.planner import plan_step
@@ -67,8 +67,7 @@ class ModelSpec:
 
     @property
     def attention_flops_per_pair(self) -> float:
-        """Forward + backward FLOPs per score pair (QKᵀ and PV forward; backward ≈ 2.5×)."""
-        return 3.5 * 4 * self.num_heads * self.head_dim
+        return attention_flops_per_pair(self.num_heads, self.head_dim)
 
 
 @dataclass(frozen=True)

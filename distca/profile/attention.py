@@ -18,15 +18,10 @@ from pathlib import Path
 
 import torch
 
-from distca.scheduler import task_pairs
+from distca.scheduler import attention_flops_per_pair, task_pairs
 
 MASKS = ("causal", "full")
 CSV_COLUMNS = ("q_len", "kv_len", "mask", "pairs_per_s", "seconds_per_task", "tflops")
-
-
-def flops_per_pair(heads: int, head_dim: int) -> float:
-    """Forward + backward FLOPs per score pair: QKᵀ and PV forward (4·h·d), backward ≈ 2.5×."""
-    return 3.5 * 4 * heads * head_dim
 
 
 def time_shape(q_len: int, kv_len: int, causal: bool, heads: int, kv_heads: int, head_dim: int,
@@ -92,7 +87,7 @@ def profile_attention(q_lens: list[int], kv_lens: list[int], masks: list[str], h
         raise ValueError("clock cpu times CPU work only; a GPU table needs the wall clock")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     name = resolve_backend(backend, device).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
-    per_pair = flops_per_pair(heads, head_dim)
+    per_pair = attention_flops_per_pair(heads, head_dim)
     rows = []
     for mask in masks:
         for q_len in sorted(set(q_lens)):
