@@ -42,11 +42,9 @@ def is_server_rank(cfg: DistcaConfig, rank: int) -> bool:
 
 
 def check_world(cfg: DistcaConfig) -> None:
-    """The world must hold the workers plus the dedicated servers."""
+    """The world must hold the workers plus the dedicated servers (the config's own limits,
+    such as tp = pp = 1 with dedicated servers, are checked once, by :func:`distca.config.validate`)."""
     p, servers = cfg.parallel, num_dedicated_servers(cfg)
-    if servers and (p.tp, p.pp) != (1, 1):
-        raise NotImplementedError("cad.server_mode=dedicated needs parallel.tp=1 and parallel.pp=1, "
-                                  f"got tp={p.tp}, pp={p.pp}")
     world = dist.get_world_size()
     if world != p.dp * p.tp * p.pp + servers:
         raise ValueError(f"world size {world} != parallel.dp*tp*pp + dedicated servers = "
