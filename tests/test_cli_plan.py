@@ -49,6 +49,7 @@ def test_plan_greedy_baseline_and_lengths_file(capsys, tmp_path):
     (["--lengths", "16", "--servers", "2", "--tolerance", "-0.5"], "-0.5"),
     (["--lengths-file", "/no/such/file", "--servers", "2"], "/no/such/file"),
     (["--lengths", "16", "--servers", "2", "--tokens-per-worker", "4"], "--tokens-per-worker"),
+    (["--lengths", "16", "--servers", "2", "--tokens-per-worker", "0"], "--tokens-per-worker"),
 ])
 def test_plan_bad_input_exits_2_naming_the_value(capsys, argv, named):
     code, out, err = run(capsys, "plan", *argv)

@@ -79,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.min_shard < 1:
         raise UsageError(f"--min-shard must be >= 1, got {args.min_shard}")
     total = sum(lengths)
+    if args.tokens_per_worker is not None and args.tokens_per_worker < 1:
+        raise UsageError(f"--tokens-per-worker must be >= 1, got {args.tokens_per_worker}")
     per_worker = args.tokens_per_worker or math.ceil(total / args.servers)
-    if per_worker < 1:
-        raise UsageError(f"--tokens-per-worker must be >= 1, got {per_worker}")
     workers = math.ceil(total / per_worker)
     if workers > args.servers:
         raise UsageError(f"--tokens-per-worker {per_worker}: {total} tokens need {workers} "
