@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 DISTRIBUTIONS = ("pretrain", "prolong")
+# Score pairs are counted in int64: n tokens have at most n(n+1)/2 of them, so lengths (and
+# batches) up to 2^31 tokens keep every count far below 2^63.
+MAX_LENGTH = 1 << 31
 
 
 def read_lengths(path: str | Path) -> np.ndarray:
@@ -43,15 +46,16 @@ def read_lengths(path: str | Path) -> np.ndarray:
 
 
 def parse_length(value, where: str) -> int:
-    """One positive integer length; ValueError naming ``where`` and the value otherwise."""
+    """One integer length in [1, MAX_LENGTH]; ValueError naming ``where`` and the value
+    otherwise."""
     if isinstance(value, bool) or isinstance(value, float):
         raise ValueError(f"{where}: length {value!r} is not an integer")
     try:
         length = int(str(value).strip())
     except ValueError:
         raise ValueError(f"{where}: length {value!r} is not an integer") from None
-    if length < 1:
-        raise ValueError(f"{where}: length {length} must be >= 1")
+    if not 1 <= length <= MAX_LENGTH:
+        raise ValueError(f"{where}: length {length} must be in [1, {MAX_LENGTH}]")
     return length
 
 

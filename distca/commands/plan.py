@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from distca.scheduler import documents_from_batch, timed_plan_step
-    from distca.scheduler.distributions import read_lengths
+    from distca.scheduler.distributions import MAX_LENGTH, read_lengths
 
     if args.lengths is not None:
         lengths = parse_lengths(args.lengths)
@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.min_shard < 1:
         raise UsageError(f"--min-shard must be >= 1, got {args.min_shard}")
     total = sum(lengths)
+    if total > MAX_LENGTH:
+        raise UsageError(f"the documents hold {total} tokens, more than {MAX_LENGTH} (score-pair "
+                         "counts would overflow int64)")
     if args.tokens_per_worker is not None and args.tokens_per_worker < 1:
         raise UsageError(f"--tokens-per-worker must be >= 1, got {args.tokens_per_worker}")
     per_worker = args.tokens_per_worker or math.ceil(total / args.servers)
