@@ -132,6 +132,19 @@ def test_text_errors_name_file_and_line(tmp_path):
         assert read_documents([str(tmp_path / "bad.jsonl")], skip_bad_rows=True) == (["ok"], 2)
 
 
+def test_text_jsonl_bytes_bom_and_directories(tmp_path):
+    """A stray non-UTF-8 byte is a bad row named by line (it used to abort with a bare
+    UnicodeDecodeError); a leading BOM is accepted; a directory is named as one."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n{"text": "\xff"}\n{"text": "fine"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: bad row \(not valid UTF-8"):
+        read_documents([str(path)])
+    with pytest.warns(UserWarning, match="skipped 1 bad rows"):
+        assert read_documents([str(path)], skip_bad_rows=True) == (["ok", "fine"], 1)
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        read_documents([str(tmp_path)])
+
+
 def test_hf_tokenizer_directory(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

@@ -96,6 +96,16 @@ def test_malformed_rows_name_file_and_row(tmp_path):
         ChatData([str(tmp_path / "missing.jsonl")], ByteTokenizer(), None, 4096, seed=0)
 
 
+def test_undecodable_line_is_a_bad_row_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": CONVERSATION}).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good.replace(b"Hi", b"H\xff") + b"\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: bad chat row: not valid UTF-8"):
+        ChatData([str(path)], ByteTokenizer(), None, 4096, seed=0)
+    data = ChatData([str(path)], ByteTokenizer(), None, 4096, seed=0, skip_bad_rows=True)
+    assert data.skipped_rows == 1 and len(data.docs) == 1
+
+
 def test_parquet_rows_and_deterministic_epochs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

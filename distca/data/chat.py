@@ -27,6 +27,7 @@ import numpy as np
 
 from distca.batch import PackedBatch
 from distca.data.packing import IGNORE
+from distca.data.text import data_file, jsonl_rows
 from distca.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -111,22 +112,16 @@ def _check_row(row) -> tuple[list[dict], list | None]:
 
 
 def _rows(path: Path):
-    """(row number, row) pairs; a row that is not valid JSON is passed on as the exception."""
+    """(row number, row) pairs; a row that is not valid UTF-8 JSON is passed on as the
+    exception."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
-        for number, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield number, row
+        yield from enumerate(pq.read_table(path).to_pylist(), 1)
         return
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield number, exc
+    yield from jsonl_rows(path)
 
 
 class ChatData:
@@ -139,13 +134,11 @@ class ChatData:
         self.skipped_rows = 0
         self.too_long = 0
         for name in paths:
-            path = Path(name)
-            if not path.is_file():
-                raise FileNotFoundError(f"data.paths: {path} does not exist")
+            path = data_file(name)
             for number, row in _rows(path):
                 try:
                     if isinstance(row, Exception):
-                        raise ValueError(f"not valid JSON ({row})")
+                        raise ValueError(f"not valid UTF-8 JSON ({row})")
                     messages, tools = _check_row(row)
                     tokens, is_response = tokenize_chat(messages, tools, tokenizer, template)
                 except ValueError as exc:

@@ -20,34 +20,51 @@ from distca.data.packing import pack
 from distca.data.tokenizer import Tokenizer
 
 
+def data_file(name: str) -> Path:
+    """``name`` as a path, checked to be a readable file (the error names ``data.paths``)."""
+    path = Path(name)
+    if not path.is_file():
+        why = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"data.paths: {path} {why}")
+    return path
+
+
+def jsonl_rows(path: Path):
+    """(line number, row) for each non-blank line; a line that is not UTF-8 JSON is passed on
+    as its exception, so the caller can name the line or skip it. Each line is decoded on its
+    own (one bad byte must not abort the file) and a leading BOM is dropped."""
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8-sig")
+                if line.strip():
+                    yield number, json.loads(line)
+            except ValueError as exc:  # UnicodeDecodeError or json.JSONDecodeError
+                yield number, exc
+
+
 def read_documents(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[str], int]:
     """The text of every document in ``paths`` and the number of bad rows skipped; errors name
     the file (and line) at fault."""
     docs: list[str] = []
     skipped = 0
     for name in paths:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.paths: {path} does not exist")
+        path = data_file(name)
         if path.suffix != ".jsonl":
             docs.append(path.read_text(encoding="utf-8", errors="replace"))
             continue
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    text = row["text"]
-                    if not isinstance(text, str):
-                        raise TypeError("`text` is not a string")
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    if not skip_bad_rows:
-                        raise ValueError(f"{path}:{number}: bad row ({type(exc).__name__}: "
-                                         f"{exc}); data.skip_bad_rows=true skips such rows") from None
-                    skipped += 1
-                    continue
-                docs.append(text)
+        for number, row in jsonl_rows(path):
+            if isinstance(row, ValueError):
+                problem = f"not valid UTF-8 JSON: {row}"
+            elif not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                problem = "not an object with a `text` string"
+            else:
+                docs.append(row["text"])
+                continue
+            if not skip_bad_rows:
+                raise ValueError(f"{path}:{number}: bad row ({problem}); "
+                                 f"data.skip_bad_rows=true skips such rows")
+            skipped += 1
     if skipped:
         warnings.warn(f"skipped {skipped} bad rows in {', '.join(paths)}", stacklevel=2)
     return docs, skipped
