@@ -106,6 +106,15 @@ def test_undecodable_line_is_a_bad_row_and_a_bom_is_accepted(tmp_path):
     assert data.skipped_rows == 1 and len(data.docs) == 1
 
 
+def test_all_conversations_too_long_says_so(tmp_path):
+    """The error itself says why nothing is left (the warning may be lost in worker logs)."""
+    path = tmp_path / "chat.jsonl"
+    write_rows(path, [{"messages": CONVERSATION}] * 2)
+    with pytest.warns(UserWarning), pytest.raises(
+            ValueError, match=r"no usable conversations .*2 longer than data.max_length=10"):
+        ChatData([str(path)], ByteTokenizer(), None, 10, seed=0)
+
+
 def test_parquet_rows_and_deterministic_epochs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

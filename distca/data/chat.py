@@ -155,7 +155,10 @@ class ChatData:
             warnings.warn(f"dropped {self.too_long} conversations longer than "
                           f"data.max_length={max_length}", stacklevel=2)
         if not self.docs:
-            raise ValueError(f"data.paths: no usable conversations in {', '.join(paths)}")
+            # say why, so an all-too-long file is not mistaken for an empty one
+            raise ValueError(f"data.paths: no usable conversations in {', '.join(paths)} "
+                             f"({self.too_long} longer than data.max_length={max_length}, "
+                             f"{self.skipped_rows} bad rows skipped)")
         self.seed = seed
         self._bins: dict[int, list[list[int]]] = {}
         self._bin_total = -1
