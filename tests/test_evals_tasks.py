@@ -76,9 +76,11 @@ def test_cli_synth_writes_chat_jsonl(tmp_path, capsys):
     (["--task", "niah", "--length", "-5", "--n", "1"], "--length"),
     (["--task", "vt", "--length", "100", "--n", "1", "--keys", "2"], "--keys"),
     (["--task", "cwe", "--length", "100", "--n", "1"], "--length 100"),
+    (["--task", "niah", "--length", "5000", "--n", "1", "--keys", "1000"], "--keys 1000"),
 ])
 def test_cli_synth_bad_input(tmp_path, capsys, argv, word):
     code = main(["data", "synth", *argv, "--out", str(tmp_path / "x.jsonl")])
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and word in captured.err
     assert not (tmp_path / "x.jsonl").exists()
+

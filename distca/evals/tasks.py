@@ -138,6 +138,8 @@ def generate(task: str, length: int, n: int, seed: int,
         raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
     if length < 1 or n < 1 or keys < 1:
         raise ValueError("length, n and keys must be >= 1")
+    if keys > len(_WORDS):  # each needle's key is a distinct word
+        raise ValueError(f"--keys {keys}: niah hides at most {len(_WORDS)} needles")
     examples = []
     for i in range(n):
         example_seed = seed * 1_000_003 + i
