@@ -84,3 +84,11 @@ def test_cli_synth_bad_input(tmp_path, capsys, argv, word):
     assert code == 2 and captured.out == "" and word in captured.err
     assert not (tmp_path / "x.jsonl").exists()
 
+
+def test_cli_synth_out_is_a_directory(tmp_path, capsys):
+    """A directory as --out is a usage error, not a traceback after a stray .tmp is written."""
+    code = main(["data", "synth", "--task", "niah", "--length", "300", "--n", "1",
+                 "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 2 and "is a directory" in captured.err
+    assert list(tmp_path.parent.glob(tmp_path.name + ".tmp")) == []

@@ -23,6 +23,8 @@ def run_synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory (give a .jsonl file path)")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
     except (OSError, ValueError) as exc:
