@@ -82,7 +82,7 @@ def test_simulate_json_and_plot(capsys, tmp_path):
      "--tokens-per-worker"),
     (["--gpus", "8", "--model", "tiny", "--max-len", "64", "--tokens-per-worker", "-1"],
      "--tokens-per-worker"),
-    (["--gpus", "8", "--model", "tiny", "--max-len", "64", "--tp", "0"], "--tp"),
+    (["--gpus", "8", "--model", "llama3-8b", "--max-len", "64", "--tp", "0"], "--tp"),
     (["--gpus", "8", "--model", "tiny", "--max-len", "64", "--tolerance", "inf"], "--tolerance"),
 ])
 def test_simulate_bad_input_exits_2(capsys, argv, named):
