@@ -84,8 +84,13 @@ def test_simulate_json_and_plot(capsys, tmp_path):
      "--tokens-per-worker"),
     (["--gpus", "8", "--model", "llama3-8b", "--max-len", "64", "--tp", "0"], "--tp"),
     (["--gpus", "8", "--model", "tiny", "--max-len", "64", "--tolerance", "inf"], "--tolerance"),
+    (["--gpus", "8", "--model", "tiny", "--max-len", "64", "--distribution", "LENGTHS"],
+     "longest length 100"),
 ])
-def test_simulate_bad_input_exits_2(capsys, argv, named):
+def test_simulate_bad_input_exits_2(capsys, tmp_path, argv, named):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("50\n100\n")
+    argv = [str(lengths) if a == "LENGTHS" else a for a in argv]
     code, out, err = run(capsys, "simulate", *argv)
     assert code == 2 and out == ""
     assert named in err

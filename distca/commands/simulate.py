@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
             distribution = read_lengths(distribution)
         except ValueError as exc:
             raise UsageError(f"--distribution: {exc} (or use {', '.join(DISTRIBUTIONS)})") from None
+        if distribution.max() > args.max_len:  # sampling would cut them short silently
+            raise UsageError(f"--max-len {args.max_len} is below the longest length "
+                             f"{distribution.max()} in --distribution {args.distribution}")
     tp = args.tp or min(8, args.gpus)
     try:
         cluster = Cluster(args.gpus, tp, args.pp, args.gpus_per_node)
