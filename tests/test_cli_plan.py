@@ -72,6 +72,16 @@ def test_simulate_json_and_plot(capsys, tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_simulate_plot_path_is_checked_and_its_directory_made(capsys, tmp_path):
+    argv = ["simulate", "--gpus", "8", "--model", "llama3-8b", "--max-len", "4096",
+            "--batches", "1", "--json", "--plot"]
+    code, out, err = run(capsys, *argv, str(tmp_path))
+    assert code == 2 and out == "" and "--plot" in err
+    png = tmp_path / "new" / "sim.png"
+    code, out, err = run(capsys, *argv, str(png))
+    assert code == 0 and png.stat().st_size > 1000
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--gpus", "12", "--model", "llama3-8b", "--max-len", "4096"], "12 GPUs"),
     (["--gpus", "8", "--model", "gpt-9", "--max-len", "4096"], "gpt-9"),

@@ -68,3 +68,14 @@ def test_profile_attention_bad_input(argv, flag, capsys):
     assert main(["profile", "attention", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and flag in captured.err
+
+
+def test_profile_attention_out_path_is_checked_before_measuring(tmp_path, capsys):
+    assert main(["profile", "attention", "--out", str(tmp_path)]) == 2  # a directory
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--out" in captured.err and "directory" in captured.err
+    table = tmp_path / "new" / "dir" / "t.csv"  # missing parents are made
+    assert main(["profile", "attention", "--backend", "torch", "--q-lens", "16",
+                 "--kv-lens", "16", "--masks", "causal", "--min-pairs", "256",
+                 "--repeats", "1", "--out", str(table)]) == 0
+    assert CostTable.from_csv(table).throughput(16, 16) > 0

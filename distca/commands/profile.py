@@ -46,6 +46,21 @@ def run_comm(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_file(flag: str, path: str):
+    """``path`` as a Path, checked before any measurement runs so a typo costs nothing: it must
+    not be a directory; missing parent directories are made (exit 2 if they cannot be)."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag}: {out} is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot make the directory {out.parent}: {exc}") from None
+    return out
+
+
 def parse_lengths(flag: str, text: str) -> list[int]:
     """'64,256,1K' -> token counts."""
     return _parse_counts(flag, text, _TOKEN_UNITS, "", "a token count like 256 or 4K")
@@ -70,6 +85,7 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     q_lens, kv_lens = parse_lengths("--q-lens", args.q_lens), parse_lengths("--kv-lens", args.kv_lens)
     masks = [m.strip() for m in args.masks.split(",")]
+    out = output_file("--out", args.out) if args.out else None
     import torch
 
     from distca.profile.attention import MASKS, profile_attention, write_table
@@ -86,9 +102,9 @@ def run_attention(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
     result["model"], result["tp"] = args.model, args.tp
-    if args.out:
-        write_table(result["rows"], args.out)
-        result["table"] = args.out
+    if out:
+        write_table(result["rows"], out)
+        result["table"] = str(out)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")

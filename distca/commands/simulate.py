@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distca.commands.plan import load_cost_table
+    from distca.commands.profile import output_file
     from distca.config import MODEL_PRESETS
     from distca.scheduler.distributions import DISTRIBUTIONS, read_lengths
     from distca.scheduler.simulator import Cluster, Hardware, ModelSpec, simulate
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if distribution.max() > args.max_len:  # sampling would cut them short silently
             raise UsageError(f"--max-len {args.max_len} is below the longest length "
                              f"{distribution.max()} in --distribution {args.distribution}")
+    plot = output_file("--plot", args.plot) if args.plot else None
     tp = args.tp or min(8, args.gpus)
     try:
         cluster = Cluster(args.gpus, tp, args.pp, args.gpus_per_node)
@@ -78,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
               "speedup_vs_packing": speedup,
               "distca_vs_best_baseline": min(v for k, v in seconds.items() if k != "distca")
               / seconds["distca"]}
-    if args.plot:
-        _plot(seconds, Path(args.plot), report)
+    if plot:
+        _plot(seconds, plot, report)
     if args.json:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
