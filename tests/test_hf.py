@@ -150,3 +150,24 @@ def test_bad_input_exits_2_naming_the_culprit(tmp_path, capsys):
 def test_models_with_gates_or_sinks_are_not_exported():
     with pytest.raises(HFFormatError, match="gated_attention"):
         hf_config_from_model(ModelConfig(**{**LLAMA.__dict__, "gated_attention": True}))
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"num_key_value_heads": 3}, ["num_kv_heads", "3"]),  # used to be a reshape RuntimeError
+    ({"head_dim": None, "num_attention_heads": 7}, ["hidden_size", "7"]),
+    ({"hidden_size": "64"}, ["hidden_size", "'64'", "not an integer"]),
+    ({"vocab_size": None}, ["vocab_size", "missing"]),
+    ({"rope_theta": [1]}, ["rope_theta"]),
+])
+def test_inconsistent_or_mistyped_config_names_the_key(tmp_path, capsys, change, needles):
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    config = {**json.loads((hf_dir / "config.json").read_text()), **change}
+    if "rope_theta" in change:
+        config.pop("rope_parameters", None)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
+                        str(hf_dir / "config.json"), *needles)
+    (hf_dir / "config.json").write_text("[]")
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
+                        "not a JSON object")

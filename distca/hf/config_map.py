@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distca.config import ModelConfig
+from distca.config import ConfigError, DistcaConfig, ModelConfig, validate
 
 # architecture name -> (model_type, whether q/k/v carry biases by construction)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", None), "Qwen2ForCausalLM": ("qwen2", True)}
@@ -29,22 +29,38 @@ def _rope_theta(hf: dict[str, Any], source: str) -> float:
         if kind not in (None, "default"):
             raise HFFormatError(f"{source}: {key}: RoPE scaling {kind!r} is not supported")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    return _number(theta, float, f"{source}: rope_theta")
+
+
+def _number(value: Any, kind: type, where: str) -> Any:
+    """``value`` as ``kind`` (int or float); anything else (a string, a bool, 2.5 for an int)
+    raises :class:`HFFormatError` starting with ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and value != int(value)):
+        raise HFFormatError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
 
 
 def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """The :class:`ModelConfig` of a Llama/Qwen2 ``config.json`` dict (``source`` names it)."""
-    archs = hf.get("architectures") or []
-    arch = archs[0] if archs else None
+    """The validated :class:`ModelConfig` of a Llama/Qwen2 ``config.json`` dict (``source``
+    names it); a missing, non-numeric or inconsistent value raises :class:`HFFormatError`."""
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"{source}: not a JSON object")
+    archs = hf.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    if not isinstance(arch, str):
+        arch = None
     if arch not in ARCHITECTURES:
         raise HFFormatError(f"{source}: architectures: {arch!r} is not supported "
                             f"(supported: {', '.join(ARCHITECTURES)})")
     _, bias_by_construction = ARCHITECTURES[arch]
 
-    def need(key: str) -> Any:
-        if key not in hf:
-            raise HFFormatError(f"{source}: {key}: missing")
-        return hf[key]
+    def number(key: str, kind: type, default: Any = None) -> Any:
+        if hf.get(key) is None:
+            if default is None:
+                raise HFFormatError(f"{source}: {key}: missing")
+            return kind(default)
+        return _number(hf[key], kind, f"{source}: {key}")
 
     def refuse(key: str, allowed: Any) -> None:
         if hf.get(key, allowed) != allowed:
@@ -54,27 +70,34 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     refuse("hidden_act", "silu")
     refuse("mlp_bias", False)
     refuse("use_sliding_window", False)
-    heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
+    heads = number("num_attention_heads", int)
+    hidden = number("hidden_size", int)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * heads != hidden:
         raise HFFormatError(f"{source}: head_dim: {head_dim} * num_attention_heads {heads} "
                             f"!= hidden_size {hidden} (not supported)")
     qkv_bias = bias_by_construction if bias_by_construction is not None \
         else bool(hf.get("attention_bias", False))
-    return ModelConfig(
-        num_layers=int(need("num_hidden_layers")),
+    m = ModelConfig(
+        num_layers=number("num_hidden_layers", int),
         hidden_size=hidden,
         num_attention_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        ffn_hidden_size=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
+        num_kv_heads=number("num_key_value_heads", int, heads),
+        ffn_hidden_size=number("intermediate_size", int),
+        vocab_size=number("vocab_size", int),
         rope_theta=_rope_theta(hf, source),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        norm_eps=number("rms_norm_eps", float, 1e-6),
+        max_position_embeddings=number("max_position_embeddings", int, 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
     )
+    # sizes the weight layout cannot hold (heads not dividing hidden_size, ...) fail here,
+    # naming the file, instead of as a reshape error deep in the conversion
+    try:
+        validate(DistcaConfig(model=m), source)
+    except ConfigError as exc:
+        raise HFFormatError(str(exc)) from None
+    return m
 
 
 def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
