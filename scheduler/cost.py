@@ -72,25 +72,13 @@ class CostTable:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such cost table")
-        points: dict[tuple[float, float], float] = {}
         with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            need = {"q_len", "kv_len", "pairs_per_s"}
-            if reader.fieldnames is None or not need <= set(reader.fieldnames):
-                raise ValueError(f"{path}: needs columns {sorted(need)}, got {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                if "mask" in reader.fieldnames and row["mask"] != mask:
-                    continue
-                try:
-                    key = (float(row["q_len"]), float(row["kv_len"]))
-                    value = float(row["pairs_per_s"])
-                except ValueError as exc:
-                    raise ValueError(f"{path}:{line}: {exc}") from exc
-                if not (key[0] >= 1 and key[1] >= 1 and value > 0 and math.isfinite(value)):
-                    raise ValueError(f"{path}:{line}: need q_len, kv_len >= 1, pairs_per_s > 0")
-                points[key] = value
+            try:
+                points, fields = _read_points(csv.DictReader(f), path, mask)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not a text CSV ({exc})") from None
         if not points:
-            which = f" with mask {mask!r}" if "mask" in reader.fieldnames else ""
+            which = f" with mask {mask!r}" if "mask" in fields else ""
             raise ValueError(f"{path}: no throughput rows{which}")
         q_lens = np.array(sorted({k[0] for k in points}))
         kv_lens = np.array(sorted({k[1] for k in points}))
@@ -115,6 +103,34 @@ class CostTable:
     def seconds(self, q_len, kv_len, pairs) -> np.ndarray:
         """Predicted seconds of tasks with these shapes and score pairs, float64."""
         return np.asarray(pairs, dtype=np.float64) / self.throughput(q_len, kv_len)
+
+
+def _read_points(reader: csv.DictReader, path: Path, mask: str):
+    """({(q_len, kv_len): pairs_per_s} of the rows of ``mask``, the header's fields); ValueError
+    naming the file and line of a malformed row."""
+    need = {"q_len", "kv_len", "pairs_per_s"}
+    if reader.fieldnames is None or not need <= set(reader.fieldnames):
+        raise ValueError(f"{path}: needs columns {sorted(need)}, got {reader.fieldnames}")
+    points: dict[tuple[float, float], float] = {}
+    for row in reader:
+        at = f"{path}:{reader.line_num}"
+        if None in row or None in row.values():  # DictReader's marks of extra/missing fields
+            fields = sum(v is not None for k, v in row.items() if k is not None)
+            raise ValueError(f"{at}: {fields + len(row.get(None, []))} fields, the header has "
+                             f"{len(reader.fieldnames)}")
+        if "mask" in reader.fieldnames and row["mask"] != mask:
+            continue
+        try:
+            key = (float(row["q_len"]), float(row["kv_len"]))
+            value = float(row["pairs_per_s"])
+        except ValueError as exc:
+            raise ValueError(f"{at}: {exc}") from None
+        if not (key[0] >= 1 and key[1] >= 1 and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{at}: need q_len, kv_len >= 1, pairs_per_s > 0")
+        if key in points:
+            raise ValueError(f"{at}: a second row for q_len={key[0]:g}, kv_len={key[1]:g}")
+        points[key] = value
+    return points, reader.fieldnames
 
 
 def _bracket(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

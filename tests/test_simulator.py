@@ -84,6 +84,19 @@ def test_cost_table_interpolates_and_validates(tmp_path):
         CostTable.from_csv(path)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("q_len,kv_len,pairs_per_s\n64,64\n", r"t.csv:2: 2 fields, the header has 3"),
+    ("q_len,kv_len,pairs_per_s\n64,64,1e9,7\n", r"t.csv:2: 4 fields, the header has 3"),
+    ("q_len,kv_len,pairs_per_s\n64,64,1e9\n\n64,64,2e9\n", r"t.csv:4: a second row for q_len=64"),
+    (b"\xff\xfe", r"t.csv: not a text CSV"),
+])
+def test_cost_table_names_malformed_rows(tmp_path, text, message):
+    path = tmp_path / "t.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message):
+        CostTable.from_csv(path)
+
+
 def _cp_reference(lengths, model, cluster, hw, cp, linear_per_token):
     """Per-replica seconds of one CP group holding every document, counted pair by pair."""
     busy = np.zeros(cp)
