@@ -171,3 +171,11 @@ def test_inconsistent_or_mistyped_config_names_the_key(tmp_path, capsys, change,
     (hf_dir / "config.json").write_text("[]")
     _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
                         "not a JSON object")
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    (hf_dir / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
+                        str(hf_dir / "model.safetensors"), "not a readable safetensors file")

@@ -60,6 +60,7 @@ def _read_gguf(file: Path, tokenizer_out: Path | None
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     single = directory / "model.safetensors"
@@ -81,7 +82,10 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     for file in files:
         if not file.is_file():
             raise HFFormatError(f"{file}: listed in the index but missing")
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except SafetensorError as exc:  # a truncated download, an LFS pointer, ...
+            raise HFFormatError(f"{file}: not a readable safetensors file ({exc})") from exc
     return state
 
 
