@@ -30,7 +30,10 @@ def read_lengths(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such lengths file")
-    text = path.read_text().strip()
+    try:
+        text = path.read_text().strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file ({exc})") from None
     if text.startswith("["):
         try:
             items = json.loads(text)

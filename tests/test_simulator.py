@@ -49,6 +49,9 @@ def test_lengths_file_formats_and_errors(tmp_path):
     lines.write_text("5\n99999999999999999999\n")  # no OverflowError from numpy
     with pytest.raises(ValueError, match=r"a.txt:2: length 99999999999999999999"):
         read_lengths(lines)
+    lines.write_bytes(b"\xff\xfe5\n")
+    with pytest.raises(ValueError, match=r"a.txt: not a text file"):
+        read_lengths(lines)
 
 
 def test_uniform_short_documents_leave_nothing_to_gain():
