@@ -10,9 +10,10 @@ from distca.commands.profile import parse_sizes
 
 def test_parse_sizes():
     assert parse_sizes("64K, 1M,512,2GB") == [65536, 1 << 20, 512, 2 << 30]
-    for bad in ("abc", "0", "-4K", "1.5M"):
-        with pytest.raises(UsageError, match="--sizes"):
+    for bad in ("abc", "0", "-4K", "1.5M", " 4kx"):
+        with pytest.raises(UsageError, match="--sizes") as info:
             parse_sizes(bad)
+        assert repr(bad.strip()) in str(info.value)  # the item as the user typed it
 
 
 def test_profile_comm_runs_and_parses():

@@ -16,15 +16,15 @@ def _parse_counts(flag: str, text: str, units: dict[str, int], strip: str, what:
     """Comma-separated positive counts with an optional unit letter; bad items raise UsageError
     naming the flag and the item."""
     counts = []
-    for item in text.split(","):
-        item = item.strip().upper().removesuffix(strip)
+    for raw in text.split(","):
+        item = raw.strip().upper().removesuffix(strip)
         unit = item[-1:] if item[-1:] in units else ""
         try:
             value = int(item[: len(item) - len(unit)]) * units[unit]
         except ValueError:
-            raise UsageError(f"{flag}: {item!r} is not {what}") from None
+            raise UsageError(f"{flag}: {raw.strip()!r} is not {what}") from None
         if value < 1:
-            raise UsageError(f"{flag}: {item!r} must be positive")
+            raise UsageError(f"{flag}: {raw.strip()!r} must be positive")
         counts.append(value)
     return counts
 
