@@ -179,3 +179,17 @@ def test_corrupt_safetensors_names_the_file(tmp_path, capsys):
     (hf_dir / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
     _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
                         str(hf_dir / "model.safetensors"), "not a readable safetensors file")
+
+
+def test_outputs_are_never_written_over(tmp_path, capsys):
+    """export-hf into a model directory used to replace its config.json and weights silently."""
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    assert main(["import-hf", str(hf_dir), str(tmp_path / "run")]) == 0
+    before = (hf_dir / "config.json").read_text()
+    _expect_usage_error(capsys, ["export-hf", str(tmp_path / "run"), str(hf_dir)],
+                        str(hf_dir), "not empty")
+    assert (hf_dir / "config.json").read_text() == before
+    (tmp_path / "file").write_text("")
+    for argv in (["export-hf", str(tmp_path / "run")], ["import-hf", str(hf_dir)]):
+        _expect_usage_error(capsys, [*argv, str(tmp_path / "file")], "not a directory")

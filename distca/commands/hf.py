@@ -9,13 +9,21 @@ from pathlib import Path
 from distca.cli import UsageError
 
 
+def _fresh_output(path: str) -> Path:
+    """``path`` if it is new or an empty directory: neither command writes over a model."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out}: exists and is not empty")
+    return out
+
+
 def run_import(args: argparse.Namespace) -> int:
     from distca.hf.config_map import HFFormatError
     from distca.hf.io import TOKENIZER_DIR, read_hf, write_checkpoint
 
-    out = Path(args.out_ckpt)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out}: exists and is not empty")
+    out = _fresh_output(args.out_ckpt)
     tokenizer = out / TOKENIZER_DIR
     try:
         m, state = read_hf(args.hf_dir, tokenizer_out=tokenizer)
@@ -34,11 +42,12 @@ def run_export(args: argparse.Namespace) -> int:
     from distca.hf.io import TOKENIZER_DIR, read_checkpoint, write_hf
     from distca.hf.weights import hf_from_megatron
 
+    out = _fresh_output(args.out_dir)
     try:
         cfg, state, run = read_checkpoint(args.ckpt)
         hf_state = hf_from_megatron(state, cfg.model, str(args.ckpt))
         tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else run / TOKENIZER_DIR
-        write_hf(args.out_dir, cfg.model, hf_state, tokenizer_dir=tokenizer)
+        write_hf(out, cfg.model, hf_state, tokenizer_dir=tokenizer)
     except HFFormatError as exc:
         raise UsageError(str(exc)) from exc
     print(f"exported {args.ckpt} to {args.out_dir}", file=sys.stderr)
@@ -52,5 +61,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_import)
     p = sub.add_parser("export-hf", help="write a checkpoint as a transformers model directory")
     p.add_argument("ckpt", help="a run directory (its latest checkpoint) or a step directory")
-    p.add_argument("out_dir", help="output directory (config.json + model.safetensors)")
+    p.add_argument("out_dir", help="new or empty output directory (config.json + "
+                                   "model.safetensors)")
     p.set_defaults(run=run_export)
