@@ -12,7 +12,7 @@ overrides. A preset fills the model shape; keys the recipe or an override sets e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -287,11 +287,16 @@ def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str =
 
 def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     """Check values that types alone cannot: divisibility, ranges, consistency."""
+    _check_finite(cfg, source)
     m, p = cfg.model, cfg.parallel
 
     def positive(key: str, value: float) -> None:
         if not value > 0:
             raise _fail(source, key, f"must be > 0, got {value}")
+
+    def nonnegative(key: str, value: float) -> None:
+        if value < 0:
+            raise _fail(source, key, f"must be >= 0, got {value}")
 
     for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
                  "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
@@ -325,12 +330,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                     f"tied embeddings are not supported with parallel.pp={p.pp} yet")
 
     c = cfg.cad
-    if not (c.tolerance >= 0 and math.isfinite(c.tolerance)):
-        raise _fail(source, "cad.tolerance", f"must be a finite value >= 0, got {c.tolerance}")
-    if c.min_shard_tokens < 1:
-        raise _fail(source, "cad.min_shard_tokens", f"must be >= 1, got {c.min_shard_tokens}")
-    if c.num_dedicated_servers < 0:
-        raise _fail(source, "cad.num_dedicated_servers", "must be >= 0")
+    nonnegative("cad.tolerance", c.tolerance)
+    positive("cad.min_shard_tokens", c.min_shard_tokens)
+    nonnegative("cad.num_dedicated_servers", c.num_dedicated_servers)
     if c.server_mode is ServerMode.dedicated and c.num_dedicated_servers == 0:
         raise _fail(source, "cad.num_dedicated_servers",
                     "server_mode=dedicated needs at least one dedicated server")
@@ -342,21 +344,16 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         raise _fail(source, "cad.server_mode",
                     "dedicated attention servers need cad.enabled=true (colocated attention "
                     "would leave them idle)")
-    if not (c.buffer_budget_mb > 0 and math.isfinite(c.buffer_budget_mb)):
-        raise _fail(source, "cad.buffer_budget_mb",
-                    f"must be a finite value > 0, got {c.buffer_budget_mb}")
-    if cfg.attention.telemetry_interval < 0:
-        raise _fail(source, "attention.telemetry_interval", "must be >= 0")
+    positive("cad.buffer_budget_mb", c.buffer_budget_mb)
+    nonnegative("attention.telemetry_interval", cfg.attention.telemetry_interval)
 
     f = cfg.focusft
     if f.enabled and (p.tp > 1 or p.pp > 1):
         raise _fail(source, "focusft.enabled",
                     f"FocuSFT runs with parallel.tp=1 and pp=1 only (got tp={p.tp}, pp={p.pp})")
-    if f.inner_steps < 0:
-        raise _fail(source, "focusft.inner_steps", f"must be >= 0, got {f.inner_steps}")
+    nonnegative("focusft.inner_steps", f.inner_steps)
     positive("focusft.rank", f.rank)
-    if f.inner_lr < 0:
-        raise _fail(source, "focusft.inner_lr", "must be >= 0")
+    nonnegative("focusft.inner_lr", f.inner_lr)
     positive("focusft.inner_grad_clip", f.inner_grad_clip)
     if not 0 < f.layer_fraction <= 1:
         raise _fail(source, "focusft.layer_fraction", f"must be in (0, 1], got {f.layer_fraction}")
@@ -373,24 +370,39 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         raise _fail(source, "data.paths", f"data.kind={d.kind.value} needs at least one path")
 
     o = cfg.optim
-    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        raise _fail(source, "optim.min_lr", f"need 0 <= min_lr <= lr, got {o.min_lr} and {o.lr}")
+    nonnegative("optim.lr", o.lr)
+    if not 0 <= o.min_lr <= o.lr:
+        raise _fail(source, "optim.min_lr", f"need 0 <= min_lr <= lr={o.lr}, got {o.min_lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise _fail(source, f"optim.{name}", f"must be in [0, 1), got {getattr(o, name)}")
+    positive("optim.eps", o.eps)
+    nonnegative("optim.weight_decay", o.weight_decay)
     if not 0 <= o.warmup_fraction < 1:
         raise _fail(source, "optim.warmup_fraction", "must be in [0, 1)")
     if o.schedule not in ("cosine", "constant"):
         raise _fail(source, "optim.schedule", f"unknown schedule {o.schedule!r} (cosine, constant)")
-    if o.grad_clip < 0:
-        raise _fail(source, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
+    nonnegative("optim.grad_clip", o.grad_clip)  # 0 turns clipping off
 
     t = cfg.trainer
     positive("trainer.steps", t.steps)
     positive("trainer.checkpoint_interval", t.checkpoint_interval)
     positive("trainer.keep_checkpoints", t.keep_checkpoints)
     positive("trainer.log_interval", t.log_interval)
-    if t.max_restarts < 0:
-        raise _fail(source, "trainer.max_restarts", "must be >= 0")
-    if cfg.ray.num_cpus_per_worker < 0 or cfg.ray.num_gpus_per_worker < 0:
-        raise _fail(source, "ray.num_cpus_per_worker", "resources must be >= 0")
+    nonnegative("trainer.seed", t.seed)
+    nonnegative("trainer.max_restarts", t.max_restarts)
+    nonnegative("ray.num_cpus_per_worker", cfg.ray.num_cpus_per_worker)
+    nonnegative("ray.num_gpus_per_worker", cfg.ray.num_gpus_per_worker)
+
+
+def _check_finite(node: Any, source: str, prefix: str = "") -> None:
+    """Reject NaN and inf in every float: NaN passes the range checks in :func:`validate`."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            _check_finite(value, source, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _fail(source, f"{prefix}{f.name}", f"must be a finite number, got {value}")
 
 
 def to_yaml(cfg: DistcaConfig) -> str:

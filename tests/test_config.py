@@ -55,6 +55,14 @@ def _error(recipe, overrides):
         ("attention.backend=cuda_magic", "attention.backend"),
         ("model.preset=gpt5", "model.preset"),
         ("trainer.steps=0", "trainer.steps"),
+        # NaN slips through every `<`/`>` range check; each bound names its own key
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.min_lr=inf", "optim.min_lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.beta1=1.5", "optim.beta1"),
+        ("optim.eps=0", "optim.eps"),
+        ("trainer.seed=-1", "trainer.seed"),
+        ("ray.num_gpus_per_worker=-1", "ray.num_gpus_per_worker"),
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
