@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
-from distca.cli import main
+from distca.cli import build_parser, main
 
 REFERENCE = "16384,8192,8192,4096,4096,4096,4096," + ",".join(["2048"] * 8)
 
@@ -104,3 +105,13 @@ def test_simulate_bad_input_exits_2(capsys, tmp_path, argv, named):
     code, out, err = run(capsys, "simulate", *argv)
     assert code == 2 and out == ""
     assert named in err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["simulate"], ["profile", "comm"],
+                                     ["profile", "attention"], ["profile", "train"]])
+def test_every_flag_has_help(command):
+    parser = build_parser()
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    assert [a.dest for a in parser._actions if not a.help] == []

@@ -9,21 +9,46 @@ import sys
 
 from distca.cli import UsageError
 
+_DESCRIPTION = """\
+Plan one batch's core attention over attention servers and report its quality.
+
+The documents lie back to back on workers of --tokens-per-worker tokens each (the linear layers'
+layout); worker w is also attention server w, and servers beyond the workers are dedicated ones
+holding no tokens. Work is counted in score pairs (query-key pairs a causal mask keeps); the
+imbalance is the busiest server's cost over the mean, before planning (every task on the worker
+holding its queries) and after."""
+
+_EPILOG = """\
+--json fields: planner, tolerance, num_documents, num_workers, tokens_per_worker, num_servers,
+total_pairs (score pairs of the batch), imbalance_before and imbalance (max/mean of server cost,
+colocated and planned), server_cost (score pairs per server), bytes_moved (forward dispatch bytes
+per layer for --model), num_tasks (CA-tasks in the plan), plan_ms (planning wall time)."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="plan one batch's core attention over servers (ε-balanced)")
+    p = sub.add_parser("plan", help="plan one batch's core attention over servers (ε-balanced)",
+                       description=_DESCRIPTION, epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lengths", help="document lengths in packed order, e.g. 16384,8192,8192")
     src.add_argument("--lengths-file", help="a file of lengths: one integer per line or a JSON list")
-    p.add_argument("--servers", type=int, required=True, help="attention servers")
+    p.add_argument("--servers", type=int, required=True,
+                   help="attention servers, the workers included")
     p.add_argument("--tolerance", type=float, default=0.1, help="ε: max <= (1+ε)·mean (0.1)")
     p.add_argument("--tokens-per-worker", type=int, default=None,
                    help="linear-layer tokens per worker (default: the batch split over --servers)")
-    p.add_argument("--min-shard", type=int, default=128, help="minimum shard tokens (128)")
-    p.add_argument("--planner", choices=("distca", "greedy-baseline"), default="distca")
-    p.add_argument("--model", default="llama3-8b", help="model preset for bytes (llama3-8b)")
-    p.add_argument("--cost-table", default=None, help="CSV q_len,kv_len,pairs_per_s to plan with")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--min-shard", type=int, default=128,
+                   help="fewest query rows and kv columns a cut leaves in a piece (128)")
+    p.add_argument("--planner", choices=("distca", "greedy-baseline"), default="distca",
+                   help="distca: the communication-aware planner; greedy-baseline: the reference "
+                   "system's greedy, for comparison (distca)")
+    p.add_argument("--model", default="llama3-8b",
+                   help="model preset (a recipe's model.preset) whose heads set the bytes "
+                   "moved; an unknown name lists the known ones (llama3-8b)")
+    p.add_argument("--cost-table", default=None,
+                   help="a CSV from 'distca profile attention --out': balance its predicted "
+                   "seconds (causal rows) instead of score pairs")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fields below)")
     p.set_defaults(run=run)
 
 

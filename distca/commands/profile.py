@@ -166,18 +166,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     comm = actions.add_parser("comm", help="all-to-all bandwidth per message size (JSON)")
     comm.add_argument("--world", type=int, default=2, help="local processes (default 2)")
     comm.add_argument("--sizes", default="64K,1M,16M", help="bytes each rank sends, e.g. 64K,1M")
-    comm.add_argument("--iters", type=int, default=5)
+    comm.add_argument("--iters", type=int, default=5, help="timed exchanges per size (5)")
     comm.set_defaults(run=run_comm)
 
     attn = actions.add_parser("attention", help="core-attention throughput per task shape "
                               "(the planner's cost table)")
     attn.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch", "flash",
-                                                            "flex"])
+                                                            "flex"],
+                      help="attention kernels to time (auto: the best on this device)")
     attn.add_argument("--model", default="tiny", help="preset giving heads and head dim (tiny)")
     attn.add_argument("--tp", type=int, default=1, help="tensor parallel: heads per GPU (1)")
     attn.add_argument("--q-lens", default="64,256,1K", help="query lengths (64,256,1K)")
     attn.add_argument("--kv-lens", default="64,256,1K,4K", help="key lengths (64,256,1K,4K)")
-    attn.add_argument("--masks", default="causal,full", help="causal,full")
+    attn.add_argument("--masks", default="causal,full",
+                      help="masks to time, causal and/or full (causal,full)")
     attn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     attn.add_argument("--min-pairs", type=int, default=1 << 20,
                       help="score pairs per timed call: identical tasks are batched up to it")
@@ -186,14 +188,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     attn.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                       help="wall seconds, or this process's CPU seconds (CPU, one thread: "
                       "unaffected by other jobs on the machine)")
-    attn.add_argument("--out", default=None, help="write the cost table CSV here")
-    attn.add_argument("--json", action="store_true")
+    attn.add_argument("--out", default=None, help="write the cost table CSV here: q_len, kv_len, "
+                      "mask, pairs_per_s, seconds_per_task, tflops (what plan and simulate "
+                      "--cost-table read)")
+    attn.add_argument("--json", action="store_true",
+                      help="print the result as JSON: device, backend, shape and the table's rows")
     attn.set_defaults(run=run_attention)
 
     train = actions.add_parser("train", help="real training steps: tokens/s, MFU, per-rank "
                                "breakdown, imbalance (JSON + PNG plots)")
-    train.add_argument("recipe")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, as for 'distca train'")
     train.add_argument("--steps", type=int, default=3, help="measured steps (3)")
     train.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     train.add_argument("--peak-tflops", type=float, default=None,

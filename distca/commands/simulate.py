@@ -10,25 +10,46 @@ from pathlib import Path
 
 from distca.cli import UsageError
 
+_DESCRIPTION = """\
+Predicted training step time of distca against packing, variable-length packing and
+per-document context parallelism, averaged over sampled batches: an analytic model of
+H200-class GPUs, or attention at the speed a measured --cost-table gives."""
+
+_EPILOG = """\
+--json fields: gpus, dp, tp, pp, model, max_len, tokens_per_worker, batches, distribution,
+step_seconds (predicted seconds per step of packing, varlen, per-doc-cp, distca; the mean over
+the batches), speedup_vs_packing (packing's step time over each system's),
+distca_vs_best_baseline (the fastest baseline's step time over distca's)."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="predict step time: distca vs packing, varlen, per-doc CP")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--model", required=True, help="model preset, e.g. llama3-8b")
-    p.add_argument("--max-len", type=int, required=True, help="longest document (tokens)")
+    p = sub.add_parser("simulate", help="predict step time: distca vs packing, varlen, per-doc CP",
+                       description=_DESCRIPTION, epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all: dp × tp × pp")
+    p.add_argument("--model", required=True,
+                   help="model preset, e.g. llama3-8b; an unknown name lists the known ones")
+    p.add_argument("--max-len", type=int, required=True,
+                   help="longest document (tokens); a --distribution file's lengths must not "
+                   "exceed it")
     p.add_argument("--distribution", default="pretrain",
-                   help="pretrain | prolong | a file of lengths (one per line or a JSON list)")
+                   help="pretrain | prolong | a file of lengths (one per line or a JSON list) "
+                   "that batches resample (pretrain)")
     p.add_argument("--batches", type=int, default=4, help="batches to average over (4)")
     p.add_argument("--tokens-per-worker", type=int, default=None,
                    help="tokens per data-parallel replica (default: --max-len)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallel (default min(8, gpus))")
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--tolerance", type=float, default=0.1)
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel (1)")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node: NVLink inside one, the network across (8)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="the planner's ε: max <= (1+ε)·mean (0.1)")
     p.add_argument("--no-ping-pong", action="store_true", help="dispatch does not overlap compute")
-    p.add_argument("--cost-table", default=None, help="CSV q_len,kv_len,pairs_per_s (per GPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--cost-table", default=None,
+                   help="a CSV from 'distca profile attention --out' (pairs/s per GPU by task "
+                   "shape) instead of the analytic attention speed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled batches (0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fields below)")
     p.add_argument("--plot", default=None, help="write a bar chart PNG here")
     p.set_defaults(run=run)
 
