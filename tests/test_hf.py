@@ -193,3 +193,25 @@ def test_outputs_are_never_written_over(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for argv in (["export-hf", str(tmp_path / "run")], ["import-hf", str(hf_dir)]):
         _expect_usage_error(capsys, [*argv, str(tmp_path / "file")], "not a directory")
+
+
+def test_failed_import_leaves_nothing_behind(tmp_path, capsys):
+    """The tokenizer is copied before the weights are checked; a failed import used to leave
+    it there, so rerunning the fixed command was refused as 'not empty'."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    (hf_dir / "tokenizer.json").write_text("{}")
+    good = load_file(str(hf_dir / "model.safetensors"))
+    save_file({k: v for k, v in good.items() if k != "lm_head.weight"},
+              str(hf_dir / "model.safetensors"))
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
+                        "lm_head.weight")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "empty")],
+                        "lm_head.weight")
+    assert list((tmp_path / "empty").iterdir()) == []
+    save_file(good, str(hf_dir / "model.safetensors"))
+    assert main(["import-hf", str(hf_dir), str(tmp_path / "run")]) == 0
