@@ -40,6 +40,7 @@ def test_plan_greedy_baseline_and_lengths_file(capsys, tmp_path):
     assert json.loads(out)["imbalance"] == pytest.approx(1.0667, abs=1e-3)
     code, out, _ = run(capsys, "plan", "--lengths", "300,5,5", "--servers", "3")
     assert code == 0 and "imbalance" in out
+    assert out.startswith("planner distca: 3 document(s)")  # not "distca:", the error prefix
 
 
 @pytest.mark.parametrize("argv, named", [

@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     cost = np.asarray(plan.server_cost, dtype=np.float64)
-    print(f"{args.planner}: {len(lengths)} documents, {total} tokens on {workers} workers x "
-          f"{per_worker}, {args.servers} servers, ε={args.tolerance}")
+    # "planner distca:", not "distca:", which reads as the program's error prefix
+    print(f"planner {args.planner}: {len(lengths)} document(s), {total} tokens on {workers} "
+          f"worker(s) x {per_worker}, {args.servers} server(s), ε={args.tolerance}")
     print(f"imbalance {plan.imbalance_before:.4f} -> {plan.imbalance:.4f} (max/mean score pairs)")
     print(f"bytes moved {plan.bytes_moved / 2**20:.1f} MiB per layer, {plan.tasks.size} tasks, "
           f"planned in {ms:.1f} ms")
