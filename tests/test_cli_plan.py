@@ -44,6 +44,7 @@ def test_plan_greedy_baseline_and_lengths_file(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, named", [
+    (["--lengths", "", "--servers", "2"], "--lengths: no lengths given"),
     (["--lengths", "16,abc", "--servers", "2"], "'abc'"),
     (["--lengths", "16,-3", "--servers", "2"], "-3"),
     (["--lengths", "16,0", "--servers", "2"], "length 0"),

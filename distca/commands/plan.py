@@ -55,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def parse_lengths(text: str) -> list[int]:
     from distca.scheduler.distributions import parse_length
 
-    items = [item for item in text.split(",")]
+    if not text.strip():
+        raise UsageError("--lengths: no lengths given (e.g. --lengths 16384,8192,8192)")
+    items = text.split(",")
     try:
         return [parse_length(item, f"--lengths item {i + 1}") for i, item in enumerate(items)]
     except ValueError as exc:
