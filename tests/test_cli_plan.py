@@ -88,6 +88,7 @@ def test_simulate_plot_path_is_checked_and_its_directory_made(capsys, tmp_path):
 @pytest.mark.parametrize("argv, named", [
     (["--gpus", "12", "--model", "llama3-8b", "--max-len", "4096"], "12 GPUs"),
     (["--gpus", "8", "--model", "gpt-9", "--max-len", "4096"], "gpt-9"),
+    (["--gpus", "8", "--model", "tiny", "--max-len", "64"], "the default --tp 8"),
     (["--gpus", "8", "--model", "tiny", "--max-len", "0"], "--max-len"),
     (["--gpus", "8", "--model", "llama3-8b", "--max-len", "64", "--distribution", "nope.txt"],
      "nope.txt"),

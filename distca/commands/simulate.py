@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     model = ModelSpec(preset["num_layers"], preset["hidden_size"], preset["num_attention_heads"],
                       preset["num_kv_heads"], preset["ffn_hidden_size"])
     if preset["num_attention_heads"] % tp or preset["num_kv_heads"] % tp:
-        raise UsageError(f"--tp {tp} does not divide the heads of {args.model}")
+        which = f"--tp {tp}" if args.tp else f"the default --tp {tp} (min(8, --gpus))"
+        raise UsageError(f"{which} does not divide the heads of {args.model} "
+                         f"({preset['num_attention_heads']} query, {preset['num_kv_heads']} kv)")
     hw = Hardware(cost_table=load_cost_table(args.cost_table))
     tokens = args.tokens_per_worker or args.max_len
     seconds = simulate(distribution, model, cluster, hw, args.max_len, args.batches, tokens,
