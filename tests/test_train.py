@@ -15,8 +15,10 @@ import pytest
 import torch
 from train_helpers import REPO, SocketWatch, descendants, distca_cmd, metrics, run_distca
 
+from distca.cli import main
 from distca.config import load_config
-from distca.train.checkpoint import read_shard
+from distca.train.checkpoint import begin_save, commit, read_shard, write_shard
+from distca.train.run_dir import RunDir
 
 FIELDS = {"step", "loss", "tokens", "tokens_per_s", "step_time_s", "imbalance_before",
           "imbalance", "restarts", "lr", "grad_norm", "skipped", "skipped_rows"}
@@ -49,6 +51,36 @@ def test_resume_needs_a_run_with_checkpoints(tmp_path):
     out = run_distca("train", "recipes/tiny.yaml", "trainer.resume=true",
                      f"trainer.run_dir={tmp_path}")
     assert out.returncode == 2 and "no complete checkpoint" in out.stderr
+
+
+def _finished_run(path):
+    """A run directory as a 6-step tiny.yaml run leaves it (one-tensor shards)."""
+    run = RunDir(path)
+    run.write_config(load_config("recipes/tiny.yaml", ["trainer.steps=6"]))
+    tmp = begin_save(run.checkpoints, 6)
+    commit(tmp, 6, {}, [write_shard(tmp, rank, {"w": torch.zeros(1)}) for rank in range(2)])
+    return run
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["trainer.steps=6"], "already at step 6"),  # nothing left: it reported "loss nan -> nan"
+    (["trainer.steps=4"], "already at step 6"),
+    (["trainer.steps=9", "model.num_layers=2"], "model.num_layers: 2 differs from 4"),
+    (["trainer.steps=9", "parallel.dp=1"], "parallel.dp: 1 differs from 2"),
+])
+def test_resume_checks_steps_and_shapes_before_ray(tmp_path, capsys, overrides, named):
+    run = _finished_run(tmp_path / "run")
+    config = (run.path / "config.yaml").read_text()
+    rc = main(["train", "recipes/tiny.yaml", "trainer.resume=true",
+               f"trainer.run_dir={run.path}", *overrides])
+    assert rc == 2 and named in capsys.readouterr().err
+    assert (run.path / "config.yaml").read_text() == config  # the run's record is kept
+
+
+def test_unwritable_run_dir_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    rc = main(["train", "recipes/tiny.yaml", f"trainer.run_dir={tmp_path}/file"])
+    assert rc == 2 and "trainer.run_dir" in capsys.readouterr().err
 
 
 def test_unreachable_ray_address_is_one_clear_message(tmp_path):

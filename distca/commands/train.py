@@ -16,9 +16,38 @@ from pathlib import Path
 from distca.cli import UsageError
 from distca.config import DistcaConfig, load_config
 
+# What a checkpoint's shards are shaped by: a resumed run must keep these.
+RESUME_FIXED = (*(f"model.{k}" for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                         "num_kv_heads", "ffn_hidden_size", "vocab_size",
+                                         "tie_embeddings", "qkv_bias", "gated_attention",
+                                         "learnable_sinks")),
+                "parallel.dp", "parallel.tp", "parallel.pp", "cad.server_mode",
+                "cad.num_dedicated_servers", "focusft.enabled", "focusft.rank",
+                "focusft.layer_fraction", "focusft.targets")
+
+
+def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> None:
+    """Steps left to train, and the shapes the run's checkpoints were saved with (its
+    ``config.yaml``, written only once these checks pass)."""
+    from omegaconf import OmegaConf
+
+    if step >= cfg.trainer.steps:
+        raise UsageError(f"{recipe}: trainer.steps: the run in {path} is already at step "
+                         f"{step}; set trainer.steps above {step} to train further")
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        return
+    before = OmegaConf.load(saved)
+    now = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+    for key in RESUME_FIXED:
+        old, new = OmegaConf.select(before, key), OmegaConf.select(now, key)
+        if old is not None and old != new:
+            raise UsageError(f"{recipe}: {key}: {new} differs from {old} in {saved}; a resumed "
+                             f"run keeps the model shape and parallel layout of its checkpoints")
+
 
 def _run_dir(cfg: DistcaConfig, recipe: str) -> Path:
-    from distca.train.checkpoint import complete_checkpoints
+    from distca.train.checkpoint import latest_checkpoint
     from distca.train.run_dir import default_run_dir
 
     t = cfg.trainer
@@ -27,12 +56,14 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path:
             raise UsageError(f"{recipe}: trainer.resume: resuming needs trainer.run_dir=<the run>")
         return default_run_dir(recipe)
     path = Path(t.run_dir)
-    has_checkpoints = bool(complete_checkpoints(path / "checkpoints"))
-    if t.resume and not has_checkpoints:
+    found = latest_checkpoint(path / "checkpoints")
+    if t.resume and found is None:
         raise UsageError(f"{recipe}: trainer.resume: {path} holds no complete checkpoint")
-    if not t.resume and has_checkpoints:
+    if not t.resume and found is not None:
         raise UsageError(f"{recipe}: trainer.run_dir: {path} already holds checkpoints; "
                          f"pass trainer.resume=true to continue it or choose a new run_dir")
+    if t.resume:
+        _check_resumable(cfg, recipe, path, found[1]["step"])
     return path
 
 
@@ -53,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
         data = make_dataset(cfg)  # a missing data file or tokenizer fails before Ray starts
     except (OSError, ValueError) as exc:
         raise UsageError(f"{args.recipe}: {exc}") from None
-    run_dir = RunDir(path)
-    run_dir.write_config(cfg)
+    try:
+        run_dir = RunDir(path)
+        run_dir.write_config(cfg)
+    except OSError as exc:
+        raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
     world = len(world_layout(cfg))
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
     try:
