@@ -215,3 +215,14 @@ def test_failed_import_leaves_nothing_behind(tmp_path, capsys):
     assert list((tmp_path / "empty").iterdir()) == []
     save_file(good, str(hf_dir / "model.safetensors"))
     assert main(["import-hf", str(hf_dir), str(tmp_path / "run")]) == 0
+
+
+def test_llama_with_attention_bias_is_refused(tmp_path, capsys):
+    """Such a Llama also has an o_proj bias our model lacks: importing it used to drop that
+    tensor silently and give a model with different logits."""
+    hf_config = transformers.AutoConfig.for_model(**{
+        **{k: v for k, v in hf_config_from_model(LLAMA).items() if k != "architectures"},
+        "attention_bias": True})
+    transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path / "hf")
+    _expect_usage_error(capsys, ["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
+                        "o_proj.bias", "unexpected")

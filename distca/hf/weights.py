@@ -52,9 +52,15 @@ def _top_names(m: ModelConfig) -> list[tuple[str, str]]:
 
 def megatron_from_hf(hf: dict[str, torch.Tensor], m: ModelConfig,
                      source: str = "<weights>") -> dict[str, torch.Tensor]:
-    """Our megatron state dict (TP=1) from a Hugging Face Llama/Qwen2 state dict."""
+    """Our megatron state dict (TP=1) from a Hugging Face Llama/Qwen2 state dict.
 
-    check_shapes(hf, expected_hf_shapes(m), source, allow_extra=True)
+    Only tensors that carry nothing are passed over (RoPE's ``inv_freq`` buffers, ``lm_head``
+    of a tied model); any other extra tensor (say the ``o_proj.bias`` of a Llama with
+    ``attention_bias``) belongs to a model ours does not compute, so it is refused."""
+    carry_nothing = {k for k in hf if k.endswith("rotary_emb.inv_freq")
+                     or (m.tie_embeddings and k == "lm_head.weight")}
+    check_shapes({k: v for k, v in hf.items() if k not in carry_nothing}, expected_hf_shapes(m),
+                 source)
 
     def take(name: str) -> torch.Tensor:
         return hf[name]
@@ -125,7 +131,7 @@ def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-                 source: str, allow_extra: bool = False) -> None:
+                 source: str) -> None:
     """Raise :class:`HFFormatError` naming the first missing, extra or mis-shaped tensor."""
     for name, shape in expected.items():
         if name not in state:
@@ -134,6 +140,6 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
             raise HFFormatError(f"{source}: {name}: shape {tuple(state[name].shape)} does not "
                                 f"match the config's {shape}")
     extra = sorted(set(state) - set(expected))
-    if extra and not allow_extra:
+    if extra:
         raise HFFormatError(f"{source}: {extra[0]}: unexpected tensor "
                             f"({len(extra)} unexpected in all)")
