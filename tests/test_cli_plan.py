@@ -53,6 +53,8 @@ def test_plan_greedy_baseline_and_lengths_file(capsys, tmp_path):
     (["--lengths-file", "/no/such/file", "--servers", "2"], "/no/such/file"),
     (["--lengths", "16", "--servers", "2", "--tokens-per-worker", "4"], "--tokens-per-worker"),
     (["--lengths", "16", "--servers", "2", "--tokens-per-worker", "0"], "--tokens-per-worker"),
+    (["--lengths", "16", "--servers", "2", "--planner", "greedy-baseline", "--cost-table",
+      "t.csv"], "would ignore it"),
     # score pairs are int64: too many tokens must not wrap round or crash
     (["--lengths", "99999999999999999999", "--servers", "2"], "99999999999999999999"),
     (["--lengths", "2147483648,2147483648", "--servers", "2"], "4294967296 tokens"),

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if workers > args.servers:
         raise UsageError(f"--tokens-per-worker {per_worker}: {total} tokens need {workers} "
                          f"workers, more than --servers {args.servers}")
+    if args.cost_table and args.planner != "distca":
+        raise UsageError(f"--cost-table: --planner {args.planner} balances score pairs only and "
+                         "would ignore it")
     shape, table = model_shape(args.model), load_cost_table(args.cost_table)
     plan, ms = timed_plan_step(documents_from_batch(lengths), workers, per_worker, args.servers,
                                tolerance=args.tolerance, min_shard_tokens=args.min_shard,
