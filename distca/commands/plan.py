@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="model preset (a recipe's model.preset) whose heads set the bytes "
                    "moved; an unknown name lists the known ones (llama3-8b)")
     p.add_argument("--cost-table", default=None,
-                   help="a CSV from 'distca profile attention --out': balance its predicted "
-                   "seconds (causal rows) instead of score pairs")
+                   help="a CSV from 'distca profile attention --out': the distca planner "
+                   "balances its predicted seconds (causal rows) instead of score pairs")
     p.add_argument("--json", action="store_true", help="print one JSON object (fields below)")
     p.set_defaults(run=run)
 
