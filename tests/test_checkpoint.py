@@ -11,6 +11,7 @@ from distca.train.checkpoint import (
     begin_save,
     commit,
     complete_checkpoints,
+    damaged_checkpoints,
     latest_checkpoint,
     prune,
     read_shard,
@@ -62,9 +63,18 @@ def test_interrupted_saves_never_load_as_valid(tmp_path):
     no_meta = save(tmp_path, 10)
     (no_meta / "meta.json").unlink()
     assert latest_checkpoint(tmp_path)[0].name == "step_00000002"
+    assert [s for s, _ in damaged_checkpoints(tmp_path)] == [6, 8, 10]
     # a re-save of a step after a restart replaces the old directory
     save(tmp_path, 2)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
+
+
+def test_unreadable_shard_names_its_file(tmp_path):
+    path = save(tmp_path, 2)
+    with open(path / shard_name(0), "r+b") as f:
+        f.write(b"\xff" * 8)  # same size, so read_meta passes; the header is garbage
+    with pytest.raises(ValueError, match=f"{path / shard_name(0)}.*aside"):
+        read_shard(path, 0)
 
 
 def test_prune_keeps_newest_and_removes_abandoned(tmp_path):

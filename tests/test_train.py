@@ -77,6 +77,17 @@ def test_resume_checks_steps_and_shapes_before_ray(tmp_path, capsys, overrides, 
     assert (run.path / "config.yaml").read_text() == config  # the run's record is kept
 
 
+def test_resume_names_a_damaged_newer_checkpoint_it_skips(tmp_path, capsys):
+    run = _finished_run(tmp_path / "run")
+    tmp = begin_save(run.checkpoints, 8)
+    damaged = commit(tmp, 8, {}, [write_shard(tmp, rank, {"w": torch.zeros(1)}) for rank in range(2)])
+    with open(damaged / "rank_00001.safetensors", "r+b") as f:
+        f.truncate(10)
+    main(["train", "recipes/tiny.yaml", "trainer.resume=true", "trainer.steps=6",
+          f"trainer.run_dir={run.path}"])  # stops at the step check, before Ray
+    assert f"skipping {damaged}" in capsys.readouterr().err
+
+
 def test_unwritable_run_dir_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     rc = main(["train", "recipes/tiny.yaml", f"trainer.run_dir={tmp_path}/file"])

@@ -102,14 +102,24 @@ def read_meta(step_dir: Path) -> dict | None:
     return meta
 
 
-def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every complete checkpoint, oldest first."""
+def _step_dirs(checkpoints: Path, complete: bool) -> list[tuple[int, Path]]:
     found = []
     if checkpoints.is_dir():
         for path in checkpoints.iterdir():
-            if path.name.startswith(STEP_PREFIX) and read_meta(path) is not None:
+            if path.name.startswith(STEP_PREFIX) and (read_meta(path) is not None) == complete:
                 found.append((int(path.name[len(STEP_PREFIX):]), path))
     return sorted(found)
+
+
+def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete checkpoint, oldest first."""
+    return _step_dirs(checkpoints, complete=True)
+
+
+def damaged_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of visible step directories whose shards do not match their
+    ``meta.json`` (a commit never leaves one: a disk fault or a cut-short copy did)."""
+    return _step_dirs(checkpoints, complete=False)
 
 
 def latest_checkpoint(checkpoints: Path) -> tuple[Path, dict] | None:
@@ -123,9 +133,15 @@ def latest_checkpoint(checkpoints: Path) -> tuple[Path, dict] | None:
 def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
     """Load one rank's shard and restore its RNG state; returns the rest of the tensors."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(step_dir) / shard_name(rank)))
+    path = Path(step_dir) / shard_name(rank)
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"checkpoint shard {path} is unreadable ({exc}); move "
+                         f"{path.parent} aside to resume from the checkpoint before it") from None
     torch.set_rng_state(state.pop(RNG_KEY))
     return state
 
