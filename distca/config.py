@@ -391,8 +391,11 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     positive("trainer.log_interval", t.log_interval)
     nonnegative("trainer.seed", t.seed)
     nonnegative("trainer.max_restarts", t.max_restarts)
-    nonnegative("ray.num_cpus_per_worker", cfg.ray.num_cpus_per_worker)
-    nonnegative("ray.num_gpus_per_worker", cfg.ray.num_gpus_per_worker)
+    r = cfg.ray
+    nonnegative("ray.num_cpus_per_worker", r.num_cpus_per_worker)
+    nonnegative("ray.num_gpus_per_worker", r.num_gpus_per_worker)
+    if r.num_cpus_per_worker + r.num_gpus_per_worker == 0:  # Ray cannot place an empty bundle
+        raise _fail(source, "ray.num_cpus_per_worker", "a rank needs CPUs or GPUs; both are 0")
 
 
 def _check_finite(node: Any, source: str, prefix: str = "") -> None:

@@ -63,6 +63,7 @@ def _error(recipe, overrides):
         ("optim.eps=0", "optim.eps"),
         ("trainer.seed=-1", "trainer.seed"),
         ("ray.num_gpus_per_worker=-1", "ray.num_gpus_per_worker"),
+        ("ray.num_cpus_per_worker=0", "ray.num_cpus_per_worker"),  # traceback from Ray before
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
