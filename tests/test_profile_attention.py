@@ -10,7 +10,7 @@ from distca.scheduler import CostTable
 from distca.attention import make_task_list
 from distca.attention.reference import task_mask
 from distca.cli import main
-from distca.profile.attention import task_pairs
+from distca.profile.attention import MAX_BATCH_TOKENS, batch_copies, task_pairs
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 7), (7, 1), (5, 5), (3, 9), (9, 3), (64, 20)])
@@ -79,3 +79,12 @@ def test_profile_attention_out_path_is_checked_before_measuring(tmp_path, capsys
                  "--kv-lens", "16", "--masks", "causal", "--min-pairs", "256",
                  "--repeats", "1", "--out", str(table)]) == 0
     assert CostTable.from_csv(table).throughput(16, 16) > 0
+
+
+def test_batch_copies_reach_min_pairs_within_a_token_budget():
+    assert batch_copies(64, 64, False, 1 << 20) == 256  # 4096 pairs a task
+    assert batch_copies(64, 64, False, 1) == 1
+    assert batch_copies(1 << 17, 1 << 17, True, 1 << 20) == 1  # one task, even past the budget
+    # one-token tasks: a million copies (gigabytes of q/k/v) would reach min_pairs
+    copies = batch_copies(1, 1, True, 1 << 20)
+    assert copies * 2 <= MAX_BATCH_TOKENS and copies >= MAX_BATCH_TOKENS // 4

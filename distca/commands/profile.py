@@ -182,7 +182,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="masks to time, causal and/or full (causal,full)")
     attn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     attn.add_argument("--min-pairs", type=int, default=1 << 20,
-                      help="score pairs per timed call: identical tasks are batched up to it")
+                      help="score pairs per timed call: identical tasks are batched up to it "
+                      "(within 64K query + key tokens)")
     attn.add_argument("--repeats", type=int, default=3,
                       help="timed passes per point; the table keeps their median (3)")
     attn.add_argument("--clock", default="wall", choices=["wall", "cpu"],

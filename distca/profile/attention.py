@@ -2,8 +2,9 @@
 
 For every ``(q_len, kv_len, mask)`` of the grid it times forward + backward of
 :func:`distca.attention.core_attention` over a varlen list of identical tasks (enough copies
-that one call does at least ``min_pairs`` score pairs, so per-call overhead is spread the way
-it is on an attention server that runs all its tasks in one call). Causal masks are aligned
+that one call does at least ``min_pairs`` score pairs, within ``MAX_BATCH_TOKENS`` tokens, so
+per-call overhead is spread the way it is on an attention server that runs all its tasks in
+one call). Causal masks are aligned
 bottom-right as in :mod:`distca.attention.tasks`. The result is the CSV that
 :class:`distca.scheduler.CostTable` reads: ``q_len,kv_len,mask,pairs_per_s`` plus the raw
 seconds and TFLOP/s for people.
@@ -22,6 +23,17 @@ from distca.scheduler import attention_flops_per_pair, task_pairs
 
 MASKS = ("causal", "full")
 CSV_COLUMNS = ("q_len", "kv_len", "mask", "pairs_per_s", "seconds_per_task", "tflops")
+# Query plus key tokens of one timed call at most: tiny shapes would otherwise take millions of
+# copies to reach min_pairs (1x1 tasks: 2M tokens, 4 GB on the tiny model and tens of GB on
+# llama3-8b's heads), while 64K tokens of tasks already spread the per-call overhead thin.
+MAX_BATCH_TOKENS = 1 << 16
+
+
+def batch_copies(q_len: int, kv_len: int, causal: bool, min_pairs: int) -> int:
+    """Identical tasks per timed call: enough for ``min_pairs`` score pairs, but no more than
+    ``MAX_BATCH_TOKENS`` query + key tokens (and at least one task)."""
+    wanted = -(-min_pairs // int(task_pairs(q_len, kv_len, causal)))
+    return max(1, min(wanted, MAX_BATCH_TOKENS // (q_len + kv_len)))
 
 
 def time_shape(q_len: int, kv_len: int, causal: bool, heads: int, kv_heads: int, head_dim: int,
@@ -35,7 +47,7 @@ def time_shape(q_len: int, kv_len: int, causal: bool, heads: int, kv_heads: int,
     timer = time.process_time if clock == "cpu" else time.perf_counter
     from distca.attention import core_attention, make_task_list
 
-    copies = max(1, -(-min_pairs // task_pairs(q_len, kv_len, causal)))
+    copies = batch_copies(q_len, kv_len, causal, min_pairs)
     gen = torch.Generator().manual_seed(q_len * 7919 + kv_len)
 
     def randn(tokens: int, h: int) -> torch.Tensor:
