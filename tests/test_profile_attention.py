@@ -63,7 +63,10 @@ def test_cost_table_mask_column_selects_rows(tmp_path):
                                         (["--tp", "0"], "--tp"),
                                         (["--tp", "-2"], "--tp"),
                                         (["--min-pairs", "0"], "--min-pairs"),
-                                        (["--repeats", "0"], "--repeats")])
+                                        (["--repeats", "0"], "--repeats"),
+                                        (["--clock", "cpu", "--threads", "2", "--q-lens", "16",
+                                          "--kv-lens", "16", "--masks", "causal",
+                                          "--min-pairs", "256", "--repeats", "1"], "--threads")])
 def test_profile_attention_bad_input(argv, flag, capsys):
     assert main(["profile", "attention", *argv]) == 2
     captured = capsys.readouterr()

@@ -83,6 +83,11 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.clock == "cpu":  # CPU seconds of several threads add up: not a core's work
+        if args.threads not in (None, 1):
+            raise UsageError(f"--clock cpu times one thread, got --threads {args.threads} "
+                             "(use --threads 1, or --clock wall)")
+        args.threads = 1
     q_lens, kv_lens = parse_lengths("--q-lens", args.q_lens), parse_lengths("--kv-lens", args.kv_lens)
     masks = [m.strip() for m in args.masks.split(",")]
     out = output_file("--out", args.out) if args.out else None
@@ -187,8 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     attn.add_argument("--repeats", type=int, default=3,
                       help="timed passes per point; the table keeps their median (3)")
     attn.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                      help="wall seconds, or this process's CPU seconds (CPU, one thread: "
-                      "unaffected by other jobs on the machine)")
+                      help="wall seconds, or this process's CPU seconds (CPU, one thread, "
+                      "which cpu implies: unaffected by other jobs on the machine)")
     attn.add_argument("--out", default=None, help="write the cost table CSV here: q_len, kv_len, "
                       "mask, pairs_per_s, seconds_per_task, tflops (what plan and simulate "
                       "--cost-table read)")
