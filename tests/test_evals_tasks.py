@@ -92,3 +92,15 @@ def test_cli_synth_out_is_a_directory(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2 and "is a directory" in captured.err
     assert list(tmp_path.parent.glob(tmp_path.name + ".tmp")) == []
+
+
+def test_cwe_word_list_grows_past_the_three_syllable_words():
+    """Asking for more words than the 70**3 three-syllable ones used to loop forever (a cwe
+    haystack of some ten million byte tokens)."""
+    import random
+
+    from distca.evals.tasks import _pseudo_words
+
+    words = _pseudo_words(random.Random(0), 200_000)
+    assert len(set(words)) == 200_000 and {len(w) for w in words} == {8}
+    assert {len(w) for w in _pseudo_words(random.Random(0), 1000)} == {6}  # small lists unchanged

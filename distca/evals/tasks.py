@@ -100,11 +100,17 @@ def _vt(rng: random.Random, size: int, hops: int = 4) -> Example:
 
 
 def _pseudo_words(rng: random.Random, n: int) -> list[str]:
-    """``n`` distinct pronounceable words, so the list can grow past any fixed vocabulary."""
+    """``n`` distinct pronounceable words, so the list can grow past any fixed vocabulary.
+
+    Words have three syllables, more once ``n`` nears the 70**3 three-syllable words (drawing
+    distinct words from too small a set never ends)."""
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    syllables = 3
+    while (len(consonants) * len(vowels)) ** syllables < 2 * n:
+        syllables += 1
     words: set[str] = set()
     while len(words) < n:
-        words.add("".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(3)))
+        words.add("".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables)))
     return sorted(words)
 
 
