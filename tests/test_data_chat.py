@@ -77,6 +77,19 @@ def test_hf_chat_template_reply_spans(tmp_path):
     assert "".join(inverse[int(t)] for t in tokens[is_response]) == "Hello!$"
 
 
+def test_tokenizer_given_as_its_file_keeps_its_chat_template(tmp_path):
+    """data.tokenizer may name tokenizer.json itself; the template beside it used to be
+    ignored (ChatML instead, silently) and eval's decoder crashed on such a path."""
+    from distca.commands.eval import Decoder
+
+    file = str(write_tokenizer_dir(tmp_path) / "tokenizer.json")
+    rendered = ChatTemplate(file).render(CONVERSATION[:3], None, generation_prompt=False)
+    assert rendered == "[system]Be brief.$[user]Hi$[assistant]Hello!$"
+    decoder = Decoder(file)
+    assert decoder.stop_id == HFTokenizer(file).token_id("$")
+    assert decoder.decode(HFTokenizer(file).encode("Hi!").tolist()).replace(" ", "") == "Hi!"
+
+
 def write_rows(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 from distca.cli import UsageError
 from distca.evals.tasks import TASKS
@@ -29,20 +28,20 @@ class Decoder:
             self._tok = None
             self.stop_text = CHATML_END
             return
-        from tokenizers import Tokenizer
+        from distca.data.tokenizer import HFTokenizer, tokenizer_config_dir
 
-        self._tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-        config = Path(tokenizer_dir) / "tokenizer_config.json"
+        self._tok = HFTokenizer(tokenizer_dir)
+        config = tokenizer_config_dir(tokenizer_dir) / "tokenizer_config.json"
         eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
         eos = eos.get("content") if isinstance(eos, dict) else eos
-        self.stop_id = self._tok.token_to_id(eos) if eos else None
+        self.stop_id = self._tok.token_id(eos) if eos else None
         if self.stop_id is None:
             self.stop_text = CHATML_END
 
     def decode(self, ids: list[int]) -> str:
         if self._tok is None:
             return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids)
 
 
 def greedy_reply(logits_fn: Callable, prompt, max_new_tokens: int, decoder: Decoder) -> str:

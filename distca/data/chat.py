@@ -28,7 +28,7 @@ import numpy as np
 from distca.batch import PackedBatch
 from distca.data.packing import IGNORE
 from distca.data.text import data_file, jsonl_rows
-from distca.data.tokenizer import Tokenizer
+from distca.data.tokenizer import Tokenizer, tokenizer_config_dir
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -39,7 +39,8 @@ class ChatTemplate:
     def __init__(self, tokenizer_dir: str | None):
         self._template = None
         self._specials: dict[str, str] = {}
-        config = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir else None
+        config = tokenizer_config_dir(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir \
+            else None
         if config is not None and config.is_file():
             data = json.loads(config.read_text())
             source = data.get("chat_template")

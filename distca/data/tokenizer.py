@@ -29,8 +29,15 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
+def tokenizer_config_dir(path: str | Path) -> Path:
+    """The directory of a tokenizer named by its directory or by its ``tokenizer.json`` file:
+    where ``tokenizer_config.json`` (chat template, eos token) is looked for."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` loaded from a local directory."""
+    """A Hugging Face ``tokenizer.json`` loaded from a local directory (or given as the file)."""
 
     def __init__(self, directory: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
@@ -50,6 +57,13 @@ class HFTokenizer:
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled ``text`` (say the eos token), or None."""
+        return self._tok.token_to_id(text)
 
 
 def load_tokenizer(path: str | None) -> Tokenizer:
