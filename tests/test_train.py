@@ -18,7 +18,7 @@ from train_helpers import REPO, SocketWatch, descendants, distca_cmd, metrics, r
 from distca.cli import main
 from distca.config import load_config
 from distca.train.checkpoint import begin_save, commit, read_shard, write_shard
-from distca.train.run_dir import RunDir
+from distca.train.run_dir import RunDir, default_run_dir
 
 FIELDS = {"step", "loss", "tokens", "tokens_per_s", "step_time_s", "imbalance_before",
           "imbalance", "restarts", "lr", "grad_norm", "skipped", "skipped_rows"}
@@ -92,6 +92,14 @@ def test_unwritable_run_dir_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     rc = main(["train", "recipes/tiny.yaml", f"trainer.run_dir={tmp_path}/file"])
     assert rc == 2 and "trainer.run_dir" in capsys.readouterr().err
+
+
+def test_default_run_dirs_of_one_second_are_distinct(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261122-150000")
+    first, second = default_run_dir("recipes/tiny.yaml"), default_run_dir("tiny.yaml")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == first.name + "-2"
 
 
 def test_unreachable_ray_address_is_one_clear_message(tmp_path):

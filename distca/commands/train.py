@@ -46,15 +46,15 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
                              f"run keeps the model shape and parallel layout of its checkpoints")
 
 
-def _run_dir(cfg: DistcaConfig, recipe: str) -> Path:
+def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
+    """The run directory given by ``trainer.run_dir``, checked; None for a new default one."""
     from distca.train.checkpoint import damaged_checkpoints, latest_checkpoint
-    from distca.train.run_dir import default_run_dir
 
     t = cfg.trainer
     if t.run_dir is None:
         if t.resume:
             raise UsageError(f"{recipe}: trainer.resume: resuming needs trainer.run_dir=<the run>")
-        return default_run_dir(recipe)
+        return None
     path = Path(t.run_dir)
     found = latest_checkpoint(path / "checkpoints")
     if t.resume and found is None:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from distca.data import make_dataset
     from distca.train.errors import ClusterError, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address
-    from distca.train.run_dir import RunDir
+    from distca.train.run_dir import RunDir, default_run_dir
     from distca.train.worker import world_layout
 
     try:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"{args.recipe}: {exc}") from None
     try:
-        run_dir = RunDir(path)
+        run_dir = RunDir(path or default_run_dir(args.recipe))
         run_dir.write_config(cfg)
     except OSError as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -11,8 +12,19 @@ from distca.config import DistcaConfig, to_yaml
 
 
 def default_run_dir(recipe: str | Path) -> Path:
-    """``runs/<recipe>-<timestamp>/`` relative to the working directory."""
-    return Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A new, empty ``runs/<recipe>-<timestamp>/`` relative to the working directory (``-2``,
+    ``-3``, ... appended when taken): created here, so two runs started in the same second
+    never share one and overwrite each other's checkpoints."""
+    base = Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def _write_atomically(path: Path, text: str) -> None:
