@@ -90,6 +90,29 @@ def test_tokenizer_given_as_its_file_keeps_its_chat_template(tmp_path):
     assert decoder.decode(HFTokenizer(file).encode("Hi!").tolist()).replace(" ", "") == "Hi!"
 
 
+def test_template_errors_name_the_config_or_the_row(tmp_path):
+    """A broken tokenizer_config.json or template, and a row the template cannot render, used
+    to surface as bare JSON/jinja exceptions naming neither file nor row."""
+    (tmp_path / "tok").mkdir()
+    directory = write_tokenizer_dir(tmp_path / "tok")
+    config = directory / "tokenizer_config.json"
+    data = tmp_path / "chat.jsonl"
+    write_rows(data, [{"messages": CONVERSATION[1:3]}])
+
+    def load():
+        return ChatData([str(data)], HFTokenizer(directory), str(directory), 4096, seed=0)
+
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{config}: not valid JSON"):
+        load()
+    config.write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+    with pytest.raises(ValueError, match=rf"{config}: chat_template"):
+        load()
+    config.write_text(json.dumps({"chat_template": "{{ messages[0].tool_calls.name }}"}))
+    with pytest.raises(ValueError, match=rf"{data}:1: bad chat row: chat template"):
+        load()
+
+
 def write_rows(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
 

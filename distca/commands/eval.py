@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
         decoder = Decoder(tokenizer_dir)
+        template = ChatTemplate(tokenizer_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--tokenizer {tokenizer_dir}: {exc}") from exc
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -107,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
 
     model = LocalModel(single_rank_config(cfg.model, cfg.attention.backend.value))
     model.load_model_state(state)
-    template = ChatTemplate(tokenizer_dir)
 
     def answer(row: dict) -> str:
         prompt = template.render(row["messages"][:-1], None, generation_prompt=True)

@@ -42,16 +42,23 @@ class ChatTemplate:
         config = tokenizer_config_dir(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir \
             else None
         if config is not None and config.is_file():
-            data = json.loads(config.read_text())
+            try:
+                data = json.loads(config.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{config}: not valid JSON ({exc})") from None
             source = data.get("chat_template")
             if isinstance(source, list):  # named templates: use the default one
                 source = next((t["template"] for t in source if t.get("name") == "default"), None)
             if source:
+                from jinja2 import TemplateError
                 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
                 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
                 env.globals["raise_exception"] = _raise_template_error
-                self._template = env.from_string(source)
+                try:
+                    self._template = env.from_string(source)
+                except TemplateError as exc:
+                    raise ValueError(f"{config}: chat_template: {exc}") from None
                 self._specials = {k: _token_text(data.get(k)) for k in ("bos_token", "eos_token")}
 
     def render(self, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
@@ -59,8 +66,14 @@ class ChatTemplate:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
                            for m in messages)
             return text + ("<|im_start|>assistant\n" if generation_prompt else "")
-        return self._template.render(messages=messages, tools=tools,
-                                     add_generation_prompt=generation_prompt, **self._specials)
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(messages=messages, tools=tools,
+                                         add_generation_prompt=generation_prompt,
+                                         **self._specials)
+        except TemplateError as exc:  # a row the template cannot render: a bad row, named
+            raise ValueError(f"chat template: {exc}") from None
 
 
 def _token_text(value) -> str:
