@@ -174,3 +174,20 @@ def test_skipped_rows_reach_the_dataset_the_trainer_logs(tmp_path):
     cfg = load_config(Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml",
                       ["data.kind=chat", f"data.paths=[{path}]", "data.skip_bad_rows=true"])
     assert make_dataset(cfg).skipped_rows == 1
+
+
+def test_conversation_longer_than_a_micro_batch_fails_before_training(tmp_path, capsys):
+    """It used to pass make_dataset and fail with a traceback in the first step, after Ray
+    had started the workers."""
+    from distca.cli import main
+
+    path = tmp_path / "chat.jsonl"
+    write_rows(path, [{"messages": CONVERSATION}])  # about 190 byte tokens
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml"
+    overrides = [f"data.paths=[{path}]", "data.tokens_per_rank=64",
+                 f"trainer.run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match=r"conversation of \d+ tokens .* \(128 tokens"):
+        make_dataset(load_config(recipe, overrides))
+    assert main(["train", str(recipe), *overrides]) == 2
+    assert "data.tokens_per_rank" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

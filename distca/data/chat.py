@@ -181,9 +181,12 @@ class ChatData:
         if total != self._bin_total:
             self._bins, self._bin_total = {}, total
         if epoch not in self._bins:
-            if max(d[0].size for d in self.docs) > total:
-                raise ValueError(f"a conversation is longer than a micro-batch ({total} tokens): "
-                                 f"raise data.tokens_per_rank or lower data.max_length")
+            longest = max(d[0].size for d in self.docs)
+            if longest > total:
+                raise ValueError(f"a conversation of {longest} tokens is longer than a "
+                                 f"micro-batch ({total} tokens, parallel.dp x "
+                                 f"data.tokens_per_rank): raise data.tokens_per_rank or lower "
+                                 f"data.max_length")
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
             bins: list[list[int]] = [[]]
             used = 0

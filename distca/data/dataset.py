@@ -33,7 +33,8 @@ class Dataset:
 
 
 def make_dataset(cfg: DistcaConfig) -> Dataset:
-    """Build the configured data source; a missing file or tokenizer raises naming its path."""
+    """Build the configured data source; a missing file or tokenizer, or data that cannot make a
+    micro-batch, raises naming the path or key."""
     d = cfg.data
     if d.kind is DataKind.synthetic:
         source = SyntheticData(d.distribution, d.max_length, cfg.model.vocab_size,
@@ -49,4 +50,8 @@ def make_dataset(cfg: DistcaConfig) -> Dataset:
         else:
             source = ChatData(d.paths, tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
                               d.skip_bad_rows)
-    return Dataset(source, cfg.parallel.dp, d.tokens_per_rank, d.micro_batches)
+    dataset = Dataset(source, cfg.parallel.dp, d.tokens_per_rank, d.micro_batches)
+    # build one step now: data that cannot fill a micro-batch (a conversation longer than
+    # one) fails here, in the driver before Ray starts, not in the first training step
+    dataset.step_batches(1)
+    return dataset
