@@ -145,6 +145,21 @@ def test_text_jsonl_bytes_bom_and_directories(tmp_path):
         read_documents([str(tmp_path)])
 
 
+def test_text_reads_parquet_and_refuses_binary_files(tmp_path):
+    """A .parquet or .jsonl.gz file used to be read as plain text: training on its bytes."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "a"}, {"text": "bb"}]), tmp_path / "d.parquet")
+    assert read_documents([str(tmp_path / "d.parquet")]) == (["a", "bb"], 0)
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write('{"text": "hello"}\n' * 50)
+    with pytest.raises(ValueError, match=r"d.jsonl.gz is not a text file"):
+        read_documents([str(tmp_path / "d.jsonl.gz")])
+
+
 def test_hf_tokenizer_directory(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

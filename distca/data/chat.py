@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from distca.batch import PackedBatch
 from distca.data.packing import IGNORE
-from distca.data.text import data_file, jsonl_rows
+from distca.data.text import data_file, table_rows
 from distca.data.tokenizer import Tokenizer, tokenizer_config_dir
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -125,19 +124,6 @@ def _check_row(row) -> tuple[list[dict], list | None]:
     return [{"role": m["role"], "content": m["content"]} for m in messages], tools
 
 
-def _rows(path: Path):
-    """(row number, row) pairs; a row that is not valid UTF-8 JSON is passed on as the
-    exception."""
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
-        yield from enumerate(pq.read_table(path).to_pylist(), 1)
-        return
-    yield from jsonl_rows(path)
-
-
 class ChatData:
     """Tokenized conversations packed into micro-batches with turn structure."""
 
@@ -149,7 +135,7 @@ class ChatData:
         self.too_long = 0
         for name in paths:
             path = data_file(name)
-            for number, row in _rows(path):
+            for number, row in table_rows(path):
                 try:
                     if isinstance(row, Exception):
                         raise ValueError(f"not valid UTF-8 JSON ({row})")

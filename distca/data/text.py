@@ -1,5 +1,5 @@
-"""Real text from local files: JSONL (one object per line with a ``text`` field) or plain text
-(one document per file), tokenized once into a random-access token stream.
+"""Real text from local files: JSONL or Parquet (one row per document with a ``text`` field)
+or plain UTF-8 text (one document per file), tokenized once into a random-access token stream.
 
 Documents longer than ``max_length`` are cut into ``max_length`` chunks. Every epoch visits the
 documents in a fresh order drawn from ``(seed, epoch)``; micro-batch ``g`` is the stream's
@@ -43,6 +43,26 @@ def jsonl_rows(path: Path):
                 yield number, exc
 
 
+def table_rows(path: Path):
+    """(row number, row) of a ``.parquet`` file, else of a JSONL file (see :func:`jsonl_rows`)."""
+    if path.suffix != ".parquet":
+        yield from jsonl_rows(path)
+        return
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+    yield from enumerate(pq.read_table(path).to_pylist(), 1)
+
+
+def _plain_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data:  # a compressed or binary file would otherwise train on its bytes
+        raise ValueError(f"data.paths: {path} is not a text file (it has NUL bytes); "
+                         f"data.kind=text reads .jsonl, .parquet and plain text files")
+    return data.decode("utf-8", errors="replace")
+
+
 def read_documents(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[str], int]:
     """The text of every document in ``paths`` and the number of bad rows skipped; errors name
     the file (and line) at fault."""
@@ -50,10 +70,10 @@ def read_documents(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[
     skipped = 0
     for name in paths:
         path = data_file(name)
-        if path.suffix != ".jsonl":
-            docs.append(path.read_text(encoding="utf-8", errors="replace"))
+        if path.suffix not in (".jsonl", ".parquet"):
+            docs.append(_plain_text(path))
             continue
-        for number, row in jsonl_rows(path):
+        for number, row in table_rows(path):
             if isinstance(row, ValueError):
                 problem = f"not valid UTF-8 JSON: {row}"
             elif not isinstance(row, dict) or not isinstance(row.get("text"), str):
