@@ -181,6 +181,17 @@ def test_corrupt_safetensors_names_the_file(tmp_path, capsys):
                         str(hf_dir / "model.safetensors"), "not a readable safetensors file")
 
 
+@pytest.mark.parametrize("index", ['{"weight_map": ["model.safetensors"]}', '[]',
+                                   '{"weight_map": {"lm_head.weight": 3}}'])
+def test_malformed_shard_index_names_the_file(tmp_path, capsys, index):
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors.index.json").write_text(index)
+    _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "run")],
+                        str(hf_dir / "model.safetensors.index.json"), "weight_map")
+
+
 def test_outputs_are_never_written_over(tmp_path, capsys):
     """export-hf into a model directory used to replace its config.json and weights silently."""
     hf_dir = tmp_path / "hf"

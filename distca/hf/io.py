@@ -70,8 +70,11 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise HFFormatError(f"{index}: weight_map: missing or not JSON") from exc
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(name, str) for name in weight_map.values())):
+            raise HFFormatError(f"{index}: weight_map: must map tensor names to file names")
         files = [directory / name for name in sorted(set(weight_map.values()))]
     elif (directory / "pytorch_model.bin").exists():
         raise HFFormatError(f"{directory / 'pytorch_model.bin'}: pickled weights are not "
