@@ -103,6 +103,21 @@ def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
     assert plain.forward_backward([chat_batch(5)])["loss"] == pytest.approx(losses[0], rel=1e-6)
 
 
+def test_inner_loss_is_a_token_mean_over_micro_batches_like_the_loss():
+    """inner_loss_0 is the loss before any adaptation: the SFT loss of the same weights, a mean
+    over every loss token of the step, not a mean of per-micro-batch means."""
+    from distca.focusft import FocusftEngine
+
+    batches = [chat_batch(5), pack_conversations(multiturn_docs(6, [30]), 1, 192)]
+    counts = [int((b.labels != -100).sum()) for b in batches]
+    assert max(counts) > 2 * min(counts)  # unequal micro-batches tell the two means apart
+    engine = make(FocusftEngine, ["focusft.inner_steps=1"])
+    plain = make(FocusftEngine, ["focusft.inner_steps=0"])
+    plain.model.load_state_dict(engine.model.state_dict())
+    got = engine.forward_backward(batches)["inner_loss_0"]
+    assert got == pytest.approx(plain.forward_backward(batches)["loss"], rel=1e-6)
+
+
 def test_fast_weights_reset_every_step_and_stay_private():
     from distca.engine import Engine
     from distca.focusft import FocusftEngine

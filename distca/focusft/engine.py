@@ -95,8 +95,9 @@ class FocusftEngine(Engine):
     def forward_backward(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
         """Outer loss and base-weight gradients (data-parallel summed) after the inner loops.
 
-        Extra stats: ``inner_loss_{i}`` = mean response loss before inner SGD step ``i``,
-        averaged over micro-batches (the outer ``loss`` is the one after the last step).
+        Extra stats: ``inner_loss_{i}`` = response-token mean loss before inner SGD step ``i``,
+        over all micro-batches' loss tokens like ``loss`` (the one after the last step), so
+        ``inner_loss_0`` is the SFT loss of the same weights.
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
@@ -120,15 +121,17 @@ class FocusftEngine(Engine):
         stats = {"loss": _all_reduce_scalar(loss_sum, self.dp_group) / total,
                  "imbalance_before": sum(before) / len(before),
                  "imbalance": sum(after) / len(after)}
-        stats.update({f"inner_loss_{i}": float(v) / len(micro_batches)
-                      for i, v in enumerate(inner)})
+        # inner sums are data-parallel summed already; a plain mean of per-micro-batch means
+        # would weight a micro-batch with few loss tokens like one with many
+        stats.update({f"inner_loss_{i}": float(v) / total for i, v in enumerate(inner)})
         return stats
 
     def _micro_batch_step(self, index: int, batch: PackedBatch, plan: StepPlan, total: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reset, inner loop and outer backward of one micro-batch.
 
-        Returns this rank's outer loss sum and the inner losses (float64 scalar, (inner_steps,)).
+        Returns this rank's outer loss sum (float64 scalar) and the inner loss sums over the
+        whole micro-batch, all ranks ((inner_steps,) float64).
         """
         tokens, labels, mask = self._load(batch, plan)
         seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
@@ -141,7 +144,8 @@ class FocusftEngine(Engine):
 
     def _inner_loop(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                     count: int) -> torch.Tensor:
-        """Adapt the fast weights in place; returns the (inner_steps,) float64 losses seen."""
+        """Adapt the fast weights in place; returns the (inner_steps,) float64 loss sums seen
+        (over the micro-batch's ``count`` loss tokens on every rank)."""
         f = self.cfg.focusft
         losses = torch.zeros(f.inner_steps, dtype=torch.float64)
         telemetry, self.runtime.telemetry = self.runtime.telemetry, None  # outer forward only
@@ -154,7 +158,7 @@ class FocusftEngine(Engine):
                                  + [local.detach().reshape(1).to(grads[0].dtype)])
                 if self.cfg.parallel.dp > 1:
                     dist.all_reduce(flat, group=self.dp_group)
-                losses[i] = float(flat[-1]) / count
+                losses[i] = float(flat[-1])
                 offset, summed = 0, []
                 for g in grads:
                     summed.append(flat[offset:offset + g.numel()].view_as(g))
