@@ -77,6 +77,17 @@ def test_resume_checks_steps_and_shapes_before_ray(tmp_path, capsys, overrides, 
     assert (run.path / "config.yaml").read_text() == config  # the run's record is kept
 
 
+def test_resume_may_turn_focusft_on(tmp_path):
+    """Fast weights are in no checkpoint, so FocuSFT may continue an SFT (or imported) run."""
+    from distca.commands.train import _check_resumable
+
+    run = _finished_run(tmp_path / "run")
+    cfg = load_config("recipes/tiny.yaml", ["trainer.steps=9", "focusft.enabled=true",
+                                            "focusft.rank=4", "focusft.layer_fraction=0.5",
+                                            "focusft.targets=[linear_fc2]"])
+    _check_resumable(cfg, "recipes/tiny.yaml", run.path, 6)  # no UsageError
+
+
 def test_resume_names_a_damaged_newer_checkpoint_it_skips(tmp_path, capsys):
     run = _finished_run(tmp_path / "run")
     tmp = begin_save(run.checkpoints, 8)

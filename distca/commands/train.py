@@ -16,14 +16,14 @@ from pathlib import Path
 from distca.cli import UsageError
 from distca.config import DistcaConfig, load_config
 
-# What a checkpoint's shards are shaped by: a resumed run must keep these.
+# What a checkpoint's shards are shaped by: a resumed run must keep these. Not focusft.*:
+# fast weights are in no checkpoint, so FocuSFT may start from an SFT or imported checkpoint.
 RESUME_FIXED = (*(f"model.{k}" for k in ("num_layers", "hidden_size", "num_attention_heads",
                                          "num_kv_heads", "ffn_hidden_size", "vocab_size",
                                          "tie_embeddings", "qkv_bias", "gated_attention",
                                          "learnable_sinks")),
                 "parallel.dp", "parallel.tp", "parallel.pp", "cad.server_mode",
-                "cad.num_dedicated_servers", "focusft.enabled", "focusft.rank",
-                "focusft.layer_fraction", "focusft.targets")
+                "cad.num_dedicated_servers")
 
 
 def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> None:
