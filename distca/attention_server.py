@@ -11,6 +11,11 @@ on both sides).
 
 Groups: the exchange group is every rank; gradients and losses are reduced over the workers
 only. Dedicated servers are implemented for ``parallel.tp = parallel.pp = 1``.
+
+With ``focusft.enabled`` a server mirrors the workers' bilevel step
+(:mod:`distca.focusft.engine`): the layers below the first adapted layer's MLP once, then per
+inner step a forward and backward of the adapted layers above it, then their outer forward
+and one backward through everything.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from megatron.core import parallel_state
 
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig, ServerMode
+from distca.focusft.fast_weights import top_layer_count
 from distca.model import AttentionRuntime, apply_cpu_shims
 from distca.parallel.layout import DispatchLayout
 from distca.parallel.nanobatch import NanoBatches, document_cuts, nano_batches
@@ -130,20 +136,44 @@ class AttentionServer:
                                 head_dim=m.hidden_size // m.num_attention_heads,
                                 bytes_per_elem=2 if cfg.trainer.precision.value == "bf16" else 4)
         self.dtype = torch.bfloat16 if cfg.trainer.precision.value == "bf16" else torch.float32
+        # FocuSFT: attention layers of the inner loop (the adapted layers above the first one,
+        # whose attention runs once, with the layers below it)
+        f = cfg.focusft
+        self.inner_layers = top_layer_count(m.num_layers, f.layer_fraction) - 1 if f.enabled else 0
         self.step = 0
 
-    def _serve(self, batch: PackedBatch, plan: StepPlan, grad: bool) -> torch.Tensor:
-        """Serve every layer's exchange of one micro-batch; a scalar whose backward serves the
-        backward exchanges (in reverse layer order, as on the workers)."""
-        c, s = self.cfg, self.shape
-        layout = exchange_layout(c, plan, batch, self.rank,
+    def _load(self, batch: PackedBatch, plan: StepPlan) -> None:
+        """Point the runtime at this server's exchanges of ``batch``."""
+        layout = exchange_layout(self.cfg, plan, batch, self.rank,
                                  dist.get_world_size(self.exchange_group), self.device)
         if isinstance(layout, NanoBatches):
             # the workers' staggered layers issue the exchanges of ping-pong attention
             layout = layout.layouts
         self.runtime.set_batch(torch.zeros(0, dtype=torch.int64, device=self.device), layout)
-        total = torch.zeros((), device=self.device)
-        for _ in range(c.model.num_layers):
+
+    def _serve(self, batch: PackedBatch, plan: StepPlan, grad: bool) -> torch.Tensor:
+        """Serve every layer's exchange of one micro-batch; a scalar whose backward serves the
+        backward exchanges (in reverse layer order, as on the workers)."""
+        self._load(batch, plan)
+        if self.inner_layers and grad:
+            return self._serve_focusft()
+        return self._attend_layers(self.cfg.model.num_layers, grad)
+
+    def _serve_focusft(self) -> torch.Tensor:
+        """The FocuSFT step's exchanges (see the module docstring); returns the outer scalar."""
+        total = self._attend_layers(self.cfg.model.num_layers - self.inner_layers, True)
+        for _ in range(self.cfg.focusft.inner_steps):
+            self._attend_layers(self.inner_layers, True).backward()
+        return self._attend_layers(self.inner_layers, True, total)
+
+    def _attend_layers(self, layers: int, grad: bool, total: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Join ``layers`` layers' forward exchanges; fp32 scalar (``total`` plus their
+        outputs) whose backward joins their backward exchanges, last layer first."""
+        s = self.shape
+        if total is None:
+            total = torch.zeros((), device=self.device)
+        for _ in range(layers):
             q, k, v = (torch.zeros(0, h, s.head_dim, dtype=self.dtype, device=self.device,
                                    requires_grad=grad) for h in (s.h_q, s.h_kv, s.h_kv))
             out, lse = self.runtime.attend(q, k, v, s.head_dim ** -0.5)

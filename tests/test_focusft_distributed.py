@@ -1,7 +1,9 @@
 """A 2-rank FocuSFT step (gloo, CAD on) equals one process stepping on the whole batch.
 
 The batch has a multi-turn conversation longer than a worker's share, so both the inner and
-the outer loop's attention cross ranks through the CA-task dispatch.
+the outer loop's attention cross ranks through the CA-task dispatch. A variant adapts three of
+the four layers (the inner loop then runs two layers' attention) and adds a dedicated
+attention server, which must join the inner loop's exchanges too.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ def _batch():
     return pack_conversations(multiturn_docs(3, [110, 1, 5, 8, 3, 9, 1, 20, 7]), 2, T)
 
 
-def _rank_main(rank: int, world: int, port: int, outdir: str) -> None:
+def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     from distca.config import load_config
     from distca.focusft import FocusftEngine
 
     out = Path(outdir)
+    servers = [o for o in extra if o.startswith("cad.")] if world > 1 else []
+    model = [o for o in extra if not o.startswith("cad.")]
     cfg = load_config(ROOT / "recipes" / "tiny-focusft.yaml",
-                      OVERRIDES + [f"parallel.dp={world}"])
+                      OVERRIDES + model + servers + [f"parallel.dp={min(world, 2)}"])
     engine = FocusftEngine(cfg)
+    if rank >= 2:  # a dedicated attention server: it only joins the workers' exchanges
+        dist.barrier()
+        engine.forward_backward([_batch()])
+        dist.destroy_process_group()
+        return
     batch = _batch()
     if world == 1:
         engine.load_state_dict(torch.load(out / "init.pt"))
@@ -56,10 +65,19 @@ def _rank_main(rank: int, world: int, port: int, outdir: str) -> None:
     dist.destroy_process_group()
 
 
+DEDICATED = ["cad.server_mode=dedicated", "cad.num_dedicated_servers=1"]
+
+
 @pytest.mark.slow
-def test_two_rank_focusft_step_matches_single_process(tmp_path):
-    for world in (2, 1):
-        mp.spawn(_rank_main, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+@pytest.mark.parametrize("extra", [
+    [],
+    # 3 of 4 layers adapted: 2 layers' attention in every inner step, served by the server too
+    ["focusft.layer_fraction=0.75", *DEDICATED],
+], ids=["two_ranks", "inner_attention_dedicated_server"])
+def test_two_rank_focusft_step_matches_single_process(tmp_path, extra):
+    world = 3 if DEDICATED[0] in extra else 2
+    for w in (world, 1):
+        mp.spawn(_rank_main, args=(w, free_port(), str(tmp_path), extra), nprocs=w, join=True)
     ref = torch.load(tmp_path / "ref.pt")
     assert ref["stats"]["inner_loss_1"] < ref["stats"]["inner_loss_0"]
     for rank in (0, 1):
