@@ -50,6 +50,91 @@ def test_readme_shows_job_submit():
     assert "distca train recipes/llama3-8b-128k.yaml" in (CLUSTER / "README.md").read_text()
 
 
+def _listener(host: str, reply: bytes | None):
+    """A one-thread TCP server on ``host``: answers every connection with ``reply`` (an
+    HTTP/1.0 response, as the dashboard sends) or with nothing (a non-HTTP service)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind((host, 0))
+    server.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(1024)
+                    if reply:
+                        conn.sendall(reply)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, says", [
+    ("127.0.0.1", "is not HOST:PORT"),
+    ("http://127.0.0.1:8265", "is a URL"),
+    ("127.0.0.1:1", "does not answer"),
+])
+def test_ray_address_mistakes_are_named(address, says):
+    from distca.train.errors import ClusterError
+    from distca.train.ray_cluster import _check_answers
+
+    with pytest.raises(ClusterError, match=says):
+        _check_answers(address)
+
+
+def test_ray_address_of_the_dashboard_fails_fast():
+    """ray.init on the dashboard's HTTP port waited forever for a GCS."""
+    from distca.train.errors import ClusterError
+    from distca.train.ray_cluster import _check_answers
+
+    server, port = _listener("127.0.0.1", b"HTTP/1.0 200 OK\r\n\r\n")
+    with server, pytest.raises(ClusterError, match="HTTP server .*ray job submit"):
+        _check_answers(f"127.0.0.1:{port}")
+
+
+def test_joining_a_loopback_only_head_keeps_ray_on_loopback(monkeypatch):
+    """Ray rewrites a 127.0.0.1 address to the machine's address, where a loopback-only head
+    does not listen (`distca train ray.address=127.0.0.1:PORT` hung) unless
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before ``ray`` is imported."""
+    import ray
+
+    from distca.train import ray_cluster
+
+    server, port = _listener("127.0.0.1", None)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(env=os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), **kwargs)
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    with server:
+        assert ray_cluster.connect(f"127.0.0.1:{port}", 1.0) is False
+    assert seen["address"] == f"127.0.0.1:{port}" and seen["env"] == "0"
+
+
+def test_joining_a_head_on_every_interface_keeps_rays_default(monkeypatch):
+    """A real head listens on the machine's address too: 127.0.0.1 there is left to Ray."""
+    from distca.train import ray_cluster
+
+    machine = ray_cluster._machine_ip()
+    if machine is None or ray_cluster._is_loopback(machine):
+        pytest.skip("this machine has no non-loopback address")
+    server, port = _listener("0.0.0.0", None)
+    with server:
+        assert ray_cluster._check_answers(f"127.0.0.1:{port}") is False
+
+
 def pids_using(temp_dir: str) -> list[int]:
     """Processes whose command line names our private Ray temp dir: the head we started."""
     found = []

@@ -14,6 +14,7 @@ before ``ray`` is imported (and inherited by the GCS, raylet and workers it star
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
@@ -33,18 +34,80 @@ def resolve_address(configured: str | None) -> str | None:
     return configured or os.environ.get("RAY_ADDRESS") or None
 
 
-def _check_answers(address: str, timeout_s: float = 3.0) -> None:
-    """Fail fast when ``host:port`` does not accept connections (ray.init would hang)."""
-    if address == "auto" or address.startswith("ray://"):
-        return
+def _split(address: str, source: str) -> tuple[str, int]:
+    """``host:port`` of a GCS address; a URL or a missing port is named as the mistake."""
+    if "://" in address:
+        raise ClusterError(
+            f"{source} {address!r} is a URL; it takes the Ray cluster's GCS address HOST:PORT "
+            f"(`ray start --head --port`, 6379 by default). The dashboard's http:// address "
+            f"(port 8265) is for `ray job submit --address URL -- distca train ...`"
+            + ("; unset RAY_ADDRESS to train on a local cluster" if source == "RAY_ADDRESS"
+               else ""))
     host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"{source} {address!r} is not HOST:PORT (the GCS port of "
+                           f"`ray start --head --port`, 6379 by default)")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as exc:
-        raise ClusterError(f"ray.address {address!r} does not answer ({exc}); start the "
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _machine_ip() -> str | None:
+    """The address Ray puts in place of a loopback one (the route to the outside); sends no
+    packet."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("8.8.8.8", 80))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _answers(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _check_answers(address: str, source: str = "ray.address", timeout_s: float = 3.0) -> bool:
+    """Fail fast when ``host:port`` is not a Ray GCS (ray.init would hang on a closed port or
+    on the dashboard's HTTP port); returns True for a loopback-only head, which Ray can only
+    be joined at with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (else it rewrites 127.0.0.1 to
+    the machine's address, where nothing listens, and waits forever)."""
+    if address == "auto" or address.startswith("ray://"):
+        return False
+    host, port = _split(address, source)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            try:
+                reply = conn.recv(16)
+            except OSError:
+                reply = b""
+    except OSError as exc:
+        raise ClusterError(f"{source} {address!r} does not answer ({exc}); start the "
                            f"cluster first (`ray start --head`) or leave ray.address unset "
                            f"to run locally") from None
+    if reply.startswith(b"HTTP/"):
+        raise ClusterError(
+            f"{source} {address!r} is an HTTP server (the dashboard?), not the Ray GCS; "
+            f"give the GCS port of `ray start --head --port` (6379 by default), or submit "
+            f"to the dashboard with `ray job submit --address http://{address} -- distca train "
+            f"...`")
+    if not _is_loopback(host):
+        return False
+    machine = _machine_ip()
+    return machine is None or _is_loopback(machine) or not _answers(machine, port, timeout_s)
 
 
 def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool:
@@ -65,7 +128,10 @@ def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool
                 ray.shutdown()  # stops whatever part of the cluster did start
                 if attempt == 1:
                     raise ClusterError(f"could not start a local Ray cluster: {exc}") from exc
-    _check_answers(address)
+    source = "ray.address" if os.environ.get("RAY_ADDRESS") != address else "RAY_ADDRESS"
+    if _check_answers(address, source):
+        # before ``ray`` is imported: it reads the setting once
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     try:
