@@ -47,6 +47,19 @@ def process_group():
     dist.destroy_process_group()
 
 
+def test_engine_and_focusft_import_in_either_order():
+    """distca.engine reaches distca.focusft.fast_weights through the attention server, and
+    FocusftEngine extends Engine: a fresh process must import them in either order."""
+    import subprocess
+    import sys
+
+    for code in ("import distca.engine; from distca.focusft import FocusftEngine",
+                 "from distca.focusft import FocusftEngine; import distca.engine"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+
 def make(engine_cls, overrides=()):
     from distca.config import load_config
 
