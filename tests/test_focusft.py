@@ -163,6 +163,9 @@ def test_fast_weights_reset_every_step_and_stay_private():
         assert any(not torch.equal(x, y) for x, y in zip(fresh, after))  # the inner loop ran
         assert all(b.abs().sum() > 0 for b in after[1::2])
     assert not torch.equal(snapshots[0][0], snapshots[1][0])  # a new draw every step
+    # the outer backward treats the adapted fast weights as constants: no gradient is
+    # computed for them, none left behind
+    assert all(t.grad is None for t in fast.tensors)
 
     fast_ids = {id(t) for t in fast.tensors}
     assert not fast_ids & {id(p) for g in engine.optimizer.param_groups for p in g["params"]}

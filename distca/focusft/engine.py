@@ -138,6 +138,7 @@ class FocusftEngine(Engine):
         self.fast.reset(torch.Generator().manual_seed(seed))
         hidden = self.bottom(tokens)
         inner = self._inner_loop(hidden.detach(), labels, mask, max(_loss_tokens([batch]), 1))
+        self.fast.freeze()
         local = self.top(hidden, labels, mask)
         (local / total).backward()
         return local.detach().double().cpu(), inner

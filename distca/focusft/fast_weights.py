@@ -64,12 +64,21 @@ class FastLoRA:
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator) -> None:
-        """A ~ Kaiming-uniform (PEFT's ``a=sqrt(5)``: bound ``1/sqrt(fan_in)``), B = 0."""
+        """A ~ Kaiming-uniform (PEFT's ``a=sqrt(5)``: bound ``1/sqrt(fan_in)``), B = 0; both
+        take gradients again (for the inner loop's ``torch.autograd.grad``)."""
         for a, b in zip(self.tensors[0::2], self.tensors[1::2]):
             bound = 1.0 / math.sqrt(a.shape[1])
             draw = torch.rand(a.shape, generator=generator, dtype=torch.float32)
             a.copy_(draw.mul_(2 * bound).sub_(bound))
             b.zero_()
+        for t in self.tensors:
+            t.requires_grad_(True)
+
+    def freeze(self) -> None:
+        """Constants for the outer step: its backward computes no fast-weight gradient (it
+        would be wasted work, left behind in ``.grad`` across steps)."""
+        for t in self.tensors:
+            t.requires_grad_(False)
 
     @torch.no_grad()
     def sgd_step(self, grads: list[torch.Tensor], lr: float, clip: float) -> None:
