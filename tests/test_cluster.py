@@ -45,6 +45,59 @@ def test_slurm_script_is_valid_bash_and_submits_a_job():
     assert "#SBATCH --nodes" in text and "start --head" in text and "job submit" in text
 
 
+def _fake_slurm(tmp_path: Path, gpus_seen: list[int]) -> tuple[dict, Path]:
+    """srun/scontrol/sleep and a ray CLI (with distca beside it) that log their arguments;
+    ``ray status`` reports ``gpus_seen`` in turn (the last one from then on)."""
+    fake, env_bin, log = tmp_path / "bin", tmp_path / "env" / "bin", tmp_path / "calls.log"
+    fake.mkdir()
+    env_bin.mkdir(parents=True)
+    counts = " ".join(str(g) for g in gpus_seen)
+    scripts = {
+        fake / "scontrol": 'printf "n1\\nn2\\n"',
+        fake / "sleep": "true",
+        fake / "srun": f'echo "srun $*" >> {log}; case "$*" in *hostname*) echo 10.0.0.1;; esac',
+        env_bin / "distca": "true",
+        env_bin / "ray": f"""echo "ray $*" >> {log}
+if [ "$1" = status ]; then
+  set -- {counts}; n=$(cat {tmp_path}/n 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/n
+  shift $(( n < $# - 1 ? n : $# - 1 )); echo " 0.0/$1.0 GPU"
+fi""",
+    }
+    for path, body in scripts.items():
+        path.write_text(f"#!/bin/bash\n{body}\n")
+        path.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", RAY=str(env_bin / "ray"),
+               SLURM_JOB_NODELIST="n[1-2]", SLURM_CPUS_PER_TASK="96", SLURM_SUBMIT_DIR=str(REPO))
+    return env, log
+
+
+def test_slurm_script_waits_for_every_gpu_and_submits_from_the_shared_checkout(tmp_path):
+    env, log = _fake_slurm(tmp_path, [8, 8, 16])
+    done = subprocess.run(["bash", str(CLUSTER / "slurm.sh"), "recipes/tiny.yaml",
+                           "trainer.steps=3"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    submit = [c for c in calls if c.startswith("ray job submit")]
+    assert len(submit) == 1 and calls.index(submit[0]) > max(
+        i for i, c in enumerate(calls) if c.startswith("ray status"))
+    # the job runs where Ray started (the shared checkout), with the distca beside that ray:
+    # an uploaded --working-dir copy put the default run directory in a node-local temp dir
+    assert "--working-dir" not in submit[0]
+    assert submit[0].endswith(f"-- {tmp_path}/env/bin/distca train recipes/tiny.yaml "
+                              f"trainer.steps=3")
+    assert sum(c.startswith("ray status") for c in calls) == 3
+    assert all("--cpus-per-task=96" in c for c in calls if "ray start" in c)
+
+
+def test_slurm_script_fails_when_nodes_do_not_join(tmp_path):
+    env, log = _fake_slurm(tmp_path, [8])
+    done = subprocess.run(["bash", str(CLUSTER / "slurm.sh"), "recipes/tiny.yaml"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "only 8 of 16 GPUs joined" in done.stderr
+    assert "ray job submit" not in log.read_text()
+
+
 def test_readme_shows_job_submit():
     assert "ray job submit --address" in (CLUSTER / "README.md").read_text()
     assert "distca train recipes/llama3-8b-128k.yaml" in (CLUSTER / "README.md").read_text()
