@@ -357,10 +357,14 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     positive("focusft.inner_grad_clip", f.inner_grad_clip)
     if not 0 < f.layer_fraction <= 1:
         raise _fail(source, "focusft.layer_fraction", f"must be in (0, 1], got {f.layer_fraction}")
+    positive("focusft.alpha", f.alpha)  # alpha = 0 would silence the fast weights
     for target in f.targets:
         if target not in ("linear_fc1", "linear_fc2"):
             raise _fail(source, "focusft.targets",
                         f"unknown target {target!r} (linear_fc1, linear_fc2)")
+    if len(set(f.targets)) != len(f.targets) or (f.enabled and not f.targets):
+        raise _fail(source, "focusft.targets",
+                    f"must name each adapted linear once, at least one, got {list(f.targets)}")
 
     d = cfg.data
     positive("data.max_length", d.max_length)

@@ -64,11 +64,19 @@ def _error(recipe, overrides):
         ("trainer.seed=-1", "trainer.seed"),
         ("ray.num_gpus_per_worker=-1", "ray.num_gpus_per_worker"),
         ("ray.num_cpus_per_worker=0", "ray.num_cpus_per_worker"),  # traceback from Ray before
+        ("focusft.alpha=0", "focusft.alpha"),
+        ("focusft.targets=[linear_fc1,linear_fc1]", "focusft.targets"),
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
     message = _error(ROOT / "recipes/tiny.yaml", [override])
     assert key in message and "tiny.yaml" in message
+
+
+def test_focusft_without_targets_fails_up_front():
+    """It used to fail in the first step: 'inputs to grad() cannot be empty'."""
+    message = _error(ROOT / "recipes/tiny-focusft.yaml", ["focusft.targets=[]"])
+    assert "focusft.targets" in message and "tiny-focusft.yaml" in message
 
 
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
