@@ -48,6 +48,7 @@ from distca.model.core_attention import SinkTelemetry
 from distca.model.cpu_shims import seed_model_parallel
 from distca.model.sharding import gather_full, load_full
 from distca.model.staggered import staggered_stage_forward
+from distca.optimizer import Optimizer
 from distca.parallel.nanobatch import NanoBatches
 from distca.parallel.pipeline import (
     StageLinks,
@@ -107,13 +108,7 @@ class Engine:
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.params = [q for q in self.model.parameters() if q.requires_grad]
-        decay = [q for q in self.params if q.ndim >= 2]
-        no_decay = [q for q in self.params if q.ndim < 2]
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.optimizer = Optimizer(self.params, cfg.optim)
         m, tp = cfg.model, p.tp
         self.plan_shape = ModelShape(h_q=m.num_attention_heads // tp, h_kv=m.num_kv_heads // tp,
                                      head_dim=m.hidden_size // m.num_attention_heads,
@@ -193,9 +188,7 @@ class Engine:
             if clip > 0 and grad_norm > clip:
                 for q in self.params:
                     q.grad.mul_(clip / (grad_norm + 1e-6))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+            self.optimizer.step(lr)
         self.step += 1
         stats.update(tokens=float(sum(b.doc_lengths.sum() for b in micro_batches)),
                      step_time_s=time.perf_counter() - start, lr=lr, grad_norm=grad_norm,
@@ -212,7 +205,7 @@ class Engine:
         server cost) of the micro-batches' plans before and after planning.
         """
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         total = max(_loss_tokens(micro_batches), 1)
         losses = []  # this rank's loss sum per micro-batch (last pipeline stage only)
         stats = {}
@@ -285,7 +278,8 @@ class Engine:
                 q.grad = torch.zeros_like(q)
         if self.cfg.parallel.dp == 1:
             return
-        flat = torch.cat([q.grad.reshape(-1) for q in self.params])
+        # summed in fp32: with bf16 gradients every partial sum would round
+        flat = torch.cat([q.grad.reshape(-1).float() for q in self.params])
         dist.all_reduce(flat, group=self.dp_group)
         offset = 0
         for q in self.params:
@@ -340,6 +334,7 @@ class Engine:
         """Load this rank's shard of whole-model weights from :meth:`full_model_state`."""
         load_full(self.model, full, self.layer_offset, self.tp_rank, self.cfg.parallel.tp,
                   self.model.config.gated_linear_unit)
+        self.optimizer.master_from_model()
 
     def _gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         p = self.cfg.parallel
@@ -348,12 +343,11 @@ class Engine:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's model shard, optimizer state and step as flat CPU tensors."""
+        """This rank's model shard, optimizer state (:meth:`Optimizer.state_dict`) and step as
+        flat CPU tensors."""
         state = {f"model.{k}": v.detach().cpu().clone()
                  for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}
-        for i, q in enumerate(self.params):
-            for key, value in self.optimizer.state.get(q, {}).items():
-                state[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        state.update(self.optimizer.state_dict())
         state["step"] = torch.tensor(self.step, dtype=torch.int64)
         return state
 
@@ -364,13 +358,7 @@ class Engine:
         if missing or unexpected:
             raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-        self.optimizer.state.clear()
-        for i, q in enumerate(self.params):
-            entries = {k.split(".", 2)[2]: v for k, v in state.items()
-                       if k.startswith(f"optim.{i}.")}
-            if entries:
-                self.optimizer.state[q] = {k: v.to(q.device) if k != "step" else v.clone()
-                                           for k, v in entries.items()}
+        self.optimizer.load_state_dict(state)
         self.step = int(state["step"])
 
 

@@ -92,8 +92,8 @@ def test_inner_steps_zero_is_exactly_an_sft_step(ping_pong):
     for (name, p), (_, q) in named:
         assert torch.equal(p, q), f"{name}: updated weights differ"
     for p, q in zip(focus.params, sft.params):
-        for key, value in sft.optimizer.state[q].items():
-            assert torch.equal(focus.optimizer.state[p][key], value), key
+        for key, value in sft.optimizer.adamw.state[q].items():
+            assert torch.equal(focus.optimizer.adamw.state[p][key], value), key
 
 
 def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
@@ -168,7 +168,7 @@ def test_fast_weights_reset_every_step_and_stay_private():
     assert all(t.grad is None for t in fast.tensors)
 
     fast_ids = {id(t) for t in fast.tensors}
-    assert not fast_ids & {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert not fast_ids & {id(p) for g in engine.optimizer.adamw.param_groups for p in g["params"]}
     assert not fast_ids & {id(p) for p in engine.model.parameters()}
     assert not fast_ids & {id(p) for p in engine.params}  # the gradient all-reduce set
     plain = make(Engine)

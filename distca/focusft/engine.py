@@ -100,7 +100,7 @@ class FocusftEngine(Engine):
         ``inner_loss_0`` is the SFT loss of the same weights.
         """
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         f = self.cfg.focusft
         total = max(_loss_tokens(micro_batches), 1)
         loss_sum = torch.zeros((), dtype=torch.float64)

@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from distca.attention.gating import make_sinks
 from distca.attention.merge import apply_sink
 from distca.model.rope import apply_rope
 
@@ -52,8 +53,9 @@ class DistcaCoreAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or self.head_dim ** -0.5
         if learnable_sinks:
-            # Per-head logits split across tensor-parallel ranks like the heads themselves.
-            self.sinks = torch.nn.Parameter(torch.zeros(self.heads, dtype=config.params_dtype))
+            # Per-head logits split across tensor-parallel ranks like the heads themselves;
+            # float32 in bf16 models too (make_sinks says why).
+            self.sinks = make_sinks(self.heads)
             set_tensor_model_parallel_attributes(self.sinks, is_parallel=True, dim=0, stride=1)
         else:
             self.sinks = None
