@@ -108,7 +108,7 @@ class Engine:
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.params = [q for q in self.model.parameters() if q.requires_grad]
-        self.optimizer = Optimizer(self.params, cfg.optim)
+        self.optimizer = Optimizer(self.params, cfg.optim, self.dp_group)
         m, tp = cfg.model, p.tp
         self.plan_shape = ModelShape(h_q=m.num_attention_heads // tp, h_kv=m.num_kv_heads // tp,
                                      head_dim=m.hidden_size // m.num_attention_heads,

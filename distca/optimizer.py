@@ -1,37 +1,65 @@
-"""The update of one rank's parameters: AdamW, stepping fp32 master weights for a bf16 model.
+"""The update of one rank's parameters: AdamW on fp32 master weights, sharded over data parallelism.
 
 A bf16 weight cannot take an update below its resolution (about 0.4% of its value): at the
-learning rates of fine-tuning, most updates would round away and most weights never move. So a
-bf16 model's parameters get fp32 master copies; AdamW steps those (its moments are fp32 too),
-and the model receives them rounded after every step, as megatron's mixed-precision optimizer
-does. An fp32 model is stepped in place. Memory per bf16 parameter: 2 (weight) + 2 (gradient)
-+ 4 (master) + 8 (moments) bytes; nothing is sharded across data-parallel ranks.
+learning rates of fine-tuning most updates would round away and most weights never move. So
+AdamW steps fp32 master copies (its moments are fp32 too) and the model receives them rounded
+after every step, as megatron's mixed-precision optimizer does.
+
+With data parallelism every rank holds the same weights and, after the gradient all-reduce, the
+same gradients, so each rank keeps the master weights and moments of one contiguous 1/dp slice
+of the flattened parameters only (ZeRO stage 1), steps that slice and all-gathers the result.
+Memory per parameter: weight and gradient in the model's dtype, plus 12 bytes / dp. AdamW is
+elementwise, so the slices step exactly as the whole would. An fp32 model with dp = 1 is
+stepped in place.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from distca.config import OptimConfig
 
+Piece = tuple[int, int, int]  # (parameter index, first, end) in that parameter's flat elements
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
 
 class Optimizer:
-    """AdamW over ``params`` (the model's trainable tensors; weight decay on those with
-    ndim >= 2), with fp32 master copies when any of them is not fp32.
+    """AdamW over ``params`` (the model's trainable tensors, the same list in the same order on
+    every rank of ``group``; weight decay on those with ndim >= 2).
 
-    The gradients stay on the model's parameters (``.grad``, reduced and clipped by the
-    engine); :meth:`step` takes them from there.
+    Gradients live on the model's parameters (``.grad``, reduced over ``group`` and clipped by
+    the engine); :meth:`step` takes them from there and writes the new weights back.
     """
 
-    def __init__(self, params: list[torch.Tensor], o: OptimConfig) -> None:
-        self.params = params
-        self.master = ([q.detach().float().clone() for q in params]
-                       if any(q.dtype != torch.float32 for q in params) else None)
-        self.stepped = self.master or params  # what AdamW updates, in the order of params
+    def __init__(self, params: list[torch.Tensor], o: OptimConfig,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.params, self.group = params, group
+        self.world = _group_size(group)
+        rank = dist.get_rank(group) if self.world > 1 else 0
+        self.total = sum(q.numel() for q in params)
+        self.slice_len = -(-self.total // self.world)
+        lo, hi = rank * self.slice_len, min((rank + 1) * self.slice_len, self.total)
+        self.pieces: list[Piece] = []
+        offset = 0
+        for i, q in enumerate(params):
+            a, b = max(lo, offset), min(hi, offset + q.numel())
+            if a < b:
+                self.pieces.append((i, a - offset, b - offset))
+            offset += q.numel()
+        in_place = self.world == 1 and all(q.dtype == torch.float32 for q in params)
+        self.master = None if in_place else [
+            params[i].detach().reshape(-1)[a:b].float().clone() for i, a, b in self.pieces]
+        self.stepped = ([params[i] for i, _, _ in self.pieces] if self.master is None
+                        else self.master)
+        decays = [params[i].ndim >= 2 for i, _, _ in self.pieces]
         self.adamw = torch.optim.AdamW(
-            [{"params": [m for m, q in zip(self.stepped, params) if q.ndim >= 2],
+            [{"params": [m for m, d in zip(self.stepped, decays) if d],
               "weight_decay": o.weight_decay},
-             {"params": [m for m, q in zip(self.stepped, params) if q.ndim < 2],
+             {"params": [m for m, d in zip(self.stepped, decays) if not d],
               "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
@@ -47,39 +75,68 @@ class Optimizer:
         if self.master is None:
             self.adamw.step()
             return
-        for m, q in zip(self.master, self.params):
-            m.grad = q.grad.float()
+        for m, (i, a, b) in zip(self.master, self.pieces):
+            m.grad = self.params[i].grad.reshape(-1)[a:b].float()
         self.adamw.step()
-        with torch.no_grad():
-            for m, q in zip(self.master, self.params):
-                q.copy_(m)
+        self._write_back()
+
+    @torch.no_grad()
+    def _write_back(self) -> None:
+        """Every rank's stepped slice into every rank's model weights."""
+        if self.world == 1:
+            for m, (i, a, b) in zip(self.master, self.pieces):
+                self.params[i].view(-1)[a:b].copy_(m)
+            return
+        mine = (torch.cat(self.master) if self.master
+                else torch.zeros(0, device=self.params[0].device))
+        mine = torch.nn.functional.pad(mine, (0, self.slice_len - mine.numel()))
+        slices = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(slices, mine, group=self.group)
+        flat = torch.cat(slices)
+        offset = 0
+        for q in self.params:
+            q.view(-1).copy_(flat[offset:offset + q.numel()])
+            offset += q.numel()
 
     @torch.no_grad()
     def master_from_model(self) -> None:
         """Take the model's current values as the master weights (after loading weights)."""
-        for m, q in zip(self.master or [], self.params):
-            m.copy_(q)
+        for m, (i, a, b) in zip(self.master or [], self.pieces):
+            m.copy_(self.params[i].reshape(-1)[a:b])
+
+    def _layout(self) -> torch.Tensor:
+        return torch.tensor([self.total, self.world, *(x for p in self.pieces for x in p)],
+                            dtype=torch.int64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat CPU tensors: ``master.{i}`` (bf16 models) and ``optim.{i}.{key}`` per parameter."""
+        """Flat CPU tensors: ``master.{i}`` (when not stepped in place) and ``optim.{i}.{key}``
+        per stepped tensor, and ``optim.layout`` (which slice of which parameters they are)."""
         state = {f"master.{i}": m.detach().cpu().clone() for i, m in enumerate(self.master or [])}
         for i, m in enumerate(self.stepped):
             for key, value in self.adamw.state.get(m, {}).items():
                 state[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+        state["optim.layout"] = self._layout()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`, after the model's weights were loaded. Master weights
         missing from ``state`` (an fp32 or imported checkpoint) are taken from the model."""
+        if "optim.layout" in state and not torch.equal(state["optim.layout"], self._layout()):
+            raise ValueError("the checkpoint's optimizer state was saved for another slicing of "
+                             "the parameters (other model shape or parallel.dp)")
+        # Checkpoints from before the slicing hold no master weights and whole-parameter
+        # moments in the parameters' dtype, indexed by parameter: take this rank's slice.
+        legacy = "optim.layout" not in state
         self.master_from_model()
         with torch.no_grad():
-            for i, m in enumerate(self.master or []):
-                if f"master.{i}" in state:
-                    m.copy_(state[f"master.{i}"])
+            for i, m in enumerate([] if legacy else self.master or []):
+                m.copy_(state[f"master.{i}"])
         self.adamw.state.clear()
-        for i, m in enumerate(self.stepped):
-            entries = {k.split(".", 2)[2]: v for k, v in state.items()
-                       if k.startswith(f"optim.{i}.")}
-            if entries:  # moments take the stepped tensors' dtype (older bf16 checkpoints)
-                self.adamw.state[m] = {k: v.clone() if k == "step" else v.to(m.device, m.dtype)
-                                       for k, v in entries.items()}
+        for j, (m, (i, a, b)) in enumerate(zip(self.stepped, self.pieces)):
+            prefix = f"optim.{i if legacy else j}."
+            entries = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if entries:
+                self.adamw.state[m] = {
+                    k: v.clone() if k == "step"
+                    else (v.reshape(-1)[a:b] if legacy else v).to(m.device, m.dtype)
+                    .reshape(m.shape) for k, v in entries.items()}

@@ -48,8 +48,8 @@ def test_slurm_script_is_valid_bash_and_submits_a_job():
 def _gpu_bytes_needed(cfg) -> float:
     """Memory one GPU needs for a recipe, without logits, buffers or fragmentation.
 
-    bf16 weights and gradients, fp32 master weights and AdamW moments (distca.optimizer), not
-    sharded: 16 bytes per parameter over tp x pp. Activations are kept for backward (no
+    bf16 weights and gradients (4 bytes per parameter over tp x pp), plus fp32 master weights
+    and AdamW moments (12 bytes) sliced over dp (distca.optimizer). Activations are kept for backward (no
     recompute, no sequence parallelism): counted on this model's layer with
     ``torch.autograd.graph.saved_tensors_hooks``, ~12 hidden-sized and 5 ffn-sized tensors per
     token and layer; 4 of the hidden-sized ones (layer input, first norm output, residual,
@@ -59,7 +59,7 @@ def _gpu_bytes_needed(cfg) -> float:
     h, f, head_dim = m.hidden_size, m.ffn_hidden_size, m.hidden_size // m.num_attention_heads
     attn = h * (m.num_attention_heads + 2 * m.num_kv_heads) * head_dim + h * h
     params = 2 * m.vocab_size * h + m.num_layers * (attn + 3 * h * f)
-    states = 16 * params / (p.tp * p.pp)
+    states = (4 + 12 / p.dp) * params / (p.tp * p.pp)
     per_token_layer = 2 * (4 * h + (8 * h + 5 * f) / p.tp)
     in_flight = min(p.pp, d.micro_batches)
     return states + per_token_layer * d.tokens_per_rank * m.num_layers / p.pp * in_flight
@@ -67,9 +67,7 @@ def _gpu_bytes_needed(cfg) -> float:
 
 @pytest.mark.parametrize("recipe, gpu_gb", [
     ("llama3-8b-128k.yaml", 80),  # H100, as cluster/ray-up.yaml and rayjob.yaml start
-    pytest.param("qwen2.5-7b-focusft.yaml", 141, marks=pytest.mark.xfail(
-        strict=True, reason="FocuSFT runs at TP=1: 16 bytes a parameter of unsharded optimizer "
-                            "state (122 GB) plus activations exceed an H200; needs ZeRO-1")),
+    ("qwen2.5-7b-focusft.yaml", 141),  # H200: FocuSFT runs at TP=1, the whole model a GPU
     pytest.param("codellama-34b-512k.yaml", 80, marks=pytest.mark.xfail(
         strict=True, reason="a 512K document needs dp x tokens_per_rank >= 512K; without "
                             "sequence parallelism or recompute that is ~700 GB a GPU")),

@@ -3,6 +3,7 @@ fp32 copies with the same gradients; its state survives a checkpoint round trip.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distca.config import OptimConfig
@@ -43,10 +44,10 @@ def test_bf16_updates_below_resolution_accumulate_in_fp32_master_weights():
         _step(opt, grads)
         _step(ref_opt, [g.float() for g in grads])
     for m, q, r, q0 in zip(opt.master, params, reference, initial):
-        assert m.dtype == torch.float32 and torch.equal(m, r.detach())
+        assert m.dtype == torch.float32 and torch.equal(m, r.detach().reshape(-1))
         assert torch.equal(q.detach(), r.detach().to(torch.bfloat16))
         # 3 steps of ~1e-5 are below bf16's resolution at |w| ~ 1: the master moved anyway
-        assert bool((m != q0.float()).all())
+        assert bool((m != q0.float().reshape(-1)).all())
         assert (q.detach() == q0).float().mean() > 0.5  # stepping bf16 directly moves nothing
     for state in opt.adamw.state.values():
         assert state["exp_avg"].dtype == torch.float32
@@ -80,6 +81,45 @@ def test_checkpoint_without_master_weights_takes_the_model_values():
     with torch.no_grad():
         params[0].add_(1.0)  # as if the model's weights were just loaded
     opt.load_state_dict(old)
-    assert torch.equal(opt.master[0], params[0].detach().float())
+    assert torch.equal(opt.master[0], params[0].detach().float().reshape(-1))
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.adamw.state.values())
     _step(opt, _grads(params, 0))
+
+
+def _sliced_rank(rank: int, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    params = _bf16_params(3)  # the same weights and (reduced) gradients on every rank
+    sliced = Optimizer(params, CFG, dist.group.WORLD)
+    assert sum(m.numel() for m in sliced.master) <= -(-sliced.total // world)
+    for step in range(2):
+        _step(sliced, _grads(params, step))
+    saved = sliced.state_dict()
+    copies = [torch.nn.Parameter(q.detach().clone()) for q in params]
+    resumed = Optimizer(copies, CFG, dist.group.WORLD)
+    resumed.load_state_dict(saved)
+    _step(resumed, _grads(params, 2))
+    torch.save([q.detach() for q in copies], f"{outdir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_slices_step_as_the_whole(tmp_path):
+    """Each of 3 ranks steps a third of the flattened parameters (uneven: 152 elements) and
+    all-gathers: the weights equal one optimizer's over everything, through a checkpoint."""
+    import torch.multiprocessing as mp
+
+    from distca.profile.comm import free_port
+
+    mp.spawn(_sliced_rank, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    params = _bf16_params(3)
+    whole = Optimizer(params, CFG)
+    for step in range(3):
+        _step(whole, _grads(params, step))
+    for rank in range(3):
+        for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), params):
+            assert torch.equal(got, want.detach())
+    with pytest.raises(ValueError, match="another slicing"):
+        Optimizer(_bf16_params(3), CFG).load_state_dict(
+            {**whole.state_dict(), "optim.layout": torch.tensor([152, 3])})
