@@ -54,8 +54,9 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) 
             for name, p in engine.model.named_parameters():
                 if name.endswith("sinks"):
                     p.copy_(torch.linspace(-3, 3, p.numel()))
-        if rank == 0:
-            torch.save(engine.state_dict(), out / "init.pt")
+        if rank == 0:  # the weights: optimizer state is sliced by parallel.dp
+            torch.save({k: v for k, v in engine.state_dict().items()
+                        if not k.startswith(("optim.", "master."))}, out / "init.pt")
         dist.barrier()
     stats = engine.forward_backward([batch])
     grads = {n: p.grad.detach().clone() for n, p in engine.model.named_parameters()}
