@@ -126,11 +126,13 @@ class Optimizer:
                              "the parameters (other model shape or parallel.dp)")
         # Checkpoints from before the slicing hold no master weights and whole-parameter
         # moments in the parameters' dtype, indexed by parameter: take this rank's slice.
+        # An fp32 run resumed in bf16 has no master weights either.
         legacy = "optim.layout" not in state
         self.master_from_model()
         with torch.no_grad():
             for i, m in enumerate([] if legacy else self.master or []):
-                m.copy_(state[f"master.{i}"])
+                if f"master.{i}" in state:
+                    m.copy_(state[f"master.{i}"])
         self.adamw.state.clear()
         for j, (m, (i, a, b)) in enumerate(zip(self.stepped, self.pieces)):
             prefix = f"optim.{i if legacy else j}."

@@ -123,3 +123,14 @@ def test_data_parallel_slices_step_as_the_whole(tmp_path):
     with pytest.raises(ValueError, match="another slicing"):
         Optimizer(_bf16_params(3), CFG).load_state_dict(
             {**whole.state_dict(), "optim.layout": torch.tensor([152, 3])})
+
+
+def test_fp32_state_resumes_in_bf16():
+    fp32 = [torch.nn.Parameter(q.detach().float()) for q in _bf16_params(4)]
+    opt = Optimizer(fp32, CFG)
+    _step(opt, _grads(fp32, 0))
+    bf16 = [torch.nn.Parameter(q.detach().to(torch.bfloat16)) for q in fp32]
+    resumed = Optimizer(bf16, CFG)
+    resumed.load_state_dict(opt.state_dict())  # same slicing, no master weights saved
+    assert torch.equal(resumed.master[0], bf16[0].detach().float().reshape(-1))
+    _step(resumed, _grads(bf16, 1))
