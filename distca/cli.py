@@ -16,6 +16,21 @@ class UsageError(ValueError):
     """Bad input from the user: printed on stderr, exit code 2, nothing on stdout."""
 
 
+def output_file(flag: str, path: str):
+    """``path`` as a Path, checked before any measurement runs so a typo costs nothing: it must
+    not be a directory; missing parent directories are made (exit 2 if they cannot be)."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag}: {out} is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot make the directory {out.parent}: {exc}") from None
+    return out
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from distca.config import load_config, to_yaml
 

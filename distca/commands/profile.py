@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from distca.cli import UsageError
+from distca.cli import UsageError, output_file
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _TOKEN_UNITS = {"": 1, "K": 1 << 10}
@@ -44,21 +44,6 @@ def run_comm(args: argparse.Namespace) -> int:
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
-
-
-def output_file(flag: str, path: str):
-    """``path`` as a Path, checked before any measurement runs so a typo costs nothing: it must
-    not be a directory; missing parent directories are made (exit 2 if they cannot be)."""
-    from pathlib import Path
-
-    out = Path(path)
-    if out.is_dir():
-        raise UsageError(f"{flag}: {out} is a directory; give a file name")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"{flag}: cannot make the directory {out.parent}: {exc}") from None
-    return out
 
 
 def parse_lengths(flag: str, text: str) -> list[int]:

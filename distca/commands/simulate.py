@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from distca.cli import UsageError
+from distca.cli import UsageError, output_file
 
 _DESCRIPTION = """\
 Predicted training step time of distca against packing, variable-length packing and
@@ -56,7 +56,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distca.commands.plan import load_cost_table
-    from distca.commands.profile import output_file
     from distca.config import MODEL_PRESETS
     from distca.scheduler.distributions import DISTRIBUTIONS, read_lengths
     from distca.scheduler.simulator import Cluster, Hardware, ModelSpec, simulate
