@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -17,14 +16,14 @@ def default_run_dir(recipe: str | Path) -> Path:
     never share one and overwrite each other's checkpoints."""
     base = Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     base.parent.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+    path, n = base, 1
+    while True:
         try:
             path.mkdir()
+            return path
         except FileExistsError:
-            continue
-        return path
-    raise AssertionError("unreachable")
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
 
 
 def _write_atomically(path: Path, text: str) -> None:
