@@ -8,12 +8,28 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input (a usage or configuration 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
 
 class UsageError(ValueError):
     """Bad input from the user: printed on stderr, exit code 2, nothing on stdout."""
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """UsageError naming the first flag among ``names`` (argparse dests) whose value is below 1;
+    None passes: a default the command derives later."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def require_tolerance(tolerance: float) -> None:
+    """--tolerance ε as the planner takes it: finite and >= 0 (NaN fails both)."""
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise UsageError(f"--tolerance must be a finite value >= 0, got {tolerance}")
 
 
 def output_file(flag: str, path: str):

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 
-from distca.cli import UsageError
+from distca.cli import UsageError, require_positive, require_tolerance
 
 _DESCRIPTION = """\
 Plan one batch's core attention over attention servers and report its quality.
@@ -99,18 +99,12 @@ def run(args: argparse.Namespace) -> int:
             lengths = [int(x) for x in read_lengths(args.lengths_file)]
         except ValueError as exc:
             raise UsageError(f"--lengths-file: {exc}") from None
-    if args.servers < 1:
-        raise UsageError(f"--servers must be >= 1, got {args.servers}")
-    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
-        raise UsageError(f"--tolerance must be a finite value >= 0, got {args.tolerance}")
-    if args.min_shard < 1:
-        raise UsageError(f"--min-shard must be >= 1, got {args.min_shard}")
+    require_positive(args, "servers", "min_shard", "tokens_per_worker")
+    require_tolerance(args.tolerance)
     total = sum(lengths)
     if total > MAX_LENGTH:
         raise UsageError(f"the documents hold {total} tokens, more than {MAX_LENGTH} (score-pair "
                          "counts would overflow int64)")
-    if args.tokens_per_worker is not None and args.tokens_per_worker < 1:
-        raise UsageError(f"--tokens-per-worker must be >= 1, got {args.tokens_per_worker}")
     per_worker = args.tokens_per_worker or math.ceil(total / args.servers)
     workers = math.ceil(total / per_worker)
     if workers > args.servers:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from distca.cli import UsageError, output_file
+from distca.cli import UsageError, output_file, require_positive
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _TOKEN_UNITS = {"": 1, "K": 1 << 10}
@@ -62,12 +62,7 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UsageError(f"--tp {args.tp} does not divide the heads of {args.model} "
                          f"({m['num_attention_heads']} query, {m['num_kv_heads']} kv)")
     heads, kv_heads = m["num_attention_heads"] // args.tp, m["num_kv_heads"] // args.tp
-    if args.min_pairs < 1:
-        raise UsageError(f"--min-pairs must be >= 1, got {args.min_pairs}")
-    if args.repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    require_positive(args, "min_pairs", "repeats", "threads")
     if args.clock == "cpu":  # CPU seconds of several threads add up: not a core's work
         if args.threads not in (None, 1):
             raise UsageError(f"--clock cpu times one thread, got --threads {args.threads} "

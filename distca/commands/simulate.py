@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from distca.cli import UsageError, output_file
+from distca.cli import UsageError, output_file, require_positive, require_tolerance
 
 _DESCRIPTION = """\
 Predicted training step time of distca against packing, variable-length packing and
@@ -63,12 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in MODEL_PRESETS:
         raise UsageError(f"--model: unknown preset {args.model!r} "
                          f"(known: {', '.join(MODEL_PRESETS)})")
-    for name in ("gpus", "max_len", "batches", "pp", "gpus_per_node", "tp", "tokens_per_worker"):
-        value = getattr(args, name)
-        if value is not None and value < 1:  # None: the default is derived below
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
-        raise UsageError(f"--tolerance must be a finite value >= 0, got {args.tolerance}")
+    require_positive(args, "gpus", "max_len", "batches", "pp", "gpus_per_node", "tp",
+                     "tokens_per_worker")
+    require_tolerance(args.tolerance)
     distribution = args.distribution
     if distribution not in DISTRIBUTIONS:
         try:
