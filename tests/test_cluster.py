@@ -217,7 +217,7 @@ def test_joining_a_head_on_every_interface_keeps_rays_default(monkeypatch):
     from distca.train import ray_cluster
 
     machine = ray_cluster._machine_ip()
-    if machine is None or ray_cluster._is_loopback(machine):
+    if machine is None or ray_cluster.is_loopback(machine):
         pytest.skip("this machine has no non-loopback address")
     server, port = _listener("0.0.0.0", None)
     with server:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 import tempfile
 from typing import Any
@@ -14,19 +13,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distca.config import DistcaConfig
 from distca.train.errors import WorkerDied, WorkerError
+from distca.train.ray_cluster import is_loopback
 from distca.train.worker import RankWorker, world_layout
 
 PLACEMENT_TIMEOUT_S = 60.0
 # After one rank fails, how long to wait for the others' results to tell a dead rank (restart
 # from a checkpoint) from an error in the step itself (fatal).
 FAILURE_GRACE_S = 3.0
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class WorkerGroup:
@@ -73,7 +66,7 @@ class WorkerGroup:
         TCP store would listen on every interface); otherwise rank 0's node hosts a TCP store."""
         nodes = {w["node"] for w in self.workers}
         head = self.workers[0]["node"]
-        if len(nodes) == 1 and _is_loopback(head):
+        if len(nodes) == 1 and is_loopback(head):
             self._store_dir = tempfile.mkdtemp(prefix="distca-rendezvous-")
             return f"file://{self._store_dir}/store", True
         port = ray.get(self.actors[0].free_port.remote(head))

@@ -50,13 +50,11 @@ def _split(address: str, source: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        return host == "localhost"
 
 
 def _machine_ip() -> str | None:
@@ -104,10 +102,10 @@ def _check_answers(address: str, source: str = "ray.address", timeout_s: float =
             f"give the GCS port of `ray start --head --port` (6379 by default), or submit "
             f"to the dashboard with `ray job submit --address http://{address} -- distca train "
             f"...`")
-    if not _is_loopback(host):
+    if not is_loopback(host):
         return False
     machine = _machine_ip()
-    return machine is None or _is_loopback(machine) or not _answers(machine, port, timeout_s)
+    return machine is None or is_loopback(machine) or not _answers(machine, port, timeout_s)
 
 
 def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool:
