@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -25,18 +24,12 @@ def run_import(args: argparse.Namespace) -> int:
     from distca.hf.io import TOKENIZER_DIR, read_hf, write_checkpoint
 
     out = _fresh_output(args.out_ckpt)
-    existed = out.exists()
     tokenizer = out / TOKENIZER_DIR
     try:
         m, state = read_hf(args.hf_dir, tokenizer_out=tokenizer)
         step_dir = write_checkpoint(out, m, state, origin=str(Path(args.hf_dir).resolve()),
                                     tokenizer_dir=tokenizer)
-    except HFFormatError as exc:
-        # the tokenizer is copied before the weights are checked: remove it, or rerunning the
-        # fixed command would be refused for a non-empty output
-        shutil.rmtree(tokenizer, ignore_errors=True)
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
+    except HFFormatError as exc:  # raised before anything is written (see read_hf)
         raise UsageError(str(exc)) from exc
     params = sum(v.numel() for v in state.values())
     print(f"imported {args.hf_dir} ({params / 1e6:.1f}M parameters) to {step_dir}",

@@ -39,10 +39,9 @@ def _gguf_file(path: Path) -> Path | None:
     return None
 
 
-def _read_gguf(file: Path, tokenizer_out: Path | None
-               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_gguf(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError as exc:
         raise HFFormatError(f"{file}: reading GGUF needs `pip install transformers gguf`") from exc
     try:
@@ -52,11 +51,22 @@ def _read_gguf(file: Path, tokenizer_out: Path | None
         raise HFFormatError(f"{file}: transformers cannot load it: {exc}") from exc
     hf = model.config.to_dict()
     hf["architectures"] = [type(model).__name__]
-    m = model_config_from_hf(hf, str(file))
-    if tokenizer_out is not None:
-        AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name) \
-            .save_pretrained(str(tokenizer_out))
-    return m, dict(model.state_dict())
+    return model_config_from_hf(hf, str(file)), dict(model.state_dict())
+
+
+def _copy_tokenizer(path: Path, gguf: Path | None, out: Path) -> None:
+    """The tokenizer of an HF directory (its files, if it has a ``tokenizer.json``) or of a
+    GGUF file (as transformers saves it) into ``out``."""
+    if gguf is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name) \
+            .save_pretrained(str(out))
+    elif (path / "tokenizer.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                shutil.copy2(path / name, out / name)
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -96,14 +106,15 @@ def read_hf(path: str | Path, tokenizer_out: Path | None = None
             ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(model config, our megatron fp32 state dict) of an HF directory or GGUF file.
 
-    When ``tokenizer_out`` is given, the source's tokenizer files are copied there.
+    When ``tokenizer_out`` is given, the source's tokenizer files are copied there, and only
+    once the weights have converted: a refused input writes nothing.
     """
     path = Path(path)
     if not path.exists():
         raise HFFormatError(f"{path}: no such file or directory")
     gguf = _gguf_file(path)
     if gguf is not None:
-        m, hf_state = _read_gguf(gguf, tokenizer_out)
+        m, hf_state = _read_gguf(gguf)
         source = str(gguf)
     else:
         config_file = path / "config.json"
@@ -116,12 +127,9 @@ def read_hf(path: str | Path, tokenizer_out: Path | None = None
         m = model_config_from_hf(hf, str(config_file))
         hf_state = _read_safetensors(path)
         source = str(path)
-        if tokenizer_out is not None and (path / "tokenizer.json").is_file():
-            tokenizer_out.mkdir(parents=True, exist_ok=True)
-            for name in TOKENIZER_FILES:
-                if (path / name).is_file():
-                    shutil.copy2(path / name, tokenizer_out / name)
     state = megatron_from_hf(hf_state, m, source)
+    if tokenizer_out is not None:
+        _copy_tokenizer(path, gguf, tokenizer_out)
     return m, {k: v.float() for k, v in state.items()}
 
 
