@@ -14,6 +14,6 @@ from distca.scheduler.planner import PLANNERS, imbalance_floor, plan_step, timed
 
 __all__ = [
     "PLANNERS", "TASK_DTYPE", "TRANSFER_DTYPE", "CostTable", "Document", "DocumentBatch",
-    "ModelShape", "Plan", "attention_flops_per_pair", "documents_from_batch", "imbalance_floor", "plan_step", "task_pairs",
-    "timed_plan_step",
+    "ModelShape", "Plan", "attention_flops_per_pair", "documents_from_batch", "imbalance_floor",
+    "plan_step", "task_pairs", "timed_plan_step",
 ]
