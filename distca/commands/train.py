@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from distca.cli import UsageError
-from distca.config import DistcaConfig, load_config
+from distca.config import DistcaConfig, load_config, to_yaml
 
 # What a checkpoint's shards are shaped by: a resumed run must keep these. Not focusft.*:
 # fast weights are in no checkpoint, so FocuSFT may start from an SFT or imported checkpoint.
@@ -38,7 +38,7 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
     if not saved.is_file():
         return
     before = OmegaConf.load(saved)
-    now = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+    now = OmegaConf.create(to_yaml(cfg))  # as config.yaml was written: enums by name
     for key in RESUME_FIXED:
         old, new = OmegaConf.select(before, key), OmegaConf.select(now, key)
         if old is not None and old != new:
