@@ -4,10 +4,9 @@ For every ``(q_len, kv_len, mask)`` of the grid it times forward + backward of
 :func:`distca.attention.core_attention` over a varlen list of identical tasks (enough copies
 that one call does at least ``min_pairs`` score pairs, within ``MAX_BATCH_TOKENS`` tokens, so
 per-call overhead is spread the way it is on an attention server that runs all its tasks in
-one call). Causal masks are aligned
-bottom-right as in :mod:`distca.attention.tasks`. The result is the CSV that
-:class:`distca.scheduler.CostTable` reads: ``q_len,kv_len,mask,pairs_per_s`` plus the raw
-seconds and TFLOP/s for people.
+one call). Causal masks are aligned bottom-right as in :mod:`distca.attention.tasks`. The
+result is the CSV that :class:`distca.scheduler.CostTable` reads:
+``q_len,kv_len,mask,pairs_per_s`` plus the raw seconds and TFLOP/s for people.
 """
 
 from __future__ import annotations
