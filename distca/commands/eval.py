@@ -28,12 +28,10 @@ class Decoder:
             self._tok = None
             self.stop_text = CHATML_END
             return
-        from distca.data.tokenizer import HFTokenizer, tokenizer_config_dir
+        from distca.data.tokenizer import HFTokenizer, read_tokenizer_config, token_text
 
         self._tok = HFTokenizer(tokenizer_dir)
-        config = tokenizer_config_dir(tokenizer_dir) / "tokenizer_config.json"
-        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
-        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eos = token_text(read_tokenizer_config(tokenizer_dir)[1].get("eos_token"))
         self.stop_id = self._tok.token_id(eos) if eos else None
         if self.stop_id is None:
             self.stop_text = CHATML_END

@@ -19,7 +19,6 @@ of ``g``, so resume is exact.
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from distca.batch import PackedBatch
 from distca.data.packing import IGNORE
 from distca.data.text import data_file, table_rows
-from distca.data.tokenizer import Tokenizer, tokenizer_config_dir
+from distca.data.tokenizer import Tokenizer, read_tokenizer_config, token_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -38,13 +37,8 @@ class ChatTemplate:
     def __init__(self, tokenizer_dir: str | None):
         self._template = None
         self._specials: dict[str, str] = {}
-        config = tokenizer_config_dir(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir \
-            else None
-        if config is not None and config.is_file():
-            try:
-                data = json.loads(config.read_text())
-            except ValueError as exc:
-                raise ValueError(f"{config}: not valid JSON ({exc})") from None
+        if tokenizer_dir:
+            config, data = read_tokenizer_config(tokenizer_dir)
             source = data.get("chat_template")
             if isinstance(source, list):  # named templates: use the default one
                 source = next((t["template"] for t in source if t.get("name") == "default"), None)
@@ -58,7 +52,7 @@ class ChatTemplate:
                     self._template = env.from_string(source)
                 except TemplateError as exc:
                     raise ValueError(f"{config}: chat_template: {exc}") from None
-                self._specials = {k: _token_text(data.get(k)) for k in ("bos_token", "eos_token")}
+                self._specials = {k: token_text(data.get(k)) for k in ("bos_token", "eos_token")}
 
     def render(self, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
         if self._template is None:
@@ -73,10 +67,6 @@ class ChatTemplate:
                                          **self._specials)
         except TemplateError as exc:  # a row the template cannot render: a bad row, named
             raise ValueError(f"chat template: {exc}") from None
-
-
-def _token_text(value) -> str:
-    return value.get("content", "") if isinstance(value, dict) else (value or "")
 
 
 def _raise_template_error(message: str):

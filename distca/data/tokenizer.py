@@ -6,6 +6,7 @@ is read from ``DIR/tokenizer.json`` with the ``tokenizers`` library.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -29,11 +30,23 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
-def tokenizer_config_dir(path: str | Path) -> Path:
-    """The directory of a tokenizer named by its directory or by its ``tokenizer.json`` file:
-    where ``tokenizer_config.json`` (chat template, eos token) is looked for."""
+def read_tokenizer_config(path: str | Path) -> tuple[Path, dict]:
+    """(``tokenizer_config.json`` beside a tokenizer named by its directory or by its
+    ``tokenizer.json`` file, what it holds: chat template, special tokens); ``{}`` when there is
+    no such file, and a ValueError naming it when it is not JSON."""
     path = Path(path)
-    return path if path.is_dir() else path.parent
+    file = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+    if not file.is_file():
+        return file, {}
+    try:
+        return file, json.loads(file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+
+
+def token_text(value) -> str:
+    """A special token's text from ``tokenizer_config.json`` (a string or an AddedToken dict)."""
+    return value.get("content", "") if isinstance(value, dict) else (value or "")
 
 
 class HFTokenizer:
