@@ -299,10 +299,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
             raise _fail(source, key, f"must be >= 0, got {value}")
 
     for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
-                 "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+                 "ffn_hidden_size", "vocab_size", "max_position_embeddings", "rope_theta",
+                 "norm_eps"):
         positive(f"model.{name}", getattr(m, name))
-    positive("model.rope_theta", m.rope_theta)
-    positive("model.norm_eps", m.norm_eps)
     if m.hidden_size % m.num_attention_heads:
         raise _fail(source, "model.hidden_size",
                     f"{m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
@@ -367,9 +366,8 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                     f"must name each adapted linear once, at least one, got {list(f.targets)}")
 
     d = cfg.data
-    positive("data.max_length", d.max_length)
-    positive("data.tokens_per_rank", d.tokens_per_rank)
-    positive("data.micro_batches", d.micro_batches)
+    for name in ("max_length", "tokens_per_rank", "micro_batches"):
+        positive(f"data.{name}", getattr(d, name))
     if d.kind is not DataKind.synthetic and not d.paths:
         raise _fail(source, "data.paths", f"data.kind={d.kind.value} needs at least one path")
 
@@ -389,10 +387,8 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     nonnegative("optim.grad_clip", o.grad_clip)  # 0 turns clipping off
 
     t = cfg.trainer
-    positive("trainer.steps", t.steps)
-    positive("trainer.checkpoint_interval", t.checkpoint_interval)
-    positive("trainer.keep_checkpoints", t.keep_checkpoints)
-    positive("trainer.log_interval", t.log_interval)
+    for name in ("steps", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+        positive(f"trainer.{name}", getattr(t, name))
     nonnegative("trainer.seed", t.seed)
     nonnegative("trainer.max_restarts", t.max_restarts)
     r = cfg.ray
