@@ -21,7 +21,7 @@ from distca.data.tokenizer import Tokenizer
 
 
 def data_file(name: str) -> Path:
-    """``name`` as a path, checked to be a readable file (the error names ``data.paths``)."""
+    """``name`` as a path, checked to be an existing file (the error names ``data.paths``)."""
     path = Path(name)
     if not path.is_file():
         why = "is a directory, not a file" if path.is_dir() else "does not exist"
