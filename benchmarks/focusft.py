@@ -127,9 +127,10 @@ def reply_loss(engine, convs, tokens_per_rank: int) -> float:
 
 
 def compare(args) -> dict:
+    from distca.engine import Engine
+
     from distca.config import load_config
     from distca.data.chat import pack_conversations
-    from distca.engine import Engine
     from distca.evals.tasks import score
     from distca.focusft import FocusftEngine
 

@@ -83,8 +83,9 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    from distca.config import load_config
     from distca.engine import Engine
+
+    from distca.config import load_config
 
     dp = world // args.pp
     common = [f"parallel.dp={dp}", f"parallel.pp={args.pp}", f"data.tokens_per_rank={args.tokens}",

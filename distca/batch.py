@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distca.scheduler import DocumentBatch, documents_from_batch
+
+IGNORE = -100  # the label of a token that carries no loss
+
 
 @dataclass
 class PackedBatch:
@@ -51,6 +55,10 @@ class PackedBatch:
     def num_ranks(self) -> int:
         return self.tokens.shape[0] // self.tokens_per_rank
 
+    def documents(self) -> DocumentBatch:
+        """The micro-batch's documents (and turns) as the planner reads them."""
+        return documents_from_batch(self.doc_lengths, self.turn_lengths, self.turn_is_context)
+
     def position_ids(self) -> np.ndarray:
         """(R*T,) int64: each token's logical position inside its document (padding: 0)."""
         n = self.tokens.shape[0]
@@ -62,3 +70,8 @@ class PackedBatch:
 
     def rank_slice(self, rank: int) -> slice:
         return slice(rank * self.tokens_per_rank, (rank + 1) * self.tokens_per_rank)
+
+
+def loss_token_count(micro_batches: list[PackedBatch]) -> int:
+    """Loss-bearing tokens of a step's micro-batches, over all ranks."""
+    return int(sum((b.labels != IGNORE).sum() for b in micro_batches))

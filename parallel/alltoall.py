@@ -14,23 +14,17 @@ Two flavours share one communication routine:
   node waits for it). Work scheduled between the two nodes, in either direction, overlaps the
   communication — the basis of ping-pong.
 
-Both take an optional ``timings`` dict: ``timings["comm_wait"]`` accumulates the seconds the
-calling thread is blocked on the exchange (forward and backward), i.e. the exposed communication.
+The seconds the calling thread is blocked on an exchange (forward and backward), i.e. the
+exposed communication, are the span ``comm_wait`` (:mod:`distca.parallel.spans`).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
-
-def record_wait(timings: dict[str, float] | None, start: float) -> None:
-    """Add the seconds since ``start`` (blocked on an exchange) to ``timings["comm_wait"]``."""
-    if timings is not None:
-        timings["comm_wait"] = timings.get("comm_wait", 0.0) + time.perf_counter() - start
+from distca.parallel.spans import span
 
 
 def launch_all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
@@ -43,37 +37,32 @@ def launch_all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: l
     return out, work
 
 
-def wait_all_to_all(work, timings: dict[str, float] | None) -> None:
-    """Wait for an exchange posted with ``async_op=True``, clocked as ``comm_wait``."""
-    start = time.perf_counter()
-    work.wait()
-    record_wait(timings, start)
+def wait_all_to_all(work) -> None:
+    """Wait for an exchange posted with ``async_op=True`` (span ``comm_wait``)."""
+    with span("comm_wait"):
+        work.wait()
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flat, send_counts, recv_counts, group, timings):
-        ctx.counts = (send_counts, recv_counts)
-        ctx.group, ctx.timings = group, timings
-        start = time.perf_counter()
-        out, _ = launch_all_to_all(flat, send_counts, recv_counts, group, async_op=False)
-        record_wait(timings, start)
+    def forward(ctx, flat, send_counts, recv_counts, group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        with span("comm_wait"):
+            out, _ = launch_all_to_all(flat, send_counts, recv_counts, group, async_op=False)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_counts, recv_counts = ctx.counts
-        start = time.perf_counter()
-        out, _ = launch_all_to_all(grad, recv_counts, send_counts, ctx.group, async_op=False)
-        record_wait(ctx.timings, start)
-        return out, None, None, None, None
+        with span("comm_wait"):
+            out, _ = launch_all_to_all(grad, recv_counts, send_counts, ctx.group, async_op=False)
+        return out, None, None, None
 
 
 def all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-               group: dist.ProcessGroup | None = None,
-               timings: dict[str, float] | None = None) -> torch.Tensor:
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Blocking differentiable exchange of a 1-D tensor; returns the (sum(recv_counts),) buffer."""
-    return _AllToAll.apply(flat, list(send_counts), list(recv_counts), group, timings)
+    return _AllToAll.apply(flat, list(send_counts), list(recv_counts), group)
 
 
 @dataclass
@@ -83,7 +72,6 @@ class PendingExchange:
     send_counts: list[int]
     recv_counts: list[int]
     group: dist.ProcessGroup | None
-    timings: dict[str, float] | None = None
     forward: tuple | None = None  # (output buffer, work) of the forward exchange
     backward: tuple | None = field(default=None)  # (output buffer, work) of the gradient exchange
 
@@ -100,7 +88,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad):
         grad, work = ctx.pending.backward
-        wait_all_to_all(work, ctx.pending.timings)
+        wait_all_to_all(work)
         ctx.pending.backward = None
         return grad, None
 
@@ -109,7 +97,7 @@ class _Finish(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, pending):
         out, work = pending.forward
-        wait_all_to_all(work, pending.timings)
+        wait_all_to_all(work)
         pending.forward = None
         ctx.pending = pending
         return out
@@ -122,11 +110,10 @@ class _Finish(torch.autograd.Function):
 
 
 def start_all_to_all(flat: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                     group: dist.ProcessGroup | None = None,
-                     timings: dict[str, float] | None = None
+                     group: dist.ProcessGroup | None = None
                      ) -> tuple[torch.Tensor, PendingExchange]:
     """Launch the exchange of ``flat`` without waiting; pass both results to :func:`finish_all_to_all`."""
-    pending = PendingExchange(list(send_counts), list(recv_counts), group, timings)
+    pending = PendingExchange(list(send_counts), list(recv_counts), group)
     return _Start.apply(flat, pending), pending
 
 

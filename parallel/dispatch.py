@@ -104,24 +104,22 @@ def merge_partials(out_r: torch.Tensor, lse_r: torch.Tensor, index: torch.Tensor
 
 
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DispatchLayout,
-                       attend: AttendFn, group: dist.ProcessGroup | None = None,
-                       timings: dict[str, float] | None = None
+                       attend: AttendFn, group: dist.ProcessGroup | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Core attention of this worker's tokens through the servers of ``layout`` (blocking).
 
     q (N, hq, d), k and v (N, hkv, d) are this rank's tokens (N = 0 on server-only ranks).
     Returns the merged (out (N, hq, d), lse (N, hq) fp32) without any sink.
-    ``timings["comm_wait"]`` accumulates the seconds blocked on the exchanges.
     """
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     send = pack_qkv(q, k, v, layout)
     recv = all_to_all(send, layout.send_counts_by_rank(hq * d, hkv * d),
-                      layout.recv_counts_by_rank(hq * d, hkv * d), group, timings)
+                      layout.recv_counts_by_rank(hq * d, hkv * d), group)
     sq, sk, sv = unpack_qkv(recv, layout, hq, hkv, d)
     out_s, lse_s = serve(sq, sk, sv, layout, attend)
     back = pack_results(out_s.float(), lse_s, layout)
     got = all_to_all(back, [n * hq * (d + 1) for n in layout.recv_q_counts],
-                     layout.return_counts_by_rank(hq * (d + 1)), group, timings)
+                     layout.return_counts_by_rank(hq * (d + 1)), group)
     out_r, lse_r = unpack_results(got, layout, hq, d)
     out, lse = merge_partials(out_r, lse_r, layout.merge_index, q.shape[0])
     return out.to(q.dtype), lse

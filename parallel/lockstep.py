@@ -47,7 +47,7 @@ from distca.parallel.alltoall import launch_all_to_all, wait_all_to_all
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
-from distca.scheduler import task_pairs
+from distca.scheduler import DocumentBatch, documents_from_batch, task_pairs
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
 Op = tuple[str, int] | None  # ("F", i) / ("B", i): forward / backward of micro-batch i; None: bubble
@@ -62,31 +62,25 @@ class TickDocuments:
     stream satisfies the planner's back-to-back documents.
     """
 
-    doc_lengths: np.ndarray
-    turn_lengths: np.ndarray | None
-    turn_is_context: np.ndarray | None
+    documents: DocumentBatch
     offsets: list[int]
     real_tokens: list[int]  # document tokens of each job (the rest is padding)
 
 
-def tick_documents(docs: Sequence[tuple], tokens_per_job: int) -> TickDocuments:
-    """``docs``: per job ``(doc_lengths, turn_lengths, turn_is_context)`` of its micro-batch."""
+def tick_documents(docs: Sequence[DocumentBatch], tokens_per_job: int) -> TickDocuments:
+    """``docs``: per job the documents of its micro-batch."""
     lengths, turns, context, offsets, real = [], [], [], [], []
-    with_turns = any(t is not None for _, t, _ in docs)
-    for j, (doc_lengths, turn_lengths, turn_is_context) in enumerate(docs):
-        doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
-        n = int(doc_lengths.sum())
+    for j, batch in enumerate(docs):
+        n = batch.num_tokens
         offsets.append(j * tokens_per_job)
         real.append(n)
         pad = np.ones(tokens_per_job - n if j < len(docs) - 1 else 0, dtype=np.int64)
-        lengths += [doc_lengths, pad]
-        if with_turns:
-            turns += [doc_lengths if turn_lengths is None else np.asarray(turn_lengths), pad]
-            context += [np.zeros(doc_lengths.size, dtype=bool) if turn_is_context is None
-                        else np.asarray(turn_is_context, dtype=bool), np.zeros(pad.size, dtype=bool)]
-    return TickDocuments(np.concatenate(lengths),
-                         np.concatenate(turns).astype(np.int64) if with_turns else None,
-                         np.concatenate(context) if with_turns else None, offsets, real)
+        # a document without turns is one causal turn: DocumentBatch stores it as such
+        lengths += [batch.doc_length, pad]
+        turns += [batch.turn_length, pad]
+        context += [batch.turn_is_context, np.zeros(pad.size, dtype=bool)]
+    return TickDocuments(documents_from_batch(np.concatenate(lengths), np.concatenate(turns),
+                                              np.concatenate(context)), offsets, real)
 
 
 def split_placement(servers: list[ServerInputs], tick: TickDocuments, active_ranks: list[int],
@@ -211,7 +205,6 @@ class LockstepExchange:
         # Score pairs served (forward + backward, all layers) in ticks where this rank's own
         # stage had no micro-batch: the attention the pipeline bubble would otherwise waste.
         self.bubble_pairs = 0
-        self.timings: dict[str, float] | None = None  # "comm_wait": seconds blocked, if set
 
     def start_step(self, placements: dict[Job, list[ServerInputs]], tokens_per_worker: int,
                    training: bool, cuts: dict[Job, np.ndarray] | None = None) -> None:
@@ -310,7 +303,7 @@ class LockstepExchange:
         hq, hkv, d = self.heads
         mine = self.roles[self.me]
         for sub, (buffer, work, counts) in enumerate(self.inbound):
-            wait_all_to_all(work, self.timings)
+            wait_all_to_all(work)
             replies = self._serve(sub, list(torch.split(buffer, counts)))
             back = [0] * self.size
             if mine is not None:
@@ -327,7 +320,7 @@ class LockstepExchange:
         """Wait for sub-round ``sub`` of round ``round_`` to come back: per group rank, what it
         returned to this rank as a worker (fp32, flat)."""
         buffer, work, counts = self.returns.pop((round_, sub))
-        wait_all_to_all(work, self.timings)
+        wait_all_to_all(work)
         return list(torch.split(buffer, counts))
 
     def _start(self, chunks: list[torch.Tensor], recv_counts: list[int]) -> tuple:

@@ -32,16 +32,14 @@ from distca.parallel.layout import (
     server_inputs_from_tasks,
     server_tasks,
 )
-from distca.scheduler.documents import documents_from_batch
+from distca.scheduler import DocumentBatch
 
 
-def document_cuts(doc_lengths, turn_lengths, turn_is_context, num_workers: int,
-                  tokens_per_worker: int) -> np.ndarray:
+def document_cuts(docs: DocumentBatch, num_workers: int, tokens_per_worker: int) -> np.ndarray:
     """(num_workers * T,) int64: for each global token, the cut of its document (tokens before
     it are in the first nano-batch); a padding token gets its own index + 1 in the first half of
     its worker's slice and its own index in the second half."""
     t, half = tokens_per_worker, tokens_per_worker // 2
-    docs = documents_from_batch(doc_lengths, turn_lengths, turn_is_context)
     start, length = docs.doc_start, docs.doc_length
     end = start + length
     cut = np.where(start % t >= half, start, np.minimum(end, start - start % t + half))

@@ -65,18 +65,17 @@ def split_nano_batches(servers: list[ServerInputs]) -> tuple[list[ServerInputs],
 
 
 def send_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DispatchLayout,
-             group: dist.ProcessGroup | None = None, timings: dict[str, float] | None = None):
+             group: dist.ProcessGroup | None = None):
     """Launch the q/k/v exchange of ``layout``: q (Nq, hq, d) rows indexed by
     ``layout.send_q_idx``, k and v (Nkv, hkv, d) by ``send_kv_idx``. Returns the in-flight
     exchange for :func:`serve_and_return`."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     return start_all_to_all(pack_qkv(q, k, v, layout), layout.send_counts_by_rank(hq * d, hkv * d),
-                            layout.recv_counts_by_rank(hq * d, hkv * d), group, timings)
+                            layout.recv_counts_by_rank(hq * d, hkv * d), group)
 
 
 def serve_and_return(sent, layout: DispatchLayout, attend: AttendFn, shape: tuple[int, int, int],
-                     group: dist.ProcessGroup | None = None,
-                     timings: dict[str, float] | None = None):
+                     group: dist.ProcessGroup | None = None):
     """Wait for the q/k/v of :func:`send_qkv`, run this rank's tasks and launch the return of
     out + lse; ``shape`` = (hq, hkv, d). Returns the in-flight exchange for
     :func:`receive_results`."""
@@ -85,7 +84,7 @@ def serve_and_return(sent, layout: DispatchLayout, attend: AttendFn, shape: tupl
     out_s, lse_s = serve(*unpack_qkv(recv, layout, hq, hkv, d), layout, attend)
     back = pack_results(out_s.float(), lse_s, layout)
     return start_all_to_all(back, [n * hq * (d + 1) for n in layout.recv_q_counts],
-                            layout.return_counts_by_rank(hq * (d + 1)), group, timings)
+                            layout.return_counts_by_rank(hq * (d + 1)), group)
 
 
 def receive_results(returned, layout: DispatchLayout, hq: int, d: int
@@ -97,18 +96,16 @@ def receive_results(returned, layout: DispatchLayout, hq: int, d: int
 
 def pingpong_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        layouts: tuple[DispatchLayout, DispatchLayout], attend: AttendFn,
-                       group: dist.ProcessGroup | None = None,
-                       timings: dict[str, float] | None = None
+                       group: dist.ProcessGroup | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`~distca.parallel.dispatch.dispatch_attention` over two nano-batch layouts.
 
     q (N, hq, d), k and v (N, hkv, d) are this rank's tokens. Returns the merged (out (N, hq, d),
-    lse (N, hq) fp32) without any sink. ``timings["comm_wait"]`` accumulates the seconds spent
-    blocked on the exchanges (forward and backward).
+    lse (N, hq) fp32) without any sink.
     """
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    sent = [send_qkv(q, k, v, lay, group, timings) for lay in layouts]
-    returned = [serve_and_return(x, lay, attend, (hq, hkv, d), group, timings)
+    sent = [send_qkv(q, k, v, lay, group) for lay in layouts]
+    returned = [serve_and_return(x, lay, attend, (hq, hkv, d), group)
                 for x, lay in zip(sent, layouts)]
     partials = [receive_results(x, lay, hq, d) for x, lay in zip(returned, layouts)]
     out_r = torch.cat([p[0] for p in partials])

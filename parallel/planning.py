@@ -23,8 +23,8 @@ from distca.parallel.layout import (
     colocated_server_inputs,
 )
 from distca.parallel.pingpong import split_nano_batches
-from distca.scheduler import ModelShape, Plan, plan_step
-from distca.scheduler.documents import build_segments, documents_from_batch
+from distca.scheduler import DocumentBatch, ModelShape, Plan, plan_step
+from distca.scheduler.documents import build_segments
 
 
 @dataclass
@@ -53,9 +53,7 @@ def _max_over_mean(cost: np.ndarray) -> float:
     return float(cost.max()) / mean if mean > 0 else 1.0
 
 
-def colocated_plan(doc_lengths, turn_lengths, turn_is_context, num_workers: int,
-                   tokens_per_worker: int) -> StepPlan:
-    docs = documents_from_batch(doc_lengths, turn_lengths, turn_is_context)
+def colocated_plan(docs: DocumentBatch, num_workers: int, tokens_per_worker: int) -> StepPlan:
     segments = build_segments(docs, tokens_per_worker)
     cost = np.bincount(segments.home, weights=segments.pairs(), minlength=num_workers)
     ratio = _max_over_mean(cost)
@@ -114,8 +112,7 @@ def plan_within_budget(docs, num_workers: int, tokens_per_worker: int, num_serve
 _NO_PLAN = -1  # first value of the broadcast array when no plan fits the buffer budget
 
 
-def disaggregated_plan(doc_lengths, turn_lengths, turn_is_context, num_workers: int,
-                       tokens_per_worker: int, tolerance: float, min_shard_tokens: int,
+def disaggregated_plan(docs: DocumentBatch, num_workers: int, tokens_per_worker: int, tolerance: float, min_shard_tokens: int,
                        model: ModelShape, device: torch.device, src: int = 0,
                        num_servers: int | None = None,
                        buffer_budget_mb: float = float("inf")) -> StepPlan:
@@ -128,7 +125,6 @@ def disaggregated_plan(doc_lengths, turn_lengths, turn_is_context, num_workers: 
     num_servers = num_workers if num_servers is None else num_servers
     array = None
     if dist.get_rank() == src:
-        docs = documents_from_batch(doc_lengths, turn_lengths, turn_is_context)
         plan, used, need = plan_within_budget(docs, num_workers, tokens_per_worker, num_servers,
                                               tolerance, min_shard_tokens, model,
                                               buffer_budget_mb * 2**20)

@@ -70,7 +70,7 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
     from megatron.core import parallel_state
 
     from distca.config import load_config
-    from distca.engine import Engine
+    from distca.rank import make_rank
 
     out = Path(outdir)
     seen = set()
@@ -82,8 +82,8 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
             overrides = [o for o in overrides if not o.startswith(("cad.", "parallel."))]
             overrides += ["cad.enabled=false", "parallel.dp=1"]
         cfg = load_config(ROOT / "recipes" / "tiny.yaml", list(overrides))
-        engine = Engine(cfg)
-        server = not isinstance(engine, Engine)  # a dedicated attention server: no weights
+        engine = make_rank(cfg)
+        server = engine.role.optimizer is None  # a dedicated attention server: no weights
         init = out / f"init.{key}.pt"
         if reference or key in seen:
             if not server:

@@ -141,7 +141,7 @@ def test_nano_batch_split_keeps_every_score_pair_and_the_first_is_causally_close
         plan = plan_step(docs, num_workers=workers, tokens_per_worker=T, num_servers=workers,
                          tolerance=0.0, min_shard_tokens=2, model=ModelShape(4, 2, 8, 4))
         servers = [plan.server_inputs(s) for s in range(workers)]
-        cuts = document_cuts(lengths, turns, context, workers, T)
+        cuts = document_cuts(docs, workers, T)
         first = np.arange(workers * T) < cuts
         for start, n in zip(docs.doc_start, docs.doc_length):  # a prefix of every document
             member = first[start:start + n]
@@ -157,11 +157,12 @@ def test_nano_batch_split_keeps_every_score_pair_and_the_first_is_causally_close
 
 def test_nano_batch_layouts_index_rows_in_nano_order():
     from distca.parallel.nanobatch import document_cuts, nano_batches
+    from distca.scheduler import documents_from_batch
 
     T, workers = 8, 2
     # a document over both workers (cut at token 4), a one-token one at local 2, padding
     lengths = np.array([10, 1])
-    cuts = document_cuts(lengths, None, None, workers, T)
+    cuts = document_cuts(documents_from_batch(lengths), workers, T)
     assert cuts[:11].tolist() == [4] * 10 + [11]
     servers = [server_inputs_from_tasks([0, 8], [8, 10], [0, 0], [8, 10], [True, True]),
                server_inputs_from_tasks([10], [11], [10], [11], [True])]

@@ -47,34 +47,36 @@ def process_group():
     dist.destroy_process_group()
 
 
-def test_engine_and_focusft_import_in_either_order():
-    """distca.engine reaches distca.focusft.fast_weights through the attention server, and
-    FocusftEngine extends Engine: a fresh process must import them in either order."""
+def test_step_and_focusft_import_in_either_order():
+    """FocusftStep extends Step and the roles build FocuSFT's fast weights: a fresh process
+    must import them in either order."""
     import subprocess
     import sys
 
-    for code in ("import distca.engine; from distca.focusft import FocusftEngine",
-                 "from distca.focusft import FocusftEngine; import distca.engine"):
+    for code in ("import distca.step; from distca.focusft.step import FocusftStep",
+                 "from distca.focusft.step import FocusftStep; import distca.step"):
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                              text=True)
         assert out.returncode == 0, out.stderr[-2000:]
 
 
-def make(engine_cls, overrides=()):
+def make(step_cls, overrides=()):
     from distca.config import load_config
+    from distca.mesh import ProcessMesh
 
-    return engine_cls(load_config(RECIPE, BASE + list(overrides)))
+    cfg = load_config(RECIPE, BASE + list(overrides))
+    return step_cls(cfg, ProcessMesh.build(cfg))
 
 
 @pytest.mark.parametrize("ping_pong", [True, False])
 def test_inner_steps_zero_is_exactly_an_sft_step(ping_pong):
-    from distca.engine import Engine
-    from distca.focusft import FocusftEngine
+    from distca.focusft.step import FocusftStep
+    from distca.step import Step
 
     common = ["model.learnable_sinks=true", "model.gated_attention=true",
               f"cad.ping_pong={str(ping_pong).lower()}"]
-    focus = make(FocusftEngine, ["focusft.inner_steps=0"] + common)
-    sft = make(Engine, common)
+    focus = make(FocusftStep, ["focusft.inner_steps=0"] + common)
+    sft = make(Step, common)
     with torch.no_grad():  # a zero sink would hide sink bugs
         for name, p in focus.model.named_parameters():
             if name.endswith("sinks"):
@@ -97,9 +99,9 @@ def test_inner_steps_zero_is_exactly_an_sft_step(ping_pong):
 
 
 def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
-    from distca.focusft import FocusftEngine
+    from distca.focusft.step import FocusftStep
 
-    engine = make(FocusftEngine, ["focusft.inner_steps=3"])
+    engine = make(FocusftStep, ["focusft.inner_steps=3"])
     calls = []
     attend = engine.runtime.attend
     engine.runtime.attend = lambda *args: calls.append(1) or attend(*args)
@@ -111,7 +113,7 @@ def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
     losses = [stats[f"inner_loss_{i}"] for i in range(3)] + [stats["loss"]]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # the base weights saw the outer loss only: same weights, no adaptation -> higher loss
-    plain = make(FocusftEngine, ["focusft.inner_steps=0"])
+    plain = make(FocusftStep, ["focusft.inner_steps=0"])
     plain.model.load_state_dict(engine.model.state_dict())
     assert plain.forward_backward([chat_batch(5)])["loss"] == pytest.approx(losses[0], rel=1e-6)
 
@@ -119,23 +121,23 @@ def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
 def test_inner_loss_is_a_token_mean_over_micro_batches_like_the_loss():
     """inner_loss_0 is the loss before any adaptation: the SFT loss of the same weights, a mean
     over every loss token of the step, not a mean of per-micro-batch means."""
-    from distca.focusft import FocusftEngine
+    from distca.focusft.step import FocusftStep
 
     batches = [chat_batch(5), pack_conversations(multiturn_docs(6, [30]), 1, 192)]
     counts = [int((b.labels != -100).sum()) for b in batches]
     assert max(counts) > 2 * min(counts)  # unequal micro-batches tell the two means apart
-    engine = make(FocusftEngine, ["focusft.inner_steps=1"])
-    plain = make(FocusftEngine, ["focusft.inner_steps=0"])
+    engine = make(FocusftStep, ["focusft.inner_steps=1"])
+    plain = make(FocusftStep, ["focusft.inner_steps=0"])
     plain.model.load_state_dict(engine.model.state_dict())
     got = engine.forward_backward(batches)["inner_loss_0"]
     assert got == pytest.approx(plain.forward_backward(batches)["loss"], rel=1e-6)
 
 
 def test_fast_weights_reset_every_step_and_stay_private():
-    from distca.engine import Engine
-    from distca.focusft import FocusftEngine
+    from distca.focusft.step import FocusftStep
+    from distca.step import Step
 
-    engine = make(FocusftEngine)
+    engine = make(FocusftStep)
     fast = engine.fast
     assert engine.num_top == 1 and len(fast.tensors) == 4  # top layer, fc1 + fc2, A and B
     # adapters live on the top layer's MLP only
@@ -171,7 +173,7 @@ def test_fast_weights_reset_every_step_and_stay_private():
     assert not fast_ids & {id(p) for g in engine.optimizer.adamw.param_groups for p in g["params"]}
     assert not fast_ids & {id(p) for p in engine.model.parameters()}
     assert not fast_ids & {id(p) for p in engine.params}  # the gradient all-reduce set
-    plain = make(Engine)
+    plain = make(Step)
     plain.train_step([chat_batch(10)])
     state = engine.state_dict()
     assert state.keys() == plain.state_dict().keys()

@@ -32,14 +32,14 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     from distca.config import load_config
-    from distca.focusft import FocusftEngine
+    from distca.rank import make_rank
 
     out = Path(outdir)
     servers = [o for o in extra if o.startswith("cad.")] if world > 1 else []
     model = [o for o in extra if not o.startswith("cad.")]
     cfg = load_config(ROOT / "recipes" / "tiny-focusft.yaml",
                       OVERRIDES + model + servers + [f"parallel.dp={min(world, 2)}"])
-    engine = FocusftEngine(cfg)
+    engine = make_rank(cfg)
     if rank >= 2:  # a dedicated attention server: it only joins the workers' exchanges
         dist.barrier()
         engine.forward_backward([_batch()])

@@ -105,14 +105,14 @@ def test_cli_round_trip_is_exact(tmp_path, capsys):
 def test_imported_checkpoint_loads_into_the_engine(tmp_path):
     """The imported run directory is an ordinary checkpoint: the engine's loader takes it."""
     from distca.config import load_config
-    from distca.engine import Engine
+    from distca.rank import make_rank
     from distca.train.checkpoint import latest_checkpoint, read_shard
 
     _save_random_hf(tmp_path / "hf", LLAMA)
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
     cfg = load_config(tmp_path / "run" / "config.yaml")
     assert cfg.model == LLAMA
-    engine = Engine(cfg)
+    engine = make_rank(cfg)
     engine.load_state_dict(read_shard(latest_checkpoint(tmp_path / "run" / "checkpoints")[0], 0))
     assert engine.step == 0
 

@@ -132,9 +132,9 @@ def _random_tick(rng: np.random.Generator, dp: int, stages: int, tokens: int):
             lengths.append(int(rng.integers(1, dp * tokens - sum(lengths))))
         lengths = lengths or [1]
         jobs.append(int(stage))
-        docs.append((np.array(lengths), None, None))
+        docs.append(documents_from_batch(np.array(lengths)))
     tick = tick_documents(docs, dp * tokens)
-    plan = plan_step(documents_from_batch(tick.doc_lengths), len(jobs) * dp, tokens,
+    plan = plan_step(tick.documents, len(jobs) * dp, tokens,
                      num_servers=dp * stages, tolerance=float(rng.choice([0.0, 0.1])),
                      min_shard_tokens=2, model=ModelShape(h_q=2, h_kv=1, head_dim=4))
     servers = [plan.server_inputs(s) for s in range(plan.num_servers)]
@@ -148,9 +148,9 @@ def test_tick_plan_split_covers_each_job_exactly(seed):
     split back out, score every causal pair of its documents exactly once and no padding."""
     dp, stages, tokens = 2, 3, 24
     _, docs, placements = _random_tick(np.random.default_rng(seed), dp, stages, tokens)
-    for (lengths, _, _), placement in zip(docs, placements):
+    for batch, placement in zip(docs, placements):
         np.testing.assert_array_equal(_covered(placement, dp * tokens),
-                                      _causal_pairs(lengths, dp * tokens))
+                                      _causal_pairs(batch.doc_length, dp * tokens))
 
 
 def _causal_pairs(lengths, tokens: int) -> np.ndarray:
@@ -174,9 +174,9 @@ def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
     dp, stages, tokens, hq, hkv, d = 2, 3, 24, 4, 2, 8
     jobs, docs, placements = _random_tick(rng, dp, stages, tokens)
     gen = torch.Generator().manual_seed(seed)
-    for stage, (lengths, _, _), placement in zip(jobs, docs, placements):
+    for stage, batch, placement in zip(jobs, docs, placements):
         workers = [stage * dp + w for w in range(dp)]
-        cuts = document_cuts(lengths, None, None, dp, tokens)
+        cuts = document_cuts(batch, dp, tokens)
         views = [nano_job_layouts(placement, cuts, workers, tokens, g, torch.device("cpu"))
                  for g in range(dp * stages)]
         q = torch.randn(dp * tokens, hq, d, generator=gen, dtype=torch.float64)
@@ -217,8 +217,8 @@ def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
                 lse_r = torch.cat(partials[g][1]) if partials[g][1] else q.new_zeros(0, hq)
                 merged, _ = merge_partials(out_r, lse_r.double(), torch.cat(send_q), rows.numel())
                 got[w * tokens + rows] = merged.double()
-        n = int(np.sum(lengths))
-        mask = torch.as_tensor(_causal_pairs(lengths, dp * tokens)[:n, :n], dtype=torch.bool)
+        n = int(batch.num_tokens)
+        mask = torch.as_tensor(_causal_pairs(batch.doc_length, dp * tokens)[:n, :n], dtype=torch.bool)
         want, _ = dense_attention(q[:n], k[:n], v[:n], mask, softmax_scale=d ** -0.5)
         # merge_partials weighs partial rows in fp32: each output is a convex combination of
         # v rows with weights off by a few fp32 ulps, so its error is within 16 eps32 * max|v|.

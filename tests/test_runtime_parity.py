@@ -63,13 +63,14 @@ def test_staggered_layers_equal_the_plain_forward_in_one_process():
     and every gradient of one process, token nano-batches vs one blocking exchange."""
     import torch
     import torch.distributed as dist
+    from distca.parallel.exchange import TokenPingPong
     from distca.parallel.nanobatch import document_cuts, nano_batches
     from megatron.core import parallel_state
     from runtime_harness import ROOT, _randomize_sinks, free_port, relative_error
 
     from distca.config import load_config
-    from distca.engine import Engine
-    from distca.model.staggered import staggered_stage_forward
+    from distca.model.staggered import stage_forward
+    from distca.rank import make_rank
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
@@ -77,26 +78,27 @@ def test_staggered_layers_equal_the_plain_forward_in_one_process():
         cfg = load_config(ROOT / "recipes" / "tiny.yaml",
                           ["parallel.dp=1", "cad.enabled=true", "cad.ping_pong=false",
                            "cad.min_shard_tokens=4", "trainer.seed=5"] + GATED_SINKS)
-        engine = Engine(cfg)
+        engine = make_rank(cfg)
         _randomize_sinks(engine.model)
         batch = skewed_batch(1, 96, [40, 1, 17, 1, 30], seed=3)
-        plan = engine._plan(batch)
+        plan = engine.exchanges.plan(batch)
         results = []
         for staggered in (False, True):
             engine.model.zero_grad(set_to_none=True)
             if staggered:
-                cuts = document_cuts(batch.doc_lengths, None, None, 1, 96)
+                cuts = document_cuts(batch.documents(), 1, 96)
                 nano = nano_batches(plan.servers, cuts, 0, 1, 96, 1)
                 assert min(r.numel() for r in nano.rows) > 0
-                engine.runtime.set_batch(torch.as_tensor(batch.position_ids()), nano)
+                engine.runtime.set_batch(torch.as_tensor(batch.position_ids()),
+                                         TokenPingPong(nano, None))
                 labels = torch.as_tensor(batch.labels).view(1, -1)
                 mask = labels != -100
-                losses = staggered_stage_forward(engine.model, engine.runtime,
-                                                 torch.as_tensor(batch.tokens).view(1, -1),
-                                                 labels=torch.where(mask, labels, 0))
+                losses = stage_forward(engine.stage, engine.runtime,
+                                       torch.as_tensor(batch.tokens).view(1, -1), None,
+                                       torch.where(mask, labels, 0))
                 loss = (losses.float() * mask).sum()
             else:
-                loss = engine._forward(batch, plan)
+                loss = engine.forward(batch, plan)
             loss.backward()
             results.append((float(loss.detach()), {n: q.grad.clone()
                                           for n, q in engine.model.named_parameters()}))

@@ -73,12 +73,12 @@ def test_training_sink_mass_is_the_sink_share_of_the_softmax():
     from megatron.core.transformer.transformer_config import TransformerConfig
     from test_attention_core import fresh_seed
 
-    from distca.model.core_attention import DistcaCoreAttention, SinkTelemetry
+    from distca.model.core_attention import DistcaCoreAttention, SinkMassSums
 
     heads, dim, rows = 3, 8, 40
     config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
                                kv_channels=dim, use_cpu_initialization=True)
-    runtime = SimpleNamespace(telemetry=SinkTelemetry())
+    runtime = SimpleNamespace(telemetry=SinkMassSums())
     layer = DistcaCoreAttention(config, layer_number=1, runtime=runtime, learnable_sinks=True,
                                 pg_collection=SimpleNamespace(tp=SimpleNamespace(size=lambda: 1)))
     gen = torch.Generator().manual_seed(fresh_seed())

@@ -1,18 +1,9 @@
 """FocuSFT: bilevel, dilution-aware fine-tuning with transient fast LoRA weights (design §6).
 
-:class:`FocusftEngine` is imported on first use: ``distca.engine`` (which it extends) imports
-``distca.focusft.fast_weights`` through the attention server, and an eager import here would
-close that cycle.
+The bilevel step is :class:`distca.focusft.step.FocusftStep`; this package's root holds only
+the fast weights, which the roles of :mod:`distca.roles` build.
 """
 
 from distca.focusft.fast_weights import FastLoRA, top_layer_count
 
-__all__ = ["FastLoRA", "FocusftEngine", "top_layer_count"]
-
-
-def __getattr__(name: str):
-    if name == "FocusftEngine":
-        from distca.focusft.engine import FocusftEngine
-
-        return FocusftEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["FastLoRA", "top_layer_count"]

@@ -1,27 +1,29 @@
 """Our megatron model in this one process, for conversion checks and evaluation.
 
-The engine expects torch.distributed and megatron's parallel state; a single process gets a
+The step expects torch.distributed and megatron's parallel state; a single process gets a
 world of one (gloo over an in-memory store, so nothing listens on a socket) and TP=PP=DP=1.
 Each forward call treats its tokens as one document with causal attention.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from distca.config import DistcaConfig, ModelConfig, validate
+from distca.config import DistBackend, DistcaConfig, ModelConfig, validate
+from distca.mesh import start_process_group
+from distca.parallel.exchange import BlockingExchange
+from distca.parallel.layout import build_layout
+from distca.parallel.planning import colocated_plan
+from distca.rank import make_rank
+from distca.scheduler import documents_from_batch
 
 
 def ensure_single_process_group() -> None:
     """Start a one-rank gloo group unless torch.distributed is already initialised."""
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo would bind the host's address
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():
+        start_process_group(DistBackend.gloo, 0, 1, None, loopback=True)
 
 
 def single_rank_config(model: ModelConfig, attention_backend: str = "auto") -> DistcaConfig:
@@ -34,7 +36,7 @@ def single_rank_config(model: ModelConfig, attention_backend: str = "auto") -> D
 
 
 class LocalModel:
-    """A one-rank :class:`distca.engine.Engine` model with a logits call.
+    """A one-rank :class:`distca.step.Step` model with a logits call.
 
     ``logits(tokens)``: tokens (S,) int64 -> (S, vocab) fp32, causal over the S tokens.
     """
@@ -43,15 +45,13 @@ class LocalModel:
         ensure_single_process_group()
         from megatron.core import parallel_state
 
-        from distca.engine import Engine
-
         if parallel_state.model_parallel_is_initialized() and (
                 parallel_state.get_tensor_model_parallel_world_size() != 1
                 or parallel_state.get_pipeline_model_parallel_world_size() != 1):
             raise RuntimeError("LocalModel needs TP=PP=1")
         self.cfg = cfg
-        self.engine = Engine(cfg)
-        self.model = self.engine.model
+        self.engine = make_rank(cfg)
+        self.model = self.engine.role.model
         self.model.eval()
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -69,15 +69,13 @@ class LocalModel:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
-        from distca.parallel.layout import build_layout
-        from distca.parallel.planning import colocated_plan
-
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
         n = ids.numel()
-        plan = colocated_plan(np.array([n]), None, None, 1, n)
+        plan = colocated_plan(documents_from_batch(np.array([n])), 1, n)
         device = self.engine.device
         layout = build_layout(plan.servers, 0, 1, n, 1, [0], device)
-        self.engine.runtime.set_batch(torch.arange(n, device=device), layout)
+        self.engine.runtime.set_batch(torch.arange(n, device=device),
+                                      BlockingExchange(layout, None))
         out = self.model(ids.to(device).view(1, -1), None, None)
         return out.reshape(n, -1).float().cpu()
 

@@ -21,7 +21,7 @@ from distca.model.rope import apply_rope
 
 
 @dataclass
-class SinkTelemetry:
+class SinkMassSums:
     """Running sums, per layer, of the learnable-sink mass exp(s_h - L'_i) over rows (L' with
     the sink; :mod:`distca.attention.telemetry` documents the formula)."""
 

@@ -2,11 +2,13 @@
 
 Every profiled event is put in one category, by name, from the outside in:
 
-* ``attention``: core-attention kernels (``_CoreAttention`` forward and its backward node);
+* ``attention``: this rank's attention kernels as a server, forward and backward (the spans
+  ``distca.serve``/``distca.serve_bwd`` of :mod:`distca.parallel.spans`, recorded while the
+  step runs under :func:`~distca.parallel.spans.recording`);
 * ``linear``: megatron's linear layers (``Linear…`` forward and backward nodes);
-* ``comm``: collectives (``c10d::``/``gloo:``/``nccl:`` ops), the exchange functions of
-  :mod:`distca.parallel.alltoall` forward and backward (where a rank blocks on an all-to-all),
-  and the rest of any event that wraps collectives without attention: exposed communication;
+* ``comm``: collectives (``c10d::``/``gloo:``/``nccl:`` ops), the span ``distca.comm_wait``
+  (where a rank blocks on an attention exchange, forward and backward), and the rest of any
+  event that wraps collectives without attention: exposed communication;
 * ``other``: the remaining compute (norms, rope, embeddings, loss, optimizer, packing).
 
 ``idle`` is the step's wall time outside every event: waiting on a synchronous collective
@@ -15,31 +17,16 @@ Every profiled event is put in one category, by name, from the outside in:
 
 from __future__ import annotations
 
-import functools
-
-import torch
-
 CATEGORIES = ("linear", "attention", "comm", "other", "idle")
-_COMM_PREFIXES = ("c10d::", "gloo:", "nccl:")
-_BACKWARD_NODE = "autograd::engine::evaluate_function: "
-
-
-@functools.cache
-def _exchange_functions() -> frozenset[str]:
-    """Profiler names of the autograd functions that run (and wait on) the all-to-alls."""
-    from distca.parallel import alltoall
-
-    names = {obj.__name__ for obj in vars(alltoall).values()
-             if isinstance(obj, type) and issubclass(obj, torch.autograd.Function)}
-    return frozenset(names | {f"{n}Backward" for n in names})
+_COMM_PREFIXES = ("c10d::", "gloo:", "nccl:", "distca.comm_wait")
+_ATTENTION_SPANS = ("distca.serve", "distca.serve_bwd")
 
 
 def own_category(name: str) -> str | None:
     """The category an event has by its name alone, or None for containers."""
-    if "_CoreAttention" in name:
+    if name in _ATTENTION_SPANS:
         return "attention"
-    if name.startswith(_COMM_PREFIXES) or name.removeprefix(_BACKWARD_NODE) in \
-            _exchange_functions():
+    if name.startswith(_COMM_PREFIXES):
         return "comm"
     if "Linear" in name:
         return "linear"

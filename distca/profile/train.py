@@ -1,7 +1,7 @@
 """``distca profile train``: real training steps measured end to end, per rank.
 
 The ranks are local processes (gloo on CPU, NCCL on GPU) rendezvousing on 127.0.0.1, each
-running the same :class:`distca.engine.Engine` (or FocuSFT engine) that ``distca train``'s Ray
+running the same :class:`distca.step.Step` (or FocuSFT step) that ``distca train``'s Ray
 workers run, on the batches the training driver would send (``make_dataset(cfg)``). After
 ``warmup`` steps, ``steps`` steps are timed plainly (tokens/s, model FLOPs utilisation,
 attention imbalance before and after planning), then one more step runs under the torch
@@ -16,18 +16,19 @@ and layer. The peak is a measured square matmul on every rank at the same time (
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distca.config import DistcaConfig
+from distca.config import DistBackend, DistcaConfig
+from distca.mesh import start_process_group
+from distca.parallel.spans import recording
 from distca.profile.breakdown import CATEGORIES, find_step_event, step_breakdown
 from distca.profile.comm import free_port
+from distca.rank import make_rank
 
 STEP_EVENT = "distca.profile.train_step"
 
@@ -78,15 +79,10 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
     if cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     else:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would listen on the host's address
         torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_worker)))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    start_process_group(DistBackend.auto, rank, world, f"tcp://127.0.0.1:{port}", loopback=True)
     try:
-        from distca.engine import Engine
-        from distca.focusft import FocusftEngine
-
-        engine = (FocusftEngine if cfg.focusft.enabled else Engine)(cfg)
+        engine = make_rank(cfg)
         device = engine.device
         dist.barrier()
         peak = torch.tensor([peak_tflops * 1e12 if peak_tflops else measure_peak_flops(device)],
@@ -104,16 +100,14 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
                 steps.append({"wall_s": time.perf_counter() - start, "loss": stats["loss"],
                               "imbalance_before": stats["imbalance_before"],
                               "imbalance_after": stats["imbalance"], "tokens": stats["tokens"]})
-        engine.runtime.timings = {}
         dist.barrier()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, recording() as clocks:
             with record_function(STEP_EVENT):
                 engine.train_step(all_batches[-1])
                 if cuda:
                     torch.cuda.synchronize()
         breakdown = step_breakdown(find_step_event(prof.events(), STEP_EVENT), with_spans=True)
-        breakdown["runtime_clocks_s"] = dict(engine.runtime.timings)
-        engine.runtime.timings = None
+        breakdown["runtime_clocks_s"] = dict(clocks.seconds)
         gathered = [None] * world
         dist.all_gather_object(gathered, breakdown)
         if rank == 0:

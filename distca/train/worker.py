@@ -2,26 +2,25 @@
 
 The driver starts one :class:`RankWorker` per rank, then calls :meth:`setup` on all of them
 at once: each joins torch.distributed (gloo on CPU, nccl on GPU) and builds the
-:class:`distca.engine.Engine`. Afterwards the driver sends every rank the same micro-batches
+:class:`distca.step.Step` of its role (:func:`distca.rank.make_rank`). Afterwards the driver sends every rank the same micro-batches
 per step. Ray is the control plane only; tensors between ranks go over torch.distributed.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import warnings
 from pathlib import Path
 
-from distca.config import DistBackend, DistcaConfig
+from distca.config import DistcaConfig
+from distca.mesh import dedicated_server_count
 
 
 def world_layout(cfg: DistcaConfig) -> list[str]:
     """The role of every rank: workers first, then dedicated attention servers."""
-    p, c = cfg.parallel, cfg.cad
-    servers = c.num_dedicated_servers if c.server_mode.value == "dedicated" else 0
-    return ["worker"] * (p.dp * p.tp * p.pp) + ["attention_server"] * servers
+    p = cfg.parallel
+    return ["worker"] * (p.dp * p.tp * p.pp) + ["attention_server"] * dedicated_server_count(cfg)
 
 
 class RankWorker:
@@ -47,22 +46,12 @@ class RankWorker:
             return s.getsockname()[1]
 
     def setup(self, init_method: str, loopback: bool) -> None:
-        import torch
-        import torch.distributed as dist
+        from distca.mesh import start_process_group
+        from distca.rank import make_rank
 
-        if loopback:
-            # gloo otherwise listens on the address the host name resolves to
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        backend = self.cfg.parallel.backend
-        if backend is DistBackend.auto:
-            backend = DistBackend.nccl if torch.cuda.is_available() else DistBackend.gloo
-        dist.init_process_group(backend.value, init_method=init_method, rank=self.rank,
-                                world_size=self.world_size,
-                                timeout=datetime.timedelta(minutes=10))
-        from distca.engine import Engine
-        from distca.focusft import FocusftEngine
-
-        self.engine = (FocusftEngine if self.cfg.focusft.enabled else Engine)(self.cfg)
+        start_process_group(self.cfg.parallel.backend, self.rank, self.world_size, init_method,
+                            loopback)
+        self.engine = make_rank(self.cfg)
 
     def train_step(self, batches: list) -> dict:
         return self.engine.train_step(batches)

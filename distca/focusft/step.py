@@ -1,4 +1,4 @@
-"""FocuSFT trainer mode: the bilevel step on top of :class:`distca.engine.Engine` (design §6).
+"""FocuSFT trainer mode: the bilevel step on top of :class:`distca.step.Step` (design §6).
 
 Per micro-batch:
 
@@ -25,70 +25,59 @@ ranks): fast-weight gradients are summed over the data-parallel group in their o
 all-reduce, which keeps every rank's fast weights equal and makes an N-rank step identical to
 one process stepping on the whole micro-batch. Fast weights never join the base-gradient
 all-reduce, the optimiser or ``state_dict()``.
+
+A dedicated attention server runs this same step with its attention-only stage, whose anchor
+stands in for the fast weights (:mod:`distca.model.attention_only`): its inner-loop
+``autograd.grad`` joins the adapted layers' exchanges like the workers'.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from distca.batch import PackedBatch
+from distca.batch import PackedBatch, loss_token_count
 from distca.config import DistcaConfig
-from distca.engine import IGNORE, Engine, _all_reduce_scalar, _loss_tokens, rank_rows
-from distca.focusft.fast_weights import FastLoRA, top_layer_count
-from distca.model.staggered import language_model_losses
+from distca.focusft.fast_weights import top_layer_count
+from distca.mesh import ProcessMesh
 from distca.parallel.planning import StepPlan
+from distca.step import Step, plan_stats
 
 
-class FocusftEngine(Engine):
-    """An :class:`Engine` whose ``forward_backward`` is the FocuSFT bilevel step."""
+class FocusftStep(Step):
+    """A :class:`Step` whose ``forward_backward`` is the FocuSFT bilevel step."""
 
-    def __init__(self, cfg: DistcaConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh) -> None:
         if cfg.parallel.tp != 1:
             raise NotImplementedError("focusft.enabled needs parallel.tp=1 (fast LoRA weights "
                                       "are not tensor-parallel yet)")
         f = cfg.focusft
-        layers = list(self.model.decoder.layers)
-        self.num_top = top_layer_count(len(layers), f.layer_fraction)
-        self.fast = FastLoRA(layers[len(layers) - self.num_top:], list(f.targets), f.rank, f.alpha)
+        self.num_top = top_layer_count(cfg.model.num_layers // cfg.parallel.pp, f.layer_fraction)
+        self.fast_layers = self.num_top
+        super().__init__(cfg, mesh)
+        self.fast = self.role.fast_weights(f, self.num_top)
 
     # ---- model pieces ----------------------------------------------------------------------
-    def _load(self, batch: PackedBatch, plan: StepPlan
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Point the attention runtime at ``batch``; this rank's tokens, labels, loss mask (1, T)."""
-        rows = batch.rank_slice(self.dp_rank)
-        tokens = rank_rows(batch.tokens, rows, self.device)
-        labels = rank_rows(batch.labels, rows, self.device)
-        positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
-        # the SFT step's own layout (ping-pong nano-batches when on): any other split of the
-        # attention work changes the float summation order and inner_steps=0 would drift from SFT
-        self.runtime.set_batch(positions, self._layout(batch, plan))
-        mask = labels != IGNORE
-        return tokens, torch.where(mask, labels, 0), mask
-
     def bottom(self, tokens: torch.Tensor) -> torch.Tensor:
         """Everything below the first fast weight: hidden (T, 1, H) in the model dtype.
 
         The embedding, the layers without fast weights and the first adapted layer's attention
         half (its residual stream after attention, the input of its MLP half).
         """
-        layers = self.model.decoder.layers
+        layers = self.stage.layers
         first = len(layers) - self.num_top
-        hidden = self.model.embedding(input_ids=tokens, position_ids=None)
+        hidden = self.stage.embed(tokens, None)
         for layer in layers[:first]:
-            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
-        hidden, _ = layers[first]._forward_attention(hidden_states=hidden, attention_mask=None)
-        return hidden
+            hidden = layer(hidden)
+        return layers[first].attention_block(hidden)
 
     def top(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sum of this rank's response-token losses (fp32 scalar) from :meth:`bottom`'s output."""
-        decoder = self.model.decoder
-        first = len(decoder.layers) - self.num_top
-        hidden = decoder.layers[first]._forward_mlp(hidden)
-        for layer in decoder.layers[first + 1:]:
-            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
-        losses = language_model_losses(self.model, hidden, labels)
+        layers = self.stage.layers
+        first = len(layers) - self.num_top
+        hidden = layers[first].mlp_block(hidden)
+        for layer in layers[first + 1:]:
+            hidden = layer(hidden)
+        losses = self.stage.losses(hidden, labels)
         return (losses.float() * mask).sum()
 
     # ---- the bilevel step ------------------------------------------------------------------
@@ -99,28 +88,25 @@ class FocusftEngine(Engine):
         over all micro-batches' loss tokens like ``loss`` (the one after the last step), so
         ``inner_loss_0`` is the SFT loss of the same weights.
         """
-        self.model.train()
-        self.optimizer.zero_grad()
+        self._begin()
         f = self.cfg.focusft
-        total = max(_loss_tokens(micro_batches), 1)
+        total = max(loss_token_count(micro_batches), 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
         inner = torch.zeros(f.inner_steps, dtype=torch.float64)
-        before, after = [], []
+        plans = []
         self.fast.active = True
         try:
             for index, batch in enumerate(micro_batches):
-                plan = self._plan(batch)
-                before.append(plan.imbalance_before)
-                after.append(plan.imbalance)
+                plan = self.exchanges.plan(batch)
+                plans.append(plan)
                 local, inner_losses = self._micro_batch_step(index, batch, plan, total)
                 loss_sum += local
                 inner += inner_losses
         finally:
             self.fast.active = False
         self._sync_gradients()
-        stats = {"loss": _all_reduce_scalar(loss_sum, self.dp_group) / total,
-                 "imbalance_before": sum(before) / len(before),
-                 "imbalance": sum(after) / len(after)}
+        self.mesh.all_reduce_grads(loss_sum)
+        stats = {"loss": float(loss_sum) / total, **plan_stats(plans)}
         # inner sums are data-parallel summed already; a plain mean of per-micro-batch means
         # would weight a micro-batch with few loss tokens like one with many
         stats.update({f"inner_loss_{i}": float(v) / total for i, v in enumerate(inner)})
@@ -133,11 +119,13 @@ class FocusftEngine(Engine):
         Returns this rank's outer loss sum (float64 scalar) and the inner loss sums over the
         whole micro-batch, all ranks ((inner_steps,) float64).
         """
-        tokens, labels, mask = self._load(batch, plan)
+        # the SFT step's own exchange (ping-pong halves when on): any other split of the
+        # attention work changes the float summation order and inner_steps=0 would drift from SFT
+        tokens, labels, mask = self.load(batch, plan)
         seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
         self.fast.reset(torch.Generator().manual_seed(seed))
         hidden = self.bottom(tokens)
-        inner = self._inner_loop(hidden.detach(), labels, mask, max(_loss_tokens([batch]), 1))
+        inner = self._inner_loop(hidden.detach(), labels, mask, max(loss_token_count([batch]), 1))
         self.fast.freeze()
         local = self.top(hidden, labels, mask)
         (local / total).backward()
@@ -157,8 +145,7 @@ class FocusftEngine(Engine):
                 # fast-weight gradients and the loss sum summed over ranks in one message
                 flat = torch.cat([g.reshape(-1) for g in grads]
                                  + [local.detach().reshape(1).to(grads[0].dtype)])
-                if self.cfg.parallel.dp > 1:
-                    dist.all_reduce(flat, group=self.dp_group)
+                self.mesh.all_reduce_grads(flat)
                 losses[i] = float(flat[-1])
                 offset, summed = 0, []
                 for g in grads:

@@ -1,0 +1,133 @@
+"""What a rank holds: a worker's model shard and optimizer, or a dedicated server's nothing.
+
+The step (:mod:`distca.step`) is written once; the role gives it the stage model it runs
+(:mod:`distca.model.stage`), which of a micro-batch's tokens are this rank's, the trainable
+tensors and their optimizer, FocuSFT's fast weights, and what a checkpoint keeps. Chosen by
+:func:`make_role` from the rank's place in the mesh.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distca.config import DistcaConfig, FocusftConfig
+from distca.focusft.fast_weights import FastLoRA
+from distca.mesh import ProcessMesh
+from distca.model.attention_only import AttentionOnlyStage
+from distca.model.cpu_shims import seed_model_parallel
+from distca.model.llama import build_model
+from distca.model.runtime import AttentionRuntime
+from distca.model.sharding import gather_full, load_full
+from distca.model.stage import MegatronStage
+from distca.optimizer import Optimizer
+
+
+def compute_dtype(cfg: DistcaConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.trainer.precision.value == "bf16" else torch.float32
+
+
+class WorkerRole:
+    """A worker: this (tensor rank, stage)'s megatron model, its optimizer slice, its tokens."""
+
+    holds_weights = True
+
+    def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh, runtime: AttentionRuntime) -> None:
+        self.cfg, self.mesh = cfg, mesh
+        self.layer_offset = mesh.pp_rank * (cfg.model.num_layers // mesh.pp)
+        seed_model_parallel(cfg.trainer.seed, mesh.tp_rank)
+        self.model = build_model(cfg.model, runtime, cfg.trainer.precision)
+        self.stage = MegatronStage(self.model)
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        self.optimizer = Optimizer(self.params, cfg.optim, mesh.grads)
+
+    def rows(self, batch) -> slice:
+        """This rank's tokens of a micro-batch (a :class:`distca.batch.PackedBatch`)."""
+        return batch.rank_slice(self.mesh.dp_rank)
+
+    def fast_weights(self, f: FocusftConfig, num_top: int) -> FastLoRA:
+        """FocuSFT's fast adapters on this stage's top ``num_top`` layers."""
+        layers = list(self.model.decoder.layers)
+        return FastLoRA(layers[len(layers) - num_top:], list(f.targets), f.rank, f.alpha)
+
+    # ---- checkpoints and the whole-model view ----------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Model shard and optimizer state as flat CPU tensors."""
+        state = {f"model.{k}": v.detach().cpu().clone()
+                 for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}
+        state.update(self.optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(state)
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole-model tensors under TP=1/PP=1 names from every rank's shard (collective)."""
+        m = self.mesh
+        return gather_full(self.model, tensors, self.layer_offset, m.tp, m.tp_group, m.pp,
+                           m.pp_group, self.model.config.gated_linear_unit)
+
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        load_full(self.model, full, self.layer_offset, self.mesh.tp_rank, self.mesh.tp,
+                  self.model.config.gated_linear_unit)
+        self.optimizer.master_from_model()
+
+
+class AnchorFastWeights:
+    """A dedicated server's stand-in for :class:`FastLoRA`: the attention-only stage's anchor
+    (:mod:`distca.model.attention_only`), so the inner loop's autograd reaches the same
+    exchanges as on the workers. Its gradient is never used."""
+
+    def __init__(self, anchor: torch.Tensor) -> None:
+        self.tensors = [anchor]
+        self.active = False
+
+    def reset(self, generator: torch.Generator) -> None:
+        self.tensors[0].requires_grad_(True)
+
+    def freeze(self) -> None:
+        self.tensors[0].requires_grad_(False)
+
+    def sgd_step(self, grads, lr: float, clip: float) -> None:
+        pass
+
+
+class ServerRole:
+    """A dedicated attention server: no tokens, no weights; attention-only layers."""
+
+    holds_weights = False
+
+    def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh, runtime: AttentionRuntime,
+                 fast_layers: int) -> None:
+        m = cfg.model
+        self.stage = AttentionOnlyStage(runtime, m.num_layers, m.num_attention_heads,
+                                        m.num_kv_heads, m.hidden_size // m.num_attention_heads,
+                                        compute_dtype(cfg), fast_layers)
+        self.params: list[torch.Tensor] = []
+        self.optimizer = None
+
+    def rows(self, batch) -> slice:
+        return slice(0, 0)
+
+    def fast_weights(self, f: FocusftConfig, num_top: int) -> AnchorFastWeights:
+        return AnchorFastWeights(self.stage.anchor)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def make_role(cfg: DistcaConfig, mesh: ProcessMesh, runtime: AttentionRuntime,
+              fast_layers: int) -> WorkerRole | ServerRole:
+    """The role of this rank: a dedicated server after the workers, else a worker.
+    ``fast_layers``: top layers with FocuSFT fast weights (0 without FocuSFT)."""
+    if mesh.is_server:
+        return ServerRole(cfg, mesh, runtime, fast_layers)
+    return WorkerRole(cfg, mesh, runtime)

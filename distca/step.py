@@ -1,0 +1,322 @@
+"""One rank's training step, written once for workers and dedicated attention servers.
+
+Every rank receives the same list of :class:`~distca.batch.PackedBatch` micro-batches per step
+and works on its own tokens (the role's rows: a worker's data-parallel slice, none on a
+dedicated server). The loss is the global mean over all loss tokens of the step: each worker
+back-propagates ``(sum of its token losses) / (global loss-token count)`` and gradients are
+summed over the data-parallel workers, which makes the result exactly that of one process
+training on the whole batch.
+
+The schedule of a step, in collective order:
+
+1. plans: one per micro-batch (``pp = 1``; global rank 0 plans, all ranks receive it), or one
+   per forward tick of the lock-step pipeline (``pp > 1`` with disaggregated attention);
+2. per micro-batch, the stage forward through the micro-batch's exchange and its backward
+   (``pp = 1``), or the pipeline schedule: 1F1B with colocated attention
+   (:func:`~distca.parallel.pipeline.run_1f1b`), the lock-step ticks with disaggregated
+   attention (:func:`~distca.parallel.pipeline.run_lockstep`), where ranks in the pipeline
+   bubble serve the other stages' attention;
+3. gradient all-reduce over the workers (fp32), global grad norm, optimizer step;
+4. every ``attention.telemetry_interval`` steps, the telemetry all-reduce over all ranks.
+
+A dedicated server runs this same code with an attention-only stage (:mod:`distca.roles`):
+its layers join every exchange of the step, and a collective over a group it is not in
+(:meth:`ProcessMesh.all_reduce_grads`) is a no-op for it. So a collective added to the step
+reaches the servers without server code.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distca.batch import IGNORE, PackedBatch, loss_token_count
+from distca.config import DistcaConfig
+from distca.exchanges import ExchangeFactory
+from distca.mesh import ProcessMesh
+from distca.model.core_attention import SinkMassSums
+from distca.model.runtime import AttentionRuntime
+from distca.model.staggered import stage_forward
+from distca.parallel.pipeline import (
+    StageLinks,
+    lockstep_timetable,
+    run_1f1b,
+    run_forward_only,
+    run_lockstep,
+)
+from distca.parallel.planning import StepPlan
+from distca.roles import compute_dtype, make_role
+
+
+def learning_rate(cfg: DistcaConfig, step: int) -> float:
+    """Linear warm-up then cosine (or constant) decay from ``optim.lr`` to ``optim.min_lr``."""
+    o, total = cfg.optim, cfg.trainer.steps
+    warmup = int(o.warmup_fraction * total)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    if o.schedule == "constant":
+        return o.lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class Step:
+    """A rank's step (module docstring): build with :func:`distca.rank.make_rank`."""
+
+    fast_layers = 0  # top layers with FocuSFT fast weights (set by FocusftStep)
+
+    def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh) -> None:
+        self.cfg, self.mesh = cfg, mesh
+        self.device = mesh.device
+        self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value)
+        self.role = make_role(cfg, mesh, self.runtime, self.fast_layers)
+        self.stage = self.role.stage
+        self.exchanges = ExchangeFactory(cfg, mesh, self.runtime, compute_dtype(cfg))
+        self.step = 0
+
+    # a worker's model, trainable tensors and optimizer (a dedicated server has none)
+    @property
+    def model(self):
+        return self.role.model
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.role.params
+
+    @property
+    def optimizer(self):
+        return self.role.optimizer
+
+    # ---- one micro-batch -------------------------------------------------------------------
+    def load(self, batch: PackedBatch, plan: StepPlan | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Point the runtime at ``batch``'s exchange; this rank's tokens, labels (IGNORE
+        replaced by 0) and loss mask, each (1, T)."""
+        rows = self.role.rows(batch)
+        tokens = rank_rows(batch.tokens, rows, self.device)
+        labels = rank_rows(batch.labels, rows, self.device)
+        positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
+        self.runtime.set_batch(positions, self.exchanges.exchange(plan, batch))
+        mask = labels != IGNORE
+        return tokens, torch.where(mask, labels, 0), mask
+
+    def forward(self, batch: PackedBatch, plan: StepPlan | None,
+                hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's forward of this rank's tokens: on the last pipeline stage the sum of
+        its token losses (fp32 scalar, differentiable), else the hidden states (T, 1, H) for
+        the next stage. ``hidden_in``: the previous stage's output (None on the first)."""
+        tokens, labels, mask = self.load(batch, plan)
+        if not self.stage.post_process:
+            return stage_forward(self.stage, self.runtime, tokens, hidden_in, None)
+        out = stage_forward(self.stage, self.runtime, tokens, hidden_in, labels)
+        return (out.float() * mask).sum()
+
+    def links(self, micro_batches: list[PackedBatch]) -> StageLinks:
+        """This stage's pipeline neighbours; activations are (T, 1, hidden) per micro-batch."""
+        sizes = {b.tokens_per_rank for b in micro_batches}
+        if len(sizes) > 1:
+            raise ValueError(f"pipelined micro-batches need one tokens_per_rank, "
+                             f"got {sorted(sizes)}")
+        dtype = compute_dtype(self.cfg)
+        return StageLinks(*self.mesh.neighbours(),
+                          (sizes.pop() if sizes else 0, 1, self.cfg.model.hidden_size), dtype,
+                          self.device)
+
+    # ---- the public step API ---------------------------------------------------------------
+    def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (the same list on every rank)."""
+        start = time.perf_counter()
+        telemetry = self._telemetry_on()
+        self.runtime.telemetry = SinkMassSums() if telemetry else None
+        stats = self.forward_backward(micro_batches)
+        loss = stats["loss"]
+        grad_norm = self._grad_norm()
+        lr = learning_rate(self.cfg, self.step)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped and self.role.optimizer is not None:
+            clip = self.cfg.optim.grad_clip
+            if clip > 0 and grad_norm > clip:
+                for q in self.role.params:
+                    q.grad.mul_(clip / (grad_norm + 1e-6))
+            self.role.optimizer.step(lr)
+        self.step += 1
+        stats.update(tokens=float(sum(b.doc_lengths.sum() for b in micro_batches)),
+                     step_time_s=time.perf_counter() - start, lr=lr, grad_norm=grad_norm,
+                     skipped=float(skipped))
+        if telemetry:
+            stats.update(self._telemetry_stats())
+        self.runtime.telemetry = None
+        return stats
+
+    def _begin(self) -> None:
+        """Training mode and zeroed gradients before a step's forward and backward."""
+        if self.role.optimizer is not None:
+            self.role.model.train()
+            self.role.optimizer.zero_grad()
+
+    def forward_backward(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
+        """Loss and data-parallel-summed gradients in ``.grad``, no update.
+
+        Returns loss (global mean over loss tokens) and the mean attention imbalance (max/mean
+        server cost) of the micro-batches' plans before and after planning.
+        """
+        self._begin()
+        total = max(loss_token_count(micro_batches), 1)
+        losses = []  # this rank's loss sum per micro-batch (last pipeline stage only)
+        stats = {}
+        pipelined = self.exchanges.pipelined
+        if pipelined:
+            timetable = lockstep_timetable(self.mesh.pp, len(micro_batches))
+            plans = self.exchanges.start_lockstep(micro_batches, timetable, True)
+        else:
+            # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
+            plans = [self.exchanges.plan(batch) for batch in micro_batches]
+
+        def stage_forward_of(i: int, hidden_in: torch.Tensor | None) -> torch.Tensor:
+            out = self.forward(micro_batches[i], None if pipelined else plans[i], hidden_in)
+            if not self.stage.post_process:
+                return out
+            losses.append(out.detach())
+            return out / total
+
+        if pipelined:
+            run_lockstep(stage_forward_of, timetable, self.mesh.pp_rank, self.links(micro_batches),
+                         self.exchanges.rounds)
+            # score pairs this rank served while its own stage was in the pipeline bubble
+            stats["bubble_served_pairs"] = float(self.exchanges.rounds.bubble_pairs)
+        elif self.mesh.pp == 1:
+            for i in range(len(micro_batches)):
+                stage_forward_of(i, None).backward()
+        else:
+            run_1f1b(stage_forward_of, len(micro_batches), self.mesh.pp_rank, self.mesh.pp,
+                     self.links(micro_batches))
+        self._sync_gradients()
+        return {"loss": self._global_loss_sum(losses) / total, **plan_stats(plans), **stats}
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[PackedBatch]) -> float:
+        """Global mean loss over the loss tokens of ``micro_batches``; no gradients, no update."""
+        if self.role.optimizer is not None:
+            self.role.model.eval()
+        links = self.links(micro_batches)
+        if self.exchanges.pipelined:
+            timetable = lockstep_timetable(self.mesh.pp, len(micro_batches), backward=False)
+            self.exchanges.start_lockstep(micro_batches, timetable, False)
+            losses = []
+
+            def forward(i: int, hidden: torch.Tensor | None) -> torch.Tensor:
+                out = self.forward(micro_batches[i], None, hidden)
+                if self.stage.post_process:
+                    losses.append(out.detach())
+                return out
+
+            run_lockstep(forward, timetable, self.mesh.pp_rank, links, self.exchanges.rounds,
+                         train=False)
+        else:
+            plans = [self.exchanges.plan(batch) for batch in micro_batches]
+            losses = run_forward_only(
+                lambda i, hidden: self.forward(micro_batches[i], plans[i], hidden),
+                len(micro_batches), links)
+        return self._global_loss_sum(losses) / max(loss_token_count(micro_batches), 1)
+
+    def _global_loss_sum(self, losses: list[torch.Tensor]) -> float:
+        """Sum of the step's token losses over data-parallel ranks, known to every stage."""
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for x in losses:
+            loss_sum += x.double().cpu()
+        if self.mesh.pp > 1:  # only the last stage has losses; the others add zero
+            dist.all_reduce(loss_sum, group=self.mesh.pp_group)
+        self.mesh.all_reduce_grads(loss_sum)
+        return float(loss_sum)
+
+    # ---- gradients -------------------------------------------------------------------------
+    def _sync_gradients(self) -> None:
+        params = self.role.params
+        for q in params:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        if not params:
+            return
+        # summed in fp32: with bf16 gradients every partial sum would round
+        flat = torch.cat([q.grad.reshape(-1).float() for q in params])
+        self.mesh.all_reduce_grads(flat)
+        if self.mesh.dp == 1:
+            return
+        offset = 0
+        for q in params:
+            q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
+            offset += q.numel()
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once,
+        pipeline stages summed."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        for q in self.role.params:
+            sq = q.grad.double().pow(2).sum()
+            if getattr(q, "tensor_model_parallel", False):
+                sharded += sq
+            else:
+                replicated += sq
+        if self.mesh.tp > 1:
+            dist.all_reduce(sharded, group=self.mesh.tp_group)
+        total = sharded + replicated
+        if self.mesh.pp > 1:
+            dist.all_reduce(total, group=self.mesh.pp_group)
+        return math.sqrt(float(total))
+
+    # ---- telemetry -------------------------------------------------------------------------
+    def _telemetry_on(self) -> bool:
+        n = self.cfg.attention.telemetry_interval
+        return n > 0 and self.cfg.model.learnable_sinks and self.step % n == 0
+
+    def _telemetry_stats(self) -> dict[str, float]:
+        t = self.runtime.telemetry
+        # Every rank holds distinct (tokens, heads, layers): sum over all of them (servers add
+        # zeros). Megatron's layer numbers are global (1-based), so stages fill disjoint rows.
+        layers = range(1, self.cfg.model.num_layers + 1)
+        sums = torch.tensor([[t.mass_sum.get(i, 0.0), t.rows.get(i, 0)] for i in layers],
+                            dtype=torch.float64)
+        dist.all_reduce(sums)
+        stats = {f"sink_mass_layer{i}": float(s / max(r, 1)) for i, (s, r) in zip(layers, sums)}
+        stats["sink_mass"] = float(sums[:, 0].sum() / max(float(sums[:, 1].sum()), 1.0))
+        return stats
+
+    # ---- the whole (TP=1, PP=1) model view, for parity checks and conversions --------------
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Every weight of the whole model under TP=1/PP=1 names (collective over workers)."""
+        return self.role.gather(dict(self.role.model.named_parameters()))
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every parameter's ``.grad`` of the whole model under TP=1/PP=1 names (collective)."""
+        return self.role.gather({n: q.grad for n, q in self.role.model.named_parameters()})
+
+    def load_full_model_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Load this rank's shard of whole-model weights from :meth:`full_model_state`."""
+        self.role.load_full(full)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's model shard, optimizer state and step as flat CPU tensors (the step
+        only on a dedicated server)."""
+        return {**self.role.state_dict(), "step": torch.tensor(self.step, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.role.load_state_dict(state)
+        self.step = int(state["step"])
+
+
+def plan_stats(plans: list[StepPlan]) -> dict[str, float]:
+    """Mean attention imbalance of a step's plans before and after planning."""
+    return {"imbalance_before": float(np.mean([p.imbalance_before for p in plans])),
+            "imbalance": float(np.mean([p.imbalance for p in plans]))}
+
+
+def rank_rows(array: np.ndarray, rows: slice, device: torch.device) -> torch.Tensor:
+    """(1, T) copy of this rank's ``rows`` of a batch array: a batch that came through Ray is
+    read-only, which ``torch.as_tensor`` would share (and warn about)."""
+    return torch.tensor(array[rows], device=device).view(1, -1)
