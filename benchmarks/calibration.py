@@ -81,10 +81,10 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    from distca.engine import Engine
+    from distca.rank import make_rank
 
     common = overrides(world, args)
-    engines = {m: Engine(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
+    engines = {m: make_rank(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
                for m, extra in MODES.items()}
     runs = [("short", "colocated")] + [("skewed", m) for m in MODES]
     times = {run: [] for run in runs}

@@ -58,13 +58,8 @@ def _conversations(task: str, length: int, n: int, seed: int):
 
 def _set_single_batch(engine, batch) -> torch.Tensor:
     """Point ``engine``'s attention runtime at a one-rank ``batch``; returns tokens (1, N)."""
-    from distca.parallel.layout import build_layout
-
-    plan = engine._plan(batch)
-    n = batch.tokens_per_rank
-    layout = build_layout(plan.servers, 0, 1, n, 1, [0], engine.device)
-    engine.runtime.set_batch(torch.as_tensor(batch.position_ids()), layout)
-    return torch.as_tensor(batch.tokens).view(1, -1)
+    tokens, _, _ = engine.load(batch, engine.exchanges.plan(batch))
+    return tokens
 
 
 def _turn_batch(ids: np.ndarray, prompt_len: int):
@@ -127,12 +122,12 @@ def reply_loss(engine, convs, tokens_per_rank: int) -> float:
 
 
 def compare(args) -> dict:
-    from distca.engine import Engine
-
     from distca.config import load_config
     from distca.data.chat import pack_conversations
     from distca.evals.tasks import score
-    from distca.focusft import FocusftEngine
+    from distca.focusft.step import FocusftStep
+    from distca.mesh import ProcessMesh
+    from distca.step import Step
 
     train = _conversations(args.task, args.length, args.train, seed=1)
     test = _conversations(args.task, args.length, args.test, seed=2)
@@ -141,7 +136,8 @@ def compare(args) -> dict:
                                f"trainer.steps={args.steps}", f"trainer.seed={args.seed}",
                                f"data.tokens_per_rank={tokens_per_rank}"])
     load_start = os.getloadavg()
-    engines = {"sft": Engine(cfg), "focusft": FocusftEngine(cfg)}
+    mesh = ProcessMesh.build(cfg)
+    engines = {"sft": Step(cfg, mesh), "focusft": FocusftStep(cfg, mesh)}
     engines["focusft"].model.load_state_dict(engines["sft"].model.state_dict())
     curves = {name: [] for name in engines}
     times = {name: [] for name in engines}
@@ -182,11 +178,11 @@ def _long_step(length: int, overrides: list[str], queue) -> None:
     _init_dist()
     from distca.config import load_config
     from distca.data.chat import pack_conversations
-    from distca.focusft import FocusftEngine
+    from distca.rank import make_rank
 
     cfg = load_config(RECIPE, ["parallel.dp=1", "data.paths=[unused.jsonl]",
                                f"data.tokens_per_rank={length}"] + overrides)
-    engine = FocusftEngine(cfg)
+    engine = make_rank(cfg)
     rng = np.random.default_rng(0)
     reply = np.zeros(length, bool)
     reply[-64:] = True

@@ -62,30 +62,14 @@ def skewed_batch(ranks: int, tokens: int, short: int, seed: int):
     return PackedBatch(ids, np.roll(ids, -1), docs, tokens)
 
 
-def _timed_plan(engine):
-    """Wrap ``engine._plan`` and ``engine._start_lockstep`` (the lock-step pipeline's tick
-    plans) so that planning time lands in the runtime's clocks."""
-    def clocked(plan):
-        def timed(*args):
-            start = time.perf_counter()
-            result = plan(*args)
-            t = engine.runtime.timings
-            t["plan"] = t.get("plan", 0.0) + time.perf_counter() - start
-            return result
-
-        return timed
-
-    for name in ("_plan", "_start_lockstep"):
-        setattr(engine, name, clocked(getattr(engine, name)))
-
-
 def _rank(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    from distca.engine import Engine
+    from distca.parallel.spans import recording
 
     from distca.config import load_config
+    from distca.rank import make_rank
 
     dp = world // args.pp
     common = [f"parallel.dp={dp}", f"parallel.pp={args.pp}", f"data.tokens_per_rank={args.tokens}",
@@ -93,24 +77,21 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
               f"attention.backend={args.backend}", *args.model]
     engines = {}
     for mode, extra in MODES.items():
-        engines[mode] = Engine(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
+        engines[mode] = make_rank(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
         engines[mode].load_state_dict(engines["colocated"].state_dict())
-        _timed_plan(engines[mode])
     rows = {mode: [] for mode in engines}
     for step in range(args.warmup + args.steps):
         batch = [skewed_batch(dp, args.tokens, args.short, step * args.micro_batches + i)
                  for i in range(args.micro_batches)]
         for mode, engine in engines.items():
-            engine.runtime.timings = {}
-            if engine.lockstep is not None:  # the pipeline's cross-stage exchange waits too
-                engine.lockstep.timings = engine.runtime.timings
             dist.barrier()
             start, cpu = time.perf_counter(), time.process_time()
-            stats = engine.train_step(batch)
+            with recording() as clocks:  # spans: serve, comm_wait, plan, ...
+                stats = engine.train_step(batch)
             dist.barrier()
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             if step >= args.warmup:
-                t = engine.runtime.timings
+                t = clocks.seconds
                 rows[mode].append((elapsed, t.get("serve", 0.0), t.get("serve_bwd", 0.0),
                                    t.get("comm_wait", 0.0), t.get("plan", 0.0), cpu,
                                    t.get("serve_cpu", 0.0),

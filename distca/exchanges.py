@@ -35,6 +35,7 @@ from distca.parallel.lockstep import LockstepExchange, split_placement, tick_doc
 from distca.parallel.nanobatch import document_cuts, nano_batches
 from distca.parallel.pipeline import TickRow
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
+from distca.parallel.spans import span
 from distca.scheduler import ModelShape
 
 
@@ -99,10 +100,12 @@ class ExchangeFactory:
         if not self.cfg.cad.enabled:
             return colocated_plan(docs, batch.num_ranks, batch.tokens_per_rank)
         c = self.cfg.cad
-        return disaggregated_plan(docs, batch.num_ranks, batch.tokens_per_rank, c.tolerance,
-                                  c.min_shard_tokens, self.shape, self.mesh.device,
-                                  num_servers=batch.num_ranks + dedicated_server_count(self.cfg),
-                                  buffer_budget_mb=c.buffer_budget_mb)
+        with span("plan"):
+            return disaggregated_plan(docs, batch.num_ranks, batch.tokens_per_rank, c.tolerance,
+                                      c.min_shard_tokens, self.shape, self.mesh.device,
+                                      num_servers=batch.num_ranks
+                                      + dedicated_server_count(self.cfg),
+                                      buffer_budget_mb=c.buffer_budget_mb)
 
     def exchange(self, plan: StepPlan | None, batch: PackedBatch) -> Exchange:
         """This rank's exchange of ``batch`` under ``plan`` (the lock-step one when pipelined)."""
@@ -127,7 +130,8 @@ class ExchangeFactory:
                        training: bool) -> list[StepPlan]:
         """Plan the step's ticks and hand every job's placement (and, with ping-pong, its
         document cuts) to the lock-step exchange (collective); returns the plans."""
-        placements, plans = self._tick_plans(micro_batches, timetable)
+        with span("plan"):
+            placements, plans = self._tick_plans(micro_batches, timetable)
         tokens, cuts = micro_batches[0].tokens_per_rank, None
         if self.rounds.nanos == 2:  # a micro-batch's cuts serve the jobs of all its stages
             per_batch = [document_cuts(b.documents(), self.cfg.parallel.dp, tokens)

@@ -17,7 +17,7 @@ import torch
 
 from .gpu_probe import missing_reason
 from .merge import NEG_INF
-from .packing import PackedBatch, merge_rows, pack_tasks
+from .packing import VarlenCall, merge_rows, pack_tasks
 from .tasks import TaskList
 
 DEVICES = ("cuda",)
@@ -56,7 +56,7 @@ def _lse_from_flash(lse: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.where(torch.isinf(lse), NEG_INF, lse)
 
 
-def _batches(tasks: TaskList, device: torch.device) -> list[PackedBatch]:
+def _batches(tasks: TaskList, device: torch.device) -> list[VarlenCall]:
     return tasks.derived(f"flash_batches:{device}", lambda: pack_tasks(tasks.rows, device))
 
 

@@ -16,7 +16,7 @@ from .merge import NEG_INF
 
 
 @dataclass
-class PackedBatch:
+class VarlenCall:
     """One varlen call: ``q_index`` (Pq,) and ``kv_index`` (Pk,) int64 rows into q and k/v."""
 
     causal: bool
@@ -38,7 +38,7 @@ def _ranges_index(ranges: list[tuple[int, int]], device) -> tuple[torch.Tensor, 
     return host_to_device(index, device), host_to_device(cu, device)
 
 
-def pack_tasks(rows: list[tuple[int, int, int, int, bool]], device) -> list[PackedBatch]:
+def pack_tasks(rows: list[tuple[int, int, int, int, bool]], device) -> list[VarlenCall]:
     """Non-empty tasks grouped into at most two batches (causal, full)."""
     batches = []
     for causal in (True, False):
@@ -47,7 +47,7 @@ def pack_tasks(rows: list[tuple[int, int, int, int, bool]], device) -> list[Pack
             continue
         q_index, cu_q = _ranges_index([(a, b) for a, b, _, _, _ in chosen], device)
         kv_index, cu_kv = _ranges_index([(c, d) for _, _, c, d, _ in chosen], device)
-        batches.append(PackedBatch(causal, q_index, kv_index, cu_q, cu_kv,
+        batches.append(VarlenCall(causal, q_index, kv_index, cu_q, cu_kv,
                                    max(b - a for a, b, _, _, _ in chosen),
                                    max(d - c for _, _, c, d, _ in chosen)))
     return batches

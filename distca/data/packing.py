@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distca.batch import PackedBatch
-
-IGNORE = -100  # label of tokens that carry no loss
+from distca.batch import IGNORE, PackedBatch
 
 
 def labels_for(tokens: np.ndarray, doc_lengths: np.ndarray, total: int) -> np.ndarray:
