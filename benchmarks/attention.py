@@ -34,7 +34,7 @@ LAYOUTS = ("causal", "short", "multiturn")
 
 def layout_tasks(layout: str, seq: int):
     """Deterministic task lists: long-tail packed documents, or GLM multi-turn documents."""
-    from distca.attention.reference import causal_document_tasks, multiturn_tasks
+    from distca.attention.tasks import causal_document_tasks, multiturn_tasks
 
     rng = np.random.default_rng(seq)
     if layout in ("causal", "short"):
@@ -71,7 +71,7 @@ def worker(seq: int, layout: str, method: str, reps: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from distca.attention import core_attention
-    from distca.attention.reference import task_mask
+    from distca.attention.tasks import task_mask
 
     tasks = layout_tasks(layout, seq)
     gen = torch.Generator().manual_seed(0)

@@ -33,7 +33,7 @@ from distca.attention import (
     core_attention,  # noqa: E402
     flex_backend,  # noqa: E402
 )
-from distca.attention.reference import causal_document_tasks  # noqa: E402
+from distca.attention.tasks import causal_document_tasks  # noqa: E402
 
 
 def median_ms(fn, grad_to_none=None) -> float:

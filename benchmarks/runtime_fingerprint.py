@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,17 +120,26 @@ def _rank_main(rank: int, world: int, port: int, name: str, steps: int, outfile:
     dist.destroy_process_group()
 
 
-def run(names: list[str], steps: int) -> dict:
+def run(names: list[str], steps: int, timeout_s: float) -> dict:
+    """Every scenario's record; a scenario whose ranks do not finish within ``timeout_s``
+    (a hang: mismatched collectives) is recorded as ``{"hung": true}``."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             world = SCENARIOS[name][1]
             out = Path(tmp) / f"{name}.json"
-            mp.spawn(_rank_main, args=(world, free_port(), name, steps, str(out)), nprocs=world,
-                     join=True)
-            results[name] = json.loads(out.read_text())
-            print(f"{name}: loss {[round(s['loss'], 6) for s in results[name]['steps']]}",
-                  flush=True)
+            ranks = mp.start_processes(_rank_main, args=(world, free_port(), name, steps,
+                                                         str(out)),
+                                       nprocs=world, join=False, start_method="spawn")
+            deadline = time.monotonic() + timeout_s
+            while not ranks.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for process in ranks.processes:
+                        process.kill()
+                    break
+            results[name] = json.loads(out.read_text()) if out.exists() else {"hung": True}
+            losses = [round(s["loss"], 6) for s in results[name].get("steps", [])]
+            print(f"{name}: loss {losses or 'HUNG'}", flush=True)
     return results
 
 
@@ -138,6 +148,11 @@ def compare(got: dict, want: dict) -> list[str]:
     diffs = []
     for name, run_ in want.items():
         if name not in got:
+            continue
+        if got[name].get("hung") or run_.get("hung"):
+            if got[name].get("hung") != run_.get("hung"):
+                diffs.append(f"{name}: hung {run_.get('hung', False)} before, "
+                             f"{got[name].get('hung', False)} now")
             continue
         for i, (a, b) in enumerate(zip(got[name]["steps"], run_["steps"])):
             for key in sorted(set(a) | set(b)):
@@ -154,8 +169,10 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, help="an earlier --out file to compare with")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per scenario")
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenarios to run")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds a scenario may take before it counts as hung")
     args = parser.parse_args()
-    results = run(args.only or list(SCENARIOS), args.steps)
+    results = run(args.only or list(SCENARIOS), args.steps, args.timeout)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if args.compare is None:
         return 0

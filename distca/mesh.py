@@ -18,7 +18,7 @@ Groups, each created once here, collectively, in the same order on every rank:
   rank's tensor rank, ordered (stage, data-parallel rank): the lock-step pipeline's rounds.
 
 megatron's ``parallel_state`` is initialised here (its model reads it); the CPU shims it needs
-are applied first (:mod:`distca.model.cpu_shims`).
+are applied first (:mod:`distca.model.megatron_adapter`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from distca.config import DistBackend, DistcaConfig, ServerMode
-from distca.model.cpu_shims import apply_cpu_shims
+from distca.model.megatron_adapter import apply_cpu_shims
 
 
 def dedicated_server_count(cfg: DistcaConfig) -> int:

@@ -14,11 +14,10 @@ from distca.config import DistcaConfig, FocusftConfig
 from distca.focusft.fast_weights import FastLoRA
 from distca.mesh import ProcessMesh
 from distca.model.attention_only import AttentionOnlyStage
-from distca.model.cpu_shims import seed_model_parallel
 from distca.model.llama import build_model
+from distca.model.megatron_adapter import MegatronStage, seed_model_parallel
 from distca.model.runtime import AttentionRuntime
 from distca.model.sharding import gather_full, load_full
-from distca.model.stage import MegatronStage
 from distca.optimizer import Optimizer
 
 

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from attention_reference import dense_attention
 from emulated_gpu_backends import EMULATED, emulate, gpu_backend_for
 from test_attention_core import (
     GPU_BACKENDS,
@@ -23,12 +24,7 @@ from distca.attention import (
     make_task_list,
 )
 from distca.attention.packing import merge_rows, pack_tasks
-from distca.attention.reference import (
-    causal_document_tasks,
-    dense_attention,
-    multiturn_tasks,
-    task_mask,
-)
+from distca.attention.tasks import causal_document_tasks, multiturn_tasks, task_mask
 
 GLM = [[(9, True), (6, False), (1, True), (12, False)], [(1, True)], [(20, True), (17, False)]]
 

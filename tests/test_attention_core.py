@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from attention_reference import dense_attention
 from emulated_gpu_backends import EMULATED, gpu_backend_for
 
 from distca.attention import (
@@ -15,12 +16,7 @@ from distca.attention import (
     merge_partials,
 )
 from distca.attention.core import _backend_module
-from distca.attention.reference import (
-    causal_document_tasks,
-    dense_attention,
-    multiturn_tasks,
-    task_mask,
-)
+from distca.attention.tasks import causal_document_tasks, multiturn_tasks, task_mask
 
 CPU_BACKENDS = ("torch", "cpp")
 GPU_BACKENDS = ("flash", "flex")

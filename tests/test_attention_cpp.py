@@ -13,7 +13,7 @@ import torch
 from test_attention_core import check, split_tasks
 
 from distca.attention import cpp_backend, make_task_list
-from distca.attention.reference import causal_document_tasks, multiturn_tasks
+from distca.attention.tasks import causal_document_tasks, multiturn_tasks
 
 pytestmark = pytest.mark.usefixtures("cpp_extension")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from attention_reference import dense_attention
 from distca.parallel.dispatch import merge_partials
 from distca.parallel.lockstep import nano_job_layouts, split_placement, tick_documents
 from distca.parallel.nanobatch import document_cuts
@@ -22,7 +23,6 @@ from distca.scheduler.documents import documents_from_batch
 from runtime_harness import ROOT, assert_parity, load_result, run_ranks, skewed_batch
 
 from distca.attention import core_attention
-from distca.attention.reference import dense_attention
 from distca.config import ConfigError, load_config
 
 T = 64  # tokens per data-parallel worker

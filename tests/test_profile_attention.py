@@ -8,7 +8,7 @@ import pytest
 from distca.scheduler import CostTable
 
 from distca.attention import make_task_list
-from distca.attention.reference import task_mask
+from distca.attention.tasks import task_mask
 from distca.cli import main
 from distca.profile.attention import MAX_BATCH_TOKENS, batch_copies, task_pairs
 

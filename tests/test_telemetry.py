@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distca.attention import core_attention, sink_rate, sink_telemetry
-from distca.attention.reference import multiturn_tasks, task_mask
+from distca.attention.tasks import multiturn_tasks, task_mask
 
 DOCS = [[(7, True), (5, False), (9, True), (6, False)], [(1, False)], [(12, True), (10, False)]]
 

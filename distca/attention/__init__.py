@@ -12,8 +12,7 @@ from .core import (
     available_backends,
     core_attention,
 )
-from .gating import apply_gate, make_sinks, split_query_and_gate
-from .merge import apply_sink, merge_partials
+from .merge import apply_sink, make_sinks, merge_partials
 from .tasks import TaskList, make_task_list
 from .telemetry import SinkTelemetry, sink_rate, sink_telemetry
 
@@ -21,7 +20,6 @@ __all__ = [
     "BACKENDS",
     "SinkTelemetry",
     "TaskList",
-    "apply_gate",
     "apply_sink",
     "attention_backward",
     "attention_forward",
@@ -32,5 +30,4 @@ __all__ = [
     "merge_partials",
     "sink_rate",
     "sink_telemetry",
-    "split_query_and_gate",
 ]

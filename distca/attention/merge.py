@@ -1,5 +1,8 @@
 """Merging partial attention results by LSE, and the learnable sink (design §2-3).
 
+The sink logits are a parameter of the model (:func:`make_sinks`); the gate of gated attention
+is megatron's (``attention_output_gate``), applied on the worker.
+
 All functions take outputs ``O`` of shape (N, H, D) and row log-sum-exps ``L`` of shape (N, H)
 float32 (float64 for float64 inputs), where ``L = -inf`` marks a row that saw no key (its ``O``
 is 0). Arithmetic is in the dtype of ``L``.
@@ -8,6 +11,7 @@ is 0). Arithmetic is in the dtype of ``L``.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 NEG_INF = float("-inf")
 
@@ -77,3 +81,16 @@ def apply_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
     new_out = (out.to(lse.dtype) * w.unsqueeze(-1)).to(out.dtype)
     new_lse = torch.where(live, total, NEG_INF)
     return new_out, new_lse
+
+
+def make_sinks(num_heads: int, init: float = 0.0, device=None,
+               dtype: torch.dtype = torch.float32) -> nn.Parameter:
+    """(num_heads,) learnable sink logits, one per query head, all set to ``init``.
+
+    Pass the parameter as ``sinks=`` to :func:`distca.attention.core_attention`. With ``init``
+    = 0 a head starts with a sink worth one key of score 0 (gpt-oss style); keep it in float32
+    even in bf16 models, since the logit competes with a log-sum-exp over many keys.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    return nn.Parameter(torch.full((num_heads,), float(init), device=device, dtype=dtype))

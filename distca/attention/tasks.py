@@ -123,3 +123,53 @@ def split_causal(row: tuple[int, int, int, int, bool]) -> list[tuple[int, int, i
         pieces.append((a, b, c, d - nq, False))
     pieces.append((a, b, d - nq, d, True))
     return pieces
+
+
+# ---- task lists of common masks, and the dense mask of one (tests and benchmarks) -------
+def causal_document_tasks(doc_lengths: list[int]) -> TaskList:
+    """Packed documents with causal masks: one ``(q=doc, kv=doc, causal)`` task per document."""
+    q, start = [], 0
+    for n in doc_lengths:
+        q.append((start, start + n))
+        start += n
+    return make_task_list(q, q, [True] * len(q), start, start)
+
+
+def multiturn_tasks(documents: list[list[tuple[int, bool]]]) -> TaskList:
+    """GLM multi-turn masks (design §2) for documents given as ``[(turn_length, is_context)]``.
+
+    Context turns are bidirectional within the turn, response turns causal; every token sees
+    all earlier turns of its document. Turn ``t`` gives ``(q=turn, kv=[doc start, turn start),
+    full)`` (when non-empty) and ``(q=turn, kv=turn, full or causal)``.
+    """
+    q, kv, causal, start = [], [], [], 0
+    for turns in documents:
+        doc_start = start
+        for length, is_context in turns:
+            turn = (start, start + length)
+            if start > doc_start:
+                q.append(turn)
+                kv.append((doc_start, start))
+                causal.append(False)
+            q.append(turn)
+            kv.append(turn)
+            causal.append(not is_context)
+            start += length
+    return make_task_list(q, kv, causal, start, start)
+
+
+def task_mask(tasks: TaskList) -> torch.Tensor:
+    """(num_q, num_kv) bool: True where a query may attend to a key under some task.
+
+    Causal tasks are aligned bottom-right: task row ``i`` sees its first ``|kv| - |q| + i + 1``
+    keys.
+    """
+    mask = torch.zeros(tasks.num_q, tasks.num_kv, dtype=torch.bool)
+    for a, b, c, d, causal in tasks.rows:
+        if causal:
+            rows = torch.arange(b - a).unsqueeze(1)
+            cols = torch.arange(d - c).unsqueeze(0)
+            mask[a:b, c:d] |= cols <= rows + (d - c) - (b - a)
+        else:
+            mask[a:b, c:d] = True
+    return mask

@@ -15,8 +15,7 @@ from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from distca.attention.gating import make_sinks
-from distca.attention.merge import apply_sink
+from distca.attention.merge import apply_sink, make_sinks
 from distca.model.rope import apply_rope
 
 

@@ -1,19 +1,12 @@
-"""One pipeline stage of the model, as the step schedule sees it: the megatron-core adapter.
+"""One pipeline stage of the model, as the step schedule sees it (the interface).
 
 The step (:mod:`distca.step`, :mod:`distca.focusft.step`) and the staggered layer driver
 (:mod:`distca.model.staggered`) run a stage through the small interface below, never through
-megatron directly. :class:`MegatronStage` implements it on megatron-core's ``GPTModel``;
-:class:`distca.model.attention_only.AttentionOnlyStage` implements it for a dedicated attention
-server, which has the same layers with nothing but their attention exchanges. Because both
-run the same step code, every collective of a worker's step reaches the servers by
-construction.
-
-Every megatron-core private name distca calls is in this file (``_forward_attention``,
-``_forward_mlp``, ``_apply_output_gate``, ``bias_dropout_add_exec_handler``), written against
-megatron-core 0.16 (``tests`` pins the range: :data:`MEGATRON_CORE_RANGE`). The layer halves
-call megatron's own submodules in the order of its ``TransformerLayer.forward`` and
-``SelfAttention.forward`` (no recompute, offload or inference paths, which distca does not use),
-so a staggered stage computes exactly what megatron's forward computes.
+megatron directly. :class:`distca.model.megatron_adapter.MegatronStage` implements it on
+megatron-core's ``GPTModel``; :class:`distca.model.attention_only.AttentionOnlyStage`
+implements it for a dedicated attention server, which has the same layers with nothing but
+their attention exchanges. Because both run the same step code, every collective of a
+worker's step reaches the servers by construction.
 """
 
 from __future__ import annotations
@@ -21,11 +14,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from megatron.core.models.gpt import GPTModel
-
-from distca.model.rope import apply_rope
-
-MEGATRON_CORE_RANGE = ("0.16.1", "0.17")  # [first, last) megatron-core versions this fits
 
 
 class StageLayer(Protocol):
@@ -71,71 +59,3 @@ class StageModel(Protocol):
         """Final norm, output layer and per-token losses (1, T) fp32 of the decoder output."""
 
 
-class MegatronLayer:
-    """:class:`StageLayer` of a megatron-core ``TransformerLayer`` with distca core attention."""
-
-    def __init__(self, layer) -> None:
-        self.layer = layer
-        core = layer.self_attention.core_attention
-        self.heads, self.head_dim, self.softmax_scale = core.heads, core.head_dim, core.softmax_scale
-
-    def __call__(self, hidden):
-        return self.layer(hidden_states=hidden, attention_mask=None)[0]
-
-    def attention_block(self, hidden):
-        return self.layer._forward_attention(hidden_states=hidden, attention_mask=None)[0]
-
-    def mlp_block(self, hidden):
-        return self.layer._forward_mlp(hidden)
-
-    def before_attention(self, hidden, cos, sin):
-        attn = self.layer.self_attention
-        n = hidden.shape[0]
-        if n == 0:
-            # A worker inside one long document can have an empty nano-batch; it still joins
-            # the exchanges. megatron's reshape cannot infer the heads of zero rows: run one
-            # zero row and keep none of it.
-            hidden = hidden.new_zeros(1, *hidden.shape[1:])
-        parts = attn.get_query_key_value_tensors(self.layer.input_layernorm(hidden), None,
-                                                 output_gate=attn.config.attention_output_gate,
-                                                 split_qkv=True)
-        q, k, v = (x[:n, 0] for x in parts[:3])
-        gate = parts[3][:n] if len(parts) == 4 else None
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
-
-    def after_attention(self, out, lse, gate, residual):
-        layer = self.layer
-        attn = layer.self_attention
-        context = attn.core_attention.finish(out, lse)
-        if gate is not None:
-            context = attn._apply_output_gate(context, gate)
-        with layer.bias_dropout_add_exec_handler():
-            hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
-                attn.linear_proj(context), residual, layer.hidden_dropout)
-        return layer._forward_mlp(hidden)
-
-
-class MegatronStage:
-    """:class:`StageModel` of this stage's megatron-core ``GPTModel``."""
-
-    def __init__(self, model: GPTModel) -> None:
-        self.model = model
-        self.layers = [MegatronLayer(layer) for layer in model.decoder.layers]
-        self.pre_process, self.post_process = model.pre_process, model.post_process
-
-    def forward(self, tokens, hidden_in, labels):
-        if not self.pre_process:
-            self.model.set_input_tensor(hidden_in)
-        return self.model(tokens, None, None, labels=labels)
-
-    def embed(self, tokens, hidden_in):
-        return self.model.embedding(input_ids=tokens, position_ids=None) if self.pre_process \
-            else hidden_in
-
-    def losses(self, hidden, labels):
-        model = self.model
-        hidden = model.decoder.final_layernorm(hidden)
-        weight = (model.shared_embedding_or_output_weight()
-                  if model.share_embeddings_and_output_weights else None)
-        logits, _ = model.output_layer(hidden, weight=weight)
-        return model.compute_language_model_loss(labels, logits)
