@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from distca.cli import UsageError, main
+from distca.cli import main
 from distca.commands.profile import parse_sizes
+from distca.errors import UsageError
 
 
 def test_parse_sizes():

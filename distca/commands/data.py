@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from distca.cli import UsageError
+from distca.errors import UsageError
 from distca.evals.tasks import TASKS, generate
 
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from distca.cli import UsageError
+from distca.errors import UsageError
 from distca.evals.tasks import TASKS
 
 CHATML_END = "<|im_end|>"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distca.cli import UsageError
+from distca.errors import UsageError
 
 
 def _fresh_output(path: str) -> Path:

@@ -7,7 +7,8 @@ import json
 import math
 import sys
 
-from distca.cli import UsageError, require_positive, require_tolerance
+from distca.commands.options import require_positive, require_tolerance
+from distca.errors import UsageError
 
 _DESCRIPTION = """\
 Plan one batch's core attention over attention servers and report its quality.

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from distca.cli import UsageError, output_file, require_positive
+from distca.commands.options import output_file, require_positive
+from distca.errors import UsageError
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _TOKEN_UNITS = {"": 1, "K": 1 << 10}

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from distca.cli import UsageError, output_file, require_positive, require_tolerance
+from distca.commands.options import output_file, require_positive, require_tolerance
+from distca.errors import UsageError
 
 _DESCRIPTION = """\
 Predicted training step time of distca against packing, variable-length packing and

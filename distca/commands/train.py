@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-from distca.cli import UsageError
 from distca.config import DistcaConfig, load_config, to_yaml
+from distca.errors import UsageError
 
 # What a checkpoint's shards are shaped by: a resumed run must keep these. Not focusft.*:
 # fast weights are in no checkpoint, so FocuSFT may start from an SFT or imported checkpoint.
