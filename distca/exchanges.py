@@ -33,7 +33,7 @@ from distca.parallel.exchange import (
 )
 from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
 from distca.parallel.nanobatch import document_cuts, nano_batches
-from distca.parallel.pipeline import TickRow
+from distca.parallel.pipeline import FORWARD, TickRow
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.parallel.spans import span
 from distca.scheduler import ModelShape
@@ -149,7 +149,8 @@ class ExchangeFactory:
         group_size = dp * self.cfg.parallel.pp
         placements, plans = {}, []
         for row in timetable:
-            jobs = [(s, op[1]) for s, op in enumerate(row) if op is not None and op[0] == "F"]
+            jobs = [(s, op.micro_batch) for s, op in enumerate(row)
+                    if op is not None and op.kind is FORWARD]
             if not jobs:
                 continue
             batches = [micro_batches[i] for _, i in jobs]

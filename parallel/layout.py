@@ -14,11 +14,22 @@ sent once, and autograd sums the gradients of its copies when it is gathered on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-ServerInputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+class ServerInputs(NamedTuple):
+    """One server's share of a plan: the global token ids whose rows it receives and its tasks
+    with ranges local to those buffers (what :meth:`distca.scheduler.Plan.server_inputs`
+    returns, unpackable in this order)."""
+
+    q_tokens: np.ndarray  # (Nq,) int64 sorted unique global token ids of its query rows
+    kv_tokens: np.ndarray  # (Nkv,) int64 sorted unique global token ids of its kv rows
+    q_ranges: np.ndarray  # (T, 2) int64 [start, end) into the q buffer, per task
+    kv_ranges: np.ndarray  # (T, 2) int64 [start, end) into the kv buffer, per task
+    causal: np.ndarray  # (T,) bool
 
 
 @dataclass
@@ -137,7 +148,7 @@ def server_inputs_from_tasks(q_start, q_end, kv_start, kv_end, causal) -> Server
     kv_local = np.searchsorted(kv_tokens, kv_start)
     q_ranges = np.stack([q_local, q_local + (q_end - q_start)], axis=1)
     kv_ranges = np.stack([kv_local, kv_local + (kv_end - kv_start)], axis=1)
-    return q_tokens, kv_tokens, q_ranges, kv_ranges, np.asarray(causal, dtype=bool)
+    return ServerInputs(q_tokens, kv_tokens, q_ranges, kv_ranges, np.asarray(causal, dtype=bool))
 
 
 def server_tasks(inputs: ServerInputs

@@ -47,10 +47,10 @@ from distca.parallel.alltoall import launch_all_to_all, wait_all_to_all
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
+from distca.parallel.pipeline import BACKWARD, FORWARD, Pass, TickRow
 from distca.scheduler import DocumentBatch, documents_from_batch, task_pairs
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
-Op = tuple[str, int] | None  # ("F", i) / ("B", i): forward / backward of micro-batch i; None: bubble
 
 
 @dataclass
@@ -197,8 +197,8 @@ class LockstepExchange:
         # per job: nano rows and their order (see nano_job_layouts)
         self.rows: dict[Job, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self.saved: dict[tuple, tuple] = {}  # server graphs awaiting their backward
-        self.roles: list[tuple[str, Job] | None] = [None] * self.size
-        self.row: tuple[Op, ...] = ()
+        self.roles: list[tuple[Pass, Job] | None] = [None] * self.size
+        self.row: TickRow = ()
         self.round = 0
         self.inbound: list[tuple] = []  # this round's launched to-server sub-rounds
         self.returns: dict[tuple[int, int], tuple] = {}  # (round, sub-round) -> return in flight
@@ -220,20 +220,20 @@ class LockstepExchange:
     def workers(self, stage: int) -> list[int]:
         return [stage * self.dp + d for d in range(self.dp)]
 
-    def nano_of(self, kind: str, sub: int) -> int:
+    def nano_of(self, kind: Pass, sub: int) -> int:
         """The nano-batch a job sends in sub-round ``sub``: a forward sends its first one first;
         a backward its second (autograd reaches the second nano-batch's results first)."""
-        return sub if kind == "F" else self.nanos - 1 - sub
+        return sub if kind is FORWARD else self.nanos - 1 - sub
 
     # ---- the tick protocol of run_lockstep ---------------------------------------------------
-    def begin_tick(self, row: tuple[Op, ...]) -> None:
+    def begin_tick(self, row: TickRow) -> None:
         self.row, self.round = row, 0
         self.roles = [None] * self.size
         for s, op in enumerate(row):
             if op is None:
                 continue
-            job = (s, op[1])
-            if op[0] == "F":
+            job = (s, op.micro_batch)
+            if op.kind is FORWARD:
                 placement, workers = self.placements.pop(job), self.workers(s)
                 if self.nanos == 1:
                     self.layouts[job] = [job_layout(placement, workers, self.tokens_per_worker,
@@ -244,7 +244,7 @@ class LockstepExchange:
                         self.device)
                     self.layouts[job], self.rows[job] = layouts, (rows, order)
             for g in self.workers(s):
-                self.roles[g] = (op[0], job)
+                self.roles[g] = (op.kind, job)
 
     def serve_idle(self) -> None:
         """A bubble rank's part of the tick: serve every round with nothing of its own."""
@@ -262,9 +262,9 @@ class LockstepExchange:
                                f"with {self.slots} layers per stage ({len(self.inbound)} "
                                f"sub-rounds unserved, {len(self.returns)} returns uncollected)")
         for s, op in enumerate(self.row):
-            if op is not None and (op[0] == "B" or not self.training):
-                del self.layouts[(s, op[1])]
-                self.rows.pop((s, op[1]), None)
+            if op is not None and (op.kind is BACKWARD or not self.training):
+                del self.layouts[(s, op.micro_batch)]
+                self.rows.pop((s, op.micro_batch), None)
 
     # ---- one round: sub-rounds out, serve, sub-rounds back -----------------------------------
     def exchange_round(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -290,7 +290,7 @@ class LockstepExchange:
             lay = self.layouts[job][self.nano_of(kind, sub)]
             w = lay.workers.index(g)
             width = hq * d * lay.recv_q[w]
-            counts.append(width + 2 * hkv * d * lay.recv_kv[w] if kind == "F"
+            counts.append(width + 2 * hkv * d * lay.recv_kv[w] if kind is FORWARD
                           else width + hq * lay.recv_q[w])
         self.inbound.append(self._start(chunks, counts))
 
@@ -310,7 +310,7 @@ class LockstepExchange:
                 lay = self.layouts[mine[1]][self.nano_of(mine[0], sub)]
                 for g in range(self.size):
                     nq, nkv = lay.send_q[g].numel(), lay.send_kv[g].numel()
-                    back[g] = (nq * hq * (d + 1) if mine[0] == "F"
+                    back[g] = (nq * hq * (d + 1) if mine[0] is FORWARD
                                else nq * hq * d + 2 * nkv * hkv * d)
             self.returns[(self.round, sub)] = self._start(replies, back)
         self.inbound = []
@@ -343,7 +343,7 @@ class LockstepExchange:
             if idle:
                 self.bubble_pairs += lay.pairs
             parts = [received[g] for g in lay.workers]
-            if kind == "F":
+            if kind is FORWARD:
                 q, k, v = _split_rows(parts, lay.recv_q, lay.recv_kv, (hq, hkv, hkv), d)
                 q, k, v = (t.to(self.dtype) for t in (q, k, v))
                 out, lse = self._forward_tasks((job, self.round, nano), q, k, v, lay)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from distca.parallel.dispatch import merge_partials
 from distca.parallel.lockstep import Job, LockstepExchange
+from distca.parallel.pipeline import BACKWARD, FORWARD
 
 
 def lockstep_attention(exchange: LockstepExchange, q: torch.Tensor, k: torch.Tensor,
@@ -40,7 +41,7 @@ def _forward_job(exchange: LockstepExchange, softmax_scale: float) -> Job:
         raise ValueError(f"softmax_scale {softmax_scale} differs from the exchange's "
                          f"{exchange.softmax_scale} (bubble ranks serve with the latter)")
     role = exchange.roles[exchange.me]
-    if role is None or role[0] != "F":
+    if role is None or role[0] is not FORWARD:
         raise RuntimeError(f"rank {exchange.me} runs a forward in a tick where its role is {role}")
     return role[1]
 
@@ -113,7 +114,7 @@ class _RemoteAttention(torch.autograd.Function):
 
 
 def _check_backward(ex: LockstepExchange, job: Job) -> None:
-    if ex.roles[ex.me] != ("B", job):
+    if ex.roles[ex.me] != (BACKWARD, job):
         raise RuntimeError(f"backward of job {job} in a tick where rank {ex.me} is "
                            f"{ex.roles[ex.me]}")
 
@@ -162,7 +163,7 @@ class _ReceiveNano(torch.autograd.Function):
         t = ctx.ticket
         ex = t.exchange
         _check_backward(ex, t.job)
-        sub = ex.nano_of("B", t.nano)
+        sub = ex.nano_of(BACKWARD, t.nano)
         t.backward = (ex.round, sub)
         ex.launch(sub, _grad_chunks(dout, dlse, ex.layouts[t.job][t.nano].send_q))
         if sub == ex.nanos - 1:  # every sub-round of this round is posted: serve it

@@ -30,9 +30,10 @@ these schedules have nothing CUDA-specific.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,9 +41,27 @@ import torch.distributed as dist
 # forward(i, hidden_in or None) -> hidden_out on every stage but the last, the micro-batch's
 # scalar loss on the last stage.
 StageForward = Callable[[int, torch.Tensor | None], torch.Tensor]
-# One tick of the lock-step timetable: per stage ("F", i) / ("B", i) for the forward / backward
-# of micro-batch i, or None (bubble).
-TickRow = tuple[tuple[str, int] | None, ...]
+
+
+class Pass(enum.StrEnum):
+    """The pass of a micro-batch that a stage runs in a tick (a str: it prints as F / B)."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
+
+
+FORWARD, BACKWARD = Pass.FORWARD, Pass.BACKWARD
+
+
+class TickOp(NamedTuple):
+    """What one stage does in one tick of the lock-step timetable."""
+
+    kind: Pass
+    micro_batch: int
+
+
+# One tick of the lock-step timetable: per stage its TickOp, or None (bubble).
+TickRow = tuple[TickOp | None, ...]
 
 
 @dataclass
@@ -167,21 +186,22 @@ def run_forward_only(forward: StageForward, num_micro_batches: int,
     return losses
 
 
-def _one_f_one_b_order(stage: int, num_stages: int, num_micro_batches: int
-                       ) -> list[tuple[str, int]]:
+def _one_f_one_b_order(stage: int, num_stages: int, num_micro_batches: int) -> list[TickOp]:
     warmup = min(num_stages - stage - 1, num_micro_batches)
-    order = [("F", i) for i in range(warmup)]
+    order = [TickOp(FORWARD, i) for i in range(warmup)]
     for j in range(num_micro_batches - warmup):
-        order += [("F", warmup + j), ("B", j)]
-    return order + [("B", i) for i in range(num_micro_batches - warmup, num_micro_batches)]
+        order += [TickOp(FORWARD, warmup + j), TickOp(BACKWARD, j)]
+    return order + [TickOp(BACKWARD, i) for i in range(num_micro_batches - warmup,
+                                                        num_micro_batches)]
 
 
 def lockstep_timetable(num_stages: int, num_micro_batches: int,
                        backward: bool = True) -> list[TickRow]:
     """Ticks of the lock-step schedule (module docstring); forwards only if not ``backward``."""
     orders = [_one_f_one_b_order(s, num_stages, num_micro_batches) if backward
-              else [("F", i) for i in range(num_micro_batches)] for s in range(num_stages)]
-    done: dict[tuple[str, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
+              else [TickOp(FORWARD, i) for i in range(num_micro_batches)]
+              for s in range(num_stages)]
+    done: dict[tuple[Pass, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
     position = [0] * num_stages
     ticks: list[TickRow] = []
     while any(p < len(o) for p, o in zip(position, orders)):
@@ -191,12 +211,12 @@ def lockstep_timetable(num_stages: int, num_micro_batches: int,
                 row.append(None)
                 continue
             kind, i = order[p]
-            source = s - 1 if kind == "F" else s + 1
+            source = s - 1 if kind is FORWARD else s + 1
             ready = not 0 <= source < num_stages or done.get((kind, source, i), tick) < tick
-            row.append((kind, i) if ready else None)
+            row.append(TickOp(kind, i) if ready else None)
         for s, op in enumerate(row):
             if op is not None:
-                done[(op[0], s, op[1])] = tick
+                done[(op.kind, s, op.micro_batch)] = tick
                 position[s] += 1
         ticks.append(tuple(row))
     return ticks
@@ -229,8 +249,8 @@ def run_lockstep(forward: StageForward, timetable: list[TickRow], stage: int, li
         sends = []
         if op is None:
             server.serve_idle()
-        elif op[0] == "F":
-            i = op[1]
+        elif op.kind is FORWARD:
+            i = op.micro_batch
             inp = activations.pop(i, None)
             out = forward(i, inp)
             if train:
@@ -238,7 +258,7 @@ def run_lockstep(forward: StageForward, timetable: list[TickRow], stage: int, li
             if not links.is_last:
                 sends.append((out.detach(), links.next_rank))
         else:
-            i = op[1]
+            i = op.micro_batch
             grad_in = _backward(inputs.pop(i), outputs.pop(i), grads.pop(i, None))
             if not links.is_first:
                 sends.append((grad_in, links.prev_rank))
@@ -247,12 +267,12 @@ def run_lockstep(forward: StageForward, timetable: list[TickRow], stage: int, li
         after = None if links.is_last else row[stage + 1]
         works = [dist.isend(t.contiguous(), dst) for t, dst in sends]
         receives = []
-        for neighbour, kind, store in ((prev, "F", activations), (after, "B", grads)):
-            if neighbour is not None and neighbour[0] == kind:
+        for neighbour, kind, store in ((prev, FORWARD, activations), (after, BACKWARD, grads)):
+            if neighbour is not None and neighbour.kind is kind:
                 buffer = torch.empty(links.shape, dtype=links.dtype, device=links.device)
-                src = links.prev_rank if kind == "F" else links.next_rank
+                src = links.prev_rank if kind is FORWARD else links.next_rank
                 works.append(dist.irecv(buffer, src))
-                receives.append((store, neighbour[1], buffer))
+                receives.append((store, neighbour.micro_batch, buffer))
         for work in works:
             work.wait()
         for store, i, buffer in receives:

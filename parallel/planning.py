@@ -135,6 +135,6 @@ def disaggregated_plan(docs: DocumentBatch, num_workers: int, tokens_per_worker:
         raise ValueError(f"cad.buffer_budget_mb={buffer_budget_mb:g}: even a plan that moves no "
                          f"attention needs a {array[1] / 2**20:.2f} MiB receive buffer on one rank")
     plan = Plan.from_array(array[1:])
-    servers = [plan.server_inputs(s) for s in range(plan.num_servers)]
+    servers = [ServerInputs(*plan.server_inputs(s)) for s in range(plan.num_servers)]
     return StepPlan(servers, plan.imbalance_before, plan.imbalance,
                     float(array[:1].view(np.float64)[0]))
