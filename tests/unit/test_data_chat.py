@@ -171,7 +171,7 @@ def test_parquet_rows_and_deterministic_epochs(tmp_path):
 def test_skipped_rows_reach_the_dataset_the_trainer_logs(tmp_path):
     path = tmp_path / "chat.jsonl"
     write_rows(path, [{"messages": CONVERSATION}, "{not json", {"messages": CONVERSATION}])
-    cfg = load_config(Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml",
+    cfg = load_config(Path(__file__).parents[2] / "recipes" / "tiny-focusft.yaml",
                       ["data.kind=chat", f"data.paths=[{path}]", "data.skip_bad_rows=true"])
     assert make_dataset(cfg).skipped_rows == 1
 
@@ -183,7 +183,7 @@ def test_conversation_longer_than_a_micro_batch_fails_before_training(tmp_path, 
 
     path = tmp_path / "chat.jsonl"
     write_rows(path, [{"messages": CONVERSATION}])  # about 190 byte tokens
-    recipe = Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml"
+    recipe = Path(__file__).parents[2] / "recipes" / "tiny-focusft.yaml"
     overrides = [f"data.paths=[{path}]", "data.tokens_per_rank=64",
                  f"trainer.run_dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError, match=r"conversation of \d+ tokens .* \(128 tokens"):
