@@ -119,9 +119,6 @@ def run_train(args: argparse.Namespace) -> int:
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise UsageError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     cfg = load_config(args.recipe, args.overrides)
-    if cfg.cad.server_mode.value == "dedicated":
-        raise UsageError(f"{args.recipe}: cad.server_mode: profile train runs in-place servers "
-                         "only (the engine does not run dedicated servers)")
     out = Path(args.out) if args.out else \
         Path("runs") / f"profile-{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():

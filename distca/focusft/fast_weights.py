@@ -4,7 +4,7 @@ A fast adapter adds ``scale * B @ A @ x`` (``scale = alpha / rank``) to a linear
 through a forward hook. Its tensors are plain leaf tensors owned by :class:`FastLoRA`, never
 registered on the model: they cannot reach ``model.parameters()``, so they stay out of the
 optimiser, the data-parallel gradient all-reduce and every checkpoint by construction.
-The adapters act only while :attr:`FastLoRA.active` is set (the engine's bilevel step), so
+The adapters act only while :attr:`FastLoRA.active` is set (the bilevel step of :mod:`distca.focusft.step`), so
 evaluation and generation see the base model alone.
 """
 

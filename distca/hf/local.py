@@ -50,8 +50,8 @@ class LocalModel:
                 or parallel_state.get_pipeline_model_parallel_world_size() != 1):
             raise RuntimeError("LocalModel needs TP=PP=1")
         self.cfg = cfg
-        self.engine = make_rank(cfg)
-        self.model = self.engine.role.model
+        self.step = make_rank(cfg)
+        self.model = self.step.role.model
         self.model.eval()
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -72,9 +72,9 @@ class LocalModel:
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
         n = ids.numel()
         plan = colocated_plan(documents_from_batch(np.array([n])), 1, n)
-        device = self.engine.device
+        device = self.step.device
         layout = build_layout(plan.servers, 0, 1, n, 1, [0], device)
-        self.engine.runtime.set_batch(torch.arange(n, device=device),
+        self.step.runtime.set_batch(torch.arange(n, device=device),
                                       BlockingExchange(layout, None))
         out = self.model(ids.to(device).view(1, -1), None, None)
         return out.reshape(n, -1).float().cpu()

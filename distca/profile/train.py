@@ -82,8 +82,8 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
         torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_worker)))
     start_process_group(DistBackend.auto, rank, world, f"tcp://127.0.0.1:{port}", loopback=True)
     try:
-        engine = make_rank(cfg)
-        device = engine.device
+        step = make_rank(cfg)
+        device = step.device
         dist.barrier()
         peak = torch.tensor([peak_tflops * 1e12 if peak_tflops else measure_peak_flops(device)],
                             dtype=torch.float64, device=device)
@@ -92,7 +92,7 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
         for i, batches in enumerate(all_batches[:-1]):
             dist.barrier()
             start = time.perf_counter()
-            stats = engine.train_step(batches)
+            stats = step.train_step(batches)
             if cuda:
                 torch.cuda.synchronize()
             dist.barrier()  # a step ends when the slowest rank is done
@@ -103,7 +103,7 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
         dist.barrier()
         with profile(activities=[ProfilerActivity.CPU]) as prof, recording() as clocks:
             with record_function(STEP_EVENT):
-                engine.train_step(all_batches[-1])
+                step.train_step(all_batches[-1])
                 if cuda:
                     torch.cuda.synchronize()
         breakdown = step_breakdown(find_step_event(prof.events(), STEP_EVENT), with_spans=True)

@@ -36,7 +36,7 @@ class WorkerGroup:
         return len(self.roles)
 
     def start(self) -> list[dict]:
-        """Place and start every rank, rendezvous, build the engines; returns workers.json rows."""
+        """Place and start every rank, rendezvous, build every rank's step; returns workers.json rows."""
         r = self.cfg.ray
         bundle = {"CPU": r.num_cpus_per_worker}
         if r.num_gpus_per_worker:

@@ -29,7 +29,7 @@ class RankWorker:
         self.rank = rank
         self.world_size = world_size
         self.role = role
-        self.engine = None
+        self.step = None
         # megatron-core announces its torch-native fallbacks once per process (design §8)
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
@@ -51,20 +51,20 @@ class RankWorker:
 
         start_process_group(self.cfg.parallel.backend, self.rank, self.world_size, init_method,
                             loopback)
-        self.engine = make_rank(self.cfg)
+        self.step = make_rank(self.cfg)
 
     def train_step(self, batches: list) -> dict:
-        return self.engine.train_step(batches)
+        return self.step.train_step(batches)
 
     def eval_loss(self, batches: list) -> float:
-        return self.engine.eval_loss(batches)
+        return self.step.eval_loss(batches)
 
     def save(self, directory: str) -> int:
         from distca.train.checkpoint import write_shard
 
-        return write_shard(Path(directory), self.rank, self.engine.state_dict())
+        return write_shard(Path(directory), self.rank, self.step.state_dict())
 
     def load(self, step_dir: str) -> None:
         from distca.train.checkpoint import read_shard
 
-        self.engine.load_state_dict(read_shard(Path(step_dir), self.rank))
+        self.step.load_state_dict(read_shard(Path(step_dir), self.rank))

@@ -38,11 +38,10 @@ class _Event:
 
 
 def test_own_category_names():
-    assert own_category("_CoreAttention") == "attention"
-    assert own_category("autograd::engine::evaluate_function: _CoreAttentionBackward") == \
-        "attention"
-    assert own_category("autograd::engine::evaluate_function: _FinishBackward") == "comm"
-    assert own_category("_Start") == "comm" and own_category("c10d::allreduce_") == "comm"
+    assert own_category("distca.serve") == own_category("distca.serve_bwd") == "attention"
+    assert own_category("distca.comm_wait") == "comm"
+    assert own_category("c10d::allreduce_") == "comm"
+    assert own_category("distca.attend") is None  # a container: exchange, serving and merge
     assert own_category("LinearWithGradAccumulationAndAsyncCommunication") == "linear"
     assert own_category("aten::mul") is None
 
@@ -52,7 +51,7 @@ def test_step_breakdown_partitions_the_wall_time():
         _Event("LinearWith…", 0, 200),
         _Event("wrapper", 200, 500, [_Event("c10d::alltoall_base_", 250, 300),
                                      _Event("aten::cat", 300, 350)]),
-        _Event("outer", 500, 700, [_Event("_CoreAttention", 520, 650),
+        _Event("outer", 500, 700, [_Event("distca.serve", 520, 650),
                                    _Event("aten::copy_", 650, 660)]),
         _Event("Optimizer.step", 900, 950),
     ])
