@@ -1,8 +1,8 @@
 """Sink-aware core attention over CA-tasks (design §2-3).
 
 ``core_attention`` is the one entry point; ``attention_forward``/``attention_backward`` with
-``merge_partials``/``apply_sink`` are the pieces for runtimes that split a row's tasks across
-attention servers.
+``apply_sink`` (and :func:`distca.parallel.dispatch.merge_partials`, the one merge of partial
+rows by LSE) are the pieces for runtimes that split a row's tasks across attention servers.
 """
 
 from .core import (
@@ -12,7 +12,7 @@ from .core import (
     available_backends,
     core_attention,
 )
-from .merge import apply_sink, make_sinks, merge_partials
+from .merge import apply_sink, make_sinks
 from .tasks import TaskList, make_task_list
 from .telemetry import SinkTelemetry, sink_rate, sink_telemetry
 
@@ -27,7 +27,6 @@ __all__ = [
     "core_attention",
     "make_sinks",
     "make_task_list",
-    "merge_partials",
     "sink_rate",
     "sink_telemetry",
 ]

@@ -198,7 +198,7 @@ def attention_forward(q, k, v, q_ranges, kv_ranges, causal, softmax_scale=None,
     """The raw forward primitive (no sink, no autograd): merged ``(out, lse)`` of the tasks.
 
     For runtimes that split a row's tasks across attention servers: merge the servers'
-    results with :func:`merge_partials`, apply the sink with :func:`apply_sink`, and run the
+    results with :func:`distca.parallel.dispatch.merge_partials`, apply the sink with :func:`apply_sink`, and run the
     backward of each server's tasks with :func:`attention_backward` on the merged ``out``/``lse``.
     """
     tasks, scale, impl = _prepare(q, k, v, q_ranges, kv_ranges, causal, None, softmax_scale,

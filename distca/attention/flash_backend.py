@@ -15,9 +15,11 @@ import inspect
 
 import torch
 
+from distca.parallel.dispatch import merge_partials
+
 from .gpu_probe import missing_reason
 from .merge import NEG_INF
-from .packing import VarlenCall, merge_rows, pack_tasks
+from .packing import VarlenCall, pack_tasks
 from .tasks import TaskList
 
 DEVICES = ("cuda",)
@@ -74,7 +76,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tasks: TaskList,
         # flash-attn <= 2.5 returns (out, q, k, v, out_padded, lse, ...), later (out, lse, ...).
         out, lse = result[0], result[5] if len(result) == 8 else result[1]
         parts.append((batch.q_index, out, _lse_from_flash(lse, qp.shape[0])))
-    return merge_rows(q.shape[0], parts, q)
+    # partial rows of the calls (a row's causal and full tasks are in different calls), by LSE
+    out, lse = merge_partials(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
+                              torch.cat([p[0] for p in parts]), q.shape[0])
+    return out.to(q.dtype), lse
 
 
 def _task_grads(dout, q, k, v, out, lse, tasks, scale, dq, dk, dv) -> None:

@@ -37,24 +37,6 @@ def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     acc_lse.copy_(new)
 
 
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge partial results of the same query rows (e.g. from several attention servers).
-
-    ``outs[i]``: (N, H, D), ``lses[i]``: (N, H) float32. Returns ``(out, lse)`` with ``out`` in
-    the dtype of ``outs[0]`` (merged in float32) and ``lse`` float32. Differentiable.
-    """
-    if not outs or len(outs) != len(lses):
-        raise ValueError(f"need matching non-empty lists, got {len(outs)} outs, {len(lses)} lses")
-    acc = accum_dtype(outs[0].dtype)
-    lse_all = torch.stack([x.to(acc) for x in lses])
-    lse = torch.logsumexp(lse_all, dim=0)
-    safe = torch.where(lse == NEG_INF, 0.0, lse)
-    weights = torch.where(lse_all == NEG_INF, 0.0, torch.exp(lse_all - safe))
-    out = sum(w.unsqueeze(-1) * o.to(acc) for w, o in zip(weights, outs))
-    return out.to(outs[0].dtype), lse
-
-
 def sink_weight(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """(N, H) float32 ``w = sigmoid(L - s_h)``: the share of a row's mass left to the keys.
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from .gpu_probe import host_to_device
-from .merge import NEG_INF
 
 
 @dataclass
@@ -51,28 +50,3 @@ def pack_tasks(rows: list[tuple[int, int, int, int, bool]], device) -> list[Varl
                                    max(b - a for a, b, _, _, _ in chosen),
                                    max(d - c for _, _, c, d, _ in chosen)))
     return batches
-
-
-def merge_rows(num_q: int, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-               like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge packed partial results ``(q_index, out (P, H, D), lse (P, H))`` per query token.
-
-    Returns ``out`` (num_q, H, D) in ``like.dtype`` and ``lse`` (num_q, H) float32; rows of no
-    part get 0 and -inf. Vectorised: scatter-max, then index_add of the rescaled terms.
-    """
-    heads, dim = like.shape[1], like.shape[2]
-    f32 = dict(dtype=torch.float32, device=like.device)
-    row_max = torch.full((num_q, heads), NEG_INF, **f32)
-    for index, _, lse in parts:
-        row_max.scatter_reduce_(0, index.unsqueeze(1).expand_as(lse), lse, "amax")
-    safe_max = torch.where(row_max == NEG_INF, 0.0, row_max)
-    total = torch.zeros((num_q, heads), **f32)
-    out = torch.zeros((num_q, heads, dim), **f32)
-    for index, part_out, lse in parts:
-        w = torch.exp(lse - safe_max[index])
-        total.index_add_(0, index, w)
-        out.index_add_(0, index, part_out.float() * w.unsqueeze(-1))
-    live = total > 0
-    lse = torch.where(live, safe_max + torch.log(torch.where(live, total, 1.0)), NEG_INF)
-    out = out / torch.where(live, total, 1.0).unsqueeze(-1)
-    return out.to(like.dtype), lse

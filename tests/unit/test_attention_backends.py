@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from attention_reference import dense_attention
+from distca.parallel.dispatch import merge_partials
 from emulated_gpu_backends import EMULATED, emulate, gpu_backend_for
 from test_attention_core import (
     GPU_BACKENDS,
@@ -23,7 +24,7 @@ from distca.attention import (
     flex_backend,
     make_task_list,
 )
-from distca.attention.packing import merge_rows, pack_tasks
+from distca.attention.packing import pack_tasks
 from distca.attention.tasks import causal_document_tasks, multiturn_tasks, task_mask
 
 GLM = [[(9, True), (6, False), (1, True), (12, False)], [(1, True)], [(20, True), (17, False)]]
@@ -74,7 +75,8 @@ def test_packed_batches_merge_like_the_torch_backend():
                                      packed, None, None, backend="torch")
         parts.append((batch.q_index, out, lse))
     assert {b.causal for b in pack_tasks(tasks.rows, "cpu")} == {True, False}
-    out, lse = merge_rows(tasks.num_q, parts, q)
+    out, lse = merge_partials(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
+                              torch.cat([p[0] for p in parts]), tasks.num_q)
     ref_out, ref_lse = attention_forward(q, k, v, tasks, None, None, backend="torch")
     assert rel_err(out, ref_out) < 1e-6 and rel_err(lse, ref_lse) < 1e-6
 

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from attention_reference import dense_attention
+from distca.parallel.dispatch import merge_partials
 from emulated_gpu_backends import EMULATED, gpu_backend_for
 
 from distca.attention import (
@@ -13,7 +14,6 @@ from distca.attention import (
     attention_forward,
     core_attention,
     make_task_list,
-    merge_partials,
 )
 from distca.attention.core import _backend_module
 from distca.attention.tasks import causal_document_tasks, multiturn_tasks, task_mask
@@ -233,7 +233,10 @@ def test_split_across_servers_matches_single_call(backend):
     sinks = torch.randn(4, generator=gen).to(device)
 
     partial = [attention_forward(q, k, v, *split_tasks(r), backend=backend) for r in servers]
-    merged_out, merged_lse = merge_partials([p[0] for p in partial], [p[1] for p in partial])
+    every_row = torch.arange(n, device=device).repeat(len(partial))  # each partial: all rows
+    merged_out, merged_lse = merge_partials(torch.cat([p[0] for p in partial]),
+                                            torch.cat([p[1] for p in partial]), every_row, n)
+    merged_out = merged_out.to(dtype)
     out, _ = apply_sink(merged_out, merged_lse, sinks)
     w = torch.sigmoid(merged_lse - sinks).nan_to_num(0.0).unsqueeze(-1)
     grads = [attention_backward((d_out * w).to(dtype), q, k, v, out, merged_lse, *split_tasks(r),
