@@ -37,6 +37,21 @@ def skewed_batch(num_workers: int, tokens_per_worker: int, doc_lengths, seed: in
     return PackedBatch(tokens, labels, docs, tokens_per_worker)
 
 
+def multiturn_docs(seed: int, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random conversations: alternating context/reply turns of random lengths."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for n in lengths:
+        reply = np.zeros(n, bool)
+        at, is_reply = 0, False
+        while at < n:
+            run = int(rng.integers(1, max(2, n // 3)))
+            reply[at:at + run] = is_reply
+            at, is_reply = at + run, not is_reply
+        docs.append((rng.integers(0, 256, n).astype(np.int64), reply))
+    return docs
+
+
 def as_single_worker(batch: PackedBatch) -> PackedBatch:
     """The same batch seen by one worker holding every token (the colocated reference)."""
     return PackedBatch(batch.tokens, batch.labels, batch.doc_lengths, batch.tokens.shape[0],

@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runtime_harness import ROOT, as_single_worker, free_port, relative_error
-from test_focusft import multiturn_docs
+from runtime_harness import ROOT, as_single_worker, free_port, multiturn_docs, relative_error
 
 from distca.data.chat import pack_conversations
 

@@ -5,31 +5,15 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from runtime_harness import ROOT, free_port
+from runtime_harness import ROOT, free_port, multiturn_docs
 
 from distca.data.chat import pack_conversations
 
 RECIPE = ROOT / "recipes" / "tiny-focusft.yaml"
 BASE = ["parallel.dp=1", "data.paths=[unused.jsonl]", "trainer.seed=3", "cad.min_shard_tokens=4"]
-
-
-def multiturn_docs(seed: int, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Random conversations: alternating context/reply turns of random lengths."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for n in lengths:
-        reply = np.zeros(n, bool)
-        at, is_reply = 0, False
-        while at < n:
-            run = int(rng.integers(1, max(2, n // 3)))
-            reply[at:at + run] = is_reply
-            at, is_reply = at + run, not is_reply
-        docs.append((rng.integers(0, 256, n).astype(np.int64), reply))
-    return docs
 
 
 def chat_batch(seed: int, num_ranks: int = 1, tokens_per_rank: int = 192):

@@ -2,8 +2,8 @@
 
 Run before and after a change of the runtime that must not change any number::
 
-    python benchmarks/runtime_fingerprint.py --out before.json
-    python benchmarks/runtime_fingerprint.py --out after.json --compare before.json
+    python tests/runtime_fingerprint.py --out before.json
+    python tests/runtime_fingerprint.py --out after.json --compare before.json
 
 Each scenario trains the tiny recipe for ``--steps`` optimizer steps on fixed skewed batches
 (gloo ranks on 127.0.0.1, fp32) and records, per step, every worker-rank statistic that is a
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from runtime_harness import multiturn_docs
 
 from distca.batch import PackedBatch
 from distca.config import load_config
@@ -32,7 +33,7 @@ from distca.data.chat import pack_conversations
 from distca.profile.comm import free_port
 from distca.rank import make_rank
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # tests/ is beside recipes/
 T = 64
 SINKS = ["model.gated_attention=true", "model.learnable_sinks=true",
          "attention.telemetry_interval=1"]
@@ -80,17 +81,7 @@ def text_batch(dp: int, seed: int) -> PackedBatch:
 
 def chat_batch(dp: int, seed: int) -> PackedBatch:
     """Multi-turn conversations (alternating context and reply turns), one spanning workers."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for length in [int(0.6 * dp * T), 1, 9, 20, 7]:
-        reply = np.zeros(length, bool)
-        at, is_reply = 0, False
-        while at < length:
-            run = int(rng.integers(1, max(2, length // 3)))
-            reply[at:at + run] = is_reply
-            at, is_reply = at + run, not is_reply
-        docs.append((rng.integers(0, 256, length).astype(np.int64), reply))
-    return pack_conversations(docs, dp, T)
+    return pack_conversations(multiturn_docs(seed, [int(0.6 * dp * T), 1, 9, 20, 7]), dp, T)
 
 
 def _rank_main(rank: int, world: int, port: int, name: str, steps: int, outfile: str) -> None:
