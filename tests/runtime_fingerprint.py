@@ -99,7 +99,7 @@ def _rank_main(rank: int, world: int, port: int, name: str, steps: int, outfile:
         stats = role.train_step(micro)
         records.append({k: v for k, v in stats.items() if k not in UNTIMED})
     weights = None
-    if hasattr(role, "full_model_state"):
+    if role.role.holds_weights:  # a dedicated attention server holds none
         full = role.full_model_state()
         digest = hashlib.sha256()
         for key in sorted(full):
@@ -123,15 +123,24 @@ def run(names: list[str], steps: int, timeout_s: float) -> dict:
                                                          str(out)),
                                        nprocs=world, join=False, start_method="spawn")
             deadline = time.monotonic() + timeout_s
-            while not ranks.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for process in ranks.processes:
-                        process.kill()
-                    break
-            results[name] = json.loads(out.read_text()) if out.exists() else {"hung": True}
+            failed = None
+            try:
+                while not ranks.join(timeout=1.0):
+                    if time.monotonic() > deadline:
+                        for process in ranks.processes:
+                            process.kill()
+                        break
+            except mp.ProcessException as exc:  # a rank raised: recorded, the others go on
+                failed = str(exc).strip().splitlines()[-1]
+            results[name] = ({"failed": failed} if failed else
+                             json.loads(out.read_text()) if out.exists() else {"hung": True})
             losses = [round(s["loss"], 6) for s in results[name].get("steps", [])]
-            print(f"{name}: loss {losses or 'HUNG'}", flush=True)
+            print(f"{name}: loss {losses or failed or 'HUNG'}", flush=True)
     return results
+
+
+def _outcome(record: dict) -> str:
+    return "hung" if record.get("hung") else "failed" if record.get("failed") else "ran"
 
 
 def compare(got: dict, want: dict) -> list[str]:
@@ -140,10 +149,10 @@ def compare(got: dict, want: dict) -> list[str]:
     for name, run_ in want.items():
         if name not in got:
             continue
-        if got[name].get("hung") or run_.get("hung"):
-            if got[name].get("hung") != run_.get("hung"):
-                diffs.append(f"{name}: hung {run_.get('hung', False)} before, "
-                             f"{got[name].get('hung', False)} now")
+        before, now = (_outcome(r) for r in (run_, got[name]))
+        if before != now:
+            diffs.append(f"{name}: {before} before, {now} now")
+        if "ran" != before or before != now:
             continue
         for i, (a, b) in enumerate(zip(got[name]["steps"], run_["steps"])):
             for key in sorted(set(a) | set(b)):
