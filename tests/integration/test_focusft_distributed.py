@@ -23,8 +23,12 @@ OVERRIDES = ["trainer.seed=7", "data.paths=[unused.jsonl]", "cad.enabled=true",
              "cad.tolerance=0.1", "cad.min_shard_tokens=4", "model.learnable_sinks=true"]
 
 
-def _batch():
-    return pack_conversations(multiturn_docs(3, [110, 1, 5, 8, 3, 9, 1, 20, 7]), 2, T)
+def _batches():
+    """Two micro-batches: every rank, dedicated servers included, must interleave each
+    micro-batch's plan with its inner loop as the workers do (a server that planned all
+    micro-batches first hung here)."""
+    return [pack_conversations(multiturn_docs(seed, [110, 1, 5, 8, 3, 9, 1, 20, 7]), 2, T)
+            for seed in (3, 4)]
 
 
 def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) -> None:
@@ -41,13 +45,13 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) 
     engine = make_rank(cfg)
     if rank >= 2:  # a dedicated attention server: it only joins the workers' exchanges
         dist.barrier()
-        engine.forward_backward([_batch()])
+        engine.forward_backward(_batches())
         dist.destroy_process_group()
         return
-    batch = _batch()
+    batches = _batches()
     if world == 1:
         engine.load_state_dict(torch.load(out / "init.pt"))
-        batch = as_single_worker(batch)
+        batches = [as_single_worker(b) for b in batches]
     else:
         with torch.no_grad():
             for name, p in engine.model.named_parameters():
@@ -57,7 +61,7 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) 
             torch.save({k: v for k, v in engine.state_dict().items()
                         if not k.startswith(("optim.", "master."))}, out / "init.pt")
         dist.barrier()
-    stats = engine.forward_backward([batch])
+    stats = engine.forward_backward(batches)
     grads = {n: p.grad.detach().clone() for n, p in engine.model.named_parameters()}
     fast = [t.detach().clone() for t in engine.fast.tensors]
     torch.save({"stats": stats, "grads": grads, "fast": fast},
