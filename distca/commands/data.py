@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from distca.cli import UsageError
-from distca.evals.tasks import TASKS, generate
+from distca.evals.tasks import TASKS
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -29,19 +27,14 @@ def run_synth(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--tokenizer {args.tokenizer}: {exc}") from exc
+    from distca.data.synth_chat import write_tasks
+
     try:
-        examples = generate(args.task, args.length, args.n, args.seed,
-                            lambda text: len(tokenizer.encode(text)), keys=args.keys)
+        count = write_tasks(out, args.task, args.length, args.n, args.seed, tokenizer,
+                            keys=args.keys)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w") as f:
-        for example in examples:
-            f.write(json.dumps(example.to_chat()) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(out)
-    print(f"wrote {len(examples)} {args.task} examples of ~{args.length} tokens to {out}",
+    print(f"wrote {count} {args.task} examples of ~{args.length} tokens to {out}",
           file=sys.stderr)
     return 0
 

@@ -16,6 +16,8 @@ import numpy as np
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
+    bos_id: int | None  # framing each pretraining document (None: the tokenizer has none)
+    eos_id: int | None
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -25,6 +27,7 @@ class ByteTokenizer:
 
     name = "byte"
     vocab_size = 256
+    bos_id = eos_id = None  # bytes have no document markers
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -66,6 +69,9 @@ class HFTokenizer:
             raise ValueError(f"data.tokenizer: {file} is not a valid tokenizer.json: {exc}") from exc
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        _, config = read_tokenizer_config(path)
+        specials = (token_text(config.get(key)) for key in ("bos_token", "eos_token"))
+        self.bos_id, self.eos_id = (self._tok.token_to_id(t) if t else None for t in specials)
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(text, add_special_tokens=False).ids

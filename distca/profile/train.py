@@ -8,10 +8,9 @@ attention imbalance before and after planning), then one more step runs under th
 profiler for the per-rank breakdown and timeline (:mod:`distca.profile.breakdown`); its wall
 time is reported separately because the profiler slows it down.
 
-Model FLOPs count forward + backward (3 × forward): linear layers ``6 × parameters`` per token
-(LM head included, embeddings not) and attention ``3.5 × 4 · heads · head_dim`` per score pair
-and layer. The peak is a measured square matmul on every rank at the same time (summed), or
-``peak_tflops`` per rank when given.
+Model FLOPs and the peak are :mod:`distca.profile.flops` (what ``distca train`` logs too): the
+peak is a measured square matmul on every rank at the same time (summed), or ``peak_tflops``
+per rank when given.
 """
 
 from __future__ import annotations
@@ -28,46 +27,9 @@ import torch.multiprocessing as mp
 from distca.config import DistcaConfig
 from distca.profile.breakdown import CATEGORIES, find_step_event, step_breakdown
 from distca.profile.comm import free_port
+from distca.profile.flops import achieved, measure_peak_flops, model_flops
 
 STEP_EVENT = "distca.profile.train_step"
-
-
-def model_flops(cfg: DistcaConfig, batches) -> float:
-    """Forward + backward FLOPs of one step over ``batches`` (a list of PackedBatch)."""
-    from distca.scheduler.documents import build_segments, documents_from_batch
-    from distca.scheduler.simulator import ModelSpec
-
-    m = cfg.model
-    spec = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
-                     m.ffn_hidden_size)
-    linear_per_token = m.num_layers * spec.linear_flops_per_token \
-        + 6.0 * m.hidden_size * m.vocab_size  # the LM head
-    tokens = pairs = 0
-    for b in batches:
-        docs = documents_from_batch(b.doc_lengths, b.turn_lengths, b.turn_is_context)
-        tokens += int(b.doc_lengths.sum())
-        pairs += int(build_segments(docs, b.tokens_per_rank).pairs().sum())
-    return tokens * linear_per_token + pairs * m.num_layers * spec.attention_flops_per_pair
-
-
-def measure_peak_flops(device: torch.device, size: int | None = None, reps: int = 3) -> float:
-    """FLOP/s of the best of ``reps`` square matmuls (fp32 on CPU, bf16 on GPU)."""
-    cuda = device.type == "cuda"
-    size = size or (8192 if cuda else 1024)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for rep in range(reps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        if rep:
-            best = min(best, time.perf_counter() - start)
-    return 2.0 * size ** 3 / best
 
 
 def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list, warmup: int,
@@ -157,7 +119,7 @@ def summarise(raw: dict, step_flops: list[float], world: int) -> dict:
     for row, flops in zip(steps, step_flops):
         row["tokens_per_s"] = row["tokens"] / row["wall_s"]
         row["model_tflops"] = flops / 1e12
-        row["mfu"] = flops / row["wall_s"] / raw["peak_flops"]
+        row.update(achieved(flops, row["wall_s"], raw["peak_flops"]))
     ranks = []
     for r, b in enumerate(raw["ranks"]):
         ranks.append({"rank": r, "wall_s": b["wall_s"], "seconds": b["seconds"],

@@ -31,8 +31,10 @@ class RankWorker:
         self.world_size = world_size
         self.role = role
         self.engine = None
-        # megatron-core announces its torch-native fallbacks once per process (design §8)
+        # megatron-core announces its torch-native fallbacks once per process (design §8), and
+        # warns that its own default cuda_graph_scope is deprecated: nothing distca can act on
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+        warnings.filterwarnings("ignore", message="full scope is deprecated")
 
     def info(self) -> dict:
         import ray
@@ -65,7 +67,25 @@ class RankWorker:
         self.engine = (FocusftEngine if self.cfg.focusft.enabled else Engine)(self.cfg)
 
     def train_step(self, batches: list) -> dict:
-        return self.engine.train_step(batches)
+        stats = self.engine.train_step(batches)
+        stats["memory_mb"] = self._peak_memory_mb()
+        return stats
+
+    def _peak_memory_mb(self) -> float:
+        """This rank's peak memory so far: CUDA allocations on a GPU, else the process's RSS."""
+        import torch
+
+        if self.engine.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.engine.device) / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def peak_flops(self) -> float:
+        """This rank's measured matmul FLOP/s: the denominator of the step log's MFU."""
+        from distca.profile.flops import measure_peak_flops
+
+        return measure_peak_flops(self.engine.device)
 
     def eval_loss(self, batches: list) -> float:
         return self.engine.eval_loss(batches)
