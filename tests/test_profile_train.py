@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from distca.cli import main
 from distca.config import load_config
 from distca.profile.breakdown import CATEGORIES, own_category, step_breakdown
 from distca.profile.plots import plot_imbalance, plot_timeline
-from distca.profile.train import model_flops
+from distca.profile.flops import model_flops
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -124,6 +125,11 @@ def test_profile_train_runs_and_parses(tmp_path):
     assert len(spans) == 2 and all(len(s) > 0 for s in spans)
     for name in ("timeline.png", "imbalance.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
+    # the profiled step as a Chrome/Perfetto trace per rank (torch.profiler's export)
+    assert report["traces"] == [str(tmp_path / f"trace_rank{r}.json") for r in range(2)]
+    for trace in report["traces"]:
+        events = json.loads(Path(trace).read_text())["traceEvents"]
+        assert any(e.get("name") == "distca.profile.train_step" for e in events)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--steps", "0"], "--steps"),

@@ -32,6 +32,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")  # bytes have no special tokens
+
 
 def read_tokenizer_config(path: str | Path) -> tuple[Path, dict]:
     """(``tokenizer_config.json`` beside a tokenizer named by its directory or by its
@@ -77,8 +80,8 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, text: str) -> int | None:
         """The id of a token spelled ``text`` (say the eos token), or None."""

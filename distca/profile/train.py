@@ -33,7 +33,7 @@ STEP_EVENT = "distca.profile.train_step"
 
 
 def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list, warmup: int,
-          peak_tflops: float | None, out) -> None:
+          peak_tflops: float | None, out, trace_dir: str | None) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = torch.cuda.is_available()
@@ -73,6 +73,8 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
                 engine.train_step(all_batches[-1])
                 if cuda:
                     torch.cuda.synchronize()
+        if trace_dir:  # the profiled step for chrome://tracing or ui.perfetto.dev
+            prof.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
         breakdown = step_breakdown(find_step_event(prof.events(), STEP_EVENT), with_spans=True)
         breakdown["runtime_clocks_s"] = dict(engine.runtime.timings)
         engine.runtime.timings = None
@@ -87,9 +89,10 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
 
 
 def profile_train(cfg: DistcaConfig, steps: int, warmup: int = 1,
-                  peak_tflops: float | None = None) -> dict:
+                  peak_tflops: float | None = None, trace_dir: str | None = None) -> dict:
     """Run ``warmup + steps + 1`` training steps on ``dp·tp·pp`` local ranks; returns the
-    report (see :func:`summarise`)."""
+    report (see :func:`summarise`). With ``trace_dir``, each rank writes the profiled step's
+    Chrome/Perfetto trace there as ``trace_rank<r>.json``."""
     from distca.data import make_dataset
     from distca.train.worker import world_layout
 
@@ -101,7 +104,8 @@ def profile_train(cfg: DistcaConfig, steps: int, warmup: int = 1,
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     procs = mp.start_processes(_rank, args=(world, free_port(), cfg, batches, warmup, peak_tflops,
-                                            out), nprocs=world, join=False, start_method="spawn")
+                                            out, trace_dir),
+                               nprocs=world, join=False, start_method="spawn")
     while not procs.join(timeout=1.0):  # raises if a rank fails
         if not out.empty():
             break
