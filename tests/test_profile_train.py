@@ -9,8 +9,8 @@ import pytest
 from distca.cli import main
 from distca.config import load_config
 from distca.profile.breakdown import CATEGORIES, own_category, step_breakdown
-from distca.profile.plots import plot_imbalance, plot_timeline
 from distca.profile.flops import model_flops
+from distca.profile.plots import plot_imbalance, plot_timeline
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
