@@ -35,6 +35,9 @@ def validate_sections(cfg, fail: Callable[[str, str], Exception]) -> None:
     from distca.evals.tasks import TASKS
 
     s = cfg.data.synth
+    if cfg.data.kind.value == "synth" and cfg.data.paths:
+        raise fail("data.paths", "data.kind=synth generates its conversations (data.synth); "
+                   "to read chat files set data.kind=chat")
     if s.task not in TASKS:
         raise fail("data.synth.task", f"unknown task {s.task!r} ({', '.join(TASKS)})")
     for key in ("length", "count"):

@@ -51,10 +51,25 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     core._warn_cpp_fallback.cache_clear()
 
 
-def test_cpp_build_cache_is_keyed_by_sources():
-    path = cpp_backend.build_directory()
-    assert path.parent.parent.name == "build" and "site-packages" not in str(path)
-    assert path.name.startswith("distca_attention_cpu-")
+def test_cpp_kernel_is_the_extension_built_at_install(cpp_extension):
+    """The kernel is distca._C from the install (setup.py), not a JIT build under build/ that
+    a changed PATH or a copied working directory would redo."""
+    from distca.attention.kernel_source import sources_digest
+
+    module = cpp_backend._load()[0]
+    assert module.__name__ == "distca._C" and "build/extensions" not in module.__file__
+    assert module.SOURCES_DIGEST == sources_digest(cpp_backend._ROOT)
+
+
+def test_stale_cpp_kernel_is_refused_with_how_to_rebuild(monkeypatch, cpp_extension):
+    monkeypatch.setattr(cpp_backend, "_checkout_digest", lambda: "0" * 16)
+    cpp_backend._load.cache_clear()
+    try:
+        assert not cpp_backend.is_available()
+        assert "other csrc/ sources" in cpp_backend.unavailable_reason()
+        assert "make setup" in cpp_backend.unavailable_reason()
+    finally:
+        cpp_backend._load.cache_clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")

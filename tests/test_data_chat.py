@@ -184,7 +184,7 @@ def test_conversation_longer_than_a_micro_batch_fails_before_training(tmp_path, 
     path = tmp_path / "chat.jsonl"
     write_rows(path, [{"messages": CONVERSATION}])  # about 190 byte tokens
     recipe = Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml"
-    overrides = [f"data.paths=[{path}]", "data.tokens_per_rank=64",
+    overrides = ["data.kind=chat", f"data.paths=[{path}]", "data.tokens_per_rank=64",
                  f"trainer.run_dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError, match=r"conversation of \d+ tokens .* \(128 tokens"):
         make_dataset(load_config(recipe, overrides))

@@ -20,7 +20,7 @@ from test_focusft import multiturn_docs
 from distca.data.chat import pack_conversations
 
 T = 96  # tokens per worker; the 110-token conversation spans both
-OVERRIDES = ["trainer.seed=7", "data.paths=[unused.jsonl]", "cad.enabled=true",
+OVERRIDES = ["trainer.seed=7", "cad.enabled=true",
              "cad.tolerance=0.1", "cad.min_shard_tokens=4", "model.learnable_sinks=true"]
 
 
