@@ -20,7 +20,9 @@ of ``g``, so resume is exact.
 
 from __future__ import annotations
 
+import json
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,10 @@ def _jinja_renderer(source: str, where: Path, data: dict):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_template_error
+    # as transformers defines them: tojson keeps key order and does not HTML-escape
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
     try:
         template = env.from_string(source)
     except TemplateError as exc:
