@@ -61,6 +61,21 @@ def test_cpp_kernel_is_the_extension_built_at_install(cpp_extension):
     assert module.SOURCES_DIGEST == sources_digest(cpp_backend._ROOT)
 
 
+def test_missing_kernel_names_the_missing_compiler_or_how_to_build(monkeypatch):
+    def not_built(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(cpp_backend.importlib, "import_module", not_built)
+    try:
+        for cxx, reason in (("/nonexistent/c++", "no C++ compiler found"),
+                            ("c++", "is not built")):
+            monkeypatch.setenv("CXX", cxx)
+            cpp_backend._load.cache_clear()
+            assert reason in cpp_backend.unavailable_reason()
+    finally:
+        cpp_backend._load.cache_clear()
+
+
 def test_stale_cpp_kernel_is_refused_with_how_to_rebuild(monkeypatch, cpp_extension):
     monkeypatch.setattr(cpp_backend, "_checkout_digest", lambda: "0" * 16)
     cpp_backend._load.cache_clear()
