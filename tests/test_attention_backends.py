@@ -1,6 +1,7 @@
 """Backend choice, the cpp build cache, varlen packing, and the GPU backends (marked gpu)."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,7 @@ def test_missing_kernel_names_the_missing_compiler_or_how_to_build(monkeypatch):
         raise ImportError(f"No module named {name!r}")
 
     monkeypatch.setattr(cpp_backend.importlib, "import_module", not_built)
+    monkeypatch.setattr(cpp_backend, "_installed_kernel", lambda: None)
     try:
         for cxx, reason in (("/nonexistent/c++", "no C++ compiler found"),
                             ("c++", "is not built")):
@@ -74,6 +76,25 @@ def test_missing_kernel_names_the_missing_compiler_or_how_to_build(monkeypatch):
             assert reason in cpp_backend.unavailable_reason()
     finally:
         cpp_backend._load.cache_clear()
+
+
+def test_a_copy_of_the_sources_without_the_kernel_uses_the_installed_one(tmp_path,
+                                                                        cpp_extension):
+    """`ray job submit --working-dir` uploads the checkout without git-ignored files (the
+    built kernel): the job's copy used to compile the kernel again."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = cpp_backend._ROOT
+    shutil.copytree(root / "distca", tmp_path / "distca", ignore=shutil.ignore_patterns("*.so"))
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    probe = ("from distca.attention import cpp_backend as c; import distca; "
+             "print(distca.__file__, c.is_available(), c._load()[0].__file__)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, timeout=300).stdout.split()
+    assert out[0] == str(tmp_path / "distca" / "__init__.py") and out[1] == "True"
+    assert out[2] == str(root / "distca" / Path(out[2]).name)
 
 
 def test_stale_cpp_kernel_is_refused_with_how_to_rebuild(monkeypatch, cpp_extension):

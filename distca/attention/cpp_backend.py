@@ -47,15 +47,42 @@ def _checkout_digest() -> str | None:
     return sources_digest(_ROOT)
 
 
+def _installed_kernel() -> ModuleType | None:
+    """The kernel of the installed distca, for a copy of the sources that has none: ``ray job
+    submit --working-dir`` uploads the checkout without its git-ignored files, the built
+    kernel among them, and the job imports distca from that copy."""
+    import importlib.util
+    import json
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("distca")
+    except metadata.PackageNotFoundError:
+        return None
+    folders = [Path(dist.locate_file("distca"))]  # a regular install
+    url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+    if url.startswith("file://"):  # an editable install: the kernel sits in its checkout
+        folders.append(Path(url.removeprefix("file://")) / "distca")
+    built = next((so for folder in folders for so in sorted(folder.glob("_C.*.so"))), None)
+    if built is None:
+        return None
+    spec = importlib.util.spec_from_file_location(EXTENSION, built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
     """(extension, "") or (None, why it cannot be used); imported at most once per process."""
     try:
         module = importlib.import_module(EXTENSION)
-    except ImportError as exc:
+    except ImportError:
+        module = _installed_kernel()
+    if module is None:
         if not has_compiler():
             return None, f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r})"
-        return None, f"the C++ kernel {EXTENSION} is not built ({exc}); {REBUILD}"
+        return None, f"the C++ kernel {EXTENSION} is not built; {REBUILD}"
     current = _checkout_digest()
     if current is not None and current != module.SOURCES_DIGEST:
         return None, (f"the C++ kernel {module.__file__} was built from other csrc/ sources "

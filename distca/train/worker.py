@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import warnings
 from pathlib import Path
 
 from distca.config import DistBackend, DistcaConfig
@@ -31,10 +30,6 @@ class RankWorker:
         self.world_size = world_size
         self.role = role
         self.engine = None
-        # megatron-core announces its torch-native fallbacks once per process (design §8), and
-        # warns that its own default cuda_graph_scope is deprecated: nothing distca can act on
-        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-        warnings.filterwarnings("ignore", message="full scope is deprecated")
 
     def info(self) -> dict:
         import ray
