@@ -36,4 +36,4 @@ train: $(STAMP)
 	$(BIN)/distca train recipes/tiny.yaml
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache distca/_C.*.so
