@@ -1,7 +1,7 @@
 """Config sections for what a run reports and evaluates, and their value checks: synthetic chat
 data (``data.synth``), validation (``data.eval_paths``, ``trainer.eval_*``) and loggers
 (``logging.*``). Kept apart from :mod:`distca.config`, which merges the tree and calls
-:func:`validate_sections` from its ``validate``; this module imports nothing from distca.
+:func:`validate_sections` from its ``validate``; this module does not import distca.config.
 """
 
 from __future__ import annotations
