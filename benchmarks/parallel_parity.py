@@ -12,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+for folder in ("tests", "tests/integration"):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / folder))
 
 import test_parallel_tp_pp as layouts  # noqa: E402
 from runtime_harness import load_reference, load_result, relative_error, run_ranks  # noqa: E402

@@ -385,4 +385,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "distca varlen CA-task attention for the CPU (forward/backward with LSE)";
   m.def("forward", &distca::forward, "(out, lse) of a varlen task list");
   m.def("backward", &distca::backward, "(dq, dk, dv) given merged lse and delta");
+  // the digest of the sources it was built from (setup.py), so a stale build is noticed
+  m.attr("SOURCES_DIGEST") = DISTCA_SOURCES_DIGEST;
 }

@@ -43,10 +43,30 @@ def _train(args: argparse.Namespace) -> int:
     return train.run(args)
 
 
+def _config_sections() -> str:
+    """The config tree's sections and what each holds, for ``distca train --help``."""
+    import textwrap
+    from dataclasses import fields
+
+    from distca.config import DistcaConfig
+
+    return "\n".join(textwrap.fill(", ".join(g.name for g in fields(f.default_factory)),
+                                   width=100, initial_indent=f"  {f.name:<10} ",
+                                   subsequent_indent=" " * 13)
+                     for f in fields(DistcaConfig))
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train RECIPE on a local Ray cluster or the given one")
+    p = sub.add_parser(
+        "train", help="train RECIPE on a local Ray cluster or the given one",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train RECIPE (a YAML path, or the name of a shipped recipe such as "
+                    "tiny.yaml) with key=value overrides, e.g. trainer.steps=10.",
+        epilog="config sections and their keys (every key with its value: "
+               "distca config show RECIPE):\n" + _config_sections())
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. trainer.steps=10 data.paths=my.jsonl")
     p.set_defaults(run=_train)
 
 
@@ -101,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from distca.config import ConfigError
 
+    for arg in sys.argv[1:] if argv is None else argv:
+        key = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in key:  # no flag has a dot: a config key was meant
+            print(f"distca: error: {arg}: config overrides take no dashes; write {arg[2:]}"
+                  + ("" if "=" in arg else "=VALUE"), file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

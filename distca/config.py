@@ -17,9 +17,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
+from distca.presets import MODEL_PRESETS
+from distca.recipe_file import paths_as_lists, read_recipe
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,7 @@ class DataKind(Enum):
     synthetic = "synthetic"  # token ids drawn from a document-length distribution
     text = "text"  # local JSONL (`text` field) or plain-text files
     chat = "chat"  # local JSONL/Parquet with a `messages` list
+    synth = "synth"  # chat tasks generated on the fly (data.synth)
 
 
 class Precision(Enum):
@@ -128,7 +132,9 @@ class FocusftConfig:
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.synthetic
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # files, directories or globs
+    eval_paths: list[str] = field(default_factory=list)  # validation data (trainer.eval_interval)
+    synth: SynthDataConfig = field(default_factory=SynthDataConfig)
     tokenizer: str | None = None  # local HF tokenizer directory; None = built-in byte-level
     distribution: str = "pretrain"  # synthetic lengths: pretrain | prolong | a file of lengths
     max_length: int = 4096  # longest document
@@ -162,6 +168,8 @@ class TrainerConfig:
     max_restarts: int = 2
     on_nan: OnNan = OnNan.stop
     log_interval: int = 1
+    eval_interval: int = 0  # validation loss every N steps on data.eval_paths; 0: none
+    eval_batches: int = 1  # steps' worth of eval batches per validation
 
 
 @dataclass
@@ -182,41 +190,11 @@ class DistcaConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-
-
-# Published architecture numbers (from the models' config.json files).
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_kv_heads=2,
-                 ffn_hidden_size=352, vocab_size=512, rope_theta=10000.0, norm_eps=1e-5,
-                 max_position_embeddings=8192),
-    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
-                      ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0,
-                      norm_eps=1e-5, max_position_embeddings=131072),
-    "codellama-34b": dict(num_layers=48, hidden_size=8192, num_attention_heads=64,
-                          num_kv_heads=8, ffn_hidden_size=22016, vocab_size=32000,
-                          rope_theta=1000000.0, norm_eps=1e-5, max_position_embeddings=16384),
-    "qwen2.5-7b": dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_heads=4,
-                       ffn_hidden_size=18944, vocab_size=152064, rope_theta=1000000.0,
-                       norm_eps=1e-6, max_position_embeddings=32768, qkv_bias=True),
-}
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _fail(source: str, key: str, message: str) -> ConfigError:
     return ConfigError(f"{source}: {key}: {message}")
-
-
-def _read_recipe(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise _fail(str(path), "<recipe>", "no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise _fail(str(path), "<recipe>", f"not valid YAML: {exc}") from exc
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise _fail(str(path), "<recipe>", "the top level must be a mapping of sections")
-    return raw
 
 
 def _parse_overrides(overrides: list[str], source: str) -> DictConfig:
@@ -242,7 +220,7 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     """Load ``recipe`` plus ``key=value`` overrides into a validated :class:`DistcaConfig`."""
     path = Path(recipe)
     source = str(path)
-    raw = _read_recipe(path)
+    raw = read_recipe(path, lambda key, message: _fail(source, key, message))
     cli = _parse_overrides(list(overrides or []), f"{source} (command line)")
     conf = OmegaConf.structured(DistcaConfig)
 
@@ -255,6 +233,8 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
             raise _fail(source, "model.preset", f"unknown preset {preset!r} (known: {known})")
         conf = _merge_into_schema(conf, {"model": MODEL_PRESETS[preset]}, source)
 
+    cli = OmegaConf.create(paths_as_lists(OmegaConf.to_container(cli)))
+    raw = paths_as_lists(raw)
     _check_known_keys(raw, conf, source)
     _check_known_keys(OmegaConf.to_container(cli), conf, f"{source} (command line)")
     conf = _merge_into_schema(conf, raw, source)
@@ -368,7 +348,7 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     d = cfg.data
     for name in ("max_length", "tokens_per_rank", "micro_batches"):
         positive(f"data.{name}", getattr(d, name))
-    if d.kind is not DataKind.synthetic and not d.paths:
+    if d.kind in (DataKind.text, DataKind.chat) and not d.paths:
         raise _fail(source, "data.paths", f"data.kind={d.kind.value} needs at least one path")
 
     o = cfg.optim
@@ -396,6 +376,7 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     nonnegative("ray.num_gpus_per_worker", r.num_gpus_per_worker)
     if r.num_cpus_per_worker + r.num_gpus_per_worker == 0:  # Ray cannot place an empty bundle
         raise _fail(source, "ray.num_cpus_per_worker", "a rank needs CPUs or GPUs; both are 0")
+    validate_sections(cfg, lambda key, message: _fail(source, key, message))
 
 
 def _check_finite(node: Any, source: str, prefix: str = "") -> None:

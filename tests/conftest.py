@@ -32,8 +32,8 @@ def single_process_group():
 
 @pytest.fixture(scope="session")
 def cpp_extension():
-    """The C++ kernel, built (or loaded from build/extensions) once per session. It skips only
-    where the machine has no C++ compiler: a build that fails on our sources fails the tests."""
+    """The C++ kernel built at install (distca._C). It skips only where the machine has no C++
+    compiler: a kernel missing or stale where one could be built fails the tests."""
     from distca.attention import cpp_backend
 
     if cpp_backend.is_available():

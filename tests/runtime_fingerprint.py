@@ -59,10 +59,10 @@ SCENARIOS = {
                                                        "cad.ping_pong=true"]),
     "focusft_dp2": ("tiny-focusft", 2, CAD + ["parallel.dp=2", "model.learnable_sinks=true",
                                               "attention.telemetry_interval=1",
-                                              "data.paths=[unused.jsonl]"]),
+                                              "data.kind=chat", "data.paths=[unused.jsonl]"]),
     "focusft_dp2_dedicated": ("tiny-focusft", 3, CAD + DEDICATED
                               + ["parallel.dp=2", "focusft.layer_fraction=0.75",
-                                 "data.paths=[unused.jsonl]"]),
+                                 "data.kind=chat", "data.paths=[unused.jsonl]"]),
 }
 # statistics that are measurements of time or of the machine, not of the computation
 UNTIMED = ("step_time_s", "tokens")

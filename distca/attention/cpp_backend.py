@@ -1,85 +1,92 @@
 """CPU backend on the C++ kernel in ``csrc/`` (flash-style tiles, one call per task list).
 
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` into
-``build/extensions/<name>-<hash>/`` of the source checkout, where ``<hash>`` covers the sources,
-the flags, the torch version and the host's CPU features (the build uses ``-march=native``), so
-editing ``csrc/`` or moving the checkout to another CPU triggers a rebuild and an unchanged tree
-loads the cached library. Primitives as in :mod:`distca.attention.torch_backend`; float32, bfloat16 and float16
+The kernel is the extension ``distca._C``, built once when distca is installed (``setup.py``;
+``make setup`` in a checkout), never on first use: a run does not stall compiling, and a
+changed ``PATH`` or a copied working directory does not rebuild it. In a source checkout whose
+``csrc/`` changed after that build, the stale kernel is refused with a message saying how to
+rebuild. Primitives as in :mod:`distca.attention.torch_backend`; float32, bfloat16 and float16
 (float32 accumulation), head dim up to 256.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import importlib
 import os
-import platform
 import shutil
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from .kernel_source import CFLAGS, EXTENSION, HEADERS, SOURCES, sources_digest
 from .tasks import TaskList
 
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 
-_ROOT = Path(__file__).resolve().parents[2]
-_SOURCES = ("csrc/attention_cpu.cpp",)
-_HEADERS = ("csrc/huge_pages.h", "csrc/tile_math.h", "csrc/tile_packing.h", "csrc/varlen_tasks.h")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
-_LDFLAGS = ["-fopenmp"]
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when running from one
+REBUILD = "run `make setup` (or `pip install --no-build-isolation -e .`) to rebuild it"
 
 
 def has_compiler() -> bool:
-    """Whether a C++ compiler is on PATH (``$CXX`` or ``c++``), so that a build can be tried."""
+    """Whether a C++ compiler is on PATH (``$CXX`` or ``c++``): whether the install built one."""
     return shutil.which(os.environ.get("CXX", "c++")) is not None
-
-
-def _cpu_features() -> str:
-    """The host's CPU model and feature flags: what ``-march=native`` compiles for."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
-        return "".join(sorted(set(lines)))
-    except OSError:  # not Linux: the processor string is the best we have
-        return f"{platform.machine()} {platform.processor()}"
 
 
 def compile_flags() -> str:
     """The compiler flags the extension is built with (for benchmark reports)."""
-    return " ".join(_CFLAGS)
+    return " ".join(CFLAGS)
 
 
-def build_directory() -> Path:
-    """Where the extension for the current sources, flags and CPU is (or will be) built."""
-    key = " ".join(_CFLAGS + _LDFLAGS + [torch.__version__, _cpu_features()])
-    digest = hashlib.sha256(key.encode())
-    for rel in _SOURCES + _HEADERS:
-        digest.update((_ROOT / rel).read_bytes())
-    return _ROOT / "build" / "extensions" / f"distca_attention_cpu-{digest.hexdigest()[:16]}"
+def _checkout_digest() -> str | None:
+    """The digest of ``csrc/`` when running from a source checkout, else None (an install)."""
+    if not all((_ROOT / rel).is_file() for rel in SOURCES + HEADERS):
+        return None
+    return sources_digest(_ROOT)
+
+
+def _installed_kernel() -> ModuleType | None:
+    """The kernel of the installed distca, for a copy of the sources that has none: ``ray job
+    submit --working-dir`` uploads the checkout without its git-ignored files, the built
+    kernel among them, and the job imports distca from that copy."""
+    import importlib.util
+    import json
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("distca")
+    except metadata.PackageNotFoundError:
+        return None
+    folders = [Path(dist.locate_file("distca"))]  # a regular install
+    url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+    if url.startswith("file://"):  # an editable install: the kernel sits in its checkout
+        folders.append(Path(url.removeprefix("file://")) / "distca")
+    built = next((so for folder in folders for so in sorted(folder.glob("_C.*.so"))), None)
+    if built is None:
+        return None
+    spec = importlib.util.spec_from_file_location(EXTENSION, built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
-    """(extension, "") or (None, why it cannot be used); built at most once per process."""
-    missing = [rel for rel in _SOURCES + _HEADERS if not (_ROOT / rel).is_file()]
-    if missing:
-        return None, f"C++ sources not found: {', '.join(missing)} under {_ROOT}"
-    if not has_compiler():
-        return None, f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r})"
-    from torch.utils.cpp_extension import load
-
-    build_dir = build_directory()
-    build_dir.mkdir(parents=True, exist_ok=True)
+    """(extension, "") or (None, why it cannot be used); imported at most once per process."""
     try:
-        module = load(name="distca_attention_cpu", sources=[str(_ROOT / s) for s in _SOURCES],
-                      extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                      build_directory=str(build_dir), verbose=False)
-    except (RuntimeError, OSError, ImportError) as exc:  # compiler or linker failure
-        return None, f"building the C++ extension in {build_dir} failed: {exc}"
+        module = importlib.import_module(EXTENSION)
+    except ImportError:
+        module = _installed_kernel()
+    if module is None:
+        if not has_compiler():
+            return None, f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r})"
+        return None, f"the C++ kernel {EXTENSION} is not built; {REBUILD}"
+    current = _checkout_digest()
+    if current is not None and current != module.SOURCES_DIGEST:
+        return None, (f"the C++ kernel {module.__file__} was built from other csrc/ sources "
+                      f"than {_ROOT / 'csrc'}; {REBUILD}")
     return module, ""
 
 

@@ -120,10 +120,12 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="synthetic long-context accuracy of a checkpoint (JSON)")
     p.add_argument("ckpt", help="a run directory (its latest checkpoint) or a step directory")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=TASKS,
+                   help="niah: find hidden numbers; vt: follow variable assignments; cwe: "
+                        "name the most common words")
     p.add_argument("--length", type=int, required=True, help="target prompt tokens")
     p.add_argument("--n", type=int, required=True, help="number of examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated examples (0)")
     p.add_argument("--tokenizer", default=None,
                    help="local HF tokenizer directory (default: the checkpoint's data.tokenizer, "
                         "else built-in byte-level)")

@@ -41,9 +41,20 @@ def run_comm(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
     if args.world < 2 or args.iters < 1:
         raise UsageError(f"--world must be >= 2 and --iters >= 1 (got {args.world}, {args.iters})")
+    out = output_file("--out", args.out) if args.out else None
     result = profile_comm(args.world, sizes, args.iters)
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"all-to-all over {args.world} local processes, {args.iters} timed exchanges per size")
+    for row in result["rows"]:
+        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in row.items()))
+    if out:
+        print(f"table: {out}")
     return 0
 
 
@@ -126,11 +137,12 @@ def run_train(args: argparse.Namespace) -> int:
     from distca.profile.plots import plot_imbalance, plot_timeline
     from distca.profile.train import profile_train
 
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        report = profile_train(cfg, args.steps, args.warmup, args.peak_tflops)
+        report = profile_train(cfg, args.steps, args.warmup, args.peak_tflops, str(out))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{args.recipe}: {exc}") from None
-    out.mkdir(parents=True, exist_ok=True)
+    report["traces"] = [str(out / f"trace_rank{r}.json") for r in range(report["world"])]
     spans = report.pop("spans")  # bulky: its own file
     report.update(timeline_png=str(out / "timeline.png"), imbalance_png=str(out / "imbalance.png"),
                   spans_json=str(out / "spans.json"))
@@ -150,6 +162,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     comm.add_argument("--world", type=int, default=2, help="local processes (default 2)")
     comm.add_argument("--sizes", default="64K,1M,16M", help="bytes each rank sends, e.g. 64K,1M")
     comm.add_argument("--iters", type=int, default=5, help="timed exchanges per size (5)")
+    comm.add_argument("--json", action="store_true", help="print the result as JSON")
+    comm.add_argument("--out", default=None, help="also write the result (JSON) to this file")
     comm.set_defaults(run=run_comm)
 
     attn = actions.add_parser("attention", help="core-attention throughput per task shape "
@@ -188,6 +202,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     train.add_argument("--peak-tflops", type=float, default=None,
                        help="peak TFLOP/s per rank for MFU (default: a measured matmul)")
-    train.add_argument("--out", default=None, help="directory for profile.json and the plots "
-                       "(default runs/profile-<recipe>-<time>)")
+    train.add_argument("--out", default=None, help="directory for profile.json, the plots, "
+                       "spans.json and trace_rank<r>.json (Chrome/Perfetto trace of the profiled "
+                       "step; default runs/profile-<recipe>-<time>)")
     train.set_defaults(run=run_train)

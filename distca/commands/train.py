@@ -83,10 +83,16 @@ def run(args: argparse.Namespace) -> int:
     from distca.train.errors import ClusterError, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address
     from distca.train.run_dir import RunDir, default_run_dir
+    from distca.train.step_log import configure_logging, log
+    from distca.train.wandb_sink import require_wandb
     from distca.train.worker import world_layout
 
+    configure_logging()
     try:
-        data = make_dataset(cfg)  # a missing data file or tokenizer fails before Ray starts
+        require_wandb(cfg, args.recipe)
+        # a missing data file or tokenizer fails before Ray starts
+        data = make_dataset(cfg)
+        eval_data = make_dataset(cfg, eval_data=True) if cfg.data.eval_paths else None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{args.recipe}: {exc}") from None
     try:
@@ -97,11 +103,15 @@ def run(args: argparse.Namespace) -> int:
     world = len(world_layout(cfg))
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
     try:
-        connect(resolve_address(cfg.ray.address), world * cfg.ray.num_cpus_per_worker,
+        address = resolve_address(cfg.ray.address)
+        log.info(f"run directory {run_dir.path}; "
+                 + (f"connecting to Ray at {address}" if address else
+                    "starting a local Ray cluster on 127.0.0.1"))
+        connect(address, world * cfg.ray.num_cpus_per_worker,
                 world * cfg.ray.num_gpus_per_worker)
         from distca.train.driver import Trainer
 
-        result = Trainer(cfg, run_dir, data).run_to_end()
+        result = Trainer(cfg, run_dir, data, eval_data).run_to_end()
     except (TrainingStopped, WorkerError, WorkerDied, ClusterError) as exc:
         print(f"distca: error: {exc}", file=sys.stderr)
         return 1
@@ -111,8 +121,11 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         disconnect()
-    print(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> "
-          f"{result.last_loss:.4f}, restarts {result.restarts}")
+    resumed = result.resumed_at
+    print(f"trained {result.steps - resumed} steps"
+          + (f" (steps {resumed + 1}-{result.steps}, resumed at step {resumed})" if resumed else "")
+          + f": loss {result.first_loss:.4f} -> {result.last_loss:.4f}, "
+          f"restarts {result.restarts}")
     print(f"  run directory: {result.run_dir}")
     print(f"  metrics:       {result.run_dir / 'metrics.jsonl'} (TensorBoard: "
           f"{result.run_dir / 'tensorboard'})")

@@ -6,8 +6,9 @@ the assistant replies (their content and end-of-turn marker). Its *turns* (desig
 maximal runs of tokens with the same loss-mask value: the system/user/tool messages together
 with the assistant headers form a bidirectional context turn, each reply a causal response turn.
 
-Rendering: a local HF tokenizer directory with a ``chat_template`` in ``tokenizer_config.json``
-is rendered with that template (jinja2); otherwise a ChatML layout
+Rendering: a local HF tokenizer directory with a chat template (``chat_template.jinja``, or
+``chat_template`` in ``tokenizer_config.json``) is rendered with it (see :class:`ChatTemplate`);
+otherwise a ChatML layout
 ``<|im_start|>ROLE\\nCONTENT<|im_end|>\\n`` is used. Reply spans are found by rendering the
 prefix up to each reply with ``add_generation_prompt=True``, so any template works without
 special markers.
@@ -19,7 +20,10 @@ of ``g``, so resume is exact.
 
 from __future__ import annotations
 
+import json
 import warnings
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -32,45 +36,92 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class ChatTemplate:
-    """Renders messages to text: the tokenizer directory's jinja template, or ChatML."""
+    """Renders messages to text as the tokenizer directory's chat template does, or as ChatML.
+
+    The template is the directory's ``chat_template.jinja`` (what transformers saves), else the
+    ``chat_template`` of ``tokenizer_config.json`` (the default one when it holds several).
+    With transformers installed it is rendered by transformers' own ``apply_chat_template``, so
+    the text matches what the model's tokenizer produces by construction; without it, by a
+    sandboxed jinja2 environment set up like transformers' (trim_blocks, lstrip_blocks,
+    loop controls, the special tokens as variables).
+    """
 
     def __init__(self, tokenizer_dir: str | None):
-        self._template = None
-        self._specials: dict[str, str] = {}
-        if tokenizer_dir:
-            config, data = read_tokenizer_config(tokenizer_dir)
-            source = data.get("chat_template")
+        self._render = None
+        if not tokenizer_dir:
+            return
+        directory = Path(tokenizer_dir)
+        directory = directory if directory.is_dir() else directory.parent
+        config, data = read_tokenizer_config(directory)
+        jinja_file = directory / "chat_template.jinja"
+        if jinja_file.is_file():
+            source, where = jinja_file.read_text(), jinja_file
+        else:
+            source, where = data.get("chat_template"), config
             if isinstance(source, list):  # named templates: use the default one
-                source = next((t["template"] for t in source if t.get("name") == "default"), None)
-            if source:
-                from jinja2 import TemplateError
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.globals["raise_exception"] = _raise_template_error
-                try:
-                    self._template = env.from_string(source)
-                except TemplateError as exc:
-                    raise ValueError(f"{config}: chat_template: {exc}") from None
-                self._specials = {k: token_text(data.get(k)) for k in ("bos_token", "eos_token")}
+                source = next((t["template"] for t in source if t.get("name") == "default"),
+                              None)
+        if source:
+            jinja = _jinja_renderer(source, where, data)  # compiled here: errors name the file
+            self._render = _transformers_renderer(directory, source) or jinja
 
     def render(self, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
-        if self._template is None:
+        if self._render is None:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
                            for m in messages)
             return text + ("<|im_start|>assistant\n" if generation_prompt else "")
         from jinja2 import TemplateError
 
         try:
-            return self._template.render(messages=messages, tools=tools,
-                                         add_generation_prompt=generation_prompt,
-                                         **self._specials)
+            return self._render(messages, tools, generation_prompt)
         except TemplateError as exc:  # a row the template cannot render: a bad row, named
             raise ValueError(f"chat template: {exc}") from None
 
 
+def _transformers_renderer(directory: Path, source: str):
+    """transformers' ``apply_chat_template`` for the tokenizer in ``directory``, or None when
+    transformers is not installed or cannot load that directory (only tokenizer.json)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+    tokenizer.chat_template = source  # the file's template, even where the loader differs
+
+    def render(messages, tools, generation_prompt):
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    return render
+
+
 def _raise_template_error(message: str):
     raise ValueError(f"chat template: {message}")
+
+
+def _jinja_renderer(source: str, where: Path, data: dict):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_template_error
+    # as transformers defines them: tojson keeps key order and does not HTML-escape
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    try:
+        template = env.from_string(source)
+    except TemplateError as exc:
+        raise ValueError(f"{where}: chat_template: {exc}") from None
+    specials = {k: token_text(data.get(k)) for k in ("bos_token", "eos_token")}
+
+    def render(messages, tools, generation_prompt):
+        return template.render(messages=messages, tools=tools,
+                               add_generation_prompt=generation_prompt, **specials)
+    return render
 
 
 def tokenize_chat(messages: list[dict], tools: list | None, tokenizer: Tokenizer,

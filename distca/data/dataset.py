@@ -5,8 +5,9 @@ from __future__ import annotations
 from distca.batch import PackedBatch
 from distca.config import DataKind, DistcaConfig
 from distca.data.chat import ChatData
+from distca.data.synth_chat import synth_chat_data
 from distca.data.synthetic import SyntheticData
-from distca.data.text import TextData
+from distca.data.text import TextData, expand_paths
 from distca.data.tokenizer import load_tokenizer
 
 
@@ -32,10 +33,11 @@ class Dataset:
                 for m in range(self.micro_batches)]
 
 
-def make_dataset(cfg: DistcaConfig) -> Dataset:
-    """Build the configured data source; a missing file or tokenizer, or data that cannot make a
-    micro-batch, raises naming the path or key."""
+def make_dataset(cfg: DistcaConfig, eval_data: bool = False) -> Dataset:
+    """Build the configured data source (``data.eval_paths`` with ``eval_data``); a missing file
+    or tokenizer, or data that cannot make a micro-batch, raises naming the path or key."""
     d = cfg.data
+    key = "data.eval_paths" if eval_data else "data.paths"
     if d.kind is DataKind.synthetic:
         source = SyntheticData(d.distribution, d.max_length, cfg.model.vocab_size,
                                cfg.trainer.seed)
@@ -44,11 +46,13 @@ def make_dataset(cfg: DistcaConfig) -> Dataset:
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data.tokenizer: {tokenizer.name} has {tokenizer.vocab_size} "
                              f"tokens, more than model.vocab_size={cfg.model.vocab_size}")
-        if d.kind is DataKind.text:
-            source = TextData(d.paths, tokenizer, d.max_length, cfg.trainer.seed,
-                              d.skip_bad_rows)
-        else:
-            source = ChatData(d.paths, tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
+        paths = expand_paths(d.eval_paths if eval_data else d.paths, key)
+        if d.kind is DataKind.synth and not eval_data:
+            source = synth_chat_data(cfg, tokenizer)
+        elif d.kind is DataKind.text:
+            source = TextData(paths, tokenizer, d.max_length, cfg.trainer.seed, d.skip_bad_rows)
+        else:  # chat files; validation data of synthetic chat tasks is chat files too
+            source = ChatData(paths, tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
                               d.skip_bad_rows)
     dataset = Dataset(source, cfg.parallel.dp, d.tokens_per_rank, d.micro_batches)
     # build one step now: data that cannot fill a micro-batch (a conversation longer than

@@ -1,5 +1,6 @@
 """Real text from local files: JSONL or Parquet (one row per document with a ``text`` field)
-or plain UTF-8 text (one document per file), tokenized once into a random-access token stream.
+or plain UTF-8 text (one document per file), tokenized once into a random-access token stream,
+each document between the tokenizer's BOS and EOS tokens (where it has them).
 
 Documents longer than ``max_length`` are cut into ``max_length`` chunks. Every epoch visits the
 documents in a fresh order drawn from ``(seed, epoch)``; micro-batch ``g`` is the stream's
@@ -9,6 +10,7 @@ A document cut by a batch boundary continues in the next batch as its own docume
 
 from __future__ import annotations
 
+import glob
 import json
 import warnings
 from pathlib import Path
@@ -27,6 +29,30 @@ def data_file(name: str) -> Path:
         why = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"data.paths: {path} {why}")
     return path
+
+
+DATA_SUFFIXES = (".jsonl", ".parquet", ".txt")
+
+
+def expand_paths(names: list[str], key: str = "data.paths") -> list[str]:
+    """Files named by ``names``, in order: a file as is, a directory as its data files
+    (``.jsonl``, ``.parquet``, ``.txt``, sorted), a glob pattern as its matches (sorted). A name
+    that matches nothing is an error naming ``key``."""
+    files: list[str] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+            what = f"{key}: directory {path} holds no {', '.join(DATA_SUFFIXES)} files"
+        elif glob.has_magic(name):
+            found = sorted(glob.glob(name, recursive=True))
+            what = f"{key}: {name} matches no file"
+        else:
+            found, what = [name], ""
+        if not found:
+            raise FileNotFoundError(what)
+        files += found
+    return files
 
 
 def jsonl_rows(path: Path):
@@ -95,8 +121,13 @@ class TextData:
                  skip_bad_rows: bool = False):
         pieces: list[np.ndarray] = []
         texts, self.skipped_rows = read_documents(paths, skip_bad_rows)
+        # each document is framed by the tokenizer's BOS/EOS (those it has), as pretraining
+        # corpora are: the model learns where documents start and end
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         for text in texts:
-            ids = tokenizer.encode(text)
+            ids = np.concatenate([np.asarray(bos, np.int64), tokenizer.encode(text),
+                                  np.asarray(eos, np.int64)])
             pieces.extend(ids[i:i + max_length] for i in range(0, ids.size, max_length))
         if not pieces:
             raise ValueError(f"data.paths: no tokens in {', '.join(paths)}")

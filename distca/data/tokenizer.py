@@ -16,6 +16,8 @@ import numpy as np
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
+    bos_id: int | None  # framing each pretraining document (None: the tokenizer has none)
+    eos_id: int | None
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -25,9 +27,13 @@ class ByteTokenizer:
 
     name = "byte"
     vocab_size = 256
+    bos_id = eos_id = None  # bytes have no document markers
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")  # bytes have no special tokens
 
 
 def read_tokenizer_config(path: str | Path) -> tuple[Path, dict]:
@@ -66,13 +72,16 @@ class HFTokenizer:
             raise ValueError(f"data.tokenizer: {file} is not a valid tokenizer.json: {exc}") from exc
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        _, config = read_tokenizer_config(path)
+        specials = (token_text(config.get(key)) for key in ("bos_token", "eos_token"))
+        self.bos_id, self.eos_id = (self._tok.token_to_id(t) if t else None for t in specials)
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, text: str) -> int | None:
         """The id of a token spelled ``text`` (say the eos token), or None."""

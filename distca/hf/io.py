@@ -25,6 +25,7 @@ from distca.hf.config_map import HFFormatError, hf_config_from_model, model_conf
 from distca.hf.weights import megatron_from_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja",  # where transformers >= 4.5x saves the template
                    "generation_config.json")
 TOKENIZER_DIR = "tokenizer"  # inside an imported run directory
 

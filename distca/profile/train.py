@@ -8,14 +8,14 @@ attention imbalance before and after planning), then one more step runs under th
 profiler for the per-rank breakdown and timeline (:mod:`distca.profile.breakdown`); its wall
 time is reported separately because the profiler slows it down.
 
-Model FLOPs count forward + backward (3 × forward): linear layers ``6 × parameters`` per token
-(LM head included, embeddings not) and attention ``3.5 × 4 · heads · head_dim`` per score pair
-and layer. The peak is a measured square matmul on every rank at the same time (summed), or
-``peak_tflops`` per rank when given.
+Model FLOPs and the peak are :mod:`distca.profile.flops` (what ``distca train`` logs too): the
+peak is a measured square matmul on every rank at the same time (summed), or ``peak_tflops``
+per rank when given.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -28,51 +28,14 @@ from distca.mesh import start_process_group
 from distca.parallel.spans import recording
 from distca.profile.breakdown import CATEGORIES, find_step_event, step_breakdown
 from distca.profile.comm import free_port
+from distca.profile.flops import achieved, measure_peak_flops, model_flops
 from distca.rank import make_rank
 
 STEP_EVENT = "distca.profile.train_step"
 
 
-def model_flops(cfg: DistcaConfig, batches) -> float:
-    """Forward + backward FLOPs of one step over ``batches`` (a list of PackedBatch)."""
-    from distca.scheduler.documents import build_segments, documents_from_batch
-    from distca.scheduler.simulator import ModelSpec
-
-    m = cfg.model
-    spec = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
-                     m.ffn_hidden_size)
-    linear_per_token = m.num_layers * spec.linear_flops_per_token \
-        + 6.0 * m.hidden_size * m.vocab_size  # the LM head
-    tokens = pairs = 0
-    for b in batches:
-        docs = documents_from_batch(b.doc_lengths, b.turn_lengths, b.turn_is_context)
-        tokens += int(b.doc_lengths.sum())
-        pairs += int(build_segments(docs, b.tokens_per_rank).pairs().sum())
-    return tokens * linear_per_token + pairs * m.num_layers * spec.attention_flops_per_pair
-
-
-def measure_peak_flops(device: torch.device, size: int | None = None, reps: int = 3) -> float:
-    """FLOP/s of the best of ``reps`` square matmuls (fp32 on CPU, bf16 on GPU)."""
-    cuda = device.type == "cuda"
-    size = size or (8192 if cuda else 1024)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for rep in range(reps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        if rep:
-            best = min(best, time.perf_counter() - start)
-    return 2.0 * size ** 3 / best
-
-
 def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list, warmup: int,
-          peak_tflops: float | None, out) -> None:
+          peak_tflops: float | None, out, trace_dir: str | None) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = torch.cuda.is_available()
@@ -106,6 +69,8 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
                 step.train_step(all_batches[-1])
                 if cuda:
                     torch.cuda.synchronize()
+        if trace_dir:  # the profiled step for chrome://tracing or ui.perfetto.dev
+            prof.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
         breakdown = step_breakdown(find_step_event(prof.events(), STEP_EVENT), with_spans=True)
         breakdown["runtime_clocks_s"] = dict(clocks.seconds)
         gathered = [None] * world
@@ -119,9 +84,10 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
 
 
 def profile_train(cfg: DistcaConfig, steps: int, warmup: int = 1,
-                  peak_tflops: float | None = None) -> dict:
+                  peak_tflops: float | None = None, trace_dir: str | None = None) -> dict:
     """Run ``warmup + steps + 1`` training steps on ``dp·tp·pp`` local ranks; returns the
-    report (see :func:`summarise`)."""
+    report (see :func:`summarise`). With ``trace_dir``, each rank writes the profiled step's
+    Chrome/Perfetto trace there as ``trace_rank<r>.json``."""
     from distca.data import make_dataset
     from distca.train.worker import world_layout
 
@@ -133,7 +99,8 @@ def profile_train(cfg: DistcaConfig, steps: int, warmup: int = 1,
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     procs = mp.start_processes(_rank, args=(world, free_port(), cfg, batches, warmup, peak_tflops,
-                                            out), nprocs=world, join=False, start_method="spawn")
+                                            out, trace_dir),
+                               nprocs=world, join=False, start_method="spawn")
     while not procs.join(timeout=1.0):  # raises if a rank fails
         if not out.empty():
             break
@@ -151,7 +118,7 @@ def summarise(raw: dict, step_flops: list[float], world: int) -> dict:
     for row, flops in zip(steps, step_flops):
         row["tokens_per_s"] = row["tokens"] / row["wall_s"]
         row["model_tflops"] = flops / 1e12
-        row["mfu"] = flops / row["wall_s"] / raw["peak_flops"]
+        row.update(achieved(flops, row["wall_s"], raw["peak_flops"]))
     ranks = []
     for r, b in enumerate(raw["ranks"]):
         ranks.append({"rank": r, "wall_s": b["wall_s"], "seconds": b["seconds"],

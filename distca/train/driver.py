@@ -10,7 +10,6 @@ group, starts a fresh one from the last complete checkpoint and goes on, at most
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,14 @@ from distca.train.checkpoint import begin_save, commit, latest_checkpoint, prune
 from distca.train.errors import TrainingStopped, WorkerDied
 from distca.train.metrics import MetricsLog
 from distca.train.run_dir import RunDir
+from distca.train.step_log import StepLog
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
     steps: int
+    resumed_at: int  # the step this invocation started from (0, or a resumed checkpoint's)
     restarts: int
     first_loss: float
     last_loss: float
@@ -38,10 +39,15 @@ class _RollBack(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset):
+    def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset,
+                 eval_data: Dataset | None = None):
         self.cfg = cfg
         self.run = run_dir
         self.data = data
+        self.eval_data = eval_data
+        self.resumed_at: int | None = None
+        self.peak_flops = math.nan
+        self.wandb = None  # the W&B sink with logging.wandb=true, open while running
         self.restarts = 0
         self.data_offset = 0  # batches skipped by rollbacks: step s reads position s + offset
         self.first_loss = math.nan
@@ -54,19 +60,26 @@ class Trainer:
         t = self.cfg.trainer
         group = WorkerGroup(self.cfg)
         try:
+            progress.stage(f"starting {group.world_size} ranks and building the model "
+                           f"({self.cfg.model.num_layers} layers, hidden "
+                           f"{self.cfg.model.hidden_size})")
             self.run.write_workers(group.start())
+            progress.stage("measuring each rank's matmul FLOP/s (the peak for MFU)")
+            self.peak_flops = sum(group.call("peak_flops"))
             start = 0
             found = latest_checkpoint(self.run.checkpoints) if resume else None
             if found is not None:
                 path, meta = found
+                progress.stage(f"loading checkpoint {path}")
                 group.call("load", str(path))
                 start = meta["step"]
                 self.restarts = max(self.restarts, meta.get("restarts", 0))
                 self.data_offset = meta.get("data_offset", 0)
-            metrics = MetricsLog(self.run.metrics, self.run.tensorboard, start)
+            metrics = MetricsLog(self.run.metrics, self.run.tensorboard, start, self.wandb)
             try:
-                progress.reset(total=t.steps)
-                progress.update(start)
+                if self.resumed_at is None:
+                    self.resumed_at = start
+                progress.at(start)
                 step = start
                 while step < t.steps:
                     step += 1
@@ -83,16 +96,26 @@ class Trainer:
     def _step(self, group, step: int, metrics: MetricsLog, progress) -> None:
         import ray
 
+        from distca.profile.flops import achieved, model_flops
+
         t = self.cfg.trainer
-        batches = ray.put(self.data.step_batches(step + self.data_offset))
+        step_batches = self.data.step_batches(step + self.data_offset)
+        batches = ray.put(step_batches)
         wall = time.perf_counter()
-        stats = group.call("train_step", batches)[0]
+        ranks = group.call("train_step", batches)
         wall = time.perf_counter() - wall
+        stats = {**ranks[0], "memory_mb": max(r["memory_mb"] for r in ranks)}
         loss = stats["loss"]
         finite = math.isfinite(loss)
-        row = {"step": step, **stats, "tokens_per_s": stats["tokens"] / max(wall, 1e-9),
+        row = {"step": step, **stats, "wall_s": wall,
+               "tokens_per_s": stats["tokens"] / max(wall, 1e-9),
+               **achieved(model_flops(self.cfg, step_batches), wall, self.peak_flops),
                "restarts": self.restarts, "skipped_rows": self.data.skipped_rows}
-        if step % t.log_interval == 0 or step == t.steps or not finite:
+        if self.eval_data is not None and (step % t.eval_interval == 0 or step == t.steps):
+            row["eval_loss"] = self._evaluate(group)
+        logged = step % t.log_interval == 0 or step == t.steps or not finite \
+            or "eval_loss" in row
+        if logged:
             metrics.log(row)
         if not finite or stats.get("skipped", 0.0):
             if t.on_nan is OnNan.stop:
@@ -102,16 +125,12 @@ class Trainer:
                                       f"trainer.on_nan=stop ({where})")
             if t.on_nan is OnNan.rollback:
                 raise _RollBack()
-            progress.write(f"step {step}: loss is {loss}; update skipped (trainer.on_nan=skip)",
-                           file=sys.stderr)
+            progress.warn(f"step {step}: loss is {loss}; update skipped (trainer.on_nan=skip)")
         else:
             if math.isnan(self.first_loss):
                 self.first_loss = loss
             self.last_loss = loss
-        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                             imb=f"{stats['imbalance_before']:.2f}->{stats['imbalance']:.2f}",
-                             refresh=False)
-        progress.update(1)
+        progress.step(row, logged)
         if step % t.checkpoint_interval == 0 or step == t.steps:
             self._save(group, step)
 
@@ -131,12 +150,19 @@ class Trainer:
         self.data_offset += bad_step - back
         self.restarts += 1
         metrics.rewind(back)
-        progress.write(f"step {bad_step}: loss is not finite; rolled back to {path.name} and "
-                       f"skipped {bad_step - back} batches (trainer.on_nan=rollback)",
-                       file=sys.stderr)
-        progress.reset(total=t.steps)
-        progress.update(back)
+        progress.warn(f"step {bad_step}: loss is not finite; rolled back to {path.name} and "
+                      f"skipped {bad_step - back} batches (trainer.on_nan=rollback)")
+        progress.at(back)
         return back
+
+    def _evaluate(self, group) -> float:
+        """Validation loss: the mean over the eval data's first ``trainer.eval_batches`` steps'
+        batches (the same batches every time, so evaluations compare), no update."""
+        import ray
+
+        losses = [group.call("eval_loss", ray.put(self.eval_data.step_batches(s)))[0]
+                  for s in range(1, self.cfg.trainer.eval_batches + 1)]
+        return sum(losses) / len(losses)
 
     def _save(self, group, step: int) -> None:
         tmp = begin_save(self.run.checkpoints, step)
@@ -148,12 +174,14 @@ class Trainer:
 
     # ---- the whole run ---------------------------------------------------------------------
     def run_to_end(self) -> TrainResult:
-        from tqdm import tqdm
-
         t = self.cfg.trainer
         resume = t.resume
-        with tqdm(total=t.steps, desc="train", unit="step", file=sys.stderr,
-                  dynamic_ncols=True, mininterval=1.0) as progress:
+        progress = StepLog(t.steps)
+        if self.cfg.logging.wandb:
+            from distca.train.wandb_sink import WandbSink
+
+            self.wandb = WandbSink(self.cfg, self.run.path)
+        try:
             while True:
                 try:
                     self._attempt(resume, progress)
@@ -164,8 +192,13 @@ class Trainer:
                                               f"(trainer.max_restarts={t.max_restarts})") from exc
                     self.restarts += 1
                     resume = True
-                    progress.write(f"{exc}; restart {self.restarts}/{t.max_restarts} "
-                                   f"from the last checkpoint", file=sys.stderr)
+                    progress.warn(f"{exc}; restart {self.restarts}/{t.max_restarts} "
+                                  f"from the last checkpoint")
+        finally:
+            progress.close()
+            if self.wandb is not None:
+                self.wandb.close()
         last = latest_checkpoint(self.run.checkpoints)
-        return TrainResult(self.run.path, t.steps, self.restarts, self.first_loss,
+        return TrainResult(self.run.path, t.steps, self.resumed_at or 0, self.restarts,
+                           self.first_loss,
                            self.last_loss, last[0] if last else None)

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars."""
+"""Per-step metrics: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars (and
+the optional W&B logger, :mod:`distca.train.wandb_sink`)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ class MetricsLog:
     """Appends rows; on (re)start from step ``start`` it drops rows past it, so a restarted run
     ends with exactly one row per step and the steps it repeated are the repeats' values."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path, start: int):
+    def __init__(self, path: Path, tensorboard_dir: Path, start: int, wandb=None):
         self.path = path
         self.tensorboard_dir = tensorboard_dir
+        self.wandb = wandb
         self._open(start)
 
     def _open(self, start: int) -> None:
@@ -48,6 +50,8 @@ class MetricsLog:
         for key, value in clean.items():
             if key != "step" and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(clean)
 
     def close(self) -> None:
         self._file.close()

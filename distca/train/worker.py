@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from pathlib import Path
 
 from distca.config import DistcaConfig
@@ -30,8 +29,6 @@ class RankWorker:
         self.world_size = world_size
         self.role = role
         self.step = None
-        # megatron-core announces its torch-native fallbacks once per process (design §8)
-        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     def info(self) -> dict:
         import ray
@@ -54,7 +51,25 @@ class RankWorker:
         self.step = make_rank(self.cfg)
 
     def train_step(self, batches: list) -> dict:
-        return self.step.train_step(batches)
+        stats = self.step.train_step(batches)
+        stats["memory_mb"] = self._peak_memory_mb()
+        return stats
+
+    def _peak_memory_mb(self) -> float:
+        """This rank's peak memory so far: CUDA allocations on a GPU, else the process's RSS."""
+        import torch
+
+        if self.step.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.step.device) / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def peak_flops(self) -> float:
+        """This rank's measured matmul FLOP/s: the denominator of the step log's MFU."""
+        from distca.profile.flops import measure_peak_flops
+
+        return measure_peak_flops(self.step.device)
 
     def eval_loss(self, batches: list) -> float:
         return self.step.eval_loss(batches)

@@ -19,7 +19,7 @@ from runtime_harness import ROOT, as_single_worker, free_port, multiturn_docs, r
 from distca.data.chat import pack_conversations
 
 T = 96  # tokens per worker; the 110-token conversation spans both
-OVERRIDES = ["trainer.seed=7", "data.paths=[unused.jsonl]", "cad.enabled=true",
+OVERRIDES = ["trainer.seed=7", "cad.enabled=true",
              "cad.tolerance=0.1", "cad.min_shard_tokens=4", "model.learnable_sinks=true"]
 
 

@@ -17,11 +17,14 @@ def test_parse_sizes():
         assert repr(bad.strip()) in str(info.value)  # the item as the user typed it
 
 
-def test_profile_comm_runs_and_parses():
+def test_profile_comm_runs_and_parses(tmp_path):
+    """--json prints the result and --out writes the same JSON, like profile attention/train."""
+    table = tmp_path / "sub" / "comm.json"
     out = subprocess.run([sys.executable, "-m", "distca.cli", "profile", "comm", "--world", "2",
-                          "--sizes", "8K,256K", "--iters", "2"],
+                          "--sizes", "8K,256K", "--iters", "2", "--json", "--out", str(table)],
                          capture_output=True, text=True, check=True, timeout=300).stdout
     result = json.loads(out)
+    assert json.loads(table.read_text()) == result
     assert result["backend"] == "gloo" and result["world"] == 2
     assert [r["bytes"] for r in result["rows"]] == [8192, 262144]
     assert all(r["seconds"] > 0 and r["bus_GBps"] > 0 for r in result["rows"])

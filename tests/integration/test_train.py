@@ -7,6 +7,7 @@ The run and restart tests start a local Ray cluster (marker ``ray``); the long o
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,7 +22,11 @@ from distca.train.checkpoint import begin_save, commit, read_shard, write_shard
 from distca.train.run_dir import RunDir, default_run_dir
 
 FIELDS = {"step", "loss", "tokens", "tokens_per_s", "step_time_s", "imbalance_before",
-          "imbalance", "restarts", "lr", "grad_norm", "skipped", "skipped_rows"}
+          "imbalance", "restarts", "lr", "grad_norm", "skipped", "skipped_rows", "mfu", "tflops",
+          "memory_mb", "wall_s"}
+# one plain line per step when stdout is a file (no tqdm bar, no carriage returns)
+STEP_LINE = re.compile(r"^\d\d:\d\d:\d\d step (\d+)/(\d+)  loss \d+\.\d{4}  lr \S+  tok/s \d+  "
+                       r"MFU \d+\.\d\d% \(\S+ TFLOP/s\)  step \d+\.\d\ds  mem \d+ MiB$")
 
 
 # ---- bad input: exit 2 before anything starts ---------------------------------------------
@@ -124,13 +129,16 @@ def test_unreachable_ray_address_is_one_clear_message(tmp_path):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    proc = subprocess.Popen(
-        distca_cmd("train", "recipes/tiny.yaml", "trainer.steps=4", "trainer.checkpoint_interval=2",
-                   "trainer.keep_checkpoints=1", "attention.telemetry_interval=0",
-                   f"trainer.run_dir={run_dir}"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watch = SocketWatch(proc.pid)
-    stdout, stderr = proc.communicate(timeout=600)
+    log = run_dir.with_name("stdout.log")
+    with log.open("w") as out:  # `distca train ... > stdout.log`
+        proc = subprocess.Popen(
+            distca_cmd("train", "recipes/tiny.yaml", "trainer.steps=4",
+                       "trainer.checkpoint_interval=2", "trainer.keep_checkpoints=1",
+                       "attention.telemetry_interval=0", f"trainer.run_dir={run_dir}"),
+            cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True)
+        watch = SocketWatch(proc.pid)
+        _, stderr = proc.communicate(timeout=600)
+    stdout = log.read_text()
     watch.stop()
     time.sleep(2)
     leftovers = {pid for pid in watch.pids if os.path.exists(f"/proc/{pid}")
@@ -154,6 +162,21 @@ def test_short_run_writes_the_run_directory(short_run):
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000004"]
     assert str(run_dir) in short_run["stdout"] and "trained 4 steps" in short_run["stdout"]
+
+
+@pytest.mark.ray
+def test_short_run_logs_one_line_per_step_to_a_file(short_run):
+    """Under `> log`, ray job submit or Slurm the tqdm bar was one line of 100 steps joined by
+    carriage returns; now each step is a line, and the slow stretches before step 1 say what
+    they are."""
+    out = short_run["stdout"]
+    assert "\r" not in out and "\r" not in short_run["stderr"]
+    steps = [STEP_LINE.match(line) for line in out.splitlines()]
+    assert [(m[1], m[2]) for m in steps if m] == [(str(s), "4") for s in range(1, 5)]
+    assert "starting a local Ray cluster" in out and "building the model" in out
+    assert "Apex" not in short_run["stderr"] and "Transformer Engine" not in short_run["stderr"]
+    rows = metrics(short_run["run_dir"])
+    assert all(0 < r["mfu"] < 1 and r["tflops"] > 0 and r["memory_mb"] > 0 for r in rows)
 
 
 @pytest.mark.ray
@@ -209,6 +232,8 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     subprocess.run(["rm", "-rf", str(run_dir / "checkpoints" / "step_00000006")], check=True)
     out = run_distca(*args, "trainer.resume=true")
     assert out.returncode == 0, out.stderr[-3000:]
+    # the steps this invocation trained, not the run's total
+    assert "trained 3 steps (steps 4-6, resumed at step 3)" in out.stdout
     resumed = metrics(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for r in resumed[3:]:

@@ -1,6 +1,7 @@
 """Backend choice, the cpp build cache, varlen packing, and the GPU backends (marked gpu)."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,10 +49,60 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     core._warn_cpp_fallback.cache_clear()
 
 
-def test_cpp_build_cache_is_keyed_by_sources():
-    path = cpp_backend.build_directory()
-    assert path.parent.parent.name == "build" and "site-packages" not in str(path)
-    assert path.name.startswith("distca_attention_cpu-")
+def test_cpp_kernel_is_the_extension_built_at_install(cpp_extension):
+    """The kernel is distca._C from the install (setup.py), not a JIT build under build/ that
+    a changed PATH or a copied working directory would redo."""
+    from distca.attention.kernel_source import sources_digest
+
+    module = cpp_backend._load()[0]
+    assert module.__name__ == "distca._C" and "build/extensions" not in module.__file__
+    assert module.SOURCES_DIGEST == sources_digest(cpp_backend._ROOT)
+
+
+def test_missing_kernel_names_the_missing_compiler_or_how_to_build(monkeypatch):
+    def not_built(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(cpp_backend.importlib, "import_module", not_built)
+    monkeypatch.setattr(cpp_backend, "_installed_kernel", lambda: None)
+    try:
+        for cxx, reason in (("/nonexistent/c++", "no C++ compiler found"),
+                            ("c++", "is not built")):
+            monkeypatch.setenv("CXX", cxx)
+            cpp_backend._load.cache_clear()
+            assert reason in cpp_backend.unavailable_reason()
+    finally:
+        cpp_backend._load.cache_clear()
+
+
+def test_a_copy_of_the_sources_without_the_kernel_uses_the_installed_one(tmp_path,
+                                                                        cpp_extension):
+    """`ray job submit --working-dir` uploads the checkout without git-ignored files (the
+    built kernel): the job's copy used to compile the kernel again."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = cpp_backend._ROOT
+    shutil.copytree(root / "distca", tmp_path / "distca", ignore=shutil.ignore_patterns("*.so"))
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    probe = ("from distca.attention import cpp_backend as c; import distca; "
+             "print(distca.__file__, c.is_available(), c._load()[0].__file__)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, timeout=300).stdout.split()
+    assert out[0] == str(tmp_path / "distca" / "__init__.py") and out[1] == "True"
+    assert out[2] == str(root / "distca" / Path(out[2]).name)
+
+
+def test_stale_cpp_kernel_is_refused_with_how_to_rebuild(monkeypatch, cpp_extension):
+    monkeypatch.setattr(cpp_backend, "_checkout_digest", lambda: "0" * 16)
+    cpp_backend._load.cache_clear()
+    try:
+        assert not cpp_backend.is_available()
+        assert "other csrc/ sources" in cpp_backend.unavailable_reason()
+        assert "make setup" in cpp_backend.unavailable_reason()
+    finally:
+        cpp_backend._load.cache_clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")

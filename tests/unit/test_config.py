@@ -123,3 +123,47 @@ def test_console_script_help_and_exit_code():
 def test_scheduler_layer_never_imports_torch():
     code = "import distca.scheduler, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.synth.task=nope"], "data.synth.task"),
+    (["data.synth.length=0"], "data.synth.length"),
+    (["data.paths=[chat.jsonl]"], "data.paths"),  # synth makes its data: a file is a mistake
+    (["trainer.eval_interval=5"], "trainer.eval_interval"),  # nothing to evaluate on
+    (["data.kind=chat", "data.paths=a.jsonl", "data.eval_paths=b.jsonl"], "data.eval_paths"),
+    (["logging.wandb_mode=cloud"], "logging.wandb_mode"),
+])
+def test_new_sections_name_the_bad_key(overrides, key):
+    message = _error(ROOT / "recipes/tiny-focusft.yaml", overrides)
+    assert f": {key}:" in message and "tiny-focusft.yaml" in message
+
+
+def test_tiny_focusft_runs_out_of_the_box_and_recipes_are_found_by_name(tmp_path, monkeypatch):
+    """The recipe used to point at data/tiny-focusft.jsonl, which a fresh clone lacks; an
+    installed distca finds its shipped recipes from any directory."""
+    from distca.data import make_dataset
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ and no data/ here
+    cfg = load_config("recipes/tiny-focusft.yaml", ["data.synth.count=4"])
+    assert cfg.data.kind.value == "synth" and cfg.data.paths == []
+    batch = make_dataset(cfg).step_batches(1)[0]
+    assert batch.turn_lengths is not None and (batch.labels != -100).any()
+    assert load_config("tiny.yaml").model.num_layers == 4
+    assert "shipped recipe" in _error("nope.yaml", [])
+
+
+def test_cli_usage_hints(capsys):
+    """`--trainer.steps=10` used to be argparse's bare 'unrecognized arguments'; train --help
+    now names the config sections and how to see every key; every eval flag explains itself."""
+    assert main(["train", "recipes/tiny.yaml", "--trainer.steps=10"]) == 2
+    assert "write trainer.steps=10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "distca config show RECIPE" in out
+    assert all(f"  {section} " in out for section in ("model", "data", "trainer", "logging"))
+    from distca.cli import build_parser
+
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for action in subcommands["eval"]._actions:
+        assert action.help, f"eval {action.dest} has no help"

@@ -195,3 +195,39 @@ def test_make_dataset_from_recipe(tmp_path):
                                             "model.vocab_size=100"])
     with pytest.raises(ValueError, match="model.vocab_size=100"):
         make_dataset(cfg)
+
+
+def test_text_documents_get_the_tokenizers_bos_and_eos(tmp_path):
+    """Pretraining text used to be concatenated with no document markers at all."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "cat": 3, "dog": 4, "sat": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "cat sat"}, {"text": "dog"}])
+    data = TextData([str(tmp_path / "d.jsonl")], HFTokenizer(tmp_path), max_length=64, seed=0)
+    assert data.doc_lengths.tolist() == [4, 3]
+    assert data.tokens.tolist() == [0, 3, 5, 1, 0, 4, 1]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    data = TextData([str(tmp_path / "d.jsonl")], HFTokenizer(tmp_path), max_length=64, seed=0)
+    assert data.tokens.tolist() == [3, 5, 1, 4, 1]  # no BOS in the tokenizer: EOS only
+
+
+def test_data_paths_take_a_file_a_directory_or_a_glob(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "notes.md"):
+        write_jsonl(tmp_path / name, [{"text": f"text of {name} " * 20}])
+
+    def files(paths):
+        cfg = load_config("recipes/tiny.yaml", ["data.kind=text", f"data.paths={paths}",
+                                                "data.tokens_per_rank=64"])
+        return sorted(make_dataset(cfg).source.doc_lengths.tolist()), cfg.data.paths
+
+    one = files(tmp_path / "a.jsonl")  # a single path is a list of one
+    assert one[1] == [str(tmp_path / "a.jsonl")]
+    both = files(tmp_path)  # a directory: its data files (not notes.md)
+    assert both[0] == files(tmp_path / "*.jsonl")[0] and len(both[0]) == 2
+    with pytest.raises(FileNotFoundError, match=r"data.paths: .*\*.parquet matches no file"):
+        files(tmp_path / "*.parquet")

@@ -184,10 +184,49 @@ def test_conversation_longer_than_a_micro_batch_fails_before_training(tmp_path, 
     path = tmp_path / "chat.jsonl"
     write_rows(path, [{"messages": CONVERSATION}])  # about 190 byte tokens
     recipe = Path(__file__).parents[2] / "recipes" / "tiny-focusft.yaml"
-    overrides = [f"data.paths=[{path}]", "data.tokens_per_rank=64",
+    overrides = ["data.kind=chat", f"data.paths=[{path}]", "data.tokens_per_rank=64",
                  f"trainer.run_dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError, match=r"conversation of \d+ tokens .* \(128 tokens"):
         make_dataset(load_config(recipe, overrides))
     assert main(["train", str(recipe), *overrides]) == 2
     assert "data.tokens_per_rank" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# a Qwen-like template: whitespace control, loop variables, tools, the special tokens
+QWEN_LIKE = (
+    "{{ bos_token }}{%- if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>"
+    "{%- endif %}\n{%- for m in messages %}\n    {%- if m.role == 'assistant' %}"
+    "<a>{{ m.content | trim }}{{ eos_token }}\n    {%- else %}<{{ m.role }}>{{ m.content }}"
+    "{% if loop.last %}!{% endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}<a>{% endif %}")
+
+
+def test_chat_template_jinja_renders_exactly_as_transformers(tmp_path, monkeypatch):
+    """A tokenizer saved by transformers keeps its template in chat_template.jinja; it used to
+    be ignored (the config's template, or ChatML). Rendering goes through transformers'
+    apply_chat_template when installed, and the jinja2 fallback renders the same text."""
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    directory = write_tokenizer_dir(tmp_path)
+    saved = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), bos_token="^", eos_token="$")
+    saved.chat_template = QWEN_LIKE
+    saved.save_pretrained(str(directory))
+    assert (directory / "chat_template.jinja").read_text() == QWEN_LIKE
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ 'an older template the .jinja file replaces' }}"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+    tools = [{"type": "function", "function": {"name": "count", "parameters": {"n": "<int>"}}}]
+    cases = [(CONVERSATION[:3], None, False), (CONVERSATION[:5], tools, True),
+             (CONVERSATION, None, False)]
+    expected = [hf.apply_chat_template(m, tools=t, tokenize=False, add_generation_prompt=g)
+                for m, t, g in cases]
+    assert expected[0].startswith("^<system>Be brief.<user>Hi<a>Hello!$")
+    ours = ChatTemplate(str(directory))
+    assert [ours.render(m, t, g) for m, t, g in cases] == expected
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: jinja2 renders
+    fallback = ChatTemplate(str(directory))
+    assert [fallback.render(m, t, g) for m, t, g in cases] == expected

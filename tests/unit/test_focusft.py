@@ -13,7 +13,7 @@ from runtime_harness import ROOT, free_port, multiturn_docs
 from distca.data.chat import pack_conversations
 
 RECIPE = ROOT / "recipes" / "tiny-focusft.yaml"
-BASE = ["parallel.dp=1", "data.paths=[unused.jsonl]", "trainer.seed=3", "cad.min_shard_tokens=4"]
+BASE = ["parallel.dp=1", "trainer.seed=3", "cad.min_shard_tokens=4"]
 
 
 def chat_batch(seed: int, num_ranks: int = 1, tokens_per_rank: int = 192):
@@ -178,7 +178,8 @@ def test_chat_data_feeds_the_engine(tmp_path):
     path = tmp_path / "niah.jsonl"
     examples = generate("niah", 300, 4, 0, lambda text: len(tok.encode(text)))
     path.write_text("".join(json.dumps(e.to_chat()) + "\n" for e in examples))
-    cfg = load_config(RECIPE, [f"data.paths=[{path}]", "data.tokens_per_rank=512"])
+    cfg = load_config(RECIPE, ["data.kind=chat", f"data.paths=[{path}]",
+                               "data.tokens_per_rank=512"])
     batches = make_dataset(cfg).step_batches(1)
     assert len(batches) == 1 and batches[0].num_ranks == 2
     b = batches[0]

@@ -237,3 +237,17 @@ def test_llama_with_attention_bias_is_refused(tmp_path, capsys):
     transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path / "hf")
     _expect_usage_error(capsys, ["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")],
                         "o_proj.bias", "unexpected")
+
+
+def test_import_and_export_carry_the_chat_template_file(tmp_path):
+    """transformers saves the chat template as chat_template.jinja; import-hf/export-hf used
+    to drop it, and training silently fell back to ChatML."""
+    hf_dir = tmp_path / "hf"
+    _save_random_hf(hf_dir, LLAMA)
+    (hf_dir / "tokenizer.json").write_text("{}")
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    (hf_dir / "chat_template.jinja").write_text(template)
+    assert main(["import-hf", str(hf_dir), str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "tokenizer" / "chat_template.jinja").read_text() == template
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == template
