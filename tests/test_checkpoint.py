@@ -11,7 +11,6 @@ from distca.train.checkpoint import (
     begin_save,
     commit,
     complete_checkpoints,
-    damaged_checkpoints,
     latest_checkpoint,
     prune,
     read_shard,
@@ -62,8 +61,9 @@ def test_interrupted_saves_never_load_as_valid(tmp_path):
     (gone / shard_name(0)).unlink()
     no_meta = save(tmp_path, 10)
     (no_meta / "meta.json").unlink()
-    assert latest_checkpoint(tmp_path)[0].name == "step_00000002"
-    assert [s for s, _ in damaged_checkpoints(tmp_path)] == [6, 8, 10]
+    warnings = []
+    assert latest_checkpoint(tmp_path, warnings.append)[0].name == "step_00000002"
+    assert [w.split(":")[0] for w in warnings] == [f"skipping {p}" for p in (no_meta, gone, bad)]
     # a re-save of a step after a restart replaces the old directory
     save(tmp_path, 2)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
@@ -75,6 +75,46 @@ def test_unreadable_shard_names_its_file(tmp_path):
         f.write(b"\xff" * 8)  # same size, so read_meta passes; the header is garbage
     with pytest.raises(ValueError, match=f"{path / shard_name(0)}.*aside"):
         read_shard(path, 0)
+
+
+def flip_exponent_bit(step_dir, rank=0):
+    """Flip the top exponent bit of the shard's first float32 (same size: sizes cannot tell)."""
+    from safetensors import safe_open
+
+    path = step_dir / shard_name(rank)
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor("model.w").dtype == torch.float32
+    offset = header + json.loads(raw[8:header])["model.w"]["data_offsets"][0]
+    raw[offset + 3] ^= 0x40  # little-endian float32: byte 3 holds the sign and 7 exponent bits
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_flipped_exponent_bit_is_detected_and_the_previous_checkpoint_used(tmp_path):
+    save(tmp_path, 2)
+    newest = save(tmp_path, 4)
+    shard = flip_exponent_bit(newest)
+    warnings = []
+    found, meta = latest_checkpoint(tmp_path, warnings.append)
+    assert found.name == "step_00000002" and meta["step"] == 2
+    assert len(warnings) == 1 and str(shard) in warnings[0] and "sha256" in warnings[0]
+    prune(tmp_path, keep=1)  # the damaged newer one must not push the good one out
+    assert found.exists()
+
+
+def test_manifest_covers_every_file_and_catches_a_damaged_meta(tmp_path):
+    path = save(tmp_path, 3)
+    manifest = json.loads((path / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == ["meta.json", shard_name(0), shard_name(1)]
+    meta = path / "meta.json"
+    meta.write_text(meta.read_text().replace('"step": 3', '"step": 9'))  # same length
+    assert latest_checkpoint(tmp_path, lambda m: None) is None
+    tmp = begin_save(tmp_path, 5)
+    write_shard(tmp, 0, state(1))  # a file no rank reported
+    with pytest.raises(ValueError, match="not in the manifest"):
+        commit(tmp, 5, {}, [])
 
 
 def test_prune_keeps_newest_and_removes_abandoned(tmp_path):

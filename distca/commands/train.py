@@ -48,7 +48,7 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
 
 def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
     """The run directory given by ``trainer.run_dir``, checked; None for a new default one."""
-    from distca.train.checkpoint import damaged_checkpoints, latest_checkpoint
+    from distca.train.checkpoint import latest_checkpoint
 
     t = cfg.trainer
     if t.run_dir is None:
@@ -63,12 +63,7 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
         raise UsageError(f"{recipe}: trainer.run_dir: {path} already holds checkpoints; "
                          f"pass trainer.resume=true to continue it or choose a new run_dir")
     if t.resume:
-        step = found[1]["step"]
-        for later, damaged in damaged_checkpoints(path / "checkpoints"):
-            if later > step:
-                print(f"distca: warning: skipping {damaged}: its shards do not match its "
-                      f"meta.json; resuming from step {step}", file=sys.stderr)
-        _check_resumable(cfg, recipe, path, step)
+        _check_resumable(cfg, recipe, path, found[1]["step"])
     return path
 
 

@@ -1,24 +1,32 @@
-"""Atomic, sharded checkpoints: one safetensors file per rank in a step directory that only
-becomes visible when complete.
+"""Atomic, sharded, checksummed checkpoints: one safetensors file per rank in a step directory
+that only becomes visible when complete.
 
 Layout under ``RUN/checkpoints/``::
 
     step_00000050/rank_00000.safetensors   # that rank's model + optimizer shard and torch RNG
     step_00000050/rank_00001.safetensors
-    step_00000050/meta.json                # step, data position, shard sizes; written last
+    step_00000050/meta.json                # step, data position, world size
+    step_00000050/manifest.json            # size and sha256 of every other file; written last
 
 A save goes to a hidden ``.tmp-…`` directory: every shard is written to a temporary name,
-fsynced and renamed, then ``meta.json`` likewise, then the directory is renamed to its final
-name and the parent fsynced. A crash at any point leaves either the previous checkpoints only,
-or a hidden directory that :func:`latest_checkpoint` ignores and :func:`prune` removes.
-Nothing is unpickled on load: shards are safetensors, metadata is JSON.
+fsynced and renamed, then ``meta.json``, then ``manifest.json`` likewise, then the directory is
+renamed to its final name and the parent fsynced. A crash at any point leaves either the
+previous checkpoints only, or a hidden directory that :func:`latest_checkpoint` ignores and
+:func:`prune` removes. Nothing is unpickled on load: shards are safetensors, metadata is JSON.
+
+The manifest knows nothing of the shard format (it lists files by relative path), so a later
+format keeps the same integrity check: sizes are compared whenever checkpoints are listed,
+sha256 digests (:func:`verify`) before any checkpoint is loaded, exported or kept as the last
+good one by :func:`prune`. A flipped bit in a same-size file is caught by the digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
+MANIFEST = "manifest.json"
 RNG_KEY = "distca.rng.torch_cpu"  # reserved key in every shard: the rank's CPU RNG state
 
 
@@ -59,8 +68,27 @@ def begin_save(checkpoints: Path, step: int) -> Path:
     return tmp
 
 
-def write_shard(directory: Path, rank: int, state: dict[str, torch.Tensor]) -> int:
-    """Write ``state`` (flat name -> tensor) plus this process's RNG state; returns its size."""
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file is missing, cut short or does not match its sha256; names the file."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    """``{"file", "size", "sha256"}`` of one file a rank wrote (hashed where it was written,
+    on that rank, so the driver never reads every shard back)."""
+    return {"file": path.name, "size": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def write_shard(directory: Path, rank: int, state: dict[str, torch.Tensor]) -> dict:
+    """Write ``state`` (flat name -> tensor) plus this process's RNG state; returns its
+    :func:`file_entry` for the manifest."""
     import torch
     from safetensors.torch import save_file
 
@@ -72,15 +100,26 @@ def write_shard(directory: Path, rank: int, state: dict[str, torch.Tensor]) -> i
     tmp = final.with_suffix(".partial")
     save_file(tensors, str(tmp))
     _replace_durably(tmp, final)
-    return final.stat().st_size
+    return file_entry(final)
 
 
-def commit(tmp_dir: Path, step: int, meta: dict, shard_sizes: list[int]) -> Path:
-    """Make the checkpoint in ``tmp_dir`` visible as ``step_<step>``; returns its path."""
-    meta = dict(meta, step=step, world_size=len(shard_sizes), shard_sizes=shard_sizes)
-    tmp_meta = tmp_dir / (META + ".partial")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    _replace_durably(tmp_meta, tmp_dir / META)
+def _write_json(directory: Path, name: str, value: dict) -> None:
+    tmp = directory / (name + ".partial")
+    tmp.write_text(json.dumps(value, indent=1))
+    _replace_durably(tmp, directory / name)
+
+
+def commit(tmp_dir: Path, step: int, meta: dict, shards: list[dict]) -> Path:
+    """Make the checkpoint in ``tmp_dir`` visible as ``step_<step>``; returns its path.
+    ``shards``: the :func:`file_entry` of every file the ranks wrote."""
+    _write_json(tmp_dir, META, dict(meta, step=step, world_size=len(shards)))
+    entries = [*shards, file_entry(tmp_dir / META)]
+    written = {p.name for p in tmp_dir.iterdir()}
+    listed = {e["file"] for e in entries}
+    if written != listed:  # a rank wrote a file it did not report, or reported a missing one
+        raise DamagedCheckpoint(f"{tmp_dir}: files {sorted(written ^ listed)} are not in "
+                                f"the manifest")
+    _write_json(tmp_dir, MANIFEST, {"files": {e.pop("file"): e for e in entries}})
     final = tmp_dir.parent / f"{STEP_PREFIX}{step:08d}"
     if final.exists():  # a run restarted before this step re-saves it
         shutil.rmtree(final)
@@ -89,45 +128,80 @@ def commit(tmp_dir: Path, step: int, meta: dict, shard_sizes: list[int]) -> Path
     return final
 
 
-def read_meta(step_dir: Path) -> dict | None:
-    """The checkpoint's metadata, or None unless every shard it lists is present and whole."""
+def _manifest(step_dir: Path) -> dict[str, dict]:
+    """``file -> {size, sha256}``, checked for sizes; raises :class:`DamagedCheckpoint`."""
     try:
-        meta = json.loads((step_dir / META).read_text())
-        sizes = meta["shard_sizes"]
-        for rank, size in enumerate(sizes):
-            if (step_dir / shard_name(rank)).stat().st_size != size:
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+        for name, entry in files.items():
+            path = step_dir / name
+            if not path.is_file():
+                raise DamagedCheckpoint(f"{path} is missing")
+            if path.stat().st_size != entry["size"]:
+                raise DamagedCheckpoint(f"{path} has {path.stat().st_size} bytes, the manifest "
+                                        f"says {entry['size']}")
+    except DamagedCheckpoint:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedCheckpoint(f"{step_dir / MANIFEST} is missing or unreadable ({exc})") from None
+    return files
+
+
+def read_meta(step_dir: Path) -> dict | None:
+    """The checkpoint's metadata, or None unless every file of its manifest is present with
+    its size (cheap: no digests; :func:`verify` checks those)."""
+    try:
+        _manifest(step_dir)
+        return json.loads((step_dir / META).read_text())
+    except (DamagedCheckpoint, OSError, ValueError):
         return None
-    return meta
 
 
-def _step_dirs(checkpoints: Path, complete: bool) -> list[tuple[int, Path]]:
+def verify(step_dir: Path) -> dict:
+    """The checkpoint's metadata once every file matches its manifest's size and sha256;
+    raises :class:`DamagedCheckpoint` naming the first file that does not."""
+    for name, entry in _manifest(step_dir).items():
+        if sha256_of(step_dir / name) != entry["sha256"]:
+            raise DamagedCheckpoint(f"{step_dir / name} does not match its sha256 in "
+                                    f"{step_dir / MANIFEST} (the file changed after it was saved)")
+    return json.loads((step_dir / META).read_text())
+
+
+def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every visible step directory, oldest first."""
     found = []
     if checkpoints.is_dir():
         for path in checkpoints.iterdir():
-            if path.name.startswith(STEP_PREFIX) and (read_meta(path) is not None) == complete:
+            if path.name.startswith(STEP_PREFIX):
                 found.append((int(path.name[len(STEP_PREFIX):]), path))
     return sorted(found)
 
 
 def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every complete checkpoint, oldest first."""
-    return _step_dirs(checkpoints, complete=True)
+    """``(step, path)`` of every checkpoint whose files have their manifest's sizes, oldest
+    first (a commit never leaves another kind: a disk fault or a cut-short copy did)."""
+    return [(step, path) for step, path in _step_dirs(checkpoints)
+            if read_meta(path) is not None]
 
 
-def damaged_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of visible step directories whose shards do not match their
-    ``meta.json`` (a commit never leaves one: a disk fault or a cut-short copy did)."""
-    return _step_dirs(checkpoints, complete=False)
+_warned: set[str] = set()
 
 
-def latest_checkpoint(checkpoints: Path) -> tuple[Path, dict] | None:
-    found = complete_checkpoints(checkpoints)
-    if not found:
-        return None
-    path = found[-1][1]
-    return path, read_meta(path)
+def _warn_once(message: str) -> None:
+    """One warning per damaged checkpoint per process (resume checks, then loads)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"distca: warning: {message}", file=sys.stderr)
+
+
+def latest_checkpoint(checkpoints: Path, warn=_warn_once) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose every file matches its manifest (sha256 included), and its
+    metadata; every newer damaged one is named through ``warn`` and skipped."""
+    for _, path in reversed(_step_dirs(checkpoints)):
+        try:
+            return path, verify(path)
+        except DamagedCheckpoint as exc:
+            warn(f"skipping {path}: {exc}; using the newest checkpoint before it")
+    return None
 
 
 def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -147,11 +221,16 @@ def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
 
 
 def prune(checkpoints: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; remove older ones and abandoned saves."""
+    """Keep the newest ``keep`` complete checkpoints, and always the newest one that verifies
+    (a damaged newer one must not push the last good one out); remove older ones and
+    abandoned saves. Damaged checkpoints are left for inspection."""
     if not checkpoints.is_dir():
         return
     for path in checkpoints.iterdir():
         if path.name.startswith(TMP_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
-    for _, path in complete_checkpoints(checkpoints)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    complete = complete_checkpoints(checkpoints)
+    good = latest_checkpoint(checkpoints, warn=lambda message: None)
+    for _, path in complete[:-keep]:
+        if good is None or path != good[0]:
+            shutil.rmtree(path, ignore_errors=True)

@@ -140,10 +140,10 @@ class Trainer:
 
     def _save(self, group, step: int) -> None:
         tmp = begin_save(self.run.checkpoints, step)
-        sizes = group.call("save", str(tmp))
+        shards = group.call("save", str(tmp))
         meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
                 "data_position": step + self.data_offset, "data_offset": self.data_offset}
-        commit(tmp, step, meta, sizes)
+        commit(tmp, step, meta, shards)
         prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
 
     # ---- the whole run ---------------------------------------------------------------------

@@ -70,7 +70,7 @@ class RankWorker:
     def eval_loss(self, batches: list) -> float:
         return self.engine.eval_loss(batches)
 
-    def save(self, directory: str) -> int:
+    def save(self, directory: str) -> dict:
         from distca.train.checkpoint import write_shard
 
         return write_shard(Path(directory), self.rank, self.engine.state_dict())
