@@ -157,7 +157,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     run_dir: str | None = None  # default: runs/<recipe>-<timestamp>/
     checkpoint_interval: int = 50
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # a save needs room for one more: the oldest goes after it
     resume: bool = False
     max_restarts: int = 2
     on_nan: OnNan = OnNan.stop

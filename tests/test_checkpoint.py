@@ -17,6 +17,7 @@ from distca.train.checkpoint import (
     shard_name,
     write_shard,
 )
+from distca.train.errors import TrainingStopped
 from distca.train.metrics import MetricsLog, read_metrics
 from distca.train.run_dir import RunDir
 
@@ -142,9 +143,51 @@ def test_metrics_log_drops_repeated_steps_on_restart(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in run.tensorboard.iterdir())
 
 
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+    run.metrics.write_text(rows + '{"step": 4, "lo')  # a write cut short by a full disk
+    log = MetricsLog(run.metrics, run.tensorboard, start=3)
+    log.log({"step": 4, "loss": 0.5})
+    log.close()
+    assert [r["step"] for r in read_metrics(run.metrics)] == [1, 2, 3, 4]
+    assert f"{run.metrics}:4: dropping a torn last line" in capsys.readouterr().err
+    run.metrics.write_text(rows.replace('"step": 2', '"step": 2,,') + rows)
+    with pytest.raises(ValueError, match=f"{run.metrics}:2: not a JSON metrics row"):
+        read_metrics(run.metrics)
+
+
+def test_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    log = MetricsLog(run.metrics, run.tensorboard, start=0)
+    log._file.close()
+    monkeypatch.setattr(log, "_file", open("/dev/full", "a"))  # every write: ENOSPC
+    with pytest.raises(TrainingStopped) as caught:
+        log.log({"step": 1, "loss": 1.0})
+    message = str(caught.value)
+    assert f"cannot write {run.metrics}: No space left on device" in message
+    assert "MiB free" in message and "\n" not in message
+    with pytest.raises(TrainingStopped, match="No space left"):
+        log.close()  # the buffered row fails again; the files are closed all the same
+
+
 def test_run_dir_files(tmp_path):
     run = RunDir(tmp_path / "r")
     run.write_config(load_config("recipes/tiny.yaml", ["trainer.steps=7"]))
     assert load_config(run.path / "config.yaml").trainer.steps == 7
     run.write_workers([{"rank": 0, "role": "worker", "node": "127.0.0.1", "pid": 1}])
     assert json.loads(run.workers.read_text())[0]["role"] == "worker"
+
+
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from distca.train.checkpoint import check_room
+
+    check_room(tmp_path, keep=2)  # nothing saved yet: no estimate, no refusal
+    save(tmp_path, 1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 10, 10))
+    with pytest.raises(OSError, match="keep_checkpoints=2 \\+ 1 checkpoints"):
+        check_room(tmp_path, keep=2)

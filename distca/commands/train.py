@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_dir = RunDir(path or default_run_dir(args.recipe))
         run_dir.write_config(cfg)
-    except OSError as exc:
+    except (OSError, TrainingStopped) as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
     world = len(world_layout(cfg))
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down

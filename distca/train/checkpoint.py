@@ -22,6 +22,7 @@ good one by :func:`prune`. A flipped bit in a same-size file is caught by the di
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -218,6 +219,22 @@ def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
                          f"{path.parent} aside to resume from the checkpoint before it") from None
     torch.set_rng_state(state.pop(RNG_KEY))
     return state
+
+
+def check_room(checkpoints: Path, keep: int) -> None:
+    """Before a save: refuse (ENOSPC, naming the sizes) when the newest checkpoint's size is
+    not free, rather than fail halfway. A save needs room for one checkpoint more than
+    ``trainer.keep_checkpoints``: the oldest is pruned only after the new one commits."""
+    newest = complete_checkpoints(checkpoints)
+    if not newest:
+        return
+    need = sum(e["size"] for e in _manifest(newest[-1][1]).values())
+    free = shutil.disk_usage(checkpoints).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left for the next checkpoint: it needs about "
+                      f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free (a save needs "
+                      f"room for trainer.keep_checkpoints={keep} + 1 checkpoints)",
+                      str(checkpoints))
 
 
 def prune(checkpoints: Path, keep: int) -> None:

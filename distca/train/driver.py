@@ -17,8 +17,8 @@ from pathlib import Path
 
 from distca.config import DistcaConfig, OnNan
 from distca.data import Dataset
-from distca.train.checkpoint import begin_save, commit, latest_checkpoint, prune
-from distca.train.errors import TrainingStopped, WorkerDied
+from distca.train.checkpoint import begin_save, check_room, commit, latest_checkpoint, prune
+from distca.train.errors import RunFileError, TrainingStopped, WorkerDied
 from distca.train.metrics import MetricsLog
 from distca.train.run_dir import RunDir
 
@@ -139,6 +139,10 @@ class Trainer:
         return back
 
     def _save(self, group, step: int) -> None:
+        try:
+            check_room(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
+        except OSError as exc:
+            raise RunFileError(self.run.checkpoints / f"step {step}", exc) from None
         tmp = begin_save(self.run.checkpoints, step)
         shards = group.call("save", str(tmp))
         meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
