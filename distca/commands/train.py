@@ -74,11 +74,16 @@ def _interrupt(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     path = _run_dir(cfg, args.recipe)
-    from distca.data import make_dataset
+    from distca.train import preflight
     from distca.train.errors import ClusterError, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address
     from distca.train.run_dir import RunDir, default_run_dir
     from distca.train.worker import world_layout
+
+    address = resolve_address(cfg.ray.address)
+    if address is None:  # a joined cluster is checked once connected
+        preflight.check_local(cfg, args.recipe)
+    from distca.data import make_dataset
 
     try:
         data = make_dataset(cfg)  # a missing data file or tokenizer fails before Ray starts
@@ -92,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
     world = len(world_layout(cfg))
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
     try:
-        connect(resolve_address(cfg.ray.address), world * cfg.ray.num_cpus_per_worker,
-                world * cfg.ray.num_gpus_per_worker)
+        if not connect(address, world * cfg.ray.num_cpus_per_worker):
+            import ray
+
+            preflight.check_cluster(cfg, args.recipe, ray.cluster_resources())
         from distca.train.driver import Trainer
 
         result = Trainer(cfg, run_dir, data).run_to_end()

@@ -108,8 +108,9 @@ def _check_answers(address: str, source: str = "ray.address", timeout_s: float =
     return machine is None or is_loopback(machine) or not _answers(machine, port, timeout_s)
 
 
-def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool:
-    """Join ``address`` or start a private local cluster; returns True when started here."""
+def connect(address: str | None, num_cpus: float) -> bool:
+    """Join ``address`` or start a private local cluster; returns True when started here.
+    A local cluster gets ``num_cpus`` logical CPUs and the GPUs Ray detects, never more."""
     if address is None:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
@@ -119,7 +120,7 @@ def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool
         for attempt in range(2):
             try:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                         num_cpus=max(1, int(num_cpus + 0.999)), num_gpus=int(num_gpus),
+                         num_cpus=max(1, int(num_cpus + 0.999)),
                          logging_level="WARNING", log_to_driver=True)
                 return True
             except Exception as exc:
