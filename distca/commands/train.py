@@ -67,15 +67,11 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
     return path
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     path = _run_dir(cfg, args.recipe)
     from distca.train import preflight
-    from distca.train.errors import ClusterError, TrainingStopped, WorkerDied, WorkerError
+    from distca.train.errors import ClusterError, Stopped, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address
     from distca.train.run_dir import RunDir, default_run_dir
     from distca.train.worker import world_layout
@@ -95,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, TrainingStopped) as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
     world = len(world_layout(cfg))
-    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
+    from distca.train.stop import StopSignals
+
+    # until the run starts, SIGTERM stops like Ctrl-C: whatever of Ray started is shut down
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if not connect(address, world * cfg.ray.num_cpus_per_worker):
             import ray
@@ -103,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
             preflight.check_cluster(cfg, args.recipe, ray.cluster_resources())
         from distca.train.driver import Trainer
 
-        result = Trainer(cfg, run_dir, data).run_to_end()
+        with StopSignals() as stop:  # after connect: replaces Ray's crash-trace handler
+            result = Trainer(cfg, run_dir, data, stop).run_to_end()
+    except Stopped as exc:
+        print(f"distca: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except (TrainingStopped, WorkerError, WorkerDied, ClusterError) as exc:
         print(f"distca: error: {exc}", file=sys.stderr)
         return 1

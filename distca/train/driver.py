@@ -18,7 +18,7 @@ from pathlib import Path
 from distca.config import DistcaConfig, OnNan
 from distca.data import Dataset
 from distca.train.checkpoint import begin_save, check_room, commit, latest_checkpoint, prune
-from distca.train.errors import RunFileError, TrainingStopped, WorkerDied
+from distca.train.errors import RunFileError, Stopped, TrainingStopped, WorkerDied
 from distca.train.metrics import MetricsLog
 from distca.train.run_dir import RunDir
 
@@ -38,10 +38,12 @@ class _RollBack(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset):
+    def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset, stop=None):
         self.cfg = cfg
         self.run = run_dir
         self.data = data
+        self.stop = stop  # a StopSignals: SIGTERM/SIGINT stop after the step, checkpointed
+        self.saved: tuple[int, Path] | None = None  # (step, path) of this process's last save
         self.restarts = 0
         self.data_offset = 0  # batches skipped by rollbacks: step s reads position s + offset
         self.first_loss = math.nan
@@ -74,6 +76,7 @@ class Trainer:
                         self._step(group, step, metrics, progress)
                     except _RollBack:
                         step = self._roll_back(group, step, metrics, progress)
+                    self._stop_if_asked(group, step)
             finally:
                 metrics.close()
             return t.steps
@@ -138,6 +141,14 @@ class Trainer:
         progress.update(back)
         return back
 
+    def _stop_if_asked(self, group, step: int) -> None:
+        """After a step: on SIGTERM/SIGINT save it (unless just saved) and stop."""
+        if self.stop is None or self.stop.signum is None:
+            return
+        if self.saved is None or self.saved[0] != step:
+            self._save(group, step)
+        raise Stopped(self.stop.name, self.stop.signum, step, self.saved[1])
+
     def _save(self, group, step: int) -> None:
         try:
             check_room(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
@@ -147,7 +158,7 @@ class Trainer:
         shards = group.call("save", str(tmp))
         meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
                 "data_position": step + self.data_offset, "data_offset": self.data_offset}
-        commit(tmp, step, meta, shards)
+        self.saved = (step, commit(tmp, step, meta, shards))
         prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
 
     # ---- the whole run ---------------------------------------------------------------------
@@ -163,6 +174,10 @@ class Trainer:
                     self._attempt(resume, progress)
                     break
                 except WorkerDied as exc:
+                    if self.stop is not None and self.stop.signum is not None:
+                        raise TrainingStopped(f"{exc} while stopping on {self.stop.name}; the "
+                                              f"checkpoints so far are in "
+                                              f"{self.run.checkpoints}") from exc
                     if self.restarts >= t.max_restarts:
                         raise TrainingStopped(f"{exc}; giving up after {self.restarts} restarts "
                                               f"(trainer.max_restarts={t.max_restarts})") from exc

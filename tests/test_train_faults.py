@@ -1,0 +1,51 @@
+"""Faults a run must survive or report cleanly: SIGTERM mid-run, a stopped (SIGSTOP) rank.
+
+Both start a local Ray cluster and train for a while (markers ``ray`` and ``slow``).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from train_helpers import REPO, descendants, distca_cmd, metrics
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def start(run_dir, *overrides):
+    return subprocess.Popen(
+        distca_cmd("train", "recipes/tiny.yaml", "attention.telemetry_interval=0",
+                   f"trainer.run_dir={run_dir}", *overrides),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc, run_dir, steps, timeout=400):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= steps:
+            return len(metrics(run_dir))
+        time.sleep(0.1)
+    pytest.fail(f"no {steps} steps in time: {proc.communicate(timeout=60)[1][-3000:]}")
+
+
+def test_sigterm_saves_the_current_step_and_leaves_no_process(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "trainer.steps=60", "trainer.checkpoint_interval=1000")
+    seen = wait_for_steps(proc, run_dir, 3)
+    tree = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr
+    saved = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert len(saved) == 1, saved
+    step = int(saved[0].split("_")[1])
+    assert seen <= step <= seen + 1  # the step in progress when the signal came, or the last
+    assert f"stopped by SIGTERM after step {step}; checkpoint: {run_dir / 'checkpoints'}" in stderr
+    time.sleep(2)
+    left = {pid for pid in tree if os.path.exists(f"/proc/{pid}")
+            and "zombie" not in open(f"/proc/{pid}/status").read()}
+    assert left == set()
