@@ -3,7 +3,6 @@
 Both start a local Ray cluster and train for a while (markers ``ray`` and ``slow``).
 """
 
-import json
 import os
 import signal
 import subprocess
