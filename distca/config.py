@@ -160,6 +160,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # a save needs room for one more: the oldest goes after it
     resume: bool = False
     max_restarts: int = 2
+    step_timeout_s: float = 0.0  # a rank silent this long is restarted; 0: 10x slowest step
     on_nan: OnNan = OnNan.stop
     log_interval: int = 1
 

@@ -52,3 +52,14 @@ def test_dp_1000_exits_2_within_seconds_without_starting_ray(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
     assert time.monotonic() - start < 30  # under load; alone it takes well under 2 s
     assert not (tmp_path / "r").exists()  # stopped before the run directory, made before Ray
+
+
+def test_step_timeout_is_sized_from_the_slowest_step():
+    from distca.train.watchdog import step_timeout
+
+    assert step_timeout(0.0, None) == 600.0  # a group's first step warms up
+    assert step_timeout(20.0, None) == 600.0
+    assert step_timeout(0.0, 2.0) == 60.0 and step_timeout(0.0, 30.0) == 300.0
+    assert step_timeout(20.0, 30.0) == 20.0
+    with pytest.raises(ConfigError, match="trainer.step_timeout_s: must be >= 0"):
+        preflight.check_local(load_config("recipes/tiny.yaml", ["trainer.step_timeout_s=-1"]), "r")

@@ -3,6 +3,7 @@
 Both start a local Ray cluster and train for a while (markers ``ray`` and ``slow``).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -48,3 +49,28 @@ def test_sigterm_saves_the_current_step_and_leaves_no_process(tmp_path):
     left = {pid for pid in tree if os.path.exists(f"/proc/{pid}")
             and "zombie" not in open(f"/proc/{pid}/status").read()}
     assert left == set()
+
+
+def test_stopped_rank_is_named_and_restarted_within_the_step_timeout(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "trainer.steps=12", "trainer.checkpoint_interval=3",
+                 "trainer.max_restarts=1", "trainer.step_timeout_s=20")
+    wait_for_steps(proc, run_dir, 5)
+    workers = json.loads((run_dir / "workers.json").read_text())
+    victim = workers[1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    while time.monotonic() - stopped_at < 300 and proc.poll() is None:
+        now = {w["pid"] for w in json.loads((run_dir / "workers.json").read_text())}
+        if victim not in now:
+            break
+        time.sleep(0.2)
+    restarted_after = time.monotonic() - stopped_at
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"rank 1 (pid {victim} on 127.0.0.1, stopped) made no progress in train_step for " \
+           f"20 s (trainer.step_timeout_s=20)" in stderr
+    assert "restart 1/1" in stderr and "restarts 1" in stdout
+    assert 20 <= restarted_after < 20 + 90  # detected at the timeout; a new group starts
+    assert not os.path.exists(f"/proc/{victim}")  # killed, not left stopped
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 13))

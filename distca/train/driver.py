@@ -21,6 +21,7 @@ from distca.train.checkpoint import begin_save, check_room, commit, latest_check
 from distca.train.errors import RunFileError, Stopped, TrainingStopped, WorkerDied
 from distca.train.metrics import MetricsLog
 from distca.train.run_dir import RunDir
+from distca.train.watchdog import step_timeout
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Trainer:
         self.stop = stop  # a StopSignals: SIGTERM/SIGINT stop after the step, checkpointed
         self.saved: tuple[int, Path] | None = None  # (step, path) of this process's last save
         self.restarts = 0
+        self.slowest_step: float | None = None  # seconds, for the watchdog's default timeout
+        self.warm = False  # has the current group finished a step (warmed up)?
         self.data_offset = 0  # batches skipped by rollbacks: step s reads position s + offset
         self.first_loss = math.nan
         self.last_loss = math.nan
@@ -55,6 +58,7 @@ class Trainer:
 
         t = self.cfg.trainer
         group = WorkerGroup(self.cfg)
+        self.warm = False
         try:
             self.run.write_workers(group.start())
             start = 0
@@ -89,8 +93,13 @@ class Trainer:
         t = self.cfg.trainer
         batches = ray.put(self.data.step_batches(step + self.data_offset))
         wall = time.perf_counter()
-        stats = group.call("train_step", batches)[0]
+        timeout = step_timeout(t.step_timeout_s, self.slowest_step if self.warm else None)
+        stats = group.call("train_step", batches, timeout=timeout,
+                           configured=t.step_timeout_s)[0]
         wall = time.perf_counter() - wall
+        if self.warm:  # a warm-up step would inflate the default timeout tenfold
+            self.slowest_step = max(self.slowest_step or 0.0, wall)
+        self.warm = True
         loss = stats["loss"]
         finite = math.isfinite(loss)
         row = {"step": step, **stats, "tokens_per_s": stats["tokens"] / max(wall, 1e-9),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import ray
@@ -12,6 +13,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distca.config import DistcaConfig
+from distca.train import watchdog
 from distca.train.errors import WorkerDied, WorkerError
 from distca.train.ray_cluster import is_loopback
 from distca.train.worker import RankWorker, world_layout
@@ -72,17 +74,26 @@ class WorkerGroup:
         port = ray.get(self.actors[0].free_port.remote(head))
         return f"tcp://{head}:{port}", False
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def call(self, method: str, *args: Any, timeout: float | None = None,
+             configured: float = 0.0) -> list[Any]:
         """Call ``method`` on every rank; returns the results in rank order.
 
-        Raises :class:`WorkerDied` as soon as a rank's process is gone, and
-        :class:`WorkerError` when a rank raised.
+        Raises :class:`WorkerDied` as soon as a rank's process is gone, :class:`WorkerError`
+        when a rank raised, and :class:`~distca.train.watchdog.WorkerStalled` when not every
+        rank answered within ``timeout`` seconds (``configured``: the setting it came from).
         """
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                error = watchdog.stalled(self.workers, sorted(rank_of[r] for r in pending),
+                                         method, timeout, configured)
+                watchdog.kill(self.workers, error.ranks)
+                raise error
             try:
                 ray.get(ready[0])
             except Exception as first:
@@ -98,10 +109,13 @@ class WorkerGroup:
                 ray.get(ref)
             except Exception as exc:
                 failures.append((rank_of[ref], exc))
-        dead = [r for r, exc in failures if isinstance(exc, ActorDiedError | RayActorError)]
+        dead = {r: exc for r, exc in failures if isinstance(exc, ActorDiedError | RayActorError)}
         if dead:
-            raise WorkerDied(f"rank {min(dead)} died during {method}: "
-                             f"{str(failures[0][1]).splitlines()[0]}")
+            first = min(dead)
+            who = (f" (pid {self.workers[first]['pid']} on {self.workers[first]['node']})"
+                   if self.workers else "")
+            raise WorkerDied(f"rank {first}{who} died during {method}: "
+                             f"{str(dead[first]).splitlines()[0]}")
         raise WorkerError(f"rank {rank} failed in {method}: {first}")
 
     def shutdown(self) -> None:

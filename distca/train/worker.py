@@ -38,7 +38,7 @@ class RankWorker:
         import ray
 
         return {"rank": self.rank, "role": self.role, "node": ray.util.get_node_ip_address(),
-                "pid": os.getpid()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def free_port(self, host: str) -> int:
         """A TCP port free on this node, for the multi-node rendezvous (rank 0 only)."""
