@@ -60,19 +60,19 @@ class WorkerGroup:
                 scheduling_strategy=strategy, max_restarts=0, max_concurrency=1,
             ).remote(self.cfg, rank, self.world_size, role))
         self.workers = self.call("info")
-        self.call("setup", *self._rendezvous())
+        self.call("setup", self._rendezvous())
         return self.workers
 
-    def _rendezvous(self) -> tuple[str, bool]:
-        """``(init_method, loopback)``. All ranks on one loopback node share a file store (a
-        TCP store would listen on every interface); otherwise rank 0's node hosts a TCP store."""
+    def _rendezvous(self) -> str:
+        """The ``init_method``: all ranks on one loopback node share a file store (no socket
+        at all); otherwise rank 0 hosts a TCP store on its node's address."""
         nodes = {w["node"] for w in self.workers}
         head = self.workers[0]["node"]
         if len(nodes) == 1 and is_loopback(head):
             self._store_dir = tempfile.mkdtemp(prefix="distca-rendezvous-")
-            return f"file://{self._store_dir}/store", True
-        port = ray.get(self.actors[0].free_port.remote(head))
-        return f"tcp://{head}:{port}", False
+            return f"file://{self._store_dir}/store"
+        port = ray.get(self.actors[0].listen.remote(head))
+        return f"tcp://{head}:{port}"
 
     def call(self, method: str, *args: Any, timeout: float | None = None,
              configured: float = 0.0) -> list[Any]:
