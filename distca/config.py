@@ -17,9 +17,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from distca.recipe_yaml import RecipeFileError, read_recipe
 
 
 class ConfigError(ValueError):
@@ -206,20 +207,6 @@ def _fail(source: str, key: str, message: str) -> ConfigError:
     return ConfigError(f"{source}: {key}: {message}")
 
 
-def _read_recipe(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise _fail(str(path), "<recipe>", "no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise _fail(str(path), "<recipe>", f"not valid YAML: {exc}") from exc
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise _fail(str(path), "<recipe>", "the top level must be a mapping of sections")
-    return raw
-
-
 def _parse_overrides(overrides: list[str], source: str) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -243,7 +230,10 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     """Load ``recipe`` plus ``key=value`` overrides into a validated :class:`DistcaConfig`."""
     path = Path(recipe)
     source = str(path)
-    raw = _read_recipe(path)
+    try:
+        raw = read_recipe(path)
+    except RecipeFileError as exc:
+        raise _fail(source, "<recipe>", str(exc)) from None
     cli = _parse_overrides(list(overrides or []), f"{source} (command line)")
     conf = OmegaConf.structured(DistcaConfig)
 
@@ -282,6 +272,8 @@ def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str =
                 leaf = f"{leaf}.{sub}"
             raise _fail(source, leaf, "no such key in the config tree")
         node = schema._get_node(key)
+        if isinstance(node, DictConfig) and not isinstance(value, dict | None):
+            raise _fail(source, full, f"must be a mapping of keys, got {value!r}")
         if isinstance(node, DictConfig):
             _check_known_keys(value, node, source, f"{full}.")
 
