@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from train_helpers import REPO, descendants, distca_cmd, metrics
@@ -74,3 +75,32 @@ def test_stopped_rank_is_named_and_restarted_within_the_step_timeout(tmp_path):
     assert 20 <= restarted_after < 20 + 90  # detected at the timeout; a new group starts
     assert not os.path.exists(f"/proc/{victim}")  # killed, not left stopped
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 13))
+
+
+def test_what_a_killed_driver_leaves_is_removed_by_the_next_start(tmp_path):
+    import tempfile
+
+    from distca.train.leftovers import clean_up_dead_drivers
+
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "trainer.steps=60", "trainer.checkpoint_interval=1000")
+    wait_for_steps(proc, run_dir, 2)
+    tree = descendants(proc.pid) - {proc.pid}
+    rendezvous = list(Path(tempfile.gettempdir()).glob(f"distca-rendezvous-{proc.pid}-*"))
+    assert tree and rendezvous
+    proc.kill()
+    proc.communicate(timeout=60)
+    removed = clean_up_dead_drivers()  # what the next `distca train` runs before Ray starts
+    assert any(f"left by driver {proc.pid}" in line for line in removed)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(pid) for pid in tree):
+        time.sleep(0.2)
+    assert [pid for pid in tree if alive(pid)] == []
+    assert not any(p.exists() for p in rendezvous)
+
+
+def alive(pid):
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False

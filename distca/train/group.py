@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distca.config import DistcaConfig
 from distca.train import watchdog
 from distca.train.errors import WorkerDied, WorkerError
+from distca.train.leftovers import rendezvous_dir
 from distca.train.ray_cluster import is_loopback
 from distca.train.worker import RankWorker, world_layout
 
@@ -69,7 +69,7 @@ class WorkerGroup:
         nodes = {w["node"] for w in self.workers}
         head = self.workers[0]["node"]
         if len(nodes) == 1 and is_loopback(head):
-            self._store_dir = tempfile.mkdtemp(prefix="distca-rendezvous-")
+            self._store_dir = rendezvous_dir()
             return f"file://{self._store_dir}/store"
         port = ray.get(self.actors[0].listen.remote(head))
         return f"tcp://{head}:{port}"

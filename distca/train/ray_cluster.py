@@ -17,7 +17,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 
+from distca.train import leftovers
 from distca.train.errors import ClusterError
 
 LOCAL_RAY_ENV = {
@@ -116,12 +118,15 @@ def connect(address: str | None, num_cpus: float) -> bool:
             os.environ.setdefault(key, value)
         import ray
 
+        for line in leftovers.clean_up_dead_drivers():
+            print(f"distca: {line}", file=sys.stderr)
         # Ray gives its raylet a fixed 30 s to register; on a loaded machine one retry helps.
         for attempt in range(2):
             try:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                          num_cpus=max(1, int(num_cpus + 0.999)),
                          logging_level="WARNING", log_to_driver=True)
+                leftovers.register(ray._private.worker._global_node.get_session_dir_path())
                 return True
             except Exception as exc:
                 ray.shutdown()  # stops whatever part of the cluster did start
@@ -145,3 +150,4 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    leftovers.unregister()
