@@ -197,12 +197,18 @@ def _warn_once(message: str) -> None:
 def latest_checkpoint(checkpoints: Path, warn=_warn_once) -> tuple[Path, dict] | None:
     """The newest checkpoint whose every file matches its manifest (sha256 included), and its
     metadata; every newer damaged one is named through ``warn`` and skipped."""
+    skipped = []
+    found = None
     for _, path in reversed(_step_dirs(checkpoints)):
         try:
-            return path, verify(path)
+            found = path, verify(path)
+            break
         except DamagedCheckpoint as exc:
-            warn(f"skipping {path}: {exc}; using the newest checkpoint before it")
-    return None
+            skipped.append(f"skipping {path}: {exc}")
+    using = f"using {found[0].name}" if found else "no undamaged checkpoint is left"
+    for message in skipped:
+        warn(f"{message}; {using}")
+    return found
 
 
 def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
