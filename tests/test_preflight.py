@@ -42,6 +42,10 @@ def test_the_cpu_recipes_pass_and_a_joined_cluster_is_checked_against_its_resour
     with pytest.raises(ConfigError, match="ray.num_gpus_per_worker: 2 ranks x 1 need 2 GPUs; "
                                           "the cluster has 1"):
         preflight.check_cluster(cfg, "r", {"CPU": 64.0, "GPU": 1.0})
+    cfg = load_config("recipes/tiny.yaml", ["parallel.dp=64"])
+    with pytest.raises(ConfigError, match="parallel.dp: this run needs about 35.2 GiB of memory "
+                                          "on the cluster's nodes .* 16.0 GiB are available"):
+        preflight.check_cluster(cfg, "r", {"CPU": 64.0, "memory": 16 * 2**30})
 
 
 def test_dp_1000_exits_2_within_seconds_without_starting_ray(tmp_path):

@@ -128,12 +128,15 @@ def check_local(cfg: DistcaConfig, recipe: str) -> None:
             raise _fail(recipe, "ray.num_gpus_per_worker",
                         f"{layout} x {r.num_gpus_per_worker} need {need} GPUs; this machine "
                         f"has {gpus}")
-    need = host_memory(cfg)
-    total, available = sum(need.values()), _available_memory()
+    _check_memory(recipe, host_memory(cfg), _available_memory(), "host memory")
+
+
+def _check_memory(recipe: str, need: dict[str, float], available: float, where: str) -> None:
+    total = sum(need.values())
     if total > available:
         key = max(need, key=need.get)
         parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in need.items() if v >= 0.05 * GIB)
-        raise _fail(recipe, key, f"this run needs about {total / GIB:.1f} GiB of host memory "
+        raise _fail(recipe, key, f"this run needs about {total / GIB:.1f} GiB of {where} "
                     f"({parts} GiB), {available / GIB:.1f} GiB are available; use {LOWER[key]}")
 
 
@@ -148,3 +151,10 @@ def check_cluster(cfg: DistcaConfig, recipe: str, resources: dict[str, float]) -
         if world * per_rank > have:
             raise _fail(recipe, key, f"{world} ranks x {per_rank:g} need {world * per_rank:g} "
                         f"{kind}s; the cluster has {have:g}")
+    need = host_memory(cfg)
+    # the driver builds the step data here; the ranks live on the cluster's nodes
+    _check_memory(recipe, {"data.micro_batches": need.pop("data.micro_batches")},
+                  _available_memory(), "host memory for the driver")
+    if "memory" in resources:  # Ray's memory resource: what its nodes leave to tasks
+        need["parallel.dp"] -= RAY_BYTES
+        _check_memory(recipe, need, resources["memory"], "memory on the cluster's nodes")
