@@ -239,7 +239,7 @@ CASES = [
     Case("export-hf of the damaged step directory", then(tiny_run("exponent"), cli(
         DISTCA, "export-hf", "{tmp}/run/checkpoints/step_00000005", "{tmp}/hf")), "sha256"),
     Case("eval of the checkpoints directory", then(tiny_run("none"), cli(
-        *EVAL[:2], "{tmp}/run/checkpoints", *EVAL[2:])), "run/checkpoints"),
+        *EVAL[:2], "{tmp}/run/checkpoints", *EVAL[2:])), "give the run directory"),
     # full disk
     Case("ENOSPC while writing metrics.jsonl", lambda tmp: cli(sys.executable, "-c", FULL_DISK,
          str(tmp))(tmp), "No space left on device"),

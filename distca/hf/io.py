@@ -162,6 +162,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         if found is None:
             raise HFFormatError(f"{path / 'checkpoints'}: no complete, undamaged checkpoint")
         return path, found[0]
+    if any(path.glob("step_*")):
+        raise HFFormatError(f"{path}: a directory of checkpoints; give the run directory "
+                            f"{path.parent} (its newest checkpoint) or one of the step_* in it")
     try:
         verify(path)
     except DamagedCheckpoint as exc:
