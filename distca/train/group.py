@@ -114,8 +114,11 @@ class WorkerGroup:
             first = min(dead)
             who = (f" (pid {self.workers[first]['pid']} on {self.workers[first]['node']})"
                    if self.workers else "")
+            lines = str(dead[first]).splitlines()
+            # Ray says why (the OOM killer, its memory monitor) further down its message
+            memory = [line.strip() for line in lines[1:] if "memory" in line.lower()][:1]
             raise WorkerDied(f"rank {first}{who} died during {method}: "
-                             f"{str(dead[first]).splitlines()[0]}")
+                             + " ".join(lines[:1] + memory))
         raise WorkerError(f"rank {rank} failed in {method}: {first}")
 
     def shutdown(self) -> None:
