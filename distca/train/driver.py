@@ -80,7 +80,8 @@ class Trainer:
                         self._step(group, step, metrics, progress)
                     except _RollBack:
                         step = self._roll_back(group, step, metrics, progress)
-                    self._stop_if_asked(group, step)
+                    if step < t.steps:  # asked during the last step: the run is done
+                        self._stop_if_asked(group, step)
             finally:
                 metrics.close()
             return t.steps
