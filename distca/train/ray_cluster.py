@@ -126,7 +126,9 @@ def connect(address: str | None, num_cpus: float) -> bool:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                          num_cpus=max(1, int(num_cpus + 0.999)),
                          logging_level="WARNING", log_to_driver=True)
-                leftovers.register(ray._private.worker._global_node.get_session_dir_path())
+                node = getattr(ray._private.worker, "_global_node", None)  # no public API
+                if node is not None:
+                    leftovers.register(node.get_session_dir_path())
                 return True
             except Exception as exc:
                 ray.shutdown()  # stops whatever part of the cluster did start
