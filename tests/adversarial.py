@@ -251,6 +251,8 @@ CASES = [
          rc=(0,), ray=True),
     Case("SIGTERM to the driver", during_run(lambda p, d: p.send_signal(signal.SIGTERM),
          "trainer.steps=60"), "stopped by SIGTERM after step", rc=(143,), ray=True),
+    Case("SIGINT (Ctrl-C) to the driver", during_run(lambda p, d: p.send_signal(signal.SIGINT),
+         "trainer.steps=60"), "stopped by SIGINT after step", rc=(130,), ray=True),
     Case("resume with a flipped exponent bit in the newest shard", resume_after(
         lambda d: flip(d / "checkpoints" / "step_00000004", "exponent")), "sha256", rc=(0,),
          ray=True),
