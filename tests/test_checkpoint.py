@@ -191,3 +191,21 @@ def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 10, 10))
     with pytest.raises(OSError, match="keep_checkpoints=2 \\+ 1 checkpoints"):
         check_room(tmp_path, keep=2)
+
+
+def test_rank_failures_name_the_rank_its_pid_and_a_full_disk_in_one_line():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from distca.train.errors import WorkerDied
+    from distca.train.group import WorkerGroup
+
+    group = WorkerGroup(load_config("recipes/tiny.yaml"))
+    group.workers = [{"rank": r, "pid": 100 + r, "node": "10.0.0.9"} for r in range(2)]
+    with pytest.raises(WorkerDied, match=r"^rank 1 \(pid 101 on 10.0.0.9\) died during train_step"):
+        group._raise_failure(ActorDiedError(), 1, [], {}, "train_step")
+    full = OSError(28, "No space left on device", "/runs/r/checkpoints/.tmp/rank_00001.partial")
+    with pytest.raises(TrainingStopped) as caught:
+        group._raise_failure(RayTaskError("save", "Traceback ...", full), 1, [], {}, "save")
+    assert str(caught.value).startswith("cannot write /runs/r/checkpoints/.tmp/rank_00001.partial: "
+                                        "No space left on device")
+    assert "Traceback" not in str(caught.value)

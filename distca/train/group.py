@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -13,7 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distca.config import DistcaConfig
 from distca.train import watchdog
-from distca.train.errors import WorkerDied, WorkerError
+from distca.train.errors import RunFileError, WorkerDied, WorkerError
 from distca.train.leftovers import rendezvous_dir
 from distca.train.ray_cluster import is_loopback
 from distca.train.worker import RankWorker, world_layout
@@ -103,7 +104,8 @@ class WorkerGroup:
     def _raise_failure(self, first: Exception, rank: int, pending: list, rank_of: dict,
                        method: str) -> None:
         failures = [(rank, first)]
-        done, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
+        done = (ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)[0]
+                if pending else [])
         for ref in done:
             try:
                 ray.get(ref)
@@ -119,6 +121,9 @@ class WorkerGroup:
             memory = [line.strip() for line in lines[1:] if "memory" in line.lower()][:1]
             raise WorkerDied(f"rank {first}{who} died during {method}: "
                              + " ".join(lines[:1] + memory))
+        cause = getattr(first, "cause", None)  # what the rank raised, inside RayTaskError
+        if method == "save" and isinstance(cause, OSError):  # a full disk: one line, no trace
+            raise RunFileError(Path(cause.filename or "checkpoint"), cause)
         raise WorkerError(f"rank {rank} failed in {method}: {first}")
 
     def shutdown(self) -> None:
