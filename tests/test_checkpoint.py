@@ -169,6 +169,15 @@ def test_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatc
     assert "MiB free" in message and "\n" not in message
     with pytest.raises(TrainingStopped, match="No space left"):
         log.close()  # the buffered row fails again; the files are closed all the same
+    log = MetricsLog(run.metrics, run.tensorboard, start=1)
+
+    def full(*args, **kwargs):  # what TensorBoard's writer thread re-raises on a full disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log._tb, "add_scalar", full)
+    with pytest.raises(TrainingStopped, match=f"cannot write {run.tensorboard}: No space left"):
+        log.log({"step": 2, "loss": 1.0})
+    log.close()
 
 
 def test_run_dir_files(tmp_path):
