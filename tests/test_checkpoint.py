@@ -103,6 +103,9 @@ def test_flipped_exponent_bit_is_detected_and_the_previous_checkpoint_used(tmp_p
     assert len(warnings) == 1 and str(shard) in warnings[0] and "sha256" in warnings[0]
     prune(tmp_path, keep=1)  # the damaged newer one must not push the good one out
     assert found.exists()
+    newest = save(tmp_path, 6)
+    prune(tmp_path, keep=1, just_saved=newest)  # trusted without reading it back
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [6]
 
 
 def test_manifest_covers_every_file_and_catches_a_damaged_meta(tmp_path):

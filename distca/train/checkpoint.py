@@ -243,17 +243,23 @@ def check_room(checkpoints: Path, keep: int) -> None:
                       str(checkpoints))
 
 
-def prune(checkpoints: Path, keep: int) -> None:
+def prune(checkpoints: Path, keep: int, just_saved: Path | None = None) -> None:
     """Keep the newest ``keep`` complete checkpoints, and always the newest one that verifies
     (a damaged newer one must not push the last good one out); remove older ones and
-    abandoned saves. Damaged checkpoints are left for inspection."""
+    abandoned saves (a checkpoint with files missing or cut short is left). ``just_saved``: the
+    checkpoint this process committed a moment ago, whose digests its ranks computed from the
+    files they wrote; it is taken as verified rather than read back whole after every save."""
     if not checkpoints.is_dir():
         return
     for path in checkpoints.iterdir():
         if path.name.startswith(TMP_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
     complete = complete_checkpoints(checkpoints)
-    good = latest_checkpoint(checkpoints, warn=lambda message: None)
+    if just_saved is not None and complete and complete[-1][1] == just_saved:
+        good = just_saved
+    else:
+        found = latest_checkpoint(checkpoints, warn=lambda message: None)
+        good = found[0] if found else None
     for _, path in complete[:-keep]:
-        if good is None or path != good[0]:
+        if path != good:
             shutil.rmtree(path, ignore_errors=True)

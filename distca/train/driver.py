@@ -169,7 +169,7 @@ class Trainer:
         meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
                 "data_position": step + self.data_offset, "data_offset": self.data_offset}
         self.saved = (step, commit(tmp, step, meta, shards))
-        prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
+        prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints, self.saved[1])
 
     # ---- the whole run ---------------------------------------------------------------------
     def run_to_end(self) -> TrainResult:
