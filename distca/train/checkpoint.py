@@ -172,8 +172,9 @@ def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
     found = []
     if checkpoints.is_dir():
         for path in checkpoints.iterdir():
-            if path.name.startswith(STEP_PREFIX):
-                found.append((int(path.name[len(STEP_PREFIX):]), path))
+            number = path.name[len(STEP_PREFIX):]
+            if path.name.startswith(STEP_PREFIX) and number.isdigit():  # not a copy's "step_4 (1)"
+                found.append((int(number), path))
     return sorted(found)
 
 
