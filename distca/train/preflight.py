@@ -116,13 +116,12 @@ def check_local(cfg: DistcaConfig, recipe: str) -> None:
                     f"{layout} x ray.num_cpus_per_worker={r.num_cpus_per_worker} need "
                     f"{world * r.num_cpus_per_worker:g} CPUs; this machine has {cores} "
                     f"(at most {CPU_OVERSUBSCRIPTION} per core); join a cluster with ray.address")
-    if r.num_gpus_per_worker > 0 or cfg.parallel.backend is DistBackend.nccl \
-            or cfg.attention.backend is AttentionBackend.flash:
+    if r.num_gpus_per_worker > 0:  # nccl and flash need it (_check_values)
         gpus = _cuda_devices()
         need = math.ceil(world * r.num_gpus_per_worker)
         if gpus == 0:
-            raise _fail(recipe, "ray.num_gpus_per_worker" if r.num_gpus_per_worker else
-                        "parallel.backend", "this machine has no CUDA device (torch sees none); "
+            raise _fail(recipe, "ray.num_gpus_per_worker",
+                        "this machine has no CUDA device (torch sees none); "
                         "use ray.num_gpus_per_worker=0 with parallel.backend=gloo")
         if need > gpus:
             raise _fail(recipe, "ray.num_gpus_per_worker",
