@@ -87,6 +87,7 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "psutil>=5.9",  # memory and CPU checks before a run starts (distca.train.preflight)
         "ninja>=1.11",
     ],
     extras_require={

@@ -32,10 +32,17 @@ HEAD=${NODES[0]}
 HEAD_IP=$(srun --nodes=1 --ntasks=1 -w "$HEAD" hostname --ip-address | awk '{print $1}')
 echo "ray head: $HEAD ($HEAD_IP), ${#NODES[@]} nodes"
 
+# Ray's token authentication: every node (srun passes the environment on) and the job
+# submission below share a fresh token; the dashboard listens on the head's cluster address
+# only. Whoever reaches the job API runs code, so without the token it is refused.
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export RAY_AUTH_TOKEN
+
 # --cpus-per-task again on srun: Slurm 22.05-23.02 steps do not inherit it from sbatch
 srun --nodes=1 --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" -w "$HEAD" \
   "$RAY" start --head --node-ip-address="$HEAD_IP" --port=$GCS_PORT \
-  --dashboard-host=0.0.0.0 --dashboard-port=$DASHBOARD_PORT \
+  --dashboard-host="$HEAD_IP" --dashboard-port=$DASHBOARD_PORT \
   --num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus=$GPUS_PER_NODE --block &
 sleep 10
 

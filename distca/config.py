@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
 from distca.presets import MODEL_PRESETS
-from distca.recipe_file import paths_as_lists, read_recipe
+from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
 
 
 class ConfigError(ValueError):
@@ -163,9 +163,10 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     run_dir: str | None = None  # default: runs/<recipe>-<timestamp>/
     checkpoint_interval: int = 50
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # a save needs room for one more: the oldest goes after it
     resume: bool = False
     max_restarts: int = 2
+    step_timeout_s: float = 0.0  # a rank silent this long is restarted; 0: 10x slowest step
     on_nan: OnNan = OnNan.stop
     log_interval: int = 1
     eval_interval: int = 0  # validation loss every N steps on data.eval_paths; 0: none
@@ -220,7 +221,10 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     """Load ``recipe`` plus ``key=value`` overrides into a validated :class:`DistcaConfig`."""
     path = Path(recipe)
     source = str(path)
-    raw = read_recipe(path, lambda key, message: _fail(source, key, message))
+    try:
+        raw = read_recipe(path)
+    except RecipeFileError as exc:
+        raise _fail(source, "<recipe>", str(exc)) from None
     cli = _parse_overrides(list(overrides or []), f"{source} (command line)")
     conf = OmegaConf.structured(DistcaConfig)
 
@@ -261,6 +265,8 @@ def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str =
                 leaf = f"{leaf}.{sub}"
             raise _fail(source, leaf, "no such key in the config tree")
         node = schema._get_node(key)
+        if isinstance(node, DictConfig) and not isinstance(value, dict | None):
+            raise _fail(source, full, f"must be a mapping of keys, got {value!r}")
         if isinstance(node, DictConfig):
             _check_known_keys(value, node, source, f"{full}.")
 

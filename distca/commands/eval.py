@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         cfg, state, _ = read_checkpoint(args.ckpt)
     except HFFormatError as exc:
         raise UsageError(str(exc)) from exc
+    if args.length > cfg.model.max_position_embeddings:  # and its memory grows with it
+        raise UsageError(f"--length {args.length}: more than the model's "
+                         f"max_position_embeddings={cfg.model.max_position_embeddings}")
     tokenizer_dir = args.tokenizer or cfg.data.tokenizer
     try:
         tokenizer = load_tokenizer(tokenizer_dir)

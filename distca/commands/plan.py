@@ -10,6 +10,8 @@ import sys
 from distca.commands.options import require_positive, require_tolerance
 from distca.errors import UsageError
 
+MAX_SERVERS = 65536  # more attention servers than any cluster has GPUs
+
 _DESCRIPTION = """\
 Plan one batch's core attention over attention servers and report its quality.
 
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"--lengths-file: {exc}") from None
     require_positive(args, "servers", "min_shard", "tokens_per_worker")
+    if args.servers > MAX_SERVERS:  # the planner's arrays grow with it: 10**7 took 36 s, 2.8 GB
+        raise UsageError(f"--servers {args.servers}: at most {MAX_SERVERS}")
     require_tolerance(args.tolerance)
     total = sum(lengths)
     if total > MAX_LENGTH:

@@ -48,7 +48,7 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
 
 def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
     """The run directory given by ``trainer.run_dir``, checked; None for a new default one."""
-    from distca.train.checkpoint import damaged_checkpoints, latest_checkpoint
+    from distca.train.checkpoint import latest_checkpoint
 
     t = cfg.trainer
     if t.run_dir is None:
@@ -63,24 +63,15 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
         raise UsageError(f"{recipe}: trainer.run_dir: {path} already holds checkpoints; "
                          f"pass trainer.resume=true to continue it or choose a new run_dir")
     if t.resume:
-        step = found[1]["step"]
-        for later, damaged in damaged_checkpoints(path / "checkpoints"):
-            if later > step:
-                print(f"distca: warning: skipping {damaged}: its shards do not match its "
-                      f"meta.json; resuming from step {step}", file=sys.stderr)
-        _check_resumable(cfg, recipe, path, step)
+        _check_resumable(cfg, recipe, path, found[1]["step"])
     return path
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     path = _run_dir(cfg, args.recipe)
-    from distca.data import make_dataset
-    from distca.train.errors import ClusterError, TrainingStopped, WorkerDied, WorkerError
+    from distca.train import preflight
+    from distca.train.errors import ClusterError, Stopped, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address
     from distca.train.run_dir import RunDir, default_run_dir
     from distca.train.step_log import configure_logging, log
@@ -88,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from distca.train.worker import world_layout
 
     configure_logging()
+    address = resolve_address(cfg.ray.address)
+    if address is None:  # a joined cluster is checked once connected
+        preflight.check_local(cfg, args.recipe)
+    from distca.data import make_dataset
+
     try:
         require_wandb(cfg, args.recipe)
         # a missing data file or tokenizer fails before Ray starts
@@ -98,20 +94,28 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_dir = RunDir(path or default_run_dir(args.recipe))
         run_dir.write_config(cfg)
-    except OSError as exc:
+    except (OSError, TrainingStopped) as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
     world = len(world_layout(cfg))
-    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
+    from distca.train.stop import StopSignals
+
+    # until the run starts, SIGTERM stops like Ctrl-C: whatever of Ray started is shut down
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        address = resolve_address(cfg.ray.address)
         log.info(f"run directory {run_dir.path}; "
                  + (f"connecting to Ray at {address}" if address else
                     "starting a local Ray cluster on 127.0.0.1"))
-        connect(address, world * cfg.ray.num_cpus_per_worker,
-                world * cfg.ray.num_gpus_per_worker)
+        if not connect(address, world * cfg.ray.num_cpus_per_worker):
+            import ray
+
+            preflight.check_cluster(cfg, args.recipe, ray.cluster_resources())
         from distca.train.driver import Trainer
 
-        result = Trainer(cfg, run_dir, data, eval_data).run_to_end()
+        with StopSignals() as stop:  # after connect: replaces Ray's crash-trace handler
+            result = Trainer(cfg, run_dir, data, eval_data, stop).run_to_end()
+    except Stopped as exc:
+        print(f"distca: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except (TrainingStopped, WorkerError, WorkerDied, ClusterError) as exc:
         print(f"distca: error: {exc}", file=sys.stderr)
         return 1

@@ -82,11 +82,18 @@ def table_rows(path: Path):
 
 
 def _plain_text(path: Path) -> str:
+    """The file as UTF-8 text; binary or other encodings are refused, never replaced (a
+    latin-1 file would otherwise train on U+FFFD characters)."""
     data = path.read_bytes()
     if b"\0" in data:  # a compressed or binary file would otherwise train on its bytes
         raise ValueError(f"data.paths: {path} is not a text file (it has NUL bytes); "
                          f"data.kind=text reads .jsonl, .parquet and plain text files")
-    return data.decode("utf-8", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data.paths: {path}: not valid UTF-8 at byte {exc.start} "
+                         f"({data[exc.start:exc.start + 1]!r}); convert it, e.g. "
+                         f"`iconv -f latin1 -t utf-8`") from None
 
 
 def read_documents(paths: list[str], skip_bad_rows: bool = False) -> tuple[list[str], int]:

@@ -153,7 +153,7 @@ def write_hf(out: str | Path, m: ModelConfig, hf_state: dict[str, torch.Tensor],
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run directory, step directory) of a run directory (its latest checkpoint) or a step
     directory ``RUN/checkpoints/step_N``."""
-    from distca.train.checkpoint import latest_checkpoint, read_meta
+    from distca.train.checkpoint import DamagedCheckpoint, latest_checkpoint, verify
 
     path = Path(path)
     if not path.is_dir():
@@ -161,11 +161,15 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if (path / "checkpoints").is_dir():
         found = latest_checkpoint(path / "checkpoints")
         if found is None:
-            raise HFFormatError(f"{path / 'checkpoints'}: no complete checkpoint")
+            raise HFFormatError(f"{path / 'checkpoints'}: no complete, undamaged checkpoint")
         return path, found[0]
-    if read_meta(path) is None:
-        raise HFFormatError(f"{path}: not a complete checkpoint (meta.json or a shard is "
-                            f"missing or truncated)")
+    if any(path.glob("step_*")):
+        raise HFFormatError(f"{path}: a directory of checkpoints; give the run directory "
+                            f"{path.parent} (its newest checkpoint) or one of the step_* in it")
+    try:
+        verify(path)
+    except DamagedCheckpoint as exc:
+        raise HFFormatError(f"{path}: not a complete, undamaged checkpoint ({exc})") from None
     return path.parent.parent, path
 
 
@@ -207,6 +211,6 @@ def write_checkpoint(out: str | Path, m: ModelConfig, state: dict[str, torch.Ten
     tmp = begin_save(run.checkpoints, 0)
     shard = {f"model.{k}": v for k, v in state.items()}
     shard["step"] = torch.tensor(0, dtype=torch.int64)
-    size = write_shard(tmp, 0, shard)
     return commit(tmp, 0, {"restarts": 0, "data_position": 0, "seed": cfg.trainer.seed,
-                           "micro_batches_consumed": 0, "imported_from": origin}, [size])
+                           "micro_batches_consumed": 0, "imported_from": origin},
+                  [write_shard(tmp, 0, shard)])

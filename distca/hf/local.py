@@ -23,7 +23,7 @@ from distca.scheduler import documents_from_batch
 def ensure_single_process_group() -> None:
     """Start a one-rank gloo group unless torch.distributed is already initialised."""
     if not dist.is_initialized():
-        start_process_group(DistBackend.gloo, 0, 1, None, loopback=True)
+        start_process_group(DistBackend.gloo, 0, 1, None, interface="lo")
 
 
 def single_rank_config(model: ModelConfig, attention_backend: str = "auto") -> DistcaConfig:

@@ -43,7 +43,7 @@ def _rank(rank: int, world: int, port: int, cfg: DistcaConfig, all_batches: list
         torch.cuda.set_device(rank % torch.cuda.device_count())
     else:
         torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_worker)))
-    start_process_group(DistBackend.auto, rank, world, f"tcp://127.0.0.1:{port}", loopback=True)
+    start_process_group(DistBackend.auto, rank, world, f"tcp://127.0.0.1:{port}", interface="lo")
     try:
         step = make_rank(cfg)
         device = step.device

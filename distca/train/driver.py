@@ -16,11 +16,12 @@ from pathlib import Path
 
 from distca.config import DistcaConfig, OnNan
 from distca.data import Dataset
-from distca.train.checkpoint import begin_save, commit, latest_checkpoint, prune
-from distca.train.errors import TrainingStopped, WorkerDied
+from distca.train.checkpoint import begin_save, check_room, commit, latest_checkpoint, prune
+from distca.train.errors import RunFileError, Stopped, TrainingStopped, WorkerDied
 from distca.train.metrics import MetricsLog
 from distca.train.run_dir import RunDir
 from distca.train.step_log import StepLog
+from distca.train.watchdog import step_timeout
 
 
 @dataclass
@@ -40,15 +41,19 @@ class _RollBack(Exception):
 
 class Trainer:
     def __init__(self, cfg: DistcaConfig, run_dir: RunDir, data: Dataset,
-                 eval_data: Dataset | None = None):
+                 eval_data: Dataset | None = None, stop=None):
         self.cfg = cfg
         self.run = run_dir
         self.data = data
         self.eval_data = eval_data
+        self.stop = stop  # a StopSignals: SIGTERM/SIGINT stop after the step, checkpointed
+        self.saved: tuple[int, Path] | None = None  # (step, path) of this process's last save
         self.resumed_at: int | None = None
         self.peak_flops = math.nan
         self.wandb = None  # the W&B sink with logging.wandb=true, open while running
         self.restarts = 0
+        self.slowest_step: float | None = None  # seconds, for the watchdog's default timeout
+        self.warm = False  # has the current group finished a step (warmed up)?
         self.data_offset = 0  # batches skipped by rollbacks: step s reads position s + offset
         self.first_loss = math.nan
         self.last_loss = math.nan
@@ -59,6 +64,7 @@ class Trainer:
 
         t = self.cfg.trainer
         group = WorkerGroup(self.cfg)
+        self.warm = False
         try:
             progress.stage(f"starting {group.world_size} ranks and building the model "
                            f"({self.cfg.model.num_layers} layers, hidden "
@@ -87,6 +93,8 @@ class Trainer:
                         self._step(group, step, metrics, progress)
                     except _RollBack:
                         step = self._roll_back(group, step, metrics, progress)
+                    if step < t.steps:  # asked during the last step: the run is done
+                        self._stop_if_asked(group, step)
             finally:
                 metrics.close()
             return t.steps
@@ -102,8 +110,12 @@ class Trainer:
         step_batches = self.data.step_batches(step + self.data_offset)
         batches = ray.put(step_batches)
         wall = time.perf_counter()
-        ranks = group.call("train_step", batches)
+        timeout = step_timeout(t.step_timeout_s, self.slowest_step if self.warm else None)
+        ranks = group.call("train_step", batches, timeout=timeout, configured=t.step_timeout_s)
         wall = time.perf_counter() - wall
+        if self.warm:  # a warm-up step would inflate the default timeout tenfold
+            self.slowest_step = max(self.slowest_step or 0.0, wall)
+        self.warm = True
         stats = {**ranks[0], "memory_mb": max(r["memory_mb"] for r in ranks)}
         loss = stats["loss"]
         finite = math.isfinite(loss)
@@ -164,13 +176,25 @@ class Trainer:
                   for s in range(1, self.cfg.trainer.eval_batches + 1)]
         return sum(losses) / len(losses)
 
+    def _stop_if_asked(self, group, step: int) -> None:
+        """After a step: on SIGTERM/SIGINT save it (unless just saved) and stop."""
+        if self.stop is None or self.stop.signum is None:
+            return
+        if self.saved is None or self.saved[0] != step:
+            self._save(group, step)
+        raise Stopped(self.stop.name, self.stop.signum, step, self.saved[1])
+
     def _save(self, group, step: int) -> None:
+        try:
+            check_room(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
+        except OSError as exc:
+            raise RunFileError(self.run.checkpoints / f"step {step}", exc) from None
         tmp = begin_save(self.run.checkpoints, step)
-        sizes = group.call("save", str(tmp))
+        shards = group.call("save", str(tmp))
         meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
                 "data_position": step + self.data_offset, "data_offset": self.data_offset}
-        commit(tmp, step, meta, sizes)
-        prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints)
+        self.saved = (step, commit(tmp, step, meta, shards))
+        prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints, self.saved[1])
 
     # ---- the whole run ---------------------------------------------------------------------
     def run_to_end(self) -> TrainResult:
@@ -187,6 +211,10 @@ class Trainer:
                     self._attempt(resume, progress)
                     break
                 except WorkerDied as exc:
+                    if self.stop is not None and self.stop.signum is not None:
+                        raise TrainingStopped(f"{exc} while stopping on {self.stop.name}; the "
+                                              f"checkpoints so far are in "
+                                              f"{self.run.checkpoints}") from exc
                     if self.restarts >= t.max_restarts:
                         raise TrainingStopped(f"{exc}; giving up after {self.restarts} restarts "
                                               f"(trainer.max_restarts={t.max_restarts})") from exc

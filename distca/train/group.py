@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -12,7 +13,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distca.config import DistcaConfig
-from distca.train.errors import WorkerDied, WorkerError
+from distca.train import watchdog
+from distca.train.errors import RunFileError, WorkerDied, WorkerError
+from distca.train.leftovers import rendezvous_dir
 from distca.train.ray_cluster import is_loopback
 from distca.train.worker import RankWorker, world_layout
 
@@ -58,31 +61,40 @@ class WorkerGroup:
                 scheduling_strategy=strategy, max_restarts=0, max_concurrency=1,
             ).remote(self.cfg, rank, self.world_size, role))
         self.workers = self.call("info")
-        self.call("setup", *self._rendezvous())
+        self.call("setup", self._rendezvous())
         return self.workers
 
-    def _rendezvous(self) -> tuple[str, bool]:
-        """``(init_method, loopback)``. All ranks on one loopback node share a file store (a
-        TCP store would listen on every interface); otherwise rank 0's node hosts a TCP store."""
+    def _rendezvous(self) -> str:
+        """The ``init_method``: all ranks on one loopback node share a file store (no socket
+        at all); otherwise rank 0 hosts a TCP store on its node's address."""
         nodes = {w["node"] for w in self.workers}
         head = self.workers[0]["node"]
         if len(nodes) == 1 and is_loopback(head):
-            self._store_dir = tempfile.mkdtemp(prefix="distca-rendezvous-")
-            return f"file://{self._store_dir}/store", True
-        port = ray.get(self.actors[0].free_port.remote(head))
-        return f"tcp://{head}:{port}", False
+            self._store_dir = rendezvous_dir()
+            return f"file://{self._store_dir}/store"
+        port = ray.get(self.actors[0].listen.remote(head))
+        return f"tcp://{head}:{port}"
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def call(self, method: str, *args: Any, timeout: float | None = None,
+             configured: float = 0.0) -> list[Any]:
         """Call ``method`` on every rank; returns the results in rank order.
 
-        Raises :class:`WorkerDied` as soon as a rank's process is gone, and
-        :class:`WorkerError` when a rank raised.
+        Raises :class:`WorkerDied` as soon as a rank's process is gone, :class:`WorkerError`
+        when a rank raised, and :class:`~distca.train.watchdog.WorkerStalled` when not every
+        rank answered within ``timeout`` seconds (``configured``: the setting it came from).
         """
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                error = watchdog.stalled(self.workers, sorted(rank_of[r] for r in pending),
+                                         method, timeout, configured)
+                watchdog.kill(self.workers, error.ranks)
+                raise error
             try:
                 ray.get(ready[0])
             except Exception as first:
@@ -92,16 +104,26 @@ class WorkerGroup:
     def _raise_failure(self, first: Exception, rank: int, pending: list, rank_of: dict,
                        method: str) -> None:
         failures = [(rank, first)]
-        done, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
+        done = (ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)[0]
+                if pending else [])
         for ref in done:
             try:
                 ray.get(ref)
             except Exception as exc:
                 failures.append((rank_of[ref], exc))
-        dead = [r for r, exc in failures if isinstance(exc, ActorDiedError | RayActorError)]
+        dead = {r: exc for r, exc in failures if isinstance(exc, ActorDiedError | RayActorError)}
         if dead:
-            raise WorkerDied(f"rank {min(dead)} died during {method}: "
-                             f"{str(failures[0][1]).splitlines()[0]}")
+            first = min(dead)
+            who = (f" (pid {self.workers[first]['pid']} on {self.workers[first]['node']})"
+                   if self.workers else "")
+            lines = str(dead[first]).splitlines()
+            # Ray says why (the OOM killer, its memory monitor) further down its message
+            memory = [line.strip() for line in lines[1:] if "memory" in line.lower()][:1]
+            raise WorkerDied(f"rank {first}{who} died during {method}: "
+                             + " ".join(lines[:1] + memory))
+        cause = getattr(first, "cause", None)  # what the rank raised, inside RayTaskError
+        if method == "save" and isinstance(cause, OSError):  # a full disk: one line, no trace
+            raise RunFileError(Path(cause.filename or "checkpoint"), cause)
         raise WorkerError(f"rank {rank} failed in {method}: {first}")
 
     def shutdown(self) -> None:

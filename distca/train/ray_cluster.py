@@ -17,7 +17,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 
+from distca.train import leftovers
 from distca.train.errors import ClusterError
 
 LOCAL_RAY_ENV = {
@@ -108,19 +110,25 @@ def _check_answers(address: str, source: str = "ray.address", timeout_s: float =
     return machine is None or is_loopback(machine) or not _answers(machine, port, timeout_s)
 
 
-def connect(address: str | None, num_cpus: float, num_gpus: float = 0.0) -> bool:
-    """Join ``address`` or start a private local cluster; returns True when started here."""
+def connect(address: str | None, num_cpus: float) -> bool:
+    """Join ``address`` or start a private local cluster; returns True when started here.
+    A local cluster gets ``num_cpus`` logical CPUs and the GPUs Ray detects, never more."""
     if address is None:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         import ray
 
+        for line in leftovers.clean_up_dead_drivers():
+            print(f"distca: {line}", file=sys.stderr)
         # Ray gives its raylet a fixed 30 s to register; on a loaded machine one retry helps.
         for attempt in range(2):
             try:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                         num_cpus=max(1, int(num_cpus + 0.999)), num_gpus=int(num_gpus),
+                         num_cpus=max(1, int(num_cpus + 0.999)),
                          logging_level="WARNING", log_to_driver=True)
+                node = getattr(ray._private.worker, "_global_node", None)  # no public API
+                if node is not None:
+                    leftovers.register(node.get_session_dir_path())
                 return True
             except Exception as exc:
                 ray.shutdown()  # stops whatever part of the cluster did start
@@ -144,3 +152,4 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    leftovers.unregister()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from distca.config import DistcaConfig, to_yaml
+from distca.train.errors import RunFileError
 
 
 def default_run_dir(recipe: str | Path) -> Path:
@@ -28,8 +29,11 @@ def default_run_dir(recipe: str | Path) -> Path:
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunFileError(path, exc) from None
 
 
 class RunDir:

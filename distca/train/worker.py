@@ -4,6 +4,11 @@ The driver starts one :class:`RankWorker` per rank, then calls :meth:`setup` on 
 at once: each joins torch.distributed (gloo on CPU, nccl on GPU) and builds the
 :class:`distca.step.Step` of its role (:func:`distca.rank.make_rank`). Afterwards the driver sends every rank the same micro-batches
 per step. Ray is the control plane only; tensors between ranks go over torch.distributed.
+
+Nothing listens on every interface: the multi-node rendezvous store listens on rank 0's node
+address (a socket bound here and handed to torch's TCPStore, which would otherwise bind
+0.0.0.0), and gloo and NCCL use the network interface of the address Ray reports for the node
+(by default they take whatever the host name resolves to).
 """
 
 from __future__ import annotations
@@ -14,6 +19,16 @@ from pathlib import Path
 
 from distca.config import DistcaConfig
 from distca.mesh import dedicated_server_count
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface holding ``address`` on this machine, or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addresses):
+            return name
+    return None
 
 
 def world_layout(cfg: DistcaConfig) -> list[str]:
@@ -34,20 +49,27 @@ class RankWorker:
         import ray
 
         return {"rank": self.rank, "role": self.role, "node": ray.util.get_node_ip_address(),
-                "pid": os.getpid()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    def free_port(self, host: str) -> int:
-        """A TCP port free on this node, for the multi-node rendezvous (rank 0 only)."""
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return s.getsockname()[1]
+    def listen(self, host: str) -> int:
+        """Rank 0: bind the rendezvous store's socket to ``host`` (this node's address) now,
+        so its port can be sent to every rank; returns the port."""
+        self._listener = socket.create_server((host, 0))
+        return self._listener.getsockname()[1]
 
-    def setup(self, init_method: str, loopback: bool) -> None:
+    def setup(self, init_method: str) -> None:
+        """Join torch.distributed over ``init_method`` (``file://`` or ``tcp://HOST:PORT``,
+        where rank 0 hands over the socket of :meth:`listen`) with gloo/NCCL on the
+        interface of the address Ray reports for this node, then build this rank's step."""
+        import ray
+
         from distca.mesh import start_process_group
         from distca.rank import make_rank
 
+        listener = getattr(self, "_listener", None)
         start_process_group(self.cfg.parallel.backend, self.rank, self.world_size, init_method,
-                            loopback)
+                            interface=interface_of(ray.util.get_node_ip_address()),
+                            listener=listener if self.rank == 0 else None)
         self.step = make_rank(self.cfg)
 
     def train_step(self, batches: list) -> dict:
@@ -74,7 +96,7 @@ class RankWorker:
     def eval_loss(self, batches: list) -> float:
         return self.step.eval_loss(batches)
 
-    def save(self, directory: str) -> int:
+    def save(self, directory: str) -> dict:
         from distca.train.checkpoint import write_shard
 
         return write_shard(Path(directory), self.rank, self.step.state_dict())

@@ -11,13 +11,13 @@ from distca.train.checkpoint import (
     begin_save,
     commit,
     complete_checkpoints,
-    damaged_checkpoints,
     latest_checkpoint,
     prune,
     read_shard,
     shard_name,
     write_shard,
 )
+from distca.train.errors import TrainingStopped
 from distca.train.metrics import MetricsLog, read_metrics
 from distca.train.run_dir import RunDir
 
@@ -62,8 +62,9 @@ def test_interrupted_saves_never_load_as_valid(tmp_path):
     (gone / shard_name(0)).unlink()
     no_meta = save(tmp_path, 10)
     (no_meta / "meta.json").unlink()
-    assert latest_checkpoint(tmp_path)[0].name == "step_00000002"
-    assert [s for s, _ in damaged_checkpoints(tmp_path)] == [6, 8, 10]
+    warnings = []
+    assert latest_checkpoint(tmp_path, warnings.append)[0].name == "step_00000002"
+    assert [w.split(":")[0] for w in warnings] == [f"skipping {p}" for p in (no_meta, gone, bad)]
     # a re-save of a step after a restart replaces the old directory
     save(tmp_path, 2)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
@@ -75,6 +76,49 @@ def test_unreadable_shard_names_its_file(tmp_path):
         f.write(b"\xff" * 8)  # same size, so read_meta passes; the header is garbage
     with pytest.raises(ValueError, match=f"{path / shard_name(0)}.*aside"):
         read_shard(path, 0)
+
+
+def flip_exponent_bit(step_dir, rank=0):
+    """Flip the top exponent bit of the shard's first float32 (same size: sizes cannot tell)."""
+    from safetensors import safe_open
+
+    path = step_dir / shard_name(rank)
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor("model.w").dtype == torch.float32
+    offset = header + json.loads(raw[8:header])["model.w"]["data_offsets"][0]
+    raw[offset + 3] ^= 0x40  # little-endian float32: byte 3 holds the sign and 7 exponent bits
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_flipped_exponent_bit_is_detected_and_the_previous_checkpoint_used(tmp_path):
+    save(tmp_path, 2)
+    newest = save(tmp_path, 4)
+    shard = flip_exponent_bit(newest)
+    warnings = []
+    found, meta = latest_checkpoint(tmp_path, warnings.append)
+    assert found.name == "step_00000002" and meta["step"] == 2
+    assert len(warnings) == 1 and str(shard) in warnings[0] and "sha256" in warnings[0]
+    prune(tmp_path, keep=1)  # the damaged newer one must not push the good one out
+    assert found.exists()
+    newest = save(tmp_path, 6)
+    prune(tmp_path, keep=1, just_saved=newest)  # trusted without reading it back
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [6]
+
+
+def test_manifest_covers_every_file_and_catches_a_damaged_meta(tmp_path):
+    path = save(tmp_path, 3)
+    manifest = json.loads((path / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == ["meta.json", shard_name(0), shard_name(1)]
+    meta = path / "meta.json"
+    meta.write_text(meta.read_text().replace('"step": 3', '"step": 9'))  # same length
+    assert latest_checkpoint(tmp_path, lambda m: None) is None
+    tmp = begin_save(tmp_path, 5)
+    write_shard(tmp, 0, state(1))  # a file no rank reported
+    with pytest.raises(ValueError, match="not in the manifest"):
+        commit(tmp, 5, {}, [])
 
 
 def test_prune_keeps_newest_and_removes_abandoned(tmp_path):
@@ -102,9 +146,78 @@ def test_metrics_log_drops_repeated_steps_on_restart(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in run.tensorboard.iterdir())
 
 
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+    run.metrics.write_text(rows + '{"step": 4, "lo')  # a write cut short by a full disk
+    log = MetricsLog(run.metrics, run.tensorboard, start=3)
+    log.log({"step": 4, "loss": 0.5})
+    log.close()
+    assert [r["step"] for r in read_metrics(run.metrics)] == [1, 2, 3, 4]
+    assert f"{run.metrics}:4: dropping a torn last line" in capsys.readouterr().err
+    run.metrics.write_text(rows.replace('"step": 2', '"step": 2,,') + rows)
+    with pytest.raises(ValueError, match=f"{run.metrics}:2: not a JSON metrics row"):
+        read_metrics(run.metrics)
+
+
+def test_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    log = MetricsLog(run.metrics, run.tensorboard, start=0)
+    log._file.close()
+    monkeypatch.setattr(log, "_file", open("/dev/full", "a"))  # every write: ENOSPC
+    with pytest.raises(TrainingStopped) as caught:
+        log.log({"step": 1, "loss": 1.0})
+    message = str(caught.value)
+    assert f"cannot write {run.metrics}: No space left on device" in message
+    assert "MiB free" in message and "\n" not in message
+    with pytest.raises(TrainingStopped, match="No space left"):
+        log.close()  # the buffered row fails again; the files are closed all the same
+    log = MetricsLog(run.metrics, run.tensorboard, start=1)
+
+    def full(*args, **kwargs):  # what TensorBoard's writer thread re-raises on a full disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log._tb, "add_scalar", full)
+    with pytest.raises(TrainingStopped, match=f"cannot write {run.tensorboard}: No space left"):
+        log.log({"step": 2, "loss": 1.0})
+    log.close()
+
+
 def test_run_dir_files(tmp_path):
     run = RunDir(tmp_path / "r")
     run.write_config(load_config("recipes/tiny.yaml", ["trainer.steps=7"]))
     assert load_config(run.path / "config.yaml").trainer.steps == 7
     run.write_workers([{"rank": 0, "role": "worker", "node": "127.0.0.1", "pid": 1}])
     assert json.loads(run.workers.read_text())[0]["role"] == "worker"
+
+
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from distca.train.checkpoint import check_room
+
+    check_room(tmp_path, keep=2)  # nothing saved yet: no estimate, no refusal
+    save(tmp_path, 1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 10, 10))
+    with pytest.raises(OSError, match="keep_checkpoints=2 \\+ 1 checkpoints"):
+        check_room(tmp_path, keep=2)
+
+
+def test_rank_failures_name_the_rank_its_pid_and_a_full_disk_in_one_line():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from distca.train.errors import WorkerDied
+    from distca.train.group import WorkerGroup
+
+    group = WorkerGroup(load_config("recipes/tiny.yaml"))
+    group.workers = [{"rank": r, "pid": 100 + r, "node": "10.0.0.9"} for r in range(2)]
+    with pytest.raises(WorkerDied, match=r"^rank 1 \(pid 101 on 10.0.0.9\) died during train_step"):
+        group._raise_failure(ActorDiedError(), 1, [], {}, "train_step")
+    full = OSError(28, "No space left on device", "/runs/r/checkpoints/.tmp/rank_00001.partial")
+    with pytest.raises(TrainingStopped) as caught:
+        group._raise_failure(RayTaskError("save", "Traceback ...", full), 1, [], {}, "save")
+    assert str(caught.value).startswith("cannot write /runs/r/checkpoints/.tmp/rank_00001.partial: "
+                                        "No space left on device")
+    assert "Traceback" not in str(caught.value)
