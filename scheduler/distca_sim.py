@@ -13,7 +13,7 @@ added to it. Dispatch bytes per link follow the plan's transfers, NVLink inside 
 network across (rank ``s·dp + d`` sits on node ``rank // ranks_per_node``); the backward moves
 about twice the forward's bytes (dO out, dq and dk/dv back).
 
-``balance="tick"`` models what the schedule allows at best instead: all attention of a tick
+The ``tick`` balance models what the schedule allows at best instead: all attention of a tick
 (forwards and backwards in flight) is spread over the ranks so that each rank's linear work plus
 attention is as equal as possible (water-filling; a backward's 2x linear work then no longer
 sets the tick), each share padded by the max/mean the planner reached on those micro-batches, with the runtime plans' dispatch (a backward's
@@ -45,13 +45,10 @@ MOVED_BACKWARD = 1.5
 
 def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: Hardware,
                    tokens_per_worker: int, tolerance: float = 0.1, ping_pong: bool = True,
-                   min_shard_tokens: int = 128, balance: str = "runtime"
-                   ) -> tuple[float, float, int]:
-    """(step seconds, worst tick plan's max/mean attention, forward dispatch bytes per layer
-    summed over the step's tick plans) of distca on one step of ``dp × M × T`` tokens;
-    balance: ``runtime`` (the lock-step runtime's plans) or ``tick`` (module docstring)."""
-    if balance not in ("runtime", "tick"):
-        raise ValueError(f"balance must be 'runtime' or 'tick', got {balance!r}")
+                   min_shard_tokens: int = 128) -> tuple[dict[str, float], float, int]:
+    """({"runtime": s, "tick": s} step seconds of both balances (module docstring), worst tick
+    plan's max/mean attention, forward dispatch bytes per layer summed over the tick plans) of
+    distca on one step of ``dp × M × T`` tokens."""
     dp, stages, t = cluster.dp, cluster.pp, tokens_per_worker
     ranks = dp * stages
     micro = micro_batch_streams(lengths, cluster.micro_batches, dp * t)
@@ -59,7 +56,7 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
     linear = t * linear_seconds_per_token(model, cluster, hw)
     served: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # micro-batch -> (compute, dispatch)
     achieved: dict[int, float] = {}  # micro-batch -> max/mean of its forward tick's plan
-    work = np.zeros((len(ticks), ranks))
+    work = {b: np.zeros((len(ticks), ranks)) for b in ("runtime", "tick")}
     worst, moved = 1.0, 0
     for k, row in enumerate(ticks):
         jobs = [(s, op[1]) for s, op in enumerate(row) if op is not None and op[0] == "F"]
@@ -69,23 +66,26 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
             served.update(zip((m for _, m in jobs), per_job))
             achieved.update((m, plan.imbalance) for _, m in jobs)
             worst, moved = max(worst, plan.imbalance), moved + plan.bytes_moved
-        compute, dispatch = np.zeros(ranks), np.zeros(ranks)
+        own, compute = np.zeros(ranks), np.zeros(ranks)
+        dispatch = {b: np.zeros(ranks) for b in work}
         for s, op in enumerate(row):
             if op is None:
                 continue
             forward = op[0] == "F"
-            work[k, s * dp:(s + 1) * dp] += linear * (FWD_LINEAR if forward else 1 - FWD_LINEAR)
+            own[s * dp:(s + 1) * dp] += linear * (FWD_LINEAR if forward else 1 - FWD_LINEAR)
             job_compute, job_dispatch = served[op[1]]
             compute += job_compute * (FWD_ATTENTION if forward else 1 - FWD_ATTENTION)
-            dispatch += job_dispatch * (FWD_DISPATCH if forward else
-                                        (1 - FWD_DISPATCH) * (1 if balance == "runtime" else
-                                                              MOVED_BACKWARD))
-        if balance == "tick":
-            spread = max(achieved[op[1]] for op in row if op is not None)
-            compute = water_fill(work[k], compute.sum()) * spread
-        work[k] += np.maximum(compute, dispatch) if ping_pong else compute + dispatch
+            share = FWD_DISPATCH if forward else 1 - FWD_DISPATCH
+            dispatch["runtime"] += job_dispatch * share
+            dispatch["tick"] += job_dispatch * (share if forward else share * MOVED_BACKWARD)
+        spread = max(achieved[op[1]] for op in row if op is not None)
+        attention = {"runtime": compute, "tick": water_fill(own, compute.sum()) * spread}
+        for b, w in work.items():
+            w[k] = own + (np.maximum(attention[b], dispatch[b]) if ping_pong
+                          else attention[b] + dispatch[b])
     layers = model.num_layers / stages
-    return ticks_seconds(work * layers, hw.cores, hw.others), worst, moved
+    seconds = {b: ticks_seconds(w * layers, hw.cores, hw.others) for b, w in work.items()}
+    return seconds, worst, moved
 
 
 def water_fill(base: np.ndarray, total: float) -> np.ndarray:

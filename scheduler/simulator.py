@@ -68,10 +68,9 @@ def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
         best = min(times, key=times.get)
         seconds[name] = times[best]
         cp_size = best  # the last one: WLB-LLM's
-    seconds["distca"], worst, moved = distca_seconds(lengths, model, cluster, hw, t, tolerance,
-                                                     ping_pong, min_shard_tokens)
-    seconds["distca-tick"] = distca_seconds(lengths, model, cluster, hw, t, tolerance, ping_pong,
-                                            min_shard_tokens, balance="tick")[0]
+    distca, worst, moved = distca_seconds(lengths, model, cluster, hw, t, tolerance, ping_pong,
+                                          min_shard_tokens)
+    seconds["distca"], seconds["distca-tick"] = distca["runtime"], distca["tick"]
     return StepTimes(seconds, worst, moved, int(cp_size))
 
 
