@@ -24,7 +24,9 @@ time are in CPU seconds, the work a rank does on a core of its own. While ``k`` 
 next to ``x`` other runnable threads, each runs at ``min(1, cores / (k + x))`` of a core
 (processor sharing; a rank waiting in gloo or in the pipeline bubble uses no core). ``x`` is
 fitted so that the simulator reproduces the short batch's measured colocated wall time; the
-skewed batch's two modes are then predictions.
+skewed batch's two modes are then predictions. The all-to-all bandwidth is a wall-clock figure
+measured with every rank busy, so it enters the simulator (which slows all work by the sharing)
+divided by that share.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def _rank(rank: int, world: int, port: int, dp: int, args, queue) -> None:
         result = {f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()}
         spread = {f"{k}/{m}/all": v for (k, m), v in times.items()}
         queue.put({**result, **spread, "short_cpu": float(short_cpu) / world,
-                   "bus_bytes_per_s": statistics.median(bandwidth[args.warmup:])})
+                   "bus_bytes_per_s/all": bandwidth[args.warmup:]})
     dist.destroy_process_group()
 
 
@@ -153,9 +155,10 @@ def measure(dp: int, args) -> dict[str, float]:
     return result
 
 
-def predict(dp: int, args, table: CostTable, bandwidth: float, measured: dict) -> dict:
-    """Predicted skewed-batch step seconds of both modes from the table, the comm bandwidth and
-    the short batch's median wall and mean CPU seconds per rank (``measured``)."""
+def predict(dp: int, args, table: CostTable, bandwidth: float, short_cpu: float,
+            short_wall: float) -> dict:
+    """Predicted skewed-batch step seconds of both modes from the table, the all-to-all
+    bandwidth, the short batch's mean CPU seconds per rank and its wall seconds (the load)."""
     cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides(dp, args))
     m = cfg.model
     model = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
@@ -174,13 +177,12 @@ def predict(dp: int, args, table: CostTable, bandwidth: float, measured: dict) -
     attention = attention_seconds(seg.pairs(), seg.q_end - seg.q_start,
                                   seg.kv_end - seg.kv_start, model, cluster,
                                   Hardware(cost_table=table)).sum() * m.num_layers / world
-    linear = (measured["short_cpu"] - attention) / (layers * args.micro_batches * args.tokens)
+    linear = (short_cpu - attention) / (layers * args.micro_batches * args.tokens)
     if linear <= 0:
         raise RuntimeError("the short-document step uses less CPU than its predicted attention")
     # the simulator charges linear_flops_per_token / (peak · mfu) per token and layer
     hw = Hardware(peak_flops=model.linear_flops_per_token / linear, linear_mfu=1.0,
-                  nvlink_bytes_per_s=bandwidth, network_bytes_per_s=bandwidth, cost_table=table,
-                  cores=args.cores)
+                  cost_table=table, cores=args.cores)
 
     def step(kind: str, others: float) -> dict[str, float]:
         return simulate_batch(stream(kind), model, cluster, replace(hw, others=others),
@@ -190,9 +192,10 @@ def predict(dp: int, args, table: CostTable, bandwidth: float, measured: dict) -
     lo, hi = 0.0, 64.0  # outside runnable threads: bisect the short step's measured wall time
     for _ in range(30):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if step("short", mid)["packing"] < measured["short/colocated"] \
-            else (lo, mid)
+        lo, hi = (mid, hi) if step("short", mid)["packing"] < short_wall else (lo, mid)
     others = (lo + hi) / 2
+    share = min(1.0, args.cores / (world + others))  # while every rank computes
+    hw = replace(hw, nvlink_bytes_per_s=bandwidth / share, network_bytes_per_s=bandwidth / share)
     skewed = step("skewed", others)
     return {"colocated": skewed["packing"], "distca": skewed["distca"],
             "linear_s_per_token_layer": linear, "others": others}
@@ -223,30 +226,40 @@ def main() -> None:
     table = CostTable.from_csv(args.table)
     print(f"tiny model, cpp attention, pp={args.pp}, {args.micro_batches} micro-batches of "
           f"{args.tokens} tokens/rank, skewed batch (micro-batch 0: one {args.tokens}-token "
-          f"document on dp rank 0; {args.short}-token documents elsewhere), median of "
-          f"{args.steps} steps; table {args.table}")
-    print(f"ranks share {args.cores:g} cores (processor sharing); load: 1-minute load average "
-          "after the measurement; others: outside runnable threads fitted to the short batch")
+          f"document on dp rank 0; {args.short}-token documents elsewhere), {args.steps} steps "
+          f"of each mode, interleaved; table {args.table}")
+    print(f"ranks share {args.cores:g} cores (processor sharing); every step is predicted from "
+          "the load of its own short step (others: outside runnable threads fitted to it) and "
+          "its own all-to-all timing; medians over the steps, [min, max] of the per-step ratio")
     print("| dp | pp | load | others | comm GB/s | linear CPU µs/token/layer | mode | "
-          "predicted s | measured s (steps) | predicted / measured |")
+          "predicted s | measured s | predicted / measured |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    ratios = []
+    median = statistics.median
     for dp in args.dp:
         measured = measure(dp, args)
-        comm = measured["bus_bytes_per_s"]
         load = os.getloadavg()[0]
-        pred = predict(dp, args, table, comm, measured)
+        steps = [predict(dp, args, table, bw, measured["short_cpu"], wall)
+                 for bw, wall in zip(measured["bus_bytes_per_s/all"],
+                                     measured["short/colocated/all"])]
+        comm = median(measured["bus_bytes_per_s/all"])
         for mode in MODES:
-            got = measured[f"skewed/{mode}"]
-            steps = "/".join(f"{x:.2f}" for x in measured[f"skewed/{mode}/all"])
-            print(f"| {dp} | {args.pp} | {load:.1f} | {pred['others']:.1f} | {comm / 1e9:.2f} | "
-                  f"{pred['linear_s_per_token_layer'] * 1e6:.1f} | {mode} | {pred[mode]:.3f} | "
-                  f"{got:.3f} ({steps}) | {pred[mode] / got:.2f} |", flush=True)
-        ratios.append((dp, pred["colocated"] / pred["distca"],
-                       measured["skewed/colocated"] / measured["skewed/distca"]))
-    for dp, want, got in ratios:
-        print(f"- dp={dp}: colocated / distca predicted {want:.2f}, measured {got:.2f} "
-              f"(ratio error {want / got - 1:+.0%})")
+            got = measured[f"skewed/{mode}/all"]
+            want = [p[mode] for p in steps]
+            ratio = [w / g for w, g in zip(want, got)]
+            print(f"| {dp} | {args.pp} | {load:.1f} | {median(p['others'] for p in steps):.1f} | "
+                  f"{comm / 1e9:.3f} | {steps[0]['linear_s_per_token_layer'] * 1e6:.1f} | "
+                  f"{mode} | {median(want):.3f} | {median(got):.3f} | {median(ratio):.2f} "
+                  f"[{min(ratio):.2f}, {max(ratio):.2f}] |", flush=True)
+        want = [p["colocated"] / p["distca"] for p in steps]
+        got = [c / d for c, d in zip(measured["skewed/colocated/all"],
+                                     measured["skewed/distca/all"])]
+        print(f"- dp={dp}: colocated / distca per step: predicted median {median(want):.2f}, "
+              f"measured median {median(got):.2f} (measured steps "
+              f"{', '.join(f'{x:.2f}' for x in got)}); ratio error "
+              f"{median(want) / median(got) - 1:+.0%}")
+        print(f"- dp={dp}: short batch (colocated) median {measured['short/colocated']:.3f} s "
+              f"wall, {measured['short_cpu']:.3f} CPU s per rank; all-to-all "
+              f"{comm / 1e9:.3f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

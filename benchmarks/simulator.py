@@ -6,7 +6,7 @@ of ``max_len`` tokens per data-parallel replica, tp=8) and predicts each system'
 same documents with :func:`distca.scheduler.simulator.simulate_batch`: colocated systems played
 through 1F1B, distca through its lock-step ticks, twice (``distca``: each tick's forward
 attention planned over all ranks as the runtime does; ``distca-tick``: all attention in flight at
-a tick re-balanced against every rank's linear work, the schedule's best case). The CP baselines
+a tick re-balanced against every rank's linear work, backward inputs shipped again). The CP baselines
 are tuned the way their user would: the fastest group size among ``--cp`` on each batch (1 =
 packing without CP), at the same memory as distca (a micro-batch slice holds at most ``max_len``
 tokens). Ratios are taken on the same batches, side by side.
@@ -37,12 +37,13 @@ def model_spec(preset: str) -> ModelSpec:
 
 def run_setting(preset: str, distribution: str, max_len: int, gpus: int, pp: int, micro: int,
                 batches: int, seed: int, tolerance: float, cp: tuple[int, ...]) -> dict:
-    """Mean predicted step seconds of every system, WLB-LLM's chosen CP sizes (``cp_sizes``) and
-    distca's worst tick-plan imbalance (``imbalance``)."""
+    """Mean predicted step seconds of every system, WLB-LLM's chosen CP sizes (``cp_sizes``),
+    distca's worst tick-plan max/mean (``imbalance``) and its mean max/mean attention over the
+    ranks in ticks with a backward under the runtime's plans (``backward_imbalance``)."""
     model, cluster, hw = model_spec(preset), Cluster(gpus, 8, pp, micro_batches=micro), Hardware()
     rng = np.random.default_rng(seed)
     totals: dict = dict.fromkeys(SYSTEMS, 0.0)
-    chosen, worst = [], 1.0
+    chosen, worst, backward = [], 1.0, 0.0
     for _ in range(batches):
         lengths = sample_lengths(rng, distribution, cluster.dp * micro * max_len, max_len)
         step = simulate_batch(lengths, model, cluster, hw, max_len, tolerance, cp=cp, slack=0.0)
@@ -50,8 +51,10 @@ def run_setting(preset: str, distribution: str, max_len: int, gpus: int, pp: int
             totals[name] += value / batches
         chosen.append(step.cp_size)
         worst = max(worst, step.imbalance)
+        backward += step.tick_imbalance["backward"] / batches
     totals["cp_sizes"] = "/".join(map(str, sorted(set(chosen))))
     totals["imbalance"] = worst
+    totals["backward_imbalance"] = backward
     return totals
 
 
@@ -110,8 +113,9 @@ def main() -> None:
              "",
              "| model | distribution | max len | GPUs | pp | M | packing s | per-doc CP s | "
              "WLB-LLM s (cp) | distca s | distca-tick s | distca over WLB | tick over WLB | "
-             "tick over per-doc CP | tick over packing | worst tick max/mean |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tick over per-doc CP | tick over packing | worst plan max/mean | "
+             "backward ticks max/mean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for model in args.models:
         for dist in args.distributions:
@@ -129,7 +133,8 @@ def main() -> None:
                             f"{t['packing']:.1f} | {t['per-doc-cp']:.1f} | {wlb:.1f} "
                             f"({t['cp_sizes']}) | {d:.1f} | {tick:.1f} | {wlb / d:.3f} | "
                             f"{wlb / tick:.3f} | {t['per-doc-cp'] / tick:.3f} | "
-                            f"{t['packing'] / tick:.3f} | {t['imbalance']:.3f} |")
+                            f"{t['packing'] / tick:.3f} | {t['imbalance']:.3f} | "
+                            f"{t['backward_imbalance']:.2f} |")
                         print(lines[-1], flush=True)
     lines.append("")
     for pp in args.pp:

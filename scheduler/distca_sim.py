@@ -11,13 +11,14 @@ were. Per tick and rank, per layer: the linear work of its own operation (forwar
 share) plus the attention it serves, overlapped with its dispatch by ping-pong (``max``) or
 added to it. Dispatch bytes per link follow the plan's transfers, NVLink inside a node and the
 network across (rank ``s·dp + d`` sits on node ``rank // ranks_per_node``); the backward moves
-about twice the forward's bytes (dO out, dq and dk/dv back).
+about the forward's bytes (dO in; dq, dk, dv back), its servers having kept q, k, v.
 
-The ``tick`` balance models what the schedule allows at best instead: all attention of a tick
+The ``tick`` balance models planning every tick whole instead: all attention of a tick
 (forwards and backwards in flight) is spread over the ranks so that each rank's linear work plus
 attention is as equal as possible (water-filling; a backward's 2x linear work then no longer
-sets the tick), each share padded by the max/mean the planner reached on those micro-batches, with the runtime plans' dispatch (a backward's
-bytes ×1.5: its inputs travel again).
+sets the tick), each share padded by the max/mean the planner reached on those micro-batches,
+with the runtime plans' dispatch, a backward's bytes ×2 (its inputs q, k, v, out and lse
+travel again). It wins where attention dominates and loses where dispatch does.
 """
 
 from __future__ import annotations
@@ -38,17 +39,20 @@ from distca.scheduler.sim_model import (
     micro_batch_streams,
 )
 
-FWD_DISPATCH = 1.0 / 3.0  # forward bytes: q, k, v in, out + lse back; the backward twice that
+# forward: q, k, v in, out + lse back; backward on the same servers: dO in, dq, dk, dv back
+FWD_DISPATCH = 0.5
 # a backward re-balanced away from its forward's servers also ships q, k, v, out and lse again
-MOVED_BACKWARD = 1.5
+MOVED_BACKWARD = 2.0
 
 
 def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: Hardware,
                    tokens_per_worker: int, tolerance: float = 0.1, ping_pong: bool = True,
-                   min_shard_tokens: int = 128) -> tuple[dict[str, float], float, int]:
-    """({"runtime": s, "tick": s} step seconds of both balances (module docstring), worst tick
-    plan's max/mean attention, forward dispatch bytes per layer summed over the tick plans) of
-    distca on one step of ``dp × M × T`` tokens."""
+                   min_shard_tokens: int = 128) -> tuple[dict[str, float], dict[str, float], int]:
+    """({"runtime": s, "tick": s} step seconds of both balances (module docstring), max/mean
+    attention over the ranks under the runtime's plans ({"plans": the worst tick plan's,
+    "forward": mean over ticks of forwards only, "backward": mean over ticks with a backward}),
+    forward dispatch bytes per layer summed over the tick plans) of distca on one step of
+    ``dp × M × T`` tokens."""
     dp, stages, t = cluster.dp, cluster.pp, tokens_per_worker
     ranks = dp * stages
     micro = micro_batch_streams(lengths, cluster.micro_batches, dp * t)
@@ -58,6 +62,7 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
     achieved: dict[int, float] = {}  # micro-batch -> max/mean of its forward tick's plan
     work = {b: np.zeros((len(ticks), ranks)) for b in ("runtime", "tick")}
     worst, moved = 1.0, 0
+    spreads: dict[str, list[float]] = {"forward": [], "backward": []}
     for k, row in enumerate(ticks):
         jobs = [(s, op[1]) for s, op in enumerate(row) if op is not None and op[0] == "F"]
         if jobs:
@@ -78,6 +83,8 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
             share = FWD_DISPATCH if forward else 1 - FWD_DISPATCH
             dispatch["runtime"] += job_dispatch * share
             dispatch["tick"] += job_dispatch * (share if forward else share * MOVED_BACKWARD)
+        spreads["backward" if any(op and op[0] == "B" for op in row) else "forward"].append(
+            compute.max() / compute.mean() if compute.any() else 1.0)
         spread = max(achieved[op[1]] for op in row if op is not None)
         attention = {"runtime": compute, "tick": water_fill(own, compute.sum()) * spread}
         for b, w in work.items():
@@ -85,7 +92,9 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
                           else attention[b] + dispatch[b])
     layers = model.num_layers / stages
     seconds = {b: ticks_seconds(w * layers, hw.cores, hw.others) for b, w in work.items()}
-    return seconds, worst, moved
+    imbalance = {"plans": worst, **{k: float(np.mean(v)) if v else 1.0
+                                    for k, v in spreads.items()}}
+    return seconds, imbalance, moved
 
 
 def water_fill(base: np.ndarray, total: float) -> np.ndarray:

@@ -13,8 +13,8 @@ critical path, not from a constant bubble factor. Systems (:data:`SYSTEMS`):
   candidates ``cp``, as their user would tune it;
 * ``distca``: plain packing for the linear layers, lock-step ticks, each tick's forward attention
   planned over all ranks (bubble ranks included) as the runtime does it; ``distca-tick``: the
-  same with all attention in flight at a tick re-balanced against each rank's linear work, what
-  the schedule allows at best (:mod:`distca.scheduler.distca_sim`).
+  same with all attention in flight at a tick re-balanced against each rank's linear work, the
+  backwards' inputs shipped again (:mod:`distca.scheduler.distca_sim`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class StepTimes:
 
     seconds: dict[str, float]
     imbalance: float  # distca: the worst tick plan's max/mean attention cost
+    # distca under the runtime's plans: mean max/mean attention over the ranks in the ticks of
+    # forwards only and in the ticks with a backward (which runs where its forward was planned)
+    tick_imbalance: dict[str, float]
     bytes_moved: int  # distca: forward dispatch bytes per layer, summed over the tick plans
     cp_size: int = 1  # replicas per CP group that WLB-LLM found fastest
 
@@ -68,10 +71,11 @@ def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
         best = min(times, key=times.get)
         seconds[name] = times[best]
         cp_size = best  # the last one: WLB-LLM's
-    distca, worst, moved = distca_seconds(lengths, model, cluster, hw, t, tolerance, ping_pong,
+    distca, imbalance, moved = distca_seconds(lengths, model, cluster, hw, t, tolerance, ping_pong,
                                           min_shard_tokens)
     seconds["distca"], seconds["distca-tick"] = distca["runtime"], distca["tick"]
-    return StepTimes(seconds, worst, moved, int(cp_size))
+    ticks = {k: imbalance[k] for k in ("forward", "backward")}
+    return StepTimes(seconds, imbalance["plans"], ticks, moved, int(cp_size))
 
 
 def simulate(distribution, model: ModelSpec, cluster: Cluster, hw: Hardware, max_len: int,

@@ -130,3 +130,16 @@ def test_identical_micro_batches_keep_every_ratio_and_cad_gains_nothing():
         assert lockstep > s["packing"]
         for name in ("distca", "distca-tick"):
             assert s[name] > s["packing"]
+
+
+def test_backwards_stay_where_their_forward_was_planned():
+    t, micro, pp = 32768, 4, 4
+    # micro-batch 0 holds one 32K document on its first slice; everything else 1K documents
+    lengths = np.array([t] + [1024] * ((2 * micro - 1) * t // 1024))
+    cluster = Cluster(16 * pp, tp=8, pp=pp, micro_batches=micro)
+    step = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), t, tolerance=0.05, cp=1)
+    assert step.imbalance <= 1.05 + 1e-9  # every tick plan reaches the tolerance ...
+    # ... but a backward runs on the servers of its forward tick, not balanced with the other
+    # operations of its own tick
+    assert step.tick_imbalance["forward"] <= 1.05 + 1e-9
+    assert step.tick_imbalance["backward"] > 1.2
