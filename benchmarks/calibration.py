@@ -230,10 +230,11 @@ def main() -> None:
           f"of each mode, interleaved; table {args.table}")
     print(f"ranks share {args.cores:g} cores (processor sharing); every step is predicted from "
           "the load of its own short step (others: outside runnable threads fitted to it) and "
-          "its own all-to-all timing; medians over the steps, [min, max] of the per-step ratio")
+          "its own all-to-all timing; medians over the steps, and the per-step ratio's median "
+          "[min, max]")
     print("| dp | pp | load | others | comm GB/s | linear CPU µs/token/layer | mode | "
-          "predicted s | measured s | predicted / measured |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "predicted s | measured s | predicted / measured | per step [min, max] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     median = statistics.median
     for dp in args.dp:
         measured = measure(dp, args)
@@ -248,15 +249,17 @@ def main() -> None:
             ratio = [w / g for w, g in zip(want, got)]
             print(f"| {dp} | {args.pp} | {load:.1f} | {median(p['others'] for p in steps):.1f} | "
                   f"{comm / 1e9:.3f} | {steps[0]['linear_s_per_token_layer'] * 1e6:.1f} | "
-                  f"{mode} | {median(want):.3f} | {median(got):.3f} | {median(ratio):.2f} "
+                  f"{mode} | {median(want):.3f} | {median(got):.3f} | "
+                  f"{median(want) / median(got):.2f} | {median(ratio):.2f} "
                   f"[{min(ratio):.2f}, {max(ratio):.2f}] |", flush=True)
         want = [p["colocated"] / p["distca"] for p in steps]
         got = [c / d for c, d in zip(measured["skewed/colocated/all"],
                                      measured["skewed/distca/all"])]
-        print(f"- dp={dp}: colocated / distca per step: predicted median {median(want):.2f}, "
-              f"measured median {median(got):.2f} (measured steps "
-              f"{', '.join(f'{x:.2f}' for x in got)}); ratio error "
-              f"{median(want) / median(got) - 1:+.0%}")
+        ratio = median(measured["skewed/colocated/all"]) / median(measured["skewed/distca/all"])
+        predicted = median(p["colocated"] for p in steps) / median(p["distca"] for p in steps)
+        print(f"- dp={dp}: colocated / distca: predicted {predicted:.2f}, measured {ratio:.2f} "
+              f"(ratio error {predicted / ratio - 1:+.0%}); per step predicted median "
+              f"{median(want):.2f}, measured {', '.join(f'{x:.2f}' for x in got)}")
         print(f"- dp={dp}: short batch (colocated) median {measured['short/colocated']:.3f} s "
               f"wall, {measured['short_cpu']:.3f} CPU s per rank; all-to-all "
               f"{comm / 1e9:.3f} GB/s", flush=True)
