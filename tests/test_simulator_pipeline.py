@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from distca.scheduler.baselines import colocated_step
@@ -143,3 +146,9 @@ def test_backwards_stay_where_their_forward_was_planned():
     # operations of its own tick
     assert step.tick_imbalance["forward"] <= 1.05 + 1e-9
     assert step.tick_imbalance["backward"] > 1.2
+
+
+def test_simulator_modules_import_numpy_only():
+    code = ("import sys, distca.scheduler.simulator, distca.scheduler.pipeline_sim; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
