@@ -48,7 +48,7 @@ class StepTimes:
 
 def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: Hardware,
                    tokens_per_worker: int, tolerance: float = 0.1, ping_pong: bool = True,
-                   cp: int | tuple[int, ...] = 8, slack: float = 0.25,
+                   cp: int | tuple[int, ...] = (1, 2, 4, 8), slack: float = 0.25,
                    min_shard_tokens: int = 128) -> StepTimes:
     """Predicted step seconds of every system for one step's documents ``lengths`` (D,) filling
     ``dp × M × T`` tokens.
