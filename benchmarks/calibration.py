@@ -4,9 +4,9 @@ The simulator's cost model is fed from measurements only:
 
 * attention: the ``distca profile attention`` table of the tiny model (``--table``, one thread
   per rank as the ranks run), read by :class:`distca.scheduler.CostTable`;
-* communication: all-to-all bus bandwidth at ``--comm-size`` bytes (timed as ``distca profile
-  comm`` does) on the same ranks between the measured steps, so it sees the same load; the
-  median is every link's bandwidth;
+* communication: an α-β model of ``all_to_all_single`` timed (as ``distca profile comm`` does)
+  on the same ranks between the measured steps, so it sees the same load: the latency α of a
+  one-element exchange and the bus bandwidth of ``--comm-size`` bytes beyond it (medians);
 * linear layers: CPU seconds per token and layer of a measured colocated step on a batch of
   short documents (whose attention the table predicts and is subtracted); this lumps
   embeddings, norms, loss, optimizer and the gradient all-reduce in with the linear layers.
@@ -24,9 +24,10 @@ time are in CPU seconds, the work a rank does on a core of its own. While ``k`` 
 next to ``x`` other runnable threads, each runs at ``min(1, cores / (k + x))`` of a core
 (processor sharing; a rank waiting in gloo or in the pipeline bubble uses no core). ``x`` is
 fitted so that the simulator reproduces the short batch's measured colocated wall time; the
-skewed batch's two modes are then predictions. The all-to-all bandwidth is a wall-clock figure
+skewed batch's two modes are then predictions (all from the medians over the steps, which
+resist the load's bursts better than a fit per step). The all-to-all bandwidth is a wall-clock figure
 measured with every rank busy, so it enters the simulator (which slows all work by the sharing)
-divided by that share.
+divided by that share (and the latency multiplied by it).
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def _rank(rank: int, world: int, port: int, dp: int, args, queue) -> None:
     runs = [("short", "colocated")] + [("skewed", m) for m in MODES]
     times = {run: [] for run in runs}
     cpu = {run: [] for run in runs}
-    bandwidth = []
+    exchanges = []
     for step in range(args.warmup + args.steps):
-        bandwidth.append(_bus_bandwidth(world, args.comm_size))
+        small = _exchange_seconds(world, 4 * world)  # one float per peer: the latency
+        exchanges.append((small, _exchange_seconds(world, args.comm_size)))
         for kind, mode in runs:  # alternating: load on the machine hits every run alike
             batch = [packed(lengths, dp, args.tokens, step * args.micro_batches + m)
                      for m, lengths in enumerate(micro_batch_lengths(
@@ -120,13 +122,12 @@ def _rank(rank: int, world: int, port: int, dp: int, args, queue) -> None:
         result = {f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()}
         spread = {f"{k}/{m}/all": v for (k, m), v in times.items()}
         queue.put({**result, **spread, "short_cpu": float(short_cpu) / world,
-                   "bus_bytes_per_s/all": bandwidth[args.warmup:]})
+                   "exchange_s/all": exchanges[args.warmup:]})
     dist.destroy_process_group()
 
 
-def _bus_bandwidth(world: int, size: int, iters: int = 5) -> float:
-    """Bytes per second leaving each rank in ``all_to_all_single`` of ``size`` bytes per rank
-    (the slowest rank's time), as ``distca profile comm`` reports it."""
+def _exchange_seconds(world: int, size: int, iters: int = 5) -> float:
+    """Seconds of one ``all_to_all_single`` of ``size`` bytes per rank (the slowest rank's)."""
     numel = max(world, size // 4 // world * world)
     send = torch.randn(numel)
     recv = torch.empty_like(send)
@@ -137,7 +138,7 @@ def _bus_bandwidth(world: int, size: int, iters: int = 5) -> float:
         dist.all_to_all_single(recv, send)
     elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return numel * 4 * (world - 1) / world / float(elapsed)
+    return float(elapsed)
 
 
 def measure(dp: int, args) -> dict[str, float]:
@@ -155,10 +156,11 @@ def measure(dp: int, args) -> dict[str, float]:
     return result
 
 
-def predict(dp: int, args, table: CostTable, bandwidth: float, short_cpu: float,
+def predict(dp: int, args, table: CostTable, latency: float, bandwidth: float, short_cpu: float,
             short_wall: float) -> dict:
-    """Predicted skewed-batch step seconds of both modes from the table, the all-to-all
-    bandwidth, the short batch's mean CPU seconds per rank and its wall seconds (the load)."""
+    """Predicted skewed-batch step seconds of both modes from the table, the all-to-all latency
+    (s) and bandwidth (bytes/s), the short batch's mean CPU seconds per rank and its wall
+    seconds (the load)."""
     cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides(dp, args))
     m = cfg.model
     model = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
@@ -195,7 +197,8 @@ def predict(dp: int, args, table: CostTable, bandwidth: float, short_cpu: float,
         lo, hi = (mid, hi) if step("short", mid)["packing"] < short_wall else (lo, mid)
     others = (lo + hi) / 2
     share = min(1.0, args.cores / (world + others))  # while every rank computes
-    hw = replace(hw, nvlink_bytes_per_s=bandwidth / share, network_bytes_per_s=bandwidth / share)
+    hw = replace(hw, nvlink_bytes_per_s=bandwidth / share, network_bytes_per_s=bandwidth / share,
+                 exchange_latency_s=latency * share)
     skewed = step("skewed", others)
     return {"colocated": skewed["packing"], "distca": skewed["distca"],
             "linear_s_per_token_layer": linear, "others": others}
@@ -228,42 +231,40 @@ def main() -> None:
           f"{args.tokens} tokens/rank, skewed batch (micro-batch 0: one {args.tokens}-token "
           f"document on dp rank 0; {args.short}-token documents elsewhere), {args.steps} steps "
           f"of each mode, interleaved; table {args.table}")
-    print(f"ranks share {args.cores:g} cores (processor sharing); every step is predicted from "
-          "the load of its own short step (others: outside runnable threads fitted to it) and "
-          "its own all-to-all timing; medians over the steps, and the per-step ratio's median "
-          "[min, max]")
-    print("| dp | pp | load | others | comm GB/s | linear CPU µs/token/layer | mode | "
-          "predicted s | measured s | predicted / measured | per step [min, max] |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"ranks share {args.cores:g} cores (processor sharing): others, the outside runnable "
+          "threads, are fitted to the short batch's median wall time; comm: the median "
+          "all-to-all timing between the steps; spread: [min, max] of the per-step measured "
+          "colocated / distca ratio (the machine's noise)")
+    print("| dp | pp | load | others | all-to-all ms + GB/s | linear CPU µs/token/layer | mode | "
+          "predicted s | measured s | predicted / measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     median = statistics.median
     for dp in args.dp:
         measured = measure(dp, args)
         load = os.getloadavg()[0]
-        steps = [predict(dp, args, table, bw, measured["short_cpu"], wall)
-                 for bw, wall in zip(measured["bus_bytes_per_s/all"],
-                                     measured["short/colocated/all"])]
-        comm = median(measured["bus_bytes_per_s/all"])
+        latency = median(small for small, _ in measured["exchange_s/all"])
+        numel = max(dp * args.pp, args.comm_size // 4 // (dp * args.pp) * (dp * args.pp))
+        leaving = numel * 4 * (dp * args.pp - 1) / (dp * args.pp)
+        comm = leaving / max(median(big for _, big in measured["exchange_s/all"]) - latency,
+                             1e-9)
+        pred = predict(dp, args, table, latency, comm, measured["short_cpu"],
+                       measured["short/colocated"])
         for mode in MODES:
-            got = measured[f"skewed/{mode}/all"]
-            want = [p[mode] for p in steps]
-            ratio = [w / g for w, g in zip(want, got)]
-            print(f"| {dp} | {args.pp} | {load:.1f} | {median(p['others'] for p in steps):.1f} | "
-                  f"{comm / 1e9:.3f} | {steps[0]['linear_s_per_token_layer'] * 1e6:.1f} | "
-                  f"{mode} | {median(want):.3f} | {median(got):.3f} | "
-                  f"{median(want) / median(got):.2f} | {median(ratio):.2f} "
-                  f"[{min(ratio):.2f}, {max(ratio):.2f}] |", flush=True)
-        want = [p["colocated"] / p["distca"] for p in steps]
-        got = [c / d for c, d in zip(measured["skewed/colocated/all"],
-                                     measured["skewed/distca/all"])]
-        ratio = median(measured["skewed/colocated/all"]) / median(measured["skewed/distca/all"])
-        predicted = median(p["colocated"] for p in steps) / median(p["distca"] for p in steps)
-        print(f"- dp={dp}: colocated / distca: predicted {predicted:.2f}, measured {ratio:.2f} "
-              f"(ratio error {predicted / ratio - 1:+.0%}); per step predicted median "
-              f"{median(want):.2f}, measured {', '.join(f'{x:.2f}' for x in got)}")
+            got = measured[f"skewed/{mode}"]
+            print(f"| {dp} | {args.pp} | {load:.1f} | {pred['others']:.1f} | "
+                  f"{latency * 1e3:.1f} + {comm / 1e9:.3f} | "
+                  f"{pred['linear_s_per_token_layer'] * 1e6:.1f} | {mode} | {pred[mode]:.3f} | "
+                  f"{got:.3f} | {pred[mode] / got:.2f} |", flush=True)
+        want = pred["colocated"] / pred["distca"]
+        got = measured["skewed/colocated"] / measured["skewed/distca"]
+        steps = [c / d for c, d in zip(measured["skewed/colocated/all"],
+                                       measured["skewed/distca/all"])]
+        print(f"- dp={dp}: colocated / distca: predicted {want:.2f}, measured {got:.2f} (ratio "
+              f"error {want / got - 1:+.0%}); per-step measured spread [{min(steps):.2f}, "
+              f"{max(steps):.2f}]")
         print(f"- dp={dp}: short batch (colocated) median {measured['short/colocated']:.3f} s "
               f"wall, {measured['short_cpu']:.3f} CPU s per rank; all-to-all "
-              f"{comm / 1e9:.3f} GB/s", flush=True)
-
+              f"{latency * 1e3:.2f} ms + {comm / 1e9:.3f} GB/s", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,9 @@ were. Per tick and rank, per layer: the linear work of its own operation (forwar
 share) plus the attention it serves, overlapped with its dispatch by ping-pong (``max``) or
 added to it. Dispatch bytes per link follow the plan's transfers, NVLink inside a node and the
 network across (rank ``s·dp + d`` sits on node ``rank // ranks_per_node``); the backward moves
-about the forward's bytes (dO in; dq, dk, dv back), its servers having kept q, k, v.
+about the forward's bytes (dO in; dq, dk, dv back), its servers having kept q, k, v. Every
+rank joins two all-to-alls (to the servers, back) per layer, tick and nano-batch, each costing
+``Hardware.exchange_latency_s`` on top of its bytes.
 
 The ``tick`` balance models planning every tick whole instead: all attention of a tick
 (forwards and backwards in flight) is spread over the ranks so that each rank's linear work plus
@@ -83,6 +85,9 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
             share = FWD_DISPATCH if forward else 1 - FWD_DISPATCH
             dispatch["runtime"] += job_dispatch * share
             dispatch["tick"] += job_dispatch * (share if forward else share * MOVED_BACKWARD)
+        # every rank joins each round's exchange to the servers and back, per nano-batch
+        for d in dispatch.values():
+            d += 2 * (2 if ping_pong else 1) * hw.exchange_latency_s
         spreads["backward" if any(op and op[0] == "B" for op in row) else "forward"].append(
             compute.max() / compute.mean() if compute.any() else 1.0)
         spread = max(achieved[op[1]] for op in row if op is not None)

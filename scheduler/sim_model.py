@@ -91,6 +91,7 @@ class Hardware:
     nvlink_bytes_per_s: float = 450e9
     network_bytes_per_s: float = 50e9
     cost_table: CostTable | None = None  # measured pairs/s per GPU by task shape
+    exchange_latency_s: float = 0.0  # per all-to-all beyond its bytes (α of an α-β model)
     cores: float | None = None
     others: float = 0.0
 

@@ -152,3 +152,16 @@ def test_simulator_modules_import_numpy_only():
     code = ("import sys, distca.scheduler.simulator, distca.scheduler.pipeline_sim; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_rank_pays_the_exchange_latency_in_every_tick_and_layer():
+    t, micro = 16384, 3
+    lengths = np.full(2 * micro * 4, t // 4)  # nothing worth moving
+    cluster = Cluster(16, tp=8, micro_batches=micro)
+    base = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), t, ping_pong=False, cp=1)
+    slow = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(exchange_latency_s=1e-3), t,
+                          ping_pong=False, cp=1)
+    assert slow.seconds["packing"] == base.seconds["packing"]
+    # pp=1: a forward and a backward tick per micro-batch, each layer two exchanges
+    extra = 2 * micro * LLAMA_8B.num_layers * 2 * 1e-3
+    assert slow.seconds["distca"] == pytest.approx(base.seconds["distca"] + extra)
