@@ -115,13 +115,14 @@ def _rank(rank: int, world: int, port: int, dp: int, args, queue) -> None:
             if step >= args.warmup:
                 times[(kind, mode)].append(time.perf_counter() - start)
                 cpu[(kind, mode)].append(used)
-    short_cpu = torch.tensor([statistics.median(cpu[("short", "colocated")])],
-                             dtype=torch.float64)
-    dist.all_reduce(short_cpu)
+    cpu_medians = torch.tensor([statistics.median(cpu[run]) for run in runs],
+                               dtype=torch.float64)
+    dist.all_reduce(cpu_medians)  # summed over the ranks
     if rank == 0:
         result = {f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()}
         spread = {f"{k}/{m}/all": v for (k, m), v in times.items()}
-        queue.put({**result, **spread, "short_cpu": float(short_cpu) / world,
+        cpus = {f"{k}/{m}/cpu": float(c) / world for (k, m), c in zip(runs, cpu_medians)}
+        queue.put({**result, **spread, **cpus, "short_cpu": cpus["short/colocated/cpu"],
                    "exchange_s/all": exchanges[args.warmup:]})
     dist.destroy_process_group()
 
@@ -262,6 +263,9 @@ def main() -> None:
         print(f"- dp={dp}: colocated / distca: predicted {want:.2f}, measured {got:.2f} (ratio "
               f"error {want / got - 1:+.0%}); per-step measured spread [{min(steps):.2f}, "
               f"{max(steps):.2f}]")
+        print(f"- dp={dp}: CPU seconds per rank (median): colocated "
+              f"{measured['skewed/colocated/cpu']:.3f}, distca {measured['skewed/distca/cpu']:.3f} "
+              "(the simulator gives both the same work but the dispatch)")
         print(f"- dp={dp}: short batch (colocated) median {measured['short/colocated']:.3f} s "
               f"wall, {measured['short_cpu']:.3f} CPU s per rank; all-to-all "
               f"{latency * 1e3:.2f} ms + {comm / 1e9:.3f} GB/s", flush=True)
