@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llama3-8b", "codellama-34b"])
     parser.add_argument("--distributions", nargs="+", default=["pretrain", "prolong"])
     parser.add_argument("--max-lens", nargs="+", type=int, default=[128 * K, 256 * K, 512 * K])
-    parser.add_argument("--gpus", nargs="+", type=int, default=[64, 512])
+    parser.add_argument("--gpus", nargs="+", type=int, default=[64, 128, 256, 512])
     parser.add_argument("--pp", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--micro-per-stage", type=int, default=2,
                         help="micro-batches per replica and step = this × pp (2)")

@@ -55,16 +55,25 @@ def test_heavy_micro_batch_stalls_the_1f1b_pipeline_as_worked_by_hand(pp, heavy,
 
 
 def test_the_heavy_micro_batch_costs_more_with_pp():
-    # from the hand-worked cases: heavy / uniform step grows from 26/12 at pp=1 to 22/9 at pp=2
+    # four layers, four micro-batches, per layer linear 3 s (forward 1, backward 2), micro-batch
+    # 0 also attention 7 s (forward 2, backward 5).
+    # pp=1: uniform 4 × 12 = 48; heavy: 12 + 28 + 3 × 12 = 76.
+    # pp=2 (2 layers a stage; uniform f=2, b=4, heavy f=6, b=14): uniform (4+1) × 6 = 30; heavy:
+    # s0 F0 [0,6] F1 [6,8]; s1 F0 [6,12] B0 [12,26] F1 [26,28] B1 [28,32]; s0 B0 [26,40]
+    # F2 [40,42] B1 [42,46] F3 [46,48]; s1 F2 [42,44] B2 [44,48] F3 [48,50] B3 [50,54];
+    # s0 B2 [48,52] B3 [54,58] -> 58.
     model = ModelSpec(4, 64, 4, 2, 128)
-    ratios = []
+    steps = {}
     for pp in (1, 2, 4):
         cluster = Cluster(8 * pp, tp=8, pp=pp, micro_batches=4)
         linear = np.full((1, 4), 3.0)
-        steps = [colocated_step(linear, np.array([[a, 0, 0, 0]]), np.zeros((1, 4)), model,
-                                cluster, Hardware()) for a in (7.0, 0.0)]
-        ratios.append(steps[0] / steps[1])
-    assert ratios[0] < ratios[1] < ratios[2]
+        steps[pp] = [colocated_step(linear, np.array([[a, 0, 0, 0]]), np.zeros((1, 4)), model,
+                                    cluster, Hardware()) for a in (7.0, 0.0)]
+    assert steps[1] == pytest.approx([76.0, 48.0])
+    assert steps[2] == pytest.approx([58.0, 30.0])
+    assert steps[4][1] == pytest.approx((4 + 3) * 3.0)
+    ratios = [heavy / uniform for heavy, uniform in steps.values()]
+    assert ratios[0] < ratios[1] < ratios[2]  # the heavy micro-batch stalls more stages
 
 
 def test_processor_sharing_slows_ranks_that_compute_together():
