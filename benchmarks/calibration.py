@@ -4,28 +4,30 @@ The simulator's cost model is fed from measurements only:
 
 * attention: the ``distca profile attention`` table of the tiny model (``--table``, one thread
   per rank as the ranks run), read by :class:`distca.scheduler.CostTable`;
-* communication: ``distca profile comm`` bus bandwidth at ``--comm-size`` bytes on ``world``
-  ranks, used as every link's bandwidth;
-* linear layers: seconds per token of a measured colocated step on a batch of short documents
-  (whose attention the table predicts and is subtracted), spread over the layers; this lumps
+* communication: an α-β model of ``all_to_all_single`` timed (as ``distca profile comm`` does)
+  on the same ranks between the measured steps, so it sees the same load: the latency α of a
+  one-element exchange and the bus bandwidth of ``--comm-size`` bytes beyond it (medians);
+* linear layers: CPU seconds per token and layer of a measured colocated step on a batch of
+  short documents (whose attention the table predicts and is subtracted); this lumps
   embeddings, norms, loss, optimizer and the gradient all-reduce in with the linear layers.
 
-Then real steps run on ``world`` gloo ranks (the skewed batch of ``benchmarks/runtime.py``:
-one ``--tokens``-token document on rank 0, short documents elsewhere) in colocated and
-disaggregated (ping-pong) mode, and the simulator predicts the same batches
-(``packing`` and ``distca`` systems with tp=1).
+Then real steps run on ``dp × pp`` gloo ranks, ``--micro-batches`` micro-batches of ``--tokens``
+tokens per rank, on the skewed batch (micro-batch 0 holds one ``--tokens``-token document on
+data-parallel rank 0, every other slice short documents) in colocated mode (1F1B with pp > 1)
+and disaggregated mode (ping-pong; the lock-step schedule with pp > 1), alternating so that the
+machine's load hits both alike; the simulator predicts the same micro-batches (``packing`` and
+``distca`` with tp=1), its pipelines played by :mod:`distca.scheduler.pipeline_sim`.
 
 CPU contention: the ranks are processes with one thread each, sharing ``--cores`` cores with
 whatever else runs on the machine; the table (``profile attention --clock cpu``) and the linear
 time are in CPU seconds, the work a rank does on a core of its own. While ``k`` ranks compute
-next to ``x`` other runnable threads, each rank runs at ``min(1, cores / (k + x))`` of a core
-(processor sharing; a rank waiting in gloo uses no core). The short batch, where every rank
-computes all the time, gives both unknowns: its CPU seconds per rank fit the linear time, and
-its CPU seconds over its wall seconds the share ``s`` each busy rank got, hence ``x``. A
-disaggregated step keeps every rank busy (the planner balances attention, linear work is even)
-and is predicted at share ``s``; a colocated step lets the ranks with short documents finish
-early and free their core, so it is predicted as the processor-sharing finish time of the
-per-rank work.
+next to ``x`` other runnable threads, each runs at ``min(1, cores / (k + x))`` of a core
+(processor sharing; a rank waiting in gloo or in the pipeline bubble uses no core). ``x`` is
+fitted so that the simulator reproduces the short batch's measured colocated wall time; the
+skewed batch's two modes are then predictions (all from the medians over the steps, which
+resist the load's bursts better than a fit per step). The all-to-all bandwidth is a wall-clock figure
+measured with every rank busy, so it enters the simulator (which slows all work by the sharing)
+divided by that share (and the latency multiplied by it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,48 +54,59 @@ from distca.scheduler.simulator import (
 )
 
 from distca.config import load_config
-from distca.profile.comm import free_port, profile_comm
+from distca.profile.comm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"colocated": ["cad.enabled=false"],
          "distca": ["cad.enabled=true", "cad.ping_pong=true"]}
 
 
-def batch_lengths(kind: str, ranks: int, tokens: int, short: int) -> np.ndarray:
-    """``skewed``: one full-rank document then short ones; ``short``: short documents only."""
-    n_short = (ranks - 1) * tokens // short if kind == "skewed" else ranks * tokens // short
-    return np.array(([tokens] if kind == "skewed" else []) + [short] * n_short, dtype=np.int64)
+def micro_batch_lengths(kind: str, dp: int, micro: int, tokens: int, short: int
+                        ) -> list[np.ndarray]:
+    """Document lengths of each micro-batch (``dp`` slices of ``tokens``, back to back):
+    ``skewed``: micro-batch 0 starts with one ``tokens``-token document, everything else short
+    documents; ``short``: short documents only."""
+    batches = []
+    for m in range(micro):
+        long = kind == "skewed" and m == 0
+        n_short = (dp - long) * tokens // short
+        batches.append(np.array([tokens] * long + [short] * n_short, dtype=np.int64))
+    return batches
 
 
-def packed(lengths: np.ndarray, ranks: int, tokens: int, seed: int):
+def packed(lengths: np.ndarray, dp: int, tokens: int, seed: int):
     from distca.batch import PackedBatch
 
-    ids = np.random.default_rng(seed).integers(0, 512, ranks * tokens)
+    ids = np.random.default_rng(seed).integers(0, 512, dp * tokens)
     return PackedBatch(ids, np.roll(ids, -1), lengths, tokens)
 
 
-def overrides(world: int, args) -> list[str]:
-    return [f"parallel.dp={world}", f"data.tokens_per_rank={args.tokens}",
-            f"cad.min_shard_tokens={args.min_shard}", f"cad.tolerance={args.tolerance}",
-            "attention.backend=cpp"]
+def overrides(dp: int, args) -> list[str]:
+    return [f"parallel.dp={dp}", f"parallel.pp={args.pp}", f"data.tokens_per_rank={args.tokens}",
+            f"data.micro_batches={args.micro_batches}", f"cad.min_shard_tokens={args.min_shard}",
+            f"cad.tolerance={args.tolerance}", "attention.backend=cpp"]
 
 
-def _rank(rank: int, world: int, port: int, args, queue) -> None:
+def _rank(rank: int, world: int, port: int, dp: int, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     from distca.rank import make_rank
 
-    common = overrides(world, args)
+    common = overrides(dp, args)
     engines = {m: make_rank(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
                for m, extra in MODES.items()}
     runs = [("short", "colocated")] + [("skewed", m) for m in MODES]
     times = {run: [] for run in runs}
     cpu = {run: [] for run in runs}
+    exchanges = []
     for step in range(args.warmup + args.steps):
+        small = _exchange_seconds(world, 4 * world)  # one float per peer: the latency
+        exchanges.append((small, _exchange_seconds(world, args.comm_size)))
         for kind, mode in runs:  # alternating: load on the machine hits every run alike
-            batch = [packed(batch_lengths(kind, world, args.tokens, args.short), world,
-                            args.tokens, step)]
+            batch = [packed(lengths, dp, args.tokens, step * args.micro_batches + m)
+                     for m, lengths in enumerate(micro_batch_lengths(
+                         kind, dp, args.micro_batches, args.tokens, args.short))]
             dist.barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
             engines[mode].train_step(batch)
@@ -101,20 +115,40 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
             if step >= args.warmup:
                 times[(kind, mode)].append(time.perf_counter() - start)
                 cpu[(kind, mode)].append(used)
-    short_cpu = torch.tensor([statistics.median(cpu[("short", "colocated")])],
-                             dtype=torch.float64)
-    dist.all_reduce(short_cpu)
+    cpu_medians = torch.tensor([statistics.median(cpu[run]) for run in runs],
+                               dtype=torch.float64)
+    dist.all_reduce(cpu_medians)  # summed over the ranks
     if rank == 0:
         result = {f"{k}/{m}": statistics.median(v) for (k, m), v in times.items()}
-        queue.put({**result, "short_cpu": float(short_cpu) / world})
+        spread = {f"{k}/{m}/all": v for (k, m), v in times.items()}
+        cpus = {f"{k}/{m}/cpu": float(c) / world for (k, m), c in zip(runs, cpu_medians)}
+        queue.put({**result, **spread, **cpus, "short_cpu": cpus["short/colocated/cpu"],
+                   "exchange_s/all": exchanges[args.warmup:]})
     dist.destroy_process_group()
 
 
-def measure(world: int, args) -> dict[str, float]:
+def _exchange_seconds(world: int, size: int, iters: int = 5) -> float:
+    """Seconds of one ``all_to_all_single`` of ``size`` bytes per rank (the slowest rank's)."""
+    numel = max(world, size // 4 // world * world)
+    send = torch.randn(numel)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        dist.all_to_all_single(recv, send)
+    elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def measure(dp: int, args) -> dict[str, float]:
+    world = dp * args.pp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, dp, args, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     result = queue.get()
@@ -123,62 +157,61 @@ def measure(world: int, args) -> dict[str, float]:
     return result
 
 
-def shared_finish(work: np.ndarray, cores: float, others: float = 0.0) -> float:
-    """Seconds until the last of these works (CPU seconds, one per rank) finishes when the busy
-    ranks and ``others`` outside threads share ``cores`` cores equally (processor sharing) and
-    a finished rank frees its share."""
-    clock, done = 0.0, 0.0
-    for i, w in enumerate(np.sort(np.asarray(work, dtype=np.float64))):
-        active = work.size - i
-        clock += (w - done) / min(1.0, cores / (active + others))
-        done = w
-    return clock
-
-
-def predict(world: int, args, table: CostTable, bandwidth: float, measured: dict) -> dict:
-    """Predicted skewed-batch step seconds from the table, the comm bandwidth and the short
-    batch's median wall and mean CPU seconds per rank (``measured``)."""
-    cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides(world, args))
+def predict(dp: int, args, table: CostTable, latency: float, bandwidth: float, short_cpu: float,
+            short_wall: float) -> dict:
+    """Predicted skewed-batch step seconds of both modes from the table, the all-to-all latency
+    (s) and bandwidth (bytes/s), the short batch's mean CPU seconds per rank and its wall
+    seconds (the load)."""
+    cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides(dp, args))
     m = cfg.model
     model = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
                       m.ffn_hidden_size, bytes_per_elem=4)
-    cluster = Cluster(world, tp=1, gpus_per_node=world, micro_batches=1)
-    share = min(1.0, measured["short_cpu"] / measured["short/colocated"])
-    others = max(0.0, args.cores / share - world)
+    world = dp * args.pp
+    cluster = Cluster(world, tp=1, pp=args.pp, gpus_per_node=world,
+                      micro_batches=args.micro_batches)
+    layers = m.num_layers / args.pp
 
-    def hardware(linear_s_per_token_layer: float, share: float) -> Hardware:
-        # The simulator charges linear_flops_per_token / (peak · mfu) per token and layer.
-        slow_table = CostTable(table.q_lens, table.kv_lens, table.pairs_per_s * share)
-        return Hardware(peak_flops=model.linear_flops_per_token / linear_s_per_token_layer
-                        * share, linear_mfu=1.0, nvlink_bytes_per_s=bandwidth,
-                        network_bytes_per_s=bandwidth, cost_table=slow_table)
+    def stream(kind: str) -> np.ndarray:
+        return np.concatenate(micro_batch_lengths(kind, dp, args.micro_batches, args.tokens,
+                                                  args.short))
 
-    def rank_work(lengths: np.ndarray, linear: float) -> np.ndarray:
-        """(world,) CPU seconds of each rank's colocated step: its layers' linear work and the
-        attention of its own documents."""
-        seg = build_segments(documents_from_batch(lengths), args.tokens)
-        seconds = attention_seconds(seg.pairs(), seg.q_end - seg.q_start,
-                                    seg.kv_end - seg.kv_start, model, cluster,
-                                    hardware(1.0, 1.0))
-        attention = np.bincount(seg.home, weights=seconds, minlength=world)
-        return m.num_layers * (attention + args.tokens * linear)
-
-    short = batch_lengths("short", world, args.tokens, args.short)
-    attention_short = rank_work(short, 0.0).mean()
-    linear = (measured["short_cpu"] - attention_short) / (m.num_layers * args.tokens)
+    # linear CPU seconds per token and layer: the short step's CPU per rank minus its attention
+    seg = build_segments(documents_from_batch(stream("short")), args.tokens)
+    attention = attention_seconds(seg.pairs(), seg.q_end - seg.q_start,
+                                  seg.kv_end - seg.kv_start, model, cluster,
+                                  Hardware(cost_table=table)).sum() * m.num_layers / world
+    linear = (short_cpu - attention) / (layers * args.micro_batches * args.tokens)
     if linear <= 0:
         raise RuntimeError("the short-document step uses less CPU than its predicted attention")
-    skewed = batch_lengths("skewed", world, args.tokens, args.short)
-    step = simulate_batch(skewed, model, cluster, hardware(linear, share), args.tokens,
-                          args.tolerance)
-    return {"colocated": shared_finish(rank_work(skewed, linear), args.cores, others),
-            "distca": step.seconds["distca"], "linear_s_per_token_layer": linear,
-            "share": share, "others": others}
+    # the simulator charges linear_flops_per_token / (peak · mfu) per token and layer
+    hw = Hardware(peak_flops=model.linear_flops_per_token / linear, linear_mfu=1.0,
+                  cost_table=table, cores=args.cores)
+
+    def step(kind: str, others: float) -> dict[str, float]:
+        return simulate_batch(stream(kind), model, cluster, replace(hw, others=others),
+                              args.tokens, args.tolerance, cp=1,
+                              min_shard_tokens=args.min_shard).seconds
+
+    lo, hi = 0.0, 64.0  # outside runnable threads: bisect the short step's measured wall time
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if step("short", mid)["packing"] < short_wall else (lo, mid)
+    others = (lo + hi) / 2
+    share = min(1.0, args.cores / (world + others))  # while every rank computes
+    hw = replace(hw, nvlink_bytes_per_s=bandwidth / share, network_bytes_per_s=bandwidth / share,
+                 exchange_latency_s=latency * share)
+    skewed = step("skewed", others)
+    return {"colocated": skewed["packing"], "distca": skewed["distca"],
+            "linear_s_per_token_layer": linear, "others": others}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--dp", type=int, nargs="+", default=[2, 4],
+                        help="data-parallel sizes to measure, one run each")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages (1)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches per step (1)")
     parser.add_argument("--table", required=True, help="distca profile attention CSV (tiny, 1 "
                         "thread)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
@@ -191,28 +224,53 @@ def main() -> None:
                         help="CPU cores the ranks share (default: all of this machine's)")
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
+    for flag in ("pp", "micro_batches", "tokens", "short", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     table = CostTable.from_csv(args.table)
-    print(f"tiny model, cpp attention, {args.tokens} tokens/rank, skewed batch (one "
-          f"{args.tokens}-token document, {args.short}-token documents), median of {args.steps} "
-          f"steps; table {args.table}")
-    print(f"ranks share {args.cores:g} cores (processor sharing); load: 1-minute load average "
-          "after the measurement; share: core fraction per busy rank on the short batch; "
-          "others: outside threads that implies")
-    print("| ranks | load | share | others | comm GB/s | linear CPU µs/token/layer | mode | "
+    print(f"tiny model, cpp attention, pp={args.pp}, {args.micro_batches} micro-batches of "
+          f"{args.tokens} tokens/rank, skewed batch (micro-batch 0: one {args.tokens}-token "
+          f"document on dp rank 0; {args.short}-token documents elsewhere), {args.steps} steps "
+          f"of each mode, interleaved; table {args.table}")
+    print(f"ranks share {args.cores:g} cores (processor sharing): others, the outside runnable "
+          "threads, are fitted to the short batch's median wall time; comm: the median "
+          "all-to-all timing between the steps; spread: [min, max] of the per-step measured "
+          "colocated / distca ratio (the machine's noise)")
+    print("| dp | pp | load | others | all-to-all ms + GB/s | linear CPU µs/token/layer | mode | "
           "predicted s | measured s | predicted / measured |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for world in args.ranks:
-        comm = profile_comm(world, [args.comm_size], iters=5)["rows"][0]["bus_GBps"] * 1e9
-        measured = measure(world, args)
+    median = statistics.median
+    for dp in args.dp:
+        measured = measure(dp, args)
         load = os.getloadavg()[0]
-        pred = predict(world, args, table, comm, measured)
+        latency = median(small for small, _ in measured["exchange_s/all"])
+        numel = max(dp * args.pp, args.comm_size // 4 // (dp * args.pp) * (dp * args.pp))
+        leaving = numel * 4 * (dp * args.pp - 1) / (dp * args.pp)
+        big = median(big for _, big in measured["exchange_s/all"])
+        # under bursty load the small exchange's median can reach the big one's: then at least
+        # half the big exchange counts as transfer
+        comm = leaving / max(big - latency, big / 2)
+        pred = predict(dp, args, table, latency, comm, measured["short_cpu"],
+                       measured["short/colocated"])
         for mode in MODES:
             got = measured[f"skewed/{mode}"]
-            print(f"| {world} | {load:.1f} | {pred['share']:.2f} | {pred['others']:.1f} | "
-                  f"{comm / 1e9:.2f} | {pred['linear_s_per_token_layer'] * 1e6:.1f} | "
-                  f"{mode} | {pred[mode]:.3f} | {got:.3f} | {pred[mode] / got:.2f} |",
-                  flush=True)
-
+            print(f"| {dp} | {args.pp} | {load:.1f} | {pred['others']:.1f} | "
+                  f"{latency * 1e3:.1f} + {comm / 1e9:.3f} | "
+                  f"{pred['linear_s_per_token_layer'] * 1e6:.1f} | {mode} | {pred[mode]:.3f} | "
+                  f"{got:.3f} | {pred[mode] / got:.2f} |", flush=True)
+        want = pred["colocated"] / pred["distca"]
+        got = measured["skewed/colocated"] / measured["skewed/distca"]
+        steps = [c / d for c, d in zip(measured["skewed/colocated/all"],
+                                       measured["skewed/distca/all"])]
+        print(f"- dp={dp}: colocated / distca: predicted {want:.2f}, measured {got:.2f} (ratio "
+              f"error {want / got - 1:+.0%}); per-step measured spread [{min(steps):.2f}, "
+              f"{max(steps):.2f}]")
+        print(f"- dp={dp}: CPU seconds per rank (median): colocated "
+              f"{measured['skewed/colocated/cpu']:.3f}, distca {measured['skewed/distca/cpu']:.3f} "
+              "(the simulator gives both the same work but the dispatch)")
+        print(f"- dp={dp}: short batch (colocated) median {measured['short/colocated']:.3f} s "
+              f"wall, {measured['short_cpu']:.3f} CPU s per rank; all-to-all "
+              f"{latency * 1e3:.2f} ms + {comm / 1e9:.3f} GB/s", flush=True)
 
 if __name__ == "__main__":
     main()

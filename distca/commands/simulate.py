@@ -11,19 +11,22 @@ from distca.commands.options import output_file, require_positive, require_toler
 from distca.errors import UsageError
 
 _DESCRIPTION = """\
-Predicted training step time of distca against packing, variable-length packing and
-per-document context parallelism, averaged over sampled batches: an analytic model of
-H200-class GPUs, or attention at the speed a measured --cost-table gives."""
+Predicted training step time of distca against packing, variable-length packing, per-document
+context parallelism and WLB-LLM, averaged over sampled steps: an analytic model of H200-class
+GPUs, or attention at the speed a measured --cost-table gives. Every system runs its pipeline
+schedule as an event simulation (1F1B for the colocated ones, distca's lock-step ticks), so
+micro-batches with more attention stall the pipeline as they would."""
 
 _EPILOG = """\
---json fields: gpus, dp, tp, pp, model, max_len, tokens_per_worker, batches, distribution,
-step_seconds (predicted seconds per step of packing, varlen, per-doc-cp, distca; the mean over
-the batches), speedup_vs_packing (packing's step time over each system's),
+--json fields: gpus, dp, tp, pp, micro_batches, model, max_len, tokens_per_worker, batches,
+distribution, step_seconds (predicted seconds per step of packing, varlen, per-doc-cp, wlb-llm,
+distca, and distca-tick: all attention in flight at a tick re-balanced over the ranks; the
+mean over the batches), speedup_vs_packing (packing's step time over each system's),
 distca_vs_best_baseline (the fastest baseline's step time over distca's)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="predict step time: distca vs packing, varlen, per-doc CP",
+    p = sub.add_parser("simulate", help="predict step time: distca vs packing, varlen, per-doc CP, WLB-LLM",
                        description=_DESCRIPTION, epilog=_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all: dp × tp × pp")
@@ -39,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-worker", type=int, default=None,
                    help="tokens per data-parallel replica (default: --max-len)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallel (default min(8, gpus))")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel (1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel stages (1)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches per data-parallel replica and step, each of "
+                   "--tokens-per-worker tokens (default 2 × --pp)")
     p.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node: NVLink inside one, the network across (8)")
     p.add_argument("--tolerance", type=float, default=0.1,
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--model: unknown preset {args.model!r} "
                          f"(known: {', '.join(MODEL_PRESETS)})")
     require_positive(args, "gpus", "max_len", "batches", "pp", "gpus_per_node", "tp",
-                     "tokens_per_worker")
+                     "tokens_per_worker", "micro_batches")
     require_tolerance(args.tolerance)
     distribution = args.distribution
     if distribution not in DISTRIBUTIONS:
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     plot = output_file("--plot", args.plot) if args.plot else None
     tp = args.tp or min(8, args.gpus)
     try:
-        cluster = Cluster(args.gpus, tp, args.pp, args.gpus_per_node)
+        cluster = Cluster(args.gpus, tp, args.pp, args.gpus_per_node,
+                          args.micro_batches or 2 * args.pp)
     except ValueError as exc:
         raise UsageError(f"--gpus: {exc}") from None
     preset = MODEL_PRESETS[args.model]
@@ -93,22 +100,24 @@ def run(args: argparse.Namespace) -> int:
     seconds = simulate(distribution, model, cluster, hw, args.max_len, args.batches, tokens,
                        seed=args.seed, tolerance=args.tolerance, ping_pong=not args.no_ping_pong)
     speedup = {name: seconds["packing"] / value for name, value in seconds.items()}
-    report = {"gpus": args.gpus, "dp": cluster.dp, "tp": tp, "pp": args.pp, "model": args.model,
+    report = {"gpus": args.gpus, "dp": cluster.dp, "tp": tp, "pp": args.pp,
+              "micro_batches": cluster.micro_batches, "model": args.model,
               "max_len": args.max_len, "tokens_per_worker": tokens, "batches": args.batches,
               "distribution": args.distribution, "step_seconds": seconds,
               "speedup_vs_packing": speedup,
-              "distca_vs_best_baseline": min(v for k, v in seconds.items() if k != "distca")
-              / seconds["distca"]}
+              "distca_vs_best_baseline": min(v for k, v in seconds.items()
+                                             if not k.startswith("distca")) / seconds["distca"]}
     if plot:
         _plot(seconds, plot, report)
     if args.json:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    print(f"{args.model} on {args.gpus} GPUs (dp={cluster.dp} tp={tp} pp={args.pp}), "
+    print(f"{args.model} on {args.gpus} GPUs (dp={cluster.dp} tp={tp} pp={args.pp}, "
+          f"{cluster.micro_batches} micro-batches), "
           f"{args.distribution} lengths up to {args.max_len}, {args.batches} batches")
     for name, value in seconds.items():
-        print(f"  {name:<11} {value:9.3f} s/step   x{speedup[name]:.2f} vs packing")
+        print(f"  {name:<12} {value:9.3f} s/step   x{speedup[name]:.2f} vs packing")
     print(f"distca vs the best baseline: x{report['distca_vs_best_baseline']:.2f}")
     return 0
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from distca.scheduler import CostTable
+from distca.scheduler.baselines import cp_rank_seconds, cp_seconds
 from distca.scheduler.distributions import read_lengths, sample_lengths
-from distca.scheduler.simulator import (
-    SYSTEMS,
-    Cluster,
-    Hardware,
-    ModelSpec,
-    per_doc_cp_seconds,
-    simulate_batch,
-)
+from distca.scheduler.sim_model import linear_seconds_per_token
+from distca.scheduler.simulator import SYSTEMS, Cluster, Hardware, ModelSpec, simulate_batch
 
 LLAMA_8B = ModelSpec(32, 4096, 32, 8, 14336)
 
@@ -58,7 +53,7 @@ def test_uniform_short_documents_leave_nothing_to_gain():
     lengths = np.full(64, 2048)
     step = simulate_batch(lengths, LLAMA_8B, Cluster(64), Hardware(), 16384)
     packing = step.seconds["packing"]
-    for name in ("varlen", "distca"):
+    for name in ("varlen", "distca", "distca-tick"):
         assert step.seconds[name] == pytest.approx(packing, rel=1e-6)
     assert step.bytes_moved == 0
 
@@ -101,7 +96,7 @@ def test_cost_table_names_malformed_rows(tmp_path, text, message):
 
 
 def _cp_reference(lengths, model, cluster, hw, cp, linear_per_token):
-    """Per-replica seconds of one CP group holding every document, counted pair by pair."""
+    """Per-rank seconds of one CP group holding every document, counted pair by pair."""
     busy = np.zeros(cp)
     for length in lengths:
         ends = [length * j // (2 * cp) for j in range(2 * cp + 1)]
@@ -123,13 +118,14 @@ def test_per_doc_cp_matches_pairwise_reference(seed):
     cp = int(rng.choice([2, 3, 4]))
     # one-token documents, lengths not divisible by 2·cp, and documents above a replica's share
     lengths = np.concatenate([[1, 1, 2 * cp - 1], rng.integers(1, 700, 5), [int(rng.integers(900, 1500))]])
-    cluster, hw = Cluster(8 * cp, tp=8, gpus_per_node=8), Hardware()
+    cluster = Cluster(8 * cp, tp=8, gpus_per_node=8)
+    hw = Hardware(peak_flops=float(rng.uniform(1e11, 1e13)))
     model = ModelSpec(2, 256, 4, 2, 512)
-    linear = float(rng.uniform(1e-9, 1e-7))
-    doc_time = np.zeros(lengths.size)
-    got = per_doc_cp_seconds(lengths, doc_time, model, cluster, hw, int(lengths.sum()), cp, linear)
-    want = _cp_reference(lengths.tolist(), model, cluster, hw, cp, linear)
-    assert got == pytest.approx(want.max(), rel=1e-9)
+    linear, attention, comm = cp_rank_seconds(lengths, np.zeros(lengths.size, dtype=np.int64), 1,
+                                              model, cluster, hw, cp)
+    want = _cp_reference(lengths.tolist(), model, cluster, hw, cp,
+                         linear_seconds_per_token(model, cluster, hw))
+    np.testing.assert_allclose(linear[0] + attention[0] + comm[0], want, rtol=1e-9)
     assert want.max() > want.min()  # uneven chunks leave a real imbalance
 
 
@@ -138,10 +134,10 @@ def test_per_doc_cp_pays_for_tiny_shards_and_picks_its_best_group():
     cluster = Cluster(64)
     only_eight = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), 16384, cp=8)
     # split 16 ways, every chunk is 16 tokens: far below the efficient shard, slower than packing
-    assert only_eight.seconds["per-doc-cp"] > 1.5 * only_eight.seconds["packing"]
+    for name in ("per-doc-cp", "wlb-llm"):
+        assert only_eight.seconds[name] > 1.5 * only_eight.seconds["packing"]
     tuned = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), 16384, cp=(1, 2, 8))
     assert tuned.cp_size == 1
-    assert tuned.seconds["per-doc-cp"] < only_eight.seconds["per-doc-cp"]
+    assert tuned.seconds["wlb-llm"] < only_eight.seconds["wlb-llm"]
     with pytest.raises(ValueError, match="does not divide dp=8"):
-        per_doc_cp_seconds(lengths, np.zeros(lengths.size), LLAMA_8B, cluster, Hardware(),
-                           16384, 3, 1e-9)
+        cp_seconds(lengths, LLAMA_8B, cluster, Hardware(), 16384, 3, True, 0.0)
