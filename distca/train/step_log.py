@@ -16,11 +16,17 @@ log = logging.getLogger("distca")
 
 
 def configure_logging() -> None:
-    """INFO lines on stdout (where ``> log`` sends them), timestamped; once per process."""
+    """INFO lines on stdout (where ``> log`` sends them), warnings and errors on stderr, both
+    timestamped; once per process."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
+        form = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        info = logging.StreamHandler(sys.stdout)
+        info.addFilter(lambda record: record.levelno < logging.WARNING)
+        problems = logging.StreamHandler(sys.stderr)
+        problems.setLevel(logging.WARNING)
+        for handler in (info, problems):
+            handler.setFormatter(form)
+            log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False  # Ray and others configure the root logger their own way
 
