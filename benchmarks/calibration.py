@@ -164,8 +164,7 @@ def predict(dp: int, args, table: CostTable, latency: float, bandwidth: float, s
     seconds (the load)."""
     cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides(dp, args))
     m = cfg.model
-    model = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
-                      m.ffn_hidden_size, bytes_per_elem=4)
+    model = ModelSpec.of(m, bytes_per_elem=4)
     world = dp * args.pp
     cluster = Cluster(world, tp=1, pp=args.pp, gpus_per_node=world,
                       micro_batches=args.micro_batches)

@@ -30,9 +30,7 @@ K = 1024
 
 
 def model_spec(preset: str) -> ModelSpec:
-    p = MODEL_PRESETS[preset]
-    return ModelSpec(p["num_layers"], p["hidden_size"], p["num_attention_heads"],
-                     p["num_kv_heads"], p["ffn_hidden_size"])
+    return ModelSpec.of(MODEL_PRESETS[preset])
 
 
 def run_setting(preset: str, distribution: str, max_len: int, gpus: int, pp: int, micro: int,

@@ -37,6 +37,7 @@ from distca.parallel.pipeline import FORWARD, TickRow
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.parallel.spans import span
 from distca.scheduler import ModelShape
+from distca.scheduler.sim_model import ModelSpec
 
 
 class ExchangeKind(enum.Enum):
@@ -49,10 +50,8 @@ class ExchangeKind(enum.Enum):
 
 def plan_shape(cfg: DistcaConfig) -> ModelShape:
     """Attention shape of one tensor-parallel rank, as the planner counts bytes."""
-    m, tp = cfg.model, cfg.parallel.tp
-    return ModelShape(h_q=m.num_attention_heads // tp, h_kv=m.num_kv_heads // tp,
-                      head_dim=m.hidden_size // m.num_attention_heads,
-                      bytes_per_elem=2 if cfg.trainer.precision.value == "bf16" else 4)
+    bytes_per_elem = 2 if cfg.trainer.precision.value == "bf16" else 4
+    return ModelSpec.of(cfg.model, bytes_per_elem).shard_shape(cfg.parallel.tp)
 
 
 class ExchangeFactory:

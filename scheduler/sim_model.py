@@ -7,6 +7,7 @@ them as separate operations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +34,23 @@ class ModelSpec:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @classmethod
+    def of(cls, model: Mapping, bytes_per_elem: int = 2) -> ModelSpec:
+        """The one conversion from a model config or preset (a mapping with the config's keys
+        ``num_layers``, ``hidden_size``, ``num_attention_heads``, ``num_kv_heads``,
+        ``ffn_hidden_size``), so no caller copies the fields by hand."""
+        return cls(int(model["num_layers"]), int(model["hidden_size"]),
+                   int(model["num_attention_heads"]), int(model["num_kv_heads"]),
+                   int(model["ffn_hidden_size"]), bytes_per_elem)
+
     @property
     def shape(self) -> ModelShape:
-        return ModelShape(self.num_heads, self.num_kv_heads, self.head_dim, self.bytes_per_elem)
+        return self.shard_shape(1)
+
+    def shard_shape(self, tp: int) -> ModelShape:
+        """Attention shape of one of ``tp`` tensor-parallel ranks (heads split among them)."""
+        return ModelShape(self.num_heads // tp, self.num_kv_heads // tp, self.head_dim,
+                          self.bytes_per_elem)
 
     @property
     def linear_flops_per_token(self) -> float:

@@ -69,13 +69,11 @@ def parse_lengths(text: str) -> list[int]:
 
 def model_shape(preset: str):
     from distca.config import MODEL_PRESETS
-    from distca.scheduler import ModelShape
+    from distca.scheduler.sim_model import ModelSpec
 
     if preset not in MODEL_PRESETS:
         raise UsageError(f"--model: unknown preset {preset!r} (known: {', '.join(MODEL_PRESETS)})")
-    m = MODEL_PRESETS[preset]
-    return ModelShape(m["num_attention_heads"], m["num_kv_heads"],
-                      m["hidden_size"] // m["num_attention_heads"], 2)
+    return ModelSpec.of(MODEL_PRESETS[preset]).shape
 
 
 def load_cost_table(path: str | None):

@@ -89,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--gpus: {exc}") from None
     preset = MODEL_PRESETS[args.model]
-    model = ModelSpec(preset["num_layers"], preset["hidden_size"], preset["num_attention_heads"],
-                      preset["num_kv_heads"], preset["ffn_hidden_size"])
+    model = ModelSpec.of(preset)
     if preset["num_attention_heads"] % tp or preset["num_kv_heads"] % tp:
         which = f"--tp {tp}" if args.tp else f"the default --tp {tp} (min(8, --gpus))"
         raise UsageError(f"{which} does not divide the heads of {args.model} "

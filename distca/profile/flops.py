@@ -19,8 +19,7 @@ def model_flops(cfg: DistcaConfig, batches) -> float:
     from distca.scheduler.simulator import ModelSpec
 
     m = cfg.model
-    spec = ModelSpec(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
-                     m.ffn_hidden_size)
+    spec = ModelSpec.of(m)
     linear_per_token = m.num_layers * spec.linear_flops_per_token \
         + 6.0 * m.hidden_size * m.vocab_size  # the LM head
     tokens = pairs = 0
