@@ -35,13 +35,15 @@ class ModelSpec:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def of(cls, model: Mapping, bytes_per_elem: int = 2) -> ModelSpec:
-        """The one conversion from a model config or preset (a mapping with the config's keys
-        ``num_layers``, ``hidden_size``, ``num_attention_heads``, ``num_kv_heads``,
-        ``ffn_hidden_size``), so no caller copies the fields by hand."""
-        return cls(int(model["num_layers"]), int(model["hidden_size"]),
-                   int(model["num_attention_heads"]), int(model["num_kv_heads"]),
-                   int(model["ffn_hidden_size"]), bytes_per_elem)
+    def of(cls, model: Mapping | object, bytes_per_elem: int = 2) -> ModelSpec:
+        """The one conversion from a model config (attributes) or preset (a mapping) with the
+        config's names ``num_layers``, ``hidden_size``, ``num_attention_heads``,
+        ``num_kv_heads``, ``ffn_hidden_size``, so no caller copies the fields by hand."""
+        def field(name: str) -> int:
+            return int(model[name] if isinstance(model, Mapping) else getattr(model, name))
+
+        return cls(field("num_layers"), field("hidden_size"), field("num_attention_heads"),
+                   field("num_kv_heads"), field("ffn_hidden_size"), bytes_per_elem)
 
     @property
     def shape(self) -> ModelShape:
