@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,45 +20,21 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distca.config_choices import (
+    FAST_TARGETS,
+    AttentionBackend,
+    AttentionMask,
+    DataKind,
+    DistBackend,
+    OnNan,
+    Precision,
+    ServerMode,
+)
+from distca.presets import MODEL_PRESETS
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the file and the key."""
-
-
-class AttentionBackend(Enum):
-    auto = "auto"
-    torch = "torch"
-    cpp = "cpp"
-    flash = "flash"
-    flex = "flex"
-
-
-class DistBackend(Enum):
-    auto = "auto"  # nccl with CUDA, gloo without
-    gloo = "gloo"
-    nccl = "nccl"
-
-
-class ServerMode(Enum):
-    in_place = "in_place"  # every worker rank also serves attention
-    dedicated = "dedicated"  # extra ranks that only serve attention
-
-
-class OnNan(Enum):
-    stop = "stop"  # fail the run with a clear error (the last checkpoint stays valid)
-    skip = "skip"  # drop the step's update and go on
-    rollback = "rollback"  # reload the last checkpoint and skip the offending batch
-
-
-class DataKind(Enum):
-    synthetic = "synthetic"  # token ids drawn from a document-length distribution
-    text = "text"  # local JSONL (`text` field) or plain-text files
-    chat = "chat"  # local JSONL/Parquet with a `messages` list
-
-
-class Precision(Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @dataclass
@@ -109,6 +84,8 @@ class CadConfig:
 class AttentionConfig:
     backend: AttentionBackend = AttentionBackend.auto
     telemetry_interval: int = 0  # sink telemetry every N steps; 0 turns it off
+    # None: glm for FocuSFT on chat data, causal otherwise; load_config writes the choice back
+    mask: AttentionMask | None = None
 
 
 @dataclass
@@ -122,7 +99,7 @@ class FocusftConfig:
     rank: int = 32
     alpha: float = 64.0
     layer_fraction: float = 0.35
-    targets: list[str] = field(default_factory=lambda: ["linear_fc1", "linear_fc2"])
+    targets: list[str] = field(default_factory=lambda: list(FAST_TARGETS))
 
 
 @dataclass
@@ -182,23 +159,6 @@ class DistcaConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-
-
-# Published architecture numbers (from the models' config.json files).
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_kv_heads=2,
-                 ffn_hidden_size=352, vocab_size=512, rope_theta=10000.0, norm_eps=1e-5,
-                 max_position_embeddings=8192),
-    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
-                      ffn_hidden_size=14336, vocab_size=128256, rope_theta=500000.0,
-                      norm_eps=1e-5, max_position_embeddings=131072),
-    "codellama-34b": dict(num_layers=48, hidden_size=8192, num_attention_heads=64,
-                          num_kv_heads=8, ffn_hidden_size=22016, vocab_size=32000,
-                          rope_theta=1000000.0, norm_eps=1e-5, max_position_embeddings=16384),
-    "qwen2.5-7b": dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_heads=4,
-                       ffn_hidden_size=18944, vocab_size=152064, rope_theta=1000000.0,
-                       norm_eps=1e-6, max_position_embeddings=32768, qkv_bias=True),
-}
 
 
 def _fail(source: str, key: str, message: str) -> ConfigError:
@@ -264,8 +224,18 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     if missing:
         raise _fail(source, missing[0], "must be set (or choose a model.preset)")
     cfg: DistcaConfig = OmegaConf.to_object(conf)
+    cfg.attention.mask = chat_mask(cfg)  # recorded resolved, so a run says which mask it used
     validate(cfg, source)
     return cfg
+
+
+def chat_mask(cfg: DistcaConfig) -> AttentionMask:
+    """The run's attention mask: ``attention.mask``, else glm for FocuSFT on chat data (both
+    its loops, design §6) and causal for everything else (ordinary SFT)."""
+    if cfg.attention.mask is not None:
+        return cfg.attention.mask
+    glm = cfg.focusft.enabled and cfg.data.kind is DataKind.chat
+    return AttentionMask.glm if glm else AttentionMask.causal
 
 
 def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
@@ -345,6 +315,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                     "would leave them idle)")
     positive("cad.buffer_budget_mb", c.buffer_budget_mb)
     nonnegative("attention.telemetry_interval", cfg.attention.telemetry_interval)
+    if cfg.attention.mask is AttentionMask.glm and cfg.data.kind is not DataKind.chat:
+        raise _fail(source, "attention.mask", f"glm needs chat data (its turns), got "
+                                              f"data.kind={cfg.data.kind.value}")
 
     f = cfg.focusft
     if f.enabled and (p.tp > 1 or p.pp > 1):
@@ -358,9 +331,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         raise _fail(source, "focusft.layer_fraction", f"must be in (0, 1], got {f.layer_fraction}")
     positive("focusft.alpha", f.alpha)  # alpha = 0 would silence the fast weights
     for target in f.targets:
-        if target not in ("linear_fc1", "linear_fc2"):
-            raise _fail(source, "focusft.targets",
-                        f"unknown target {target!r} (linear_fc1, linear_fc2)")
+        if target not in FAST_TARGETS:
+            raise _fail(source, "focusft.targets", f"unknown target {target!r} (choose from "
+                                                   f"{', '.join(FAST_TARGETS)})")
     if len(set(f.targets)) != len(f.targets) or (f.enabled and not f.targets):
         raise _fail(source, "focusft.targets",
                     f"must name each adapted linear once, at least one, got {list(f.targets)}")

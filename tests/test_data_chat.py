@@ -191,3 +191,15 @@ def test_conversation_longer_than_a_micro_batch_fails_before_training(tmp_path, 
     assert main(["train", str(recipe), *overrides]) == 2
     assert "data.tokens_per_rank" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mask, turns", [("causal", False), ("glm", True)])
+def test_attention_mask_decides_whether_batches_carry_turns(tmp_path, mask, turns):
+    """causal: each conversation one causal document (no turns for the planner); glm: turns."""
+    path = tmp_path / "chat.jsonl"
+    write_rows(path, [{"messages": CONVERSATION}])
+    cfg = load_config(Path(__file__).parents[1] / "recipes" / "tiny-focusft.yaml",
+                      [f"data.paths=[{path}]", f"attention.mask={mask}"])
+    batch = make_dataset(cfg).step_batches(1)[0]
+    assert (batch.turn_lengths is not None) == turns
+    assert (batch.labels != IGNORE).sum() == len("Hello!<|im_end|>\n1 2<|im_end|>\n")

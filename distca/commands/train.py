@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from distca.cli import UsageError
-from distca.config import DistcaConfig, load_config, to_yaml
+from distca.config import DataKind, DistcaConfig, load_config, to_yaml
 
 # What a checkpoint's shards are shaped by: a resumed run must keep these. Not focusft.*:
 # fast weights are in no checkpoint, so FocuSFT may start from an SFT or imported checkpoint.
@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_config(cfg)
     except OSError as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
+    if cfg.data.kind is DataKind.chat:  # say which mask the run trains with (also in config.yaml)
+        print(f"distca: chat data with the {cfg.attention.mask.value} attention mask "
+              f"(attention.mask)", file=sys.stderr)
     world = len(world_layout(cfg))
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: shut the local cluster down
     try:

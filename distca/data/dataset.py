@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distca.batch import PackedBatch
-from distca.config import DataKind, DistcaConfig
+from distca.config import AttentionMask, DataKind, DistcaConfig, chat_mask
 from distca.data.chat import ChatData
 from distca.data.synthetic import SyntheticData
 from distca.data.text import TextData
@@ -49,7 +49,7 @@ def make_dataset(cfg: DistcaConfig) -> Dataset:
                               d.skip_bad_rows)
         else:
             source = ChatData(d.paths, tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
-                              d.skip_bad_rows)
+                              d.skip_bad_rows, turns=chat_mask(cfg) is AttentionMask.glm)
     dataset = Dataset(source, cfg.parallel.dp, d.tokens_per_rank, d.micro_batches)
     # build one step now: data that cannot fill a micro-batch (a conversation longer than
     # one) fails here, in the driver before Ray starts, not in the first training step
