@@ -15,11 +15,13 @@ from .core import (
 from .gating import apply_gate, make_sinks, split_query_and_gate
 from .merge import apply_sink, merge_partials
 from .tasks import TaskList, make_task_list
-from .telemetry import SinkTelemetry, sink_rate, sink_telemetry
+from .telemetry import AttentionStats, LayerMasses, RowSpec, layer_masses
 
 __all__ = [
+    "AttentionStats",
     "BACKENDS",
-    "SinkTelemetry",
+    "LayerMasses",
+    "RowSpec",
     "TaskList",
     "apply_gate",
     "apply_sink",
@@ -27,10 +29,9 @@ __all__ = [
     "attention_forward",
     "available_backends",
     "core_attention",
+    "layer_masses",
     "make_sinks",
     "make_task_list",
     "merge_partials",
-    "sink_rate",
-    "sink_telemetry",
     "split_query_and_gate",
 ]
