@@ -153,3 +153,23 @@ def test_attention_stats_equal_transformers_eager_probabilities(tmp_path, capsys
     assert torch.allclose(torch.tensor(per_layer["context_mass"]), pooled(contexts), rtol=1e-4)
     assert stats["first_token_mass"] == pytest.approx(float(pooled(firsts).mean()), rel=1e-4)
     assert 0.0 <= stats["sink_rate"] <= 1.0 and "sink_mass" not in stats
+
+
+def test_eval_scores_held_out_examples_by_default():
+    """`distca eval`'s default seed draws other examples than `distca data synth`'s: it used
+    to be the same seed, so an eval after training scored the training examples."""
+    from distca.cli import build_parser
+
+    parser = build_parser()
+    synth = parser.parse_args(["data", "synth", "--task", "vt", "--length", "300", "--n", "4",
+                               "--out", "x.jsonl"]).seed
+    held_out = parser.parse_args(["eval", "ckpt", "--task", "vt", "--length", "300",
+                                  "--n", "4"]).seed
+    train = {e.context for e in generate("vt", 300, 4, synth, _byte_count)}
+    assert not train & {e.context for e in generate("vt", 300, 4, held_out, _byte_count)}
+
+
+def test_eval_bad_mask_exits_2_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "ckpt", "--task", "vt", "--length", "300", "--n", "1", "--mask", "full"])
+    assert info.value.code == 2 and "--mask" in capsys.readouterr().err
