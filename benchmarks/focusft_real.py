@@ -81,7 +81,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5, help="the reference's outer lr")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="SmolLM2 states the number in a sentence: ~20 tokens")
     p.add_argument("--import-dir", default=str(ROOT / "runs" / "smollm2-import"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "focusft_real"))
     args = p.parse_args()
