@@ -69,7 +69,8 @@ def reply_loss(engine, examples, tok, template, glm: bool) -> float:
     from distca.data.chat import pack_conversations, tokenize_chat
 
     docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in examples]
-    return engine.eval_loss([pack_conversations([d], 1, d[0].size, turns=glm) for d in docs])
+    size = max(d[0].size for d in docs)  # micro-batches of one step share one size
+    return engine.eval_loss([pack_conversations([d], 1, size, turns=glm) for d in docs])
 
 
 def main() -> None:
