@@ -85,33 +85,26 @@ def greedy_answer(engine, prompt: np.ndarray, max_new: int) -> bytes:
 
 @torch.no_grad()
 def attention_masses(engine, convs) -> tuple[float, float]:
-    """Mean (first-token mass, context mass) of reply rows over layers, heads and probes."""
+    """Mean (first-token mass, context mass) of the loss-bearing reply rows over layers, heads
+    and probes: :class:`distca.attention.AttentionStats`, the statistics of training and eval."""
+    from distca.attention import AttentionStats, RowSpec
+    from distca.hf.layer_runtimes import StatsLayer, layer_runtimes
+
     engine.model.eval()
-    first, context = [], []
-    records = []
-    original = engine.runtime.attend
-
-    def spy(q, k, v, scale):
-        out, lse = original(q, k, v, scale)
-        records.append((q, k, lse, scale))
-        return out, lse
-
-    engine.runtime.attend = spy
-    try:
-        for ids, reply, _ in convs:
-            records.clear()
-            prompt_len = int(np.argmax(reply))
-            engine.model(_set_single_batch(engine, _turn_batch(ids, prompt_len)), None, None)
-            rows = np.flatnonzero(reply)
-            for q, k, lse, scale in records:
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:prompt_len]
-                s = torch.einsum("rhd,nhd->rhn", q[rows].float(), k.float()) * scale
-                p = torch.exp(s - lse[rows].unsqueeze(-1))
-                first.append(float(p[..., 0].mean()))
-                context.append(float(p.sum(-1).mean()))
-    finally:
-        del engine.runtime.attend
-    return float(np.mean(first)), float(np.mean(context))
+    layers = engine.model.decoder.layers
+    stats = AttentionStats(len(layers), layers[0].self_attention.core_attention.heads)
+    for ids, reply, _ in convs:
+        has_label = np.zeros(ids.size, bool)
+        has_label[:-1] = reply[1:]
+        rows = RowSpec.from_documents([ids.size], has_label, chat=True)
+        probes = [StatsLayer(engine.runtime, i, stats, rows,
+                             layer.self_attention.core_attention.sinks)
+                  for i, layer in enumerate(layers)]
+        tokens = _set_single_batch(engine, _turn_batch(ids, int(np.argmax(reply))))
+        with layer_runtimes(engine.model, probes):
+            engine.model(tokens, None, None)
+    summary = stats.summary()
+    return summary["first_token_mass"], summary["context_mass"]
 
 
 def reply_loss(engine, convs, tokens_per_rank: int) -> float:

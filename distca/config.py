@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distca.config_choices import (
+    CHAT_KINDS,
+    FAST_TARGETS,
+    AttentionBackend,
+    AttentionMask,
+    DataKind,
+    DistBackend,
+    OnNan,
+    Precision,
+    ServerMode,
+)
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
 from distca.presets import MODEL_PRESETS
 from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
@@ -27,43 +37,6 @@ from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the file and the key."""
-
-
-class AttentionBackend(Enum):
-    auto = "auto"
-    torch = "torch"
-    cpp = "cpp"
-    flash = "flash"
-    flex = "flex"
-
-
-class DistBackend(Enum):
-    auto = "auto"  # nccl with CUDA, gloo without
-    gloo = "gloo"
-    nccl = "nccl"
-
-
-class ServerMode(Enum):
-    in_place = "in_place"  # every worker rank also serves attention
-    dedicated = "dedicated"  # extra ranks that only serve attention
-
-
-class OnNan(Enum):
-    stop = "stop"  # fail the run with a clear error (the last checkpoint stays valid)
-    skip = "skip"  # drop the step's update and go on
-    rollback = "rollback"  # reload the last checkpoint and skip the offending batch
-
-
-class DataKind(Enum):
-    synthetic = "synthetic"  # token ids drawn from a document-length distribution
-    text = "text"  # local JSONL (`text` field) or plain-text files
-    chat = "chat"  # local JSONL/Parquet with a `messages` list
-    synth = "synth"  # chat tasks generated on the fly (data.synth)
-
-
-class Precision(Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @dataclass
@@ -113,6 +86,8 @@ class CadConfig:
 class AttentionConfig:
     backend: AttentionBackend = AttentionBackend.auto
     telemetry_interval: int = 0  # sink telemetry every N steps; 0 turns it off
+    # None: glm for FocuSFT on chat data, causal otherwise; load_config writes the choice back
+    mask: AttentionMask | None = None
 
 
 @dataclass
@@ -126,7 +101,7 @@ class FocusftConfig:
     rank: int = 32
     alpha: float = 64.0
     layer_fraction: float = 0.35
-    targets: list[str] = field(default_factory=lambda: ["linear_fc1", "linear_fc2"])
+    targets: list[str] = field(default_factory=lambda: list(FAST_TARGETS))
 
 
 @dataclass
@@ -248,8 +223,18 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     if missing:
         raise _fail(source, missing[0], "must be set (or choose a model.preset)")
     cfg: DistcaConfig = OmegaConf.to_object(conf)
+    cfg.attention.mask = chat_mask(cfg)  # recorded resolved, so a run says which mask it used
     validate(cfg, source)
     return cfg
+
+
+def chat_mask(cfg: DistcaConfig) -> AttentionMask:
+    """The run's attention mask: ``attention.mask``, else glm for FocuSFT on chat data (both
+    its loops, design §6) and causal for everything else (ordinary SFT)."""
+    if cfg.attention.mask is not None:
+        return cfg.attention.mask
+    glm = cfg.focusft.enabled and cfg.data.kind in CHAT_KINDS
+    return AttentionMask.glm if glm else AttentionMask.causal
 
 
 def _check_known_keys(layer: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
@@ -331,6 +316,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                     "would leave them idle)")
     positive("cad.buffer_budget_mb", c.buffer_budget_mb)
     nonnegative("attention.telemetry_interval", cfg.attention.telemetry_interval)
+    if cfg.attention.mask is AttentionMask.glm and cfg.data.kind not in CHAT_KINDS:
+        raise _fail(source, "attention.mask", f"glm needs chat data (its turns), got "
+                                              f"data.kind={cfg.data.kind.value}")
 
     f = cfg.focusft
     if f.enabled and (p.tp > 1 or p.pp > 1):
@@ -344,9 +332,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         raise _fail(source, "focusft.layer_fraction", f"must be in (0, 1], got {f.layer_fraction}")
     positive("focusft.alpha", f.alpha)  # alpha = 0 would silence the fast weights
     for target in f.targets:
-        if target not in ("linear_fc1", "linear_fc2"):
-            raise _fail(source, "focusft.targets",
-                        f"unknown target {target!r} (linear_fc1, linear_fc2)")
+        if target not in FAST_TARGETS:
+            raise _fail(source, "focusft.targets", f"unknown target {target!r} (choose from "
+                                                   f"{', '.join(FAST_TARGETS)})")
     if len(set(f.targets)) != len(f.targets) or (f.enabled and not f.targets):
         raise _fail(source, "focusft.targets",
                     f"must name each adapted linear once, at least one, got {list(f.targets)}")

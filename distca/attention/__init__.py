@@ -14,19 +14,20 @@ from .core import (
 )
 from .merge import apply_sink, make_sinks
 from .tasks import TaskList, make_task_list
-from .telemetry import SinkTelemetry, sink_rate, sink_telemetry
+from .telemetry import AttentionStats, LayerMasses, RowSpec, layer_masses
 
 __all__ = [
+    "AttentionStats",
     "BACKENDS",
-    "SinkTelemetry",
+    "LayerMasses",
+    "RowSpec",
     "TaskList",
     "apply_sink",
     "attention_backward",
     "attention_forward",
     "available_backends",
     "core_attention",
+    "layer_masses",
     "make_sinks",
     "make_task_list",
-    "sink_rate",
-    "sink_telemetry",
 ]

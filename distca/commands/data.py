@@ -9,7 +9,7 @@ from pathlib import Path
 
 from distca.commands.options import require_positive
 from distca.errors import UsageError
-from distca.evals.tasks import TASKS
+from distca.evals.tasks import SYNTH_SEED, TASKS
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--task", required=True, choices=TASKS)
     synth.add_argument("--length", type=int, required=True, help="target prompt tokens")
     synth.add_argument("--n", type=int, required=True, help="number of examples")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=SYNTH_SEED)
     synth.add_argument("--keys", type=int, default=1, help="needles for niah (>1: multi-key)")
     synth.add_argument("--tokenizer", default=None,
                        help="local HF tokenizer directory (default: built-in byte-level)")

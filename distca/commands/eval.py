@@ -1,19 +1,30 @@
 """``distca eval CKPT --task niah|vt|cwe --length N --n K``: greedy answers, JSON accuracy.
 
-Each synthetic example (:mod:`distca.evals.tasks`) is rendered as a chat prompt (system + user
-turn, generation prompt) with the tokenizer's chat template, answered by greedy decoding with
-our model in this one process, and scored by RULER's match-all rule. Prints one JSON object on
-stdout: ``{"task", "length", "n", "seed", "accuracy", "scores", "checkpoint"}``.
+Each synthetic example (:mod:`distca.evals.tasks`, held out by default: its ``--seed`` default
+differs from ``distca data synth``'s) is rendered as a chat prompt (system + user turn,
+generation prompt) with the tokenizer's chat template at a length counted in that tokenizer's
+tokens, answered by greedy decoding with a KV cache with our model in this one process, and
+scored by RULER's match-all rule. ``--mask glm`` attends to the prompt as one bidirectional
+context turn (FocuSFT's training mask); the default ``causal`` is how a stripped FocuSFT
+checkpoint runs anywhere else.
+
+Prints one JSON object on stdout: ``{"task", "length", "mask", "n", "seed", "accuracy",
+"scores", "checkpoint"}``; ``--attention-stats`` adds ``attention_stats``: the statistics of
+:mod:`distca.attention.telemetry` of a teacher-forced forward over prompt + reference answer
+with the same mask (``first_token_mass``, ``context_mass``, ``sink_rate``, ``sink_mass`` with
+learnable sinks, ``per_layer`` lists, means over examples' loss-bearing rows, heads and
+layers) and ``examples``: each one's ``input_ids`` and the ``rows`` [start, end) averaged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 from distca.errors import UsageError
-from distca.evals.tasks import TASKS
+from distca.evals.tasks import EVAL_SEED, TASKS
 
 CHATML_END = "<|im_end|>"
 
@@ -42,22 +53,14 @@ class Decoder:
         return self._tok.decode(ids)
 
 
-def greedy_reply(logits_fn: Callable, prompt, max_new_tokens: int, decoder: Decoder) -> str:
-    """Greedy continuation of ``prompt`` (int64 ids) until the stop token/text or the limit.
-
-    ``logits_fn(ids (S,)) -> (S, vocab)``; the whole sequence is re-run per token (no KV cache:
-    evaluation here is about correctness at long context, not decoding speed).
-    """
-    import torch
-
-    ids = torch.as_tensor(prompt, dtype=torch.int64)
+def greedy_reply(tokens: Iterator[int], max_new_tokens: int, decoder: Decoder) -> str:
+    """The reply text of the greedy ``tokens`` (e.g. :meth:`LocalModel.greedy`), cut at the
+    stop token/text or after ``max_new_tokens``."""
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(logits_fn(ids)[-1].argmax())
+    for token, _ in zip(tokens, range(max_new_tokens)):
         if token == decoder.stop_id:
             break
         new.append(token)
-        ids = torch.cat([ids, torch.tensor([token])])
         if decoder.stop_text and decoder.decode(new).endswith(decoder.stop_text):
             break
     text = decoder.decode(new)
@@ -67,9 +70,12 @@ def greedy_reply(logits_fn: Callable, prompt, max_new_tokens: int, decoder: Deco
 
 def evaluate(examples, answer: Callable[[dict], str]) -> dict:
     """Accuracy (mean match-all score) of ``answer(chat_row) -> reply`` over ``examples``."""
+    from tqdm import tqdm
+
     from distca.evals.tasks import score
 
-    scores = [score(e.answers, answer(e.to_chat())) for e in examples]
+    scores = [score(e.answers, answer(e.to_chat()))
+              for e in tqdm(examples, desc="eval", unit="example", file=sys.stderr)]
     return {"n": len(scores), "accuracy": sum(scores) / len(scores), "scores": scores}
 
 
@@ -110,14 +116,47 @@ def run(args: argparse.Namespace) -> int:
     model = LocalModel(single_rank_config(cfg.model, cfg.attention.backend.value))
     model.load_model_state(state)
 
+    glm = args.mask == "glm"
+
     def answer(row: dict) -> str:
         prompt = template.render(row["messages"][:-1], None, generation_prompt=True)
-        return greedy_reply(model.logits, tokenizer.encode(prompt), args.max_new_tokens, decoder)
+        return greedy_reply(model.greedy(tokenizer.encode(prompt), bidirectional_prompt=glm),
+                            args.max_new_tokens, decoder)
 
-    result = evaluate(examples, answer)
-    print(json.dumps({"task": args.task, "length": args.length, "seed": args.seed,
-                      "checkpoint": str(args.ckpt), **result}))
+    result = {"task": args.task, "length": args.length, "mask": args.mask, "seed": args.seed,
+              "checkpoint": str(args.ckpt), **evaluate(examples, answer)}
+    if args.attention_stats:
+        result["attention_stats"] = teacher_forced_stats(model, examples, tokenizer, template,
+                                                         glm)
+    print(json.dumps(result))
     return 0
+
+
+def teacher_forced_stats(model, examples, tokenizer, template, glm: bool) -> dict:
+    """``attention_stats`` (module docstring) of ``examples`` with their reference answers,
+    packed exactly as training packs chat data (:func:`pack_conversations`)."""
+    import numpy as np
+
+    from distca.attention import AttentionStats, RowSpec
+    from distca.data.chat import pack_conversations, tokenize_chat
+    from distca.data.packing import IGNORE
+
+    m = model.cfg.model
+    stats = AttentionStats(m.num_layers, m.num_attention_heads, has_sinks=m.learnable_sinks)
+    shown = []
+    for example in examples:
+        ids, is_response = tokenize_chat(example.to_chat()["messages"], None, tokenizer,
+                                         template)
+        batch = pack_conversations([(ids, is_response)], 1, ids.size, turns=glm)
+        has_label = batch.labels != IGNORE
+        rows = RowSpec.from_documents(batch.doc_lengths, has_label, chat=True)
+        turns = (list(zip(batch.turn_lengths.tolist(), batch.turn_is_context.tolist()))
+                 if glm else None)
+        model.attention_stats(stats, batch.tokens, rows, turns)
+        counted = np.flatnonzero(has_label)  # one reply: a contiguous range of rows
+        shown.append({"input_ids": ids.tolist(),
+                      "rows": [int(counted[0]), int(counted[-1]) + 1]})
+    return {**stats.summary(), "examples": shown}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +167,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "name the most common words")
     p.add_argument("--length", type=int, required=True, help="target prompt tokens")
     p.add_argument("--n", type=int, required=True, help="number of examples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated examples (0)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED,
+                   help=f"example seed (default {EVAL_SEED}: held out from `distca data synth`'s "
+                        f"default)")
+    p.add_argument("--mask", choices=("causal", "glm"), default="causal",
+                   help="causal (default: how the model runs anywhere) or glm (FocuSFT's "
+                        "training mask: the prompt one bidirectional context turn)")
+    p.add_argument("--attention-stats", action="store_true",
+                   help="add attention_stats (first-token and context mass, sink rate) of a "
+                        "teacher-forced forward over prompt + reference answer")
     p.add_argument("--tokenizer", default=None,
                    help="local HF tokenizer directory (default: the checkpoint's data.tokenizer, "
                         "else built-in byte-level)")

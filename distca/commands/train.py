@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from distca.config import DistcaConfig, load_config, to_yaml
+from distca.config_choices import CHAT_KINDS
 from distca.errors import UsageError
 
 # What a checkpoint's shards are shaped by: a resumed run must keep these. Not focusft.*:
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_config(cfg)
     except (OSError, TrainingStopped) as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
+    if cfg.data.kind in CHAT_KINDS:  # say which mask the run trains with (also in config.yaml)
+        log.info(f"chat data with the {cfg.attention.mask.value} attention mask "
+                 f"(attention.mask)")
     world = len(world_layout(cfg))
     from distca.train.stop import StopSignals
 

@@ -13,6 +13,9 @@ otherwise a ChatML layout
 prefix up to each reply with ``add_generation_prompt=True``, so any template works without
 special markers.
 
+Masks (``attention.mask``): ``causal`` packs each conversation as one causal document (no
+turns: ordinary SFT); ``glm`` adds its turns, which the planner turns into the GLM mask.
+
 Conversations are packed whole (never cut: a cut would lose the structure the masks need),
 greedily in a per-epoch order drawn from ``(seed, epoch)``; micro-batch ``g`` is a pure function
 of ``g``, so resume is exact.
@@ -169,7 +172,8 @@ class ChatData:
     """Tokenized conversations packed into micro-batches with turn structure."""
 
     def __init__(self, paths: list[str], tokenizer: Tokenizer, tokenizer_dir: str | None,
-                 max_length: int, seed: int, skip_bad_rows: bool = False):
+                 max_length: int, seed: int, skip_bad_rows: bool = False,
+                 turns: bool = False):
         template = ChatTemplate(tokenizer_dir)
         self.docs: list[tuple[np.ndarray, np.ndarray]] = []
         self.skipped_rows = 0
@@ -201,6 +205,7 @@ class ChatData:
                              f"({self.too_long} longer than data.max_length={max_length}, "
                              f"{self.skipped_rows} bad rows skipped)")
         self.seed = seed
+        self.turns = turns  # the GLM mask: hand the planner each conversation's turns
         self._bins: dict[int, list[list[int]]] = {}
         self._bin_total = -1
 
@@ -232,12 +237,15 @@ class ChatData:
         per_epoch = len(self._epoch_bins(0, total))
         epoch, k = divmod(index, per_epoch)
         chosen = [self.docs[d] for d in self._epoch_bins(epoch, total)[k]]
-        return pack_conversations(chosen, num_ranks, tokens_per_rank)
+        return pack_conversations(chosen, num_ranks, tokens_per_rank, self.turns)
 
 
 def pack_conversations(docs: list[tuple[np.ndarray, np.ndarray]], num_ranks: int,
-                       tokens_per_rank: int) -> PackedBatch:
-    """Lay conversations back to back; labels only where the next token is a reply token."""
+                       tokens_per_rank: int, turns: bool = True) -> PackedBatch:
+    """Lay conversations back to back; labels only where the next token is a reply token.
+
+    ``turns``: give the batch the conversations' turns (the GLM mask); without them each
+    conversation is one causal document."""
     total = num_ranks * tokens_per_rank
     tokens = np.zeros(total, np.int64)
     labels = np.full(total, IGNORE, np.int64)
@@ -260,5 +268,5 @@ def pack_conversations(docs: list[tuple[np.ndarray, np.ndarray]], num_ranks: int
     return PackedBatch(tokens=tokens, labels=labels,
                        doc_lengths=np.asarray([d[0].size for d in docs], np.int64),
                        tokens_per_rank=tokens_per_rank,
-                       turn_lengths=np.asarray(turn_lengths, np.int64),
-                       turn_is_context=np.asarray(turn_is_context, bool))
+                       turn_lengths=np.asarray(turn_lengths, np.int64) if turns else None,
+                       turn_is_context=np.asarray(turn_is_context, bool) if turns else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distca.batch import PackedBatch
-from distca.config import DataKind, DistcaConfig
+from distca.config import AttentionMask, DataKind, DistcaConfig, chat_mask
 from distca.data.chat import ChatData
 from distca.data.synth_chat import synth_chat_data
 from distca.data.synthetic import SyntheticData
@@ -47,13 +47,14 @@ def make_dataset(cfg: DistcaConfig, eval_data: bool = False) -> Dataset:
             raise ValueError(f"data.tokenizer: {tokenizer.name} has {tokenizer.vocab_size} "
                              f"tokens, more than model.vocab_size={cfg.model.vocab_size}")
         paths = expand_paths(d.eval_paths if eval_data else d.paths, key)
+        turns = chat_mask(cfg) is AttentionMask.glm  # the GLM mask is expressed through turns
         if d.kind is DataKind.synth and not eval_data:
-            source = synth_chat_data(cfg, tokenizer)
+            source = synth_chat_data(cfg, tokenizer, turns)
         elif d.kind is DataKind.text:
             source = TextData(paths, tokenizer, d.max_length, cfg.trainer.seed, d.skip_bad_rows)
         else:  # chat files; validation data of synthetic chat tasks is chat files too
             source = ChatData(paths, tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
-                              d.skip_bad_rows)
+                              d.skip_bad_rows, turns=turns)
     dataset = Dataset(source, cfg.parallel.dp, d.tokens_per_rank, d.micro_batches)
     # build one step now: data that cannot fill a micro-batch (a conversation longer than
     # one) fails here, in the driver before Ray starts, not in the first training step

@@ -34,8 +34,9 @@ def write_tasks(out: Path, task: str, length: int, n: int, seed: int, tokenizer:
     return len(examples)
 
 
-def synth_chat_data(cfg, tokenizer: Tokenizer) -> ChatData:
-    """``data.synth`` conversations, packed like chat data (seeded by ``trainer.seed``)."""
+def synth_chat_data(cfg, tokenizer: Tokenizer, turns: bool) -> ChatData:
+    """``data.synth`` conversations, packed like chat data (seeded by ``trainer.seed``);
+    ``turns``: the batches carry turns (the GLM mask)."""
     s, d = cfg.data.synth, cfg.data
     with tempfile.TemporaryDirectory(prefix="distca-synth-") as tmp:
         path = Path(tmp) / f"{s.task}.jsonl"
@@ -44,4 +45,4 @@ def synth_chat_data(cfg, tokenizer: Tokenizer) -> ChatData:
         except ValueError as exc:
             raise ValueError(f"data.synth: {exc}") from None
         return ChatData([str(path)], tokenizer, d.tokenizer, d.max_length, cfg.trainer.seed,
-                        d.skip_bad_rows)
+                        d.skip_bad_rows, turns=turns)

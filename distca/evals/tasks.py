@@ -22,6 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TASKS = ("niah", "vt", "cwe")
+# Default seeds: `distca data synth` makes training data from SYNTH_SEED, `distca eval` scores
+# held-out examples from EVAL_SEED (example i of seed s is drawn from s * 1_000_003 + i).
+SYNTH_SEED = 0
+EVAL_SEED = 1
 
 _SUBJECTS = ["The river", "A quiet village", "The old library", "Every merchant", "The winter wind",
              "A young painter", "The harbour master", "The orchard", "A travelling choir",

@@ -89,7 +89,7 @@ def test_resume_may_turn_focusft_on(tmp_path):
     run = _finished_run(tmp_path / "run")
     cfg = load_config("recipes/tiny.yaml", ["trainer.steps=9", "focusft.enabled=true",
                                             "focusft.rank=4", "focusft.layer_fraction=0.5",
-                                            "focusft.targets=[linear_fc2]"])
+                                            "focusft.targets=[down_proj]"])
     _check_resumable(cfg, "recipes/tiny.yaml", run.path, 6)  # no UsageError
 
 

@@ -65,12 +65,34 @@ def _error(recipe, overrides):
         ("ray.num_gpus_per_worker=-1", "ray.num_gpus_per_worker"),
         ("ray.num_cpus_per_worker=0", "ray.num_cpus_per_worker"),  # traceback from Ray before
         ("focusft.alpha=0", "focusft.alpha"),
-        ("focusft.targets=[linear_fc1,linear_fc1]", "focusft.targets"),
+        ("focusft.targets=[down_proj,down_proj]", "focusft.targets"),
+        ("attention.mask=glm", "attention.mask"),  # glm needs chat data's turns
+        ("attention.mask=bidirectional", "attention.mask"),
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
     message = _error(ROOT / "recipes/tiny.yaml", [override])
     assert key in message and "tiny.yaml" in message
+
+
+def test_old_fast_weight_target_names_fail_naming_the_new_ones():
+    message = _error(ROOT / "recipes/tiny-focusft.yaml", ["focusft.targets=[linear_fc1]"])
+    assert "focusft.targets" in message and "gate_proj, up_proj, down_proj" in message
+
+
+@pytest.mark.parametrize("overrides, mask", [
+    ([], "glm"),  # FocuSFT on chat data: the GLM turn mask in both loops
+    (["focusft.enabled=false"], "causal"),  # SFT: the ordinary causal baseline
+    (["attention.mask=causal"], "causal"),  # an explicit choice wins
+    (["focusft.enabled=false", "attention.mask=glm"], "glm"),
+    (["data.kind=synthetic"], "causal"),  # no turns to mask by
+])
+def test_attention_mask_defaults_and_is_recorded_resolved(overrides, mask):
+    from distca.config import to_yaml
+
+    cfg = load_config(ROOT / "recipes/tiny-focusft.yaml", overrides)
+    assert cfg.attention.mask.value == mask
+    assert yaml.safe_load(to_yaml(cfg))["attention"]["mask"] == mask
 
 
 def test_focusft_without_targets_fails_up_front():

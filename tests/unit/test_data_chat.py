@@ -230,3 +230,15 @@ def test_chat_template_jinja_renders_exactly_as_transformers(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: jinja2 renders
     fallback = ChatTemplate(str(directory))
     assert [fallback.render(m, t, g) for m, t, g in cases] == expected
+
+
+@pytest.mark.parametrize("mask, turns", [("causal", False), ("glm", True)])
+def test_attention_mask_decides_whether_batches_carry_turns(tmp_path, mask, turns):
+    """causal: each conversation one causal document (no turns for the planner); glm: turns."""
+    path = tmp_path / "chat.jsonl"
+    write_rows(path, [{"messages": CONVERSATION}])
+    cfg = load_config(Path(__file__).parents[2] / "recipes" / "tiny-focusft.yaml",
+                      ["data.kind=chat", f"data.paths=[{path}]", f"attention.mask={mask}"])
+    batch = make_dataset(cfg).step_batches(1)[0]
+    assert (batch.turn_lengths is not None) == turns
+    assert (batch.labels != IGNORE).sum() == len("Hello!<|im_end|>\n1 2<|im_end|>\n")

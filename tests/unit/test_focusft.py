@@ -93,7 +93,9 @@ def test_inner_loop_lowers_the_inner_loss_on_a_fixed_batch():
     del engine.runtime.attend
     # everything below the first fast weight, attention of the adapted layer included, runs
     # once per step: one attention forward per layer, however many inner steps
-    assert len(calls) == len(engine.model.decoder.layers)
+    # once per step; the adapted layers above the first run per inner step and in the outer one
+    layers = len(engine.model.decoder.layers)
+    assert len(calls) == layers - engine.num_top + 1 + (engine.num_top - 1) * (3 + 1)
     losses = [stats[f"inner_loss_{i}"] for i in range(3)] + [stats["loss"]]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # the base weights saw the outer loss only: same weights, no adaptation -> higher loss
@@ -123,7 +125,10 @@ def test_fast_weights_reset_every_step_and_stay_private():
 
     engine = make(FocusftStep)
     fast = engine.fast
-    assert engine.num_top == 1 and len(fast.tensors) == 4  # top layer, fc1 + fc2, A and B
+    # layers int(4 * 0.65) = 2 and 3; gate/up/down, A and B each
+    assert engine.num_top == 2 and len(fast.tensors) == 12
+    assert fast.names[:6] == [f"layer3.{t}.{m}" for t in ("gate_proj", "up_proj", "down_proj")
+                              for m in "AB"]
     # adapters live on the top layer's MLP only
     top = engine.model.decoder.layers[-1].mlp
     assert len(top.linear_fc1._forward_hooks) == 1 and len(top.linear_fc2._forward_hooks) == 1

