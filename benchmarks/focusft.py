@@ -62,13 +62,17 @@ def _set_single_batch(engine, batch) -> torch.Tensor:
     return tokens
 
 
-def _turn_batch(ids: np.ndarray, prompt_len: int):
-    """One conversation: the prompt as a context turn, what follows as a reply turn."""
+def _turn_batch(ids: np.ndarray, prompt_len: int, reply: np.ndarray | None = None):
+    """One conversation: the prompt as a context turn, what follows as a reply turn; labels
+    where the next token is a ``reply`` token (none without ``reply``)."""
     from distca.batch import PackedBatch
 
     n = ids.size
     turns = [prompt_len] + ([n - prompt_len] if n > prompt_len else [])
-    return PackedBatch(ids.astype(np.int64), np.full(n, -100, np.int64), np.array([n]), n,
+    labels = np.full(n, -100, np.int64)
+    if reply is not None:
+        labels[:-1] = np.where(reply[1:], ids[1:], -100)
+    return PackedBatch(ids.astype(np.int64), labels, np.array([n]), n,
                        np.array(turns, np.int64), np.array([True, False][:len(turns)]))
 
 
@@ -83,28 +87,12 @@ def greedy_answer(engine, prompt: np.ndarray, max_new: int) -> bytes:
     return bytes(int(t) for t in ids[prompt.size:] if t < 256)
 
 
-@torch.no_grad()
 def attention_masses(engine, convs) -> tuple[float, float]:
     """Mean (first-token mass, context mass) of the loss-bearing reply rows over layers, heads
-    and probes: :class:`distca.attention.AttentionStats`, the statistics of training and eval."""
-    from distca.attention import AttentionStats, RowSpec
-    from distca.hf.layer_runtimes import StatsLayer, layer_runtimes
-
-    engine.model.eval()
-    layers = engine.model.decoder.layers
-    stats = AttentionStats(len(layers), layers[0].self_attention.core_attention.heads)
-    for ids, reply, _ in convs:
-        has_label = np.zeros(ids.size, bool)
-        has_label[:-1] = reply[1:]
-        rows = RowSpec.from_documents([ids.size], has_label, chat=True)
-        probes = [StatsLayer(engine.runtime, i, stats, rows,
-                             layer.self_attention.core_attention.sinks)
-                  for i, layer in enumerate(layers)]
-        tokens = _set_single_batch(engine, _turn_batch(ids, int(np.argmax(reply))))
-        with layer_runtimes(engine.model, probes):
-            engine.model(tokens, None, None)
-    summary = stats.summary()
-    return summary["first_token_mass"], summary["context_mass"]
+    and probes: the step's own statistics forward (distca.model.probe), as in training."""
+    batches = [_turn_batch(ids, int(np.argmax(reply)), reply) for ids, reply, _ in convs]
+    stats = engine.attention_statistics(batches)
+    return stats["first_token_mass"], stats["context_mass"]
 
 
 def reply_loss(engine, convs, tokens_per_rank: int) -> float:

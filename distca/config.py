@@ -85,7 +85,8 @@ class CadConfig:
 @dataclass
 class AttentionConfig:
     backend: AttentionBackend = AttentionBackend.auto
-    telemetry_interval: int = 0  # sink telemetry every N steps; 0 turns it off
+    # attention statistics every N steps (first-token, context, sink mass, sink rate); 0: off
+    telemetry_interval: int = 0
     # None: glm for FocuSFT on chat data, causal otherwise; load_config writes the choice back
     mask: AttentionMask | None = None
 
@@ -316,6 +317,10 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                     "would leave them idle)")
     positive("cad.buffer_budget_mb", c.buffer_budget_mb)
     nonnegative("attention.telemetry_interval", cfg.attention.telemetry_interval)
+    if cfg.attention.telemetry_interval and p.pp > 1:
+        raise _fail(source, "attention.telemetry_interval",
+                    f"attention statistics run with parallel.pp=1 only (got pp={p.pp}): their "
+                    f"forward has no pipeline schedule yet; set it to 0")
     if cfg.attention.mask is AttentionMask.glm and cfg.data.kind not in CHAT_KINDS:
         raise _fail(source, "attention.mask", f"glm needs chat data (its turns), got "
                                               f"data.kind={cfg.data.kind.value}")

@@ -106,21 +106,25 @@ class ExchangeFactory:
                                       + dedicated_server_count(self.cfg),
                                       buffer_budget_mb=c.buffer_budget_mb)
 
-    def exchange(self, plan: StepPlan | None, batch: PackedBatch) -> Exchange:
-        """This rank's exchange of ``batch`` under ``plan`` (the lock-step one when pipelined)."""
-        if self.kind is ExchangeKind.lockstep:
+    def exchange(self, plan: StepPlan | None, batch: PackedBatch, blocking: bool = False
+                 ) -> Exchange:
+        """This rank's exchange of ``batch`` under ``plan`` (the lock-step one when pipelined);
+        ``blocking`` asks for one exchange per layer whatever the ping-pong setting (the
+        attention-statistics forward; not available in the lock-step pipeline)."""
+        kind = ExchangeKind.blocking if blocking and not self.pipelined else self.kind
+        if kind is ExchangeKind.lockstep:
             return LockstepRounds(self.rounds)
-        if self.kind is ExchangeKind.lockstep_pingpong:
+        if kind is ExchangeKind.lockstep_pingpong:
             return LockstepPingPong(self.rounds)
         m, device = self.mesh, self.mesh.device
         rank, size, group = m.dp_rank, m.exchange_size, m.exchange
-        if self.kind is ExchangeKind.token_pingpong:
+        if kind is ExchangeKind.token_pingpong:
             cuts = document_cuts(batch.documents(), batch.num_ranks, batch.tokens_per_rank)
             return TokenPingPong(nano_batches(plan.servers, cuts, rank, batch.num_ranks,
                                               batch.tokens_per_rank, size, device), group)
         layouts = plan.layouts(rank, batch.num_ranks, batch.tokens_per_rank, size,
-                               self.kind is ExchangeKind.task_pingpong, device)
-        if self.kind is ExchangeKind.task_pingpong:
+                               kind is ExchangeKind.task_pingpong, device)
+        if kind is ExchangeKind.task_pingpong:
             return TaskPingPong(layouts, group)
         return BlockingExchange(layouts, group)
 

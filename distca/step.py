@@ -34,11 +34,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distca.attention import AttentionStats
 from distca.batch import IGNORE, PackedBatch, loss_token_count
 from distca.config import DistcaConfig
+from distca.config_choices import CHAT_KINDS
 from distca.exchanges import ExchangeFactory
 from distca.mesh import ProcessMesh
-from distca.model.core_attention import SinkMassSums
+from distca.model.probe import AttentionProbe, probe_rows
 from distca.model.runtime import AttentionRuntime
 from distca.model.staggered import stage_forward
 from distca.parallel.pipeline import (
@@ -92,24 +94,25 @@ class Step:
         return self.role.optimizer
 
     # ---- one micro-batch -------------------------------------------------------------------
-    def load(self, batch: PackedBatch, plan: StepPlan | None
+    def load(self, batch: PackedBatch, plan: StepPlan | None, blocking: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Point the runtime at ``batch``'s exchange; this rank's tokens, labels (IGNORE
-        replaced by 0) and loss mask, each (1, T)."""
+        """Point the runtime at ``batch``'s exchange (``blocking``: one exchange per layer,
+        whatever the config's ping-pong); this rank's tokens, labels (IGNORE replaced by 0) and
+        loss mask, each (1, T)."""
         rows = self.role.rows(batch)
         tokens = rank_rows(batch.tokens, rows, self.device)
         labels = rank_rows(batch.labels, rows, self.device)
         positions = torch.as_tensor(batch.position_ids()[rows], device=self.device)
-        self.runtime.set_batch(positions, self.exchanges.exchange(plan, batch))
+        self.runtime.set_batch(positions, self.exchanges.exchange(plan, batch, blocking))
         mask = labels != IGNORE
         return tokens, torch.where(mask, labels, 0), mask
 
     def forward(self, batch: PackedBatch, plan: StepPlan | None,
-                hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+                hidden_in: torch.Tensor | None = None, blocking: bool = False) -> torch.Tensor:
         """This stage's forward of this rank's tokens: on the last pipeline stage the sum of
         its token losses (fp32 scalar, differentiable), else the hidden states (T, 1, H) for
         the next stage. ``hidden_in``: the previous stage's output (None on the first)."""
-        tokens, labels, mask = self.load(batch, plan)
+        tokens, labels, mask = self.load(batch, plan, blocking)
         if not self.stage.post_process:
             return stage_forward(self.stage, self.runtime, tokens, hidden_in, None)
         out = stage_forward(self.stage, self.runtime, tokens, hidden_in, labels)
@@ -130,8 +133,9 @@ class Step:
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (the same list on every rank)."""
         start = time.perf_counter()
-        telemetry = self._telemetry_on()
-        self.runtime.telemetry = SinkMassSums() if telemetry else None
+        n = self.cfg.attention.telemetry_interval
+        # the statistics of the weights that make this step's loss
+        telemetry = self.attention_statistics(micro_batches) if n and self.step % n == 0 else {}
         stats = self.forward_backward(micro_batches)
         loss = stats["loss"]
         grad_norm = self._grad_norm()
@@ -147,9 +151,7 @@ class Step:
         stats.update(tokens=float(sum(b.doc_lengths.sum() for b in micro_batches)),
                      step_time_s=time.perf_counter() - start, lr=lr, grad_norm=grad_norm,
                      skipped=float(skipped))
-        if telemetry:
-            stats.update(self._telemetry_stats())
-        self.runtime.telemetry = None
+        stats.update(telemetry)
         return stats
 
     def _begin(self) -> None:
@@ -269,22 +271,32 @@ class Step:
             dist.all_reduce(total, group=self.mesh.pp_group)
         return math.sqrt(float(total))
 
-    # ---- telemetry -------------------------------------------------------------------------
-    def _telemetry_on(self) -> bool:
-        n = self.cfg.attention.telemetry_interval
-        return n > 0 and self.cfg.model.learnable_sinks and self.step % n == 0
-
-    def _telemetry_stats(self) -> dict[str, float]:
-        t = self.runtime.telemetry
-        # Every rank holds distinct (tokens, heads, layers): sum over all of them (servers add
-        # zeros). Megatron's layer numbers are global (1-based), so stages fill disjoint rows.
-        layers = range(1, self.cfg.model.num_layers + 1)
-        sums = torch.tensor([[t.mass_sum.get(i, 0.0), t.rows.get(i, 0)] for i in layers],
-                            dtype=torch.float64)
-        dist.all_reduce(sums)
-        stats = {f"sink_mass_layer{i}": float(s / max(r, 1)) for i, (s, r) in zip(layers, sums)}
-        stats["sink_mass"] = float(sums[:, 0].sum() / max(float(sums[:, 1].sum()), 1.0))
-        return stats
+    # ---- attention statistics -------------------------------------------------------------
+    @torch.no_grad()
+    def attention_statistics(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
+        """First-token, context and learnable-sink mass and sink rate of ``micro_batches``
+        under the current weights (:mod:`distca.model.probe`): one extra forward, no update,
+        through blocking exchanges; collective on every rank, dedicated servers included.
+        FocuSFT's fast weights are inactive here: the statistics are the base model's."""
+        m, mesh = self.cfg.model, self.mesh
+        heads = m.num_attention_heads // mesh.tp
+        chat = self.cfg.data.kind in CHAT_KINDS
+        stats = AttentionStats(m.num_layers, m.num_attention_heads, self.device,
+                               has_context=chat, has_sinks=m.learnable_sinks)
+        probe = AttentionProbe(stats, mesh.tp_rank * heads,
+                               mesh.pp_rank * (m.num_layers // mesh.pp), mesh.exchange,
+                               mesh.tp_rank == 0, self.device)
+        self.runtime.probe = probe
+        try:
+            for batch in micro_batches:
+                plan = self.exchanges.plan(batch)
+                probe.start_micro_batch(probe_rows(batch, self.role.rows(batch), chat,
+                                                   self.device))
+                self.forward(batch, plan, blocking=True)
+        finally:
+            self.runtime.probe = None
+        stats.all_reduce()  # every rank, servers included (they add zeros)
+        return stats.metrics()
 
     # ---- the whole (TP=1, PP=1) model view, for parity checks and conversions --------------
     def full_model_state(self) -> dict[str, torch.Tensor]:

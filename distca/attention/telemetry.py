@@ -97,18 +97,23 @@ class LayerMasses:
 @torch.no_grad()
 def layer_masses(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: RowSpec,
                  attend: AttendFn | None = None, sinks: torch.Tensor | None = None,
-                 softmax_scale: float | None = None) -> LayerMasses:
+                 softmax_scale: float | None = None,
+                 first_keys: torch.Tensor | None = None) -> LayerMasses:
     """The module docstring's masses of every row of one layer.
 
     q (N, Hq, D), k (Nk, Hkv, D) any float dtype; lse (N, Hq) the key-only log-sum-exp;
     sinks (Hq,) logits or None. ``attend`` runs attention over the layer's tasks (for the
-    context mass; needed only when ``rows.key_is_context`` is set).
+    context mass; needed only when ``rows.key_is_context`` is set). ``first_keys`` (N, Hkv, D):
+    each row's first-token key when it is not among ``k`` (a distributed runtime gathers them);
+    default ``k[rows.first_key]``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     lse = lse.float()
     dead = lse == NEG_INF
     full = lse if sinks is None else torch.logaddexp(lse, sinks.float().to(lse.device))
-    first_k = k[rows.first_key].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if first_keys is None:
+        first_keys = k[rows.first_key]
+    first_k = first_keys.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     first_logit = (q.float() * first_k.float()).sum(-1) * scale
     first = torch.where(dead, 0.0, torch.exp(first_logit - full))
     sink = torch.zeros_like(lse) if sinks is None else torch.where(

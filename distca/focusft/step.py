@@ -137,21 +137,17 @@ class FocusftStep(Step):
         (over the micro-batch's ``count`` loss tokens on every rank)."""
         f = self.cfg.focusft
         losses = torch.zeros(f.inner_steps, dtype=torch.float64)
-        telemetry, self.runtime.telemetry = self.runtime.telemetry, None  # outer forward only
-        try:
-            for i in range(f.inner_steps):
-                local = self.top(hidden, labels, mask)
-                grads = torch.autograd.grad(local / count, self.fast.tensors)
-                # fast-weight gradients and the loss sum summed over ranks in one message
-                flat = torch.cat([g.reshape(-1) for g in grads]
-                                 + [local.detach().reshape(1).to(grads[0].dtype)])
-                self.mesh.all_reduce_grads(flat)
-                losses[i] = float(flat[-1])
-                offset, summed = 0, []
-                for g in grads:
-                    summed.append(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
-                self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
-        finally:
-            self.runtime.telemetry = telemetry
+        for i in range(f.inner_steps):
+            local = self.top(hidden, labels, mask)
+            grads = torch.autograd.grad(local / count, self.fast.tensors)
+            # fast-weight gradients and the loss sum summed over ranks in one message
+            flat = torch.cat([g.reshape(-1) for g in grads]
+                             + [local.detach().reshape(1).to(grads[0].dtype)])
+            self.mesh.all_reduce_grads(flat)
+            losses[i] = float(flat[-1])
+            offset, summed = 0, []
+            for g in grads:
+                summed.append(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
         return losses

@@ -1,14 +1,11 @@
 """Per-layer stand-ins for the step's :class:`AttentionRuntime`, for one-process inference.
 
 Every core-attention submodule calls only ``runtime.rope(head_dim)`` and
-``runtime.attend(q, k, v, scale)`` (and reads ``runtime.telemetry``), so a one-process model
+``runtime.attend(q, k, v, scale, sinks)``, so a one-process model
 can hand each layer its own object for one forward (:func:`layer_runtimes`):
 
 - :class:`CachedLayer`: a KV cache. Each forward's tokens follow the cached ones; they attend
   to the whole cache plus themselves, bidirectionally (a GLM context turn) or causally.
-- :class:`StatsLayer`: the shared runtime's attention, unchanged, feeding the layer's q (after
-  RoPE), k and key-only log-sum-exp to an :class:`AttentionStats` (the one statistics path of
-  training, eval and benchmarks), with the context mass attended through the same runtime.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from distca.attention import AttentionStats, RowSpec, attention_forward
+from distca.attention import attention_forward
 from distca.model.rope import rope_tables
 
 
@@ -51,8 +48,6 @@ class DecodeState:
 class CachedLayer:
     """One layer's K/V cache (after RoPE); attention with :mod:`distca.attention` kernels."""
 
-    telemetry = None  # no learnable-sink telemetry at inference
-
     def __init__(self, state: DecodeState, backend: str) -> None:
         self.state, self.backend = state, backend
         self.k: torch.Tensor | None = None
@@ -61,38 +56,13 @@ class CachedLayer:
     def rope(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(self.state.positions, head_dim, self.state.rope_theta)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (n, hq, d), k/v (n, hkv, d) of the new tokens -> (out (n, hq, d), lse (n, hq))."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+               sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (n, hq, d), k/v (n, hkv, d) of the new tokens -> (out (n, hq, d), lse (n, hq));
+        ``sinks`` are the caller's to apply (as :meth:`AttentionRuntime.attend`)."""
         self.k = k if self.k is None else torch.cat([self.k, k])
         self.v = v if self.v is None else torch.cat([self.v, v])
         n, total = q.shape[0], self.k.shape[0]
         # causal is bottom-right aligned: new row i sees the cache and new tokens 0..i
         return attention_forward(q, self.k, self.v, [(0, n)], [(0, total)],
                                  [not self.state.bidirectional], softmax_scale, self.backend)
-
-
-class StatsLayer:
-    """Layer ``index`` through the shared ``runtime``, its statistics added to ``stats``."""
-
-    def __init__(self, runtime, index: int, stats: AttentionStats, rows: RowSpec,
-                 sinks: torch.Tensor | None) -> None:
-        self.runtime, self.index, self.stats, self.rows = runtime, index, stats, rows
-        self.sinks = None if sinks is None else sinks.detach()
-
-    @property
-    def telemetry(self):
-        return self.runtime.telemetry
-
-    def rope(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.runtime.rope(head_dim)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = self.runtime.attend(q, k, v, softmax_scale)
-
-        def attend(q_, k_, v_):
-            return self.runtime.attend(q_, k_, v_, softmax_scale)
-
-        self.stats.add(self.index, q, k, lse, self.rows, attend, self.sinks, softmax_scale)
-        return out, lse

@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from distca.attention import AttentionStats, RowSpec
 from distca.config import DistBackend, DistcaConfig, ModelConfig, validate
-from distca.hf.layer_runtimes import CachedLayer, DecodeState, StatsLayer, layer_runtimes
+from distca.hf.layer_runtimes import CachedLayer, DecodeState, layer_runtimes
 from distca.mesh import start_process_group
+from distca.model.probe import AttentionProbe, ProbeRows
 from distca.parallel.exchange import BlockingExchange
 from distca.parallel.layout import build_layout
 from distca.parallel.planning import colocated_plan
@@ -126,8 +127,11 @@ class LocalModel:
         GLM mask of ``turns``) to ``stats``, averaged over ``rows``."""
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
         self._set_batch(ids.numel(), turns)
-        cores = [layer.self_attention.core_attention for layer in self.model.decoder.layers]
-        probes = [StatsLayer(self.step.runtime, i, stats, rows, core.sinks)
-                  for i, core in enumerate(cores)]
-        with layer_runtimes(self.model, probes):
+        probe = AttentionProbe(stats, device=self.step.device)
+        probe.start_micro_batch(ProbeRows.one_document(rows))
+        runtime = self.step.runtime
+        runtime.probe = probe  # the statistics path of training (distca.model.probe)
+        try:
             self._forward(ids)
+        finally:
+            runtime.probe = None

@@ -8,8 +8,6 @@ locally), and applies the learnable sink once to the merged result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
@@ -17,19 +15,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from distca.attention.merge import apply_sink, make_sinks
 from distca.model.rope import apply_rope
-
-
-@dataclass
-class SinkMassSums:
-    """Running sums, per layer, of the learnable-sink mass exp(s_h - L'_i) over rows (L' with
-    the sink; :mod:`distca.attention.telemetry` documents the formula)."""
-
-    mass_sum: dict[int, float] = field(default_factory=dict)
-    rows: dict[int, int] = field(default_factory=dict)
-
-    def add(self, layer: int, mass: torch.Tensor) -> None:
-        self.mass_sum[layer] = self.mass_sum.get(layer, 0.0) + float(mass.sum())
-        self.rows[layer] = self.rows.get(layer, 0) + mass.numel()
 
 
 class DistcaCoreAttention(MegatronModule):
@@ -66,18 +51,13 @@ class DistcaCoreAttention(MegatronModule):
         q, k, v = query[:, 0], key[:, 0], value[:, 0]
         cos, sin = self.runtime.rope(self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, lse = self.runtime.attend(q, k, v.contiguous(), self.softmax_scale)
+        out, lse = self.runtime.attend(q, k, v.contiguous(), self.softmax_scale, self.sinks)
         return self.finish(out, lse)
 
     def finish(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Merged (out (S, hq, d), lse (S, hq) fp32) -> with the sink applied, (S, 1, hq*d)."""
         if self.sinks is not None:
-            has_task = torch.isfinite(lse)
             out, lse = apply_sink(out, lse, self.sinks)
-            if self.runtime.telemetry is not None:
-                # lse is L' (sink included) here: the sink's share is exp(s - L') = sigma(s - L).
-                mass = torch.exp(self.sinks.detach().float()[None, :] - lse.detach())
-                self.runtime.telemetry.add(self.layer_number, mass[has_task])
         return out.reshape(out.shape[0], 1, out.shape[1] * out.shape[2])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from distca.attention import core_attention
-from distca.model.core_attention import SinkMassSums
+from distca.model.probe import AttentionProbe
 from distca.model.rope import rope_tables
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.exchange import Exchange, NanoPhases
@@ -26,7 +26,7 @@ class AttentionRuntime:
         self.backend = backend
         self.positions: torch.Tensor | None = None
         self.exchange: Exchange | None = None
-        self.telemetry: SinkMassSums | None = None
+        self.probe: AttentionProbe | None = None  # set while the step measures statistics
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_batch(self, positions: torch.Tensor, exchange: Exchange) -> None:
@@ -46,11 +46,19 @@ class AttentionRuntime:
             self._rope_cache[head_dim] = rope_tables(self.positions, head_dim, self.rope_theta)
         return self._rope_cache[head_dim]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merged (out (N, hq, d), lse (N, hq) fp32) of this rank's tokens, without the sink."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+               sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged (out (N, hq, d), lse (N, hq) fp32) of this rank's tokens, without the sink
+        (``sinks`` (hq,), the layer's learnable sink logits, only feed the statistics)."""
+        exchange, kernel = self._current(), self.kernel(softmax_scale)
         with span("attend"):
-            return self._current().attend(q, k, v, self.kernel(softmax_scale), softmax_scale)
+            out, lse = exchange.attend(q, k, v, kernel, softmax_scale)
+        if self.probe is not None:
+            def attend(q_, k_, v_):  # the context mass: one more pass through the exchange
+                return exchange.attend(q_, k_, v_, kernel, softmax_scale)
+
+            self.probe.observe(q, k, lse, attend, sinks, softmax_scale)
+        return out, lse
 
     def phases(self, softmax_scale: float) -> NanoPhases:
         """The staggered phases of one stage forward of the current exchange."""

@@ -123,32 +123,3 @@ def test_sums_of_rank_shards_reduce_to_the_whole(single_process_group):
     assert torch.allclose(shards.sums, whole.sums, rtol=1e-12)
     assert shards.summary()["first_token_mass"] == pytest.approx(
         whole.summary()["first_token_mass"], rel=1e-12)
-
-
-def test_training_sink_mass_is_the_sink_share_of_the_softmax():
-    """The model's running sink mass (what `distca train` logs) equals the dense softmax's sink
-    column: ~1 for a dominant sink, ~0 for a negligible one, never a constant 1/2."""
-    from types import SimpleNamespace
-
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    from test_attention_core import fresh_seed
-
-    from distca.model.core_attention import DistcaCoreAttention, SinkMassSums
-
-    heads, dim, rows = 3, 8, 40
-    config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
-                               kv_channels=dim, use_cpu_initialization=True)
-    runtime = SimpleNamespace(telemetry=SinkMassSums())
-    layer = DistcaCoreAttention(config, layer_number=1, runtime=runtime, learnable_sinks=True,
-                                pg_collection=SimpleNamespace(tp=SimpleNamespace(size=lambda: 1)))
-    gen = torch.Generator().manual_seed(fresh_seed())
-    lse = torch.randn(rows, heads, generator=gen) + 4.0
-    lse[3] = float("-inf")  # a row in no task: not counted
-    with torch.no_grad():
-        layer.sinks.copy_(torch.tensor([-20.0, 0.0, 20.0]) + 4.0)
-    layer.finish(torch.randn(rows, heads, dim, generator=gen), lse)
-    live = torch.isfinite(lse)
-    want = torch.sigmoid(layer.sinks.detach().double() - lse.double())[live].sum().item()
-    got = runtime.telemetry.mass_sum[1]
-    assert runtime.telemetry.rows[1] == int(live.sum())
-    assert got == pytest.approx(want, rel=1e-5)
