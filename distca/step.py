@@ -303,10 +303,6 @@ class Step:
         """Every weight of the whole model under TP=1/PP=1 names (collective over workers)."""
         return self.role.gather(dict(self.role.model.named_parameters()))
 
-    def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Every parameter's ``.grad`` of the whole model under TP=1/PP=1 names (collective)."""
-        return self.role.gather({n: q.grad for n, q in self.role.model.named_parameters()})
-
     def load_full_model_state(self, full: dict[str, torch.Tensor]) -> None:
         """Load this rank's shard of whole-model weights from :meth:`full_model_state`."""
         self.role.load_full(full)

@@ -52,6 +52,12 @@ def multiturn_docs(seed: int, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
     return docs
 
 
+def full_gradients(step) -> dict[str, torch.Tensor]:
+    """Every parameter's ``.grad`` of the whole model under TP=1/PP=1 names (collective over
+    the workers: tensor shards and pipeline stages gathered)."""
+    return step.role.gather({n: q.grad for n, q in step.model.named_parameters()})
+
+
 def as_single_worker(batch: PackedBatch) -> PackedBatch:
     """The same batch seen by one worker holding every token (the colocated reference)."""
     return PackedBatch(batch.tokens, batch.labels, batch.doc_lengths, batch.tokens.shape[0],
@@ -114,7 +120,7 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
         if reference:
             batches = [as_single_worker(b) for b in batches]
         stats = engine.forward_backward(batches)
-        grads = {} if server else engine.full_gradients()
+        grads = {} if server else full_gradients(engine)
         if cfg.parallel.pp > 1:  # pipelines evaluate with their own forward-only schedule
             stats["eval_loss"] = engine.eval_loss(batches)
         who = f"ref.{key}" if reference else f"{name}.{rank}"

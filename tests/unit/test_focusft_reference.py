@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from runtime_harness import ROOT, free_port
-from test_focusft import multiturn_docs
+from runtime_harness import ROOT, free_port, full_gradients, multiturn_docs
 
 from distca.attention.tasks import multiturn_tasks, task_mask
 from distca.data.chat import pack_conversations
@@ -141,7 +140,7 @@ def test_one_focusft_step_equals_the_reference_algorithm():
     weights = {k: v.detach().clone() for k, v in
                hf_from_megatron(engine.full_model_state(), m).items()}
     stats = engine.forward_backward([batch])
-    grads = hf_from_megatron(engine.full_gradients(), m)
+    grads = hf_from_megatron(full_gradients(engine), m)
 
     # the reference: distca's layer numbers are 1-based (names "layer{n}.{target}.A")
     fast = {i: {t: tuple(drawn[f"layer{i + 1}.{t}.{x}"].clone().requires_grad_(True)
