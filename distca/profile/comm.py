@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import socket
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from distca.config import DistBackend
+from distca.mesh import start_process_group
 
 
 def free_port() -> int:
@@ -25,12 +27,11 @@ def free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, out) -> None:
     cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+    start_process_group(DistBackend.auto, rank, world, f"tcp://127.0.0.1:{port}",
+                        interface="lo", timeout_s=120)
     try:
         rows = []
         for size in sizes:
