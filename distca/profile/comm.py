@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], iters: int, out)
             rows.append({"bytes": nbytes, "seconds": seconds,
                          "bus_GBps": nbytes * (world - 1) / world / seconds / 1e9})
         if rank == 0:
-            out.put({"backend": backend, "world": world,
+            out.put({"backend": dist.get_backend(), "world": world,
                      "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows})
     finally:
         dist.destroy_process_group()
