@@ -317,10 +317,6 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                     "would leave them idle)")
     positive("cad.buffer_budget_mb", c.buffer_budget_mb)
     nonnegative("attention.telemetry_interval", cfg.attention.telemetry_interval)
-    if cfg.attention.telemetry_interval and p.pp > 1:
-        raise _fail(source, "attention.telemetry_interval",
-                    f"attention statistics run with parallel.pp=1 only (got pp={p.pp}): their "
-                    f"forward has no pipeline schedule yet; set it to 0")
     if cfg.attention.mask is AttentionMask.glm and cfg.data.kind not in CHAT_KINDS:
         raise _fail(source, "attention.mask", f"glm needs chat data (its turns), got "
                                               f"data.kind={cfg.data.kind.value}")

@@ -134,8 +134,10 @@ class Step:
         """One optimizer step over ``micro_batches`` (the same list on every rank)."""
         start = time.perf_counter()
         n = self.cfg.attention.telemetry_interval
-        # the statistics of the weights that make this step's loss
-        telemetry = self.attention_statistics(micro_batches) if n and self.step % n == 0 else {}
+        # the statistics of the weights that make this step's loss; their forward has no
+        # pipeline schedule yet (the train command says so when pp > 1)
+        measure = n and self.mesh.pp == 1 and self.step % n == 0
+        telemetry = self.attention_statistics(micro_batches) if measure else {}
         stats = self.forward_backward(micro_batches)
         loss = stats["loss"]
         grad_norm = self._grad_norm()
