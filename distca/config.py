@@ -21,6 +21,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distca.memory.keys import memory_key_problem
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the file and the key."""
@@ -35,9 +37,7 @@ class AttentionBackend(Enum):
 
 
 class DistBackend(Enum):
-    auto = "auto"  # nccl with CUDA, gloo without
-    gloo = "gloo"
-    nccl = "nccl"
+    auto, gloo, nccl = "auto", "gloo", "nccl"  # auto: nccl with CUDA, gloo without
 
 
 class ServerMode(Enum):
@@ -58,8 +58,11 @@ class DataKind(Enum):
 
 
 class Precision(Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+    fp32, bf16 = "fp32", "bf16"
+
+
+class Recompute(Enum):  # activation recomputation (distca.model.recompute documents each)
+    none, selective, full = "none", "selective", "full"
 
 
 @dataclass
@@ -80,6 +83,7 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 family)
     gated_attention: bool = False  # Qwen3-Next style sigmoid output gate (design §3)
     learnable_sinks: bool = False  # one sink logit per head (design §3)
+    recompute: Recompute = Recompute.none
 
 
 @dataclass
@@ -162,7 +166,7 @@ class TrainerConfig:
     max_restarts: int = 2
     on_nan: OnNan = OnNan.stop
     log_interval: int = 1
-
+    device_memory_gib: float | None = None  # the target device's memory; `distca memory`
 
 @dataclass
 class RayConfig:
@@ -289,6 +293,8 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     """Check values that types alone cannot: divisibility, ranges, consistency."""
     _check_finite(cfg, source)
     m, p = cfg.model, cfg.parallel
+    if problem := memory_key_problem(cfg):  # keys of distca.memory, checked there
+        raise _fail(source, *problem)
 
     def positive(key: str, value: float) -> None:
         if not value > 0:

@@ -41,6 +41,7 @@ from distca.mesh import ProcessMesh
 from distca.model.core_attention import SinkMassSums
 from distca.model.runtime import AttentionRuntime
 from distca.model.staggered import stage_forward
+from distca.optimizer import buckets
 from distca.parallel.pipeline import (
     StageLinks,
     lockstep_timetable,
@@ -235,21 +236,21 @@ class Step:
 
     # ---- gradients -------------------------------------------------------------------------
     def _sync_gradients(self) -> None:
+        """Sum gradients over the data-parallel workers, in fp32 (with bf16 gradients every
+        partial sum would round) and in buckets (:func:`distca.optimizer.buckets`)."""
         params = self.role.params
         for q in params:
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
-        if not params:
+        if not params or self.mesh.dp == 1:
             return
-        # summed in fp32: with bf16 gradients every partial sum would round
-        flat = torch.cat([q.grad.reshape(-1).float() for q in params])
-        self.mesh.all_reduce_grads(flat)
-        if self.mesh.dp == 1:
-            return
-        offset = 0
-        for q in params:
-            q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
-            offset += q.numel()
+        for bucket in buckets([q.numel() for q in params]):
+            flat = torch.cat([params[i].grad.view(-1)[a:b].float() for i, a, b in bucket])
+            self.mesh.all_reduce_grads(flat)
+            offset = 0
+            for i, a, b in bucket:
+                params[i].grad.view(-1)[a:b].copy_(flat[offset:offset + b - a])
+                offset += b - a
 
     def _grad_norm(self) -> float:
         """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once,

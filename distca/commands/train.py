@@ -78,6 +78,9 @@ def _interrupt(signum, frame) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
+    from distca.memory.fit import check_fits
+
+    check_fits(cfg, args.recipe)  # a recipe predicted not to fit its device stops here
     path = _run_dir(cfg, args.recipe)
     from distca.data import make_dataset
     from distca.train.errors import ClusterError, TrainingStopped, WorkerDied, WorkerError
