@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from distca.config import DistcaConfig, FocusftConfig
+from distca.config import DistcaConfig, FocusftConfig, Recompute
 from distca.focusft.fast_weights import FastLoRA
 from distca.mesh import ProcessMesh
 from distca.model.attention_only import AttentionOnlyStage
 from distca.model.llama import build_model
 from distca.model.megatron_adapter import MegatronStage, seed_model_parallel
+from distca.model.recompute import RecomputedStage
 from distca.model.runtime import AttentionRuntime
 from distca.model.sharding import gather_full, load_full
 from distca.optimizer import Optimizer
@@ -36,6 +37,8 @@ class WorkerRole:
         seed_model_parallel(cfg.trainer.seed, mesh.tp_rank)
         self.model = build_model(cfg.model, runtime, cfg.trainer.precision)
         self.stage = MegatronStage(self.model)
+        if cfg.model.recompute is not Recompute.none:  # distca.model.recompute says why
+            self.stage = RecomputedStage(self.stage, runtime, cfg.model.recompute, mesh.tp_group)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = Optimizer(self.params, cfg.optim, mesh.grads)
 

@@ -49,7 +49,10 @@ class AttentionOnlyLayer:
                 empty.expand(0, s.kv_heads, s.head_dim), None)
 
     def after_attention(self, out, lse, gate, residual):
-        return self.mlp_block(self._fold(out, lse, residual))
+        return self.mlp_block(self.attention_out(out, lse, gate, residual))
+
+    def attention_out(self, out, lse, gate, residual):
+        return self._fold(out, lse, residual)
 
     @staticmethod
     def _fold(out: torch.Tensor, lse: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -66,16 +66,18 @@ class MegatronLayer:
         gate = parts[3][:n] if len(parts) == 4 else None
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
 
-    def after_attention(self, out, lse, gate, residual):
+    def attention_out(self, out, lse, gate, residual):
         layer = self.layer
         attn = layer.self_attention
         context = attn.core_attention.finish(out, lse)
         if gate is not None:
             context = attn._apply_output_gate(context, gate)
         with layer.bias_dropout_add_exec_handler():
-            hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
+            return layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
                 attn.linear_proj(context), residual, layer.hidden_dropout)
-        return layer._forward_mlp(hidden)
+
+    def after_attention(self, out, lse, gate, residual):
+        return self.layer._forward_mlp(self.attention_out(out, lse, gate, residual))
 
 
 class MegatronStage:

@@ -39,6 +39,10 @@ class StageLayer(Protocol):
                         residual: torch.Tensor) -> torch.Tensor:
         """The layer's output hidden from merged attention (out (n, hq, d), lse (n, hq) fp32)."""
 
+    def attention_out(self, out: torch.Tensor, lse: torch.Tensor, gate: torch.Tensor | None,
+                      residual: torch.Tensor) -> torch.Tensor:
+        """:meth:`after_attention` without the MLP block: :meth:`attention_block`'s output."""
+
 
 class StageModel(Protocol):
     """One pipeline stage's model (module docstring)."""

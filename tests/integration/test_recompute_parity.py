@@ -1,0 +1,93 @@
+"""Activation recomputation changes no number (fp32, relative error <= 1e-6).
+
+Each scenario runs once without recompute and once per recompute mode on the same ranks, from
+the same weights (same seed), on the same micro-batches; losses and every gradient must agree:
+colocated, CAD (blocking and token ping-pong, whose staggered halves take the checkpoints
+themselves), tp=2 (``full`` shards the kept layer input over TP), pp=2 (the lock-step
+pipeline) and FocuSFT (the inner loop's autograd.grad through the checkpoints).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from runtime_harness import load_result, relative_error, run_ranks, skewed_batch
+
+T = 64
+BASE = ["trainer.seed=7", "cad.min_shard_tokens=4", "cad.tolerance=0.1"]
+
+
+def _batches(dp: int):
+    """Two micro-batches over ``dp`` workers of T tokens (a document spanning two workers)."""
+    return [skewed_batch(dp, T, [50, 1, 10] if dp == 1 else [90, 1, 17, 1, 12], seed=1),
+            skewed_batch(dp, T, [40, 1, 5, 8, 3, 7][:4 if dp == 1 else 6], seed=2)]
+
+
+def _scenarios(layouts: dict[str, list[str]], modes: tuple[str, ...]):
+    out = []
+    for name, layout in layouts.items():
+        dp = int([o for o in layout if o.startswith("parallel.dp=")][-1].split("=")[1])
+        out += [(f"{name}_{mode}", BASE + layout + [f"model.recompute={mode}"], _batches(dp))
+                for mode in ("none", *modes)]
+    return out
+
+
+def _check(layouts, modes, world: int, out) -> None:
+    run_ranks(world, _scenarios(layouts, modes), out)
+    for name in layouts:
+        for rank in range(world):
+            want = load_result(out, f"{name}_none", rank)
+            for mode in modes:
+                got = load_result(out, f"{name}_{mode}", rank)
+                assert abs(got["loss"] - want["loss"]) <= 1e-6 * abs(want["loss"]), (name, mode)
+                assert got["grads"].keys() == want["grads"].keys()
+                for param, grad in want["grads"].items():
+                    err = relative_error(got["grads"][param], grad)
+                    assert err <= 1e-6, f"{name} {mode} rank {rank} {param}: {err:.2e}"
+
+
+CAD = ["parallel.dp=2", "cad.enabled=true"]
+PINGPONG = {"cad_pingpong": CAD + ["cad.ping_pong=true", "model.learnable_sinks=true"],
+            "tp2": ["parallel.tp=2", "parallel.dp=1", "cad.enabled=true",
+                    "model.gated_attention=true"]}
+MORE = {"colocated": ["parallel.dp=2", "cad.enabled=false"],
+        "cad_blocking": CAD + ["cad.ping_pong=false"],
+        "pp2": ["parallel.pp=2", "parallel.dp=1", "cad.enabled=true", "cad.ping_pong=true"],
+        "pp2_colocated": ["parallel.pp=2", "parallel.dp=1", "cad.enabled=false"]}
+
+
+def test_recompute_matches_no_recompute_pingpong_and_tp2(tmp_path):
+    _check(PINGPONG, ("full",), 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_recompute_matches_no_recompute_every_layout(tmp_path):
+    _check({**PINGPONG, **MORE}, ("selective", "full"), 2, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dedicated", [False, True], ids=["two_ranks", "dedicated_server"])
+def test_focusft_recompute_matches_no_recompute(tmp_path, dedicated):
+    from test_focusft_distributed import DEDICATED, _rank_main
+
+    from distca.profile.comm import free_port
+
+    world = 3 if dedicated else 2
+    extra = ["focusft.layer_fraction=0.75", *DEDICATED] if dedicated else []
+    results = {}
+    for mode in ("none", "full", "selective"):
+        out = tmp_path / mode
+        out.mkdir()
+        mp.spawn(_rank_main, args=(world, free_port(), str(out),
+                                   extra + [f"model.recompute={mode}"]),
+                 nprocs=world, join=True)
+        results[mode] = [torch.load(out / f"{rank}.pt") for rank in range(2)]
+    for mode in ("full", "selective"):
+        for got, want in zip(results[mode], results["none"]):
+            for key, value in want["stats"].items():
+                assert abs(got["stats"][key] - value) <= 1e-6 * max(abs(value), 1e-6), key
+            for param, grad in want["grads"].items():
+                assert relative_error(got["grads"][param], grad) <= 1e-6, (mode, param)
+            for a, b in zip(got["fast"], want["fast"]):
+                assert relative_error(a, b) <= 1e-6
