@@ -92,6 +92,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     backend: DistBackend = DistBackend.auto
+    sequence_parallel: bool = False  # megatron's: norms and residuals sharded over TP ranks
 
 
 @dataclass

@@ -35,10 +35,13 @@ class WorkerRole:
         self.cfg, self.mesh = cfg, mesh
         self.layer_offset = mesh.pp_rank * (cfg.model.num_layers // mesh.pp)
         seed_model_parallel(cfg.trainer.seed, mesh.tp_rank)
-        self.model = build_model(cfg.model, runtime, cfg.trainer.precision)
+        sp = cfg.parallel.sequence_parallel
+        self.model = build_model(cfg.model, runtime, cfg.trainer.precision, sp)
         self.stage = MegatronStage(self.model)
         if cfg.model.recompute is not Recompute.none:  # distca.model.recompute says why
-            self.stage = RecomputedStage(self.stage, runtime, cfg.model.recompute, mesh.tp_group)
+            # with sequence parallelism the layer input is sharded over TP already
+            self.stage = RecomputedStage(self.stage, runtime, cfg.model.recompute,
+                                         None if sp else mesh.tp_group)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = Optimizer(self.params, cfg.optim, mesh.grads)
 

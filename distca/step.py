@@ -123,9 +123,11 @@ class Step:
             raise ValueError(f"pipelined micro-batches need one tokens_per_rank, "
                              f"got {sorted(sizes)}")
         dtype = compute_dtype(self.cfg)
-        return StageLinks(*self.mesh.neighbours(),
-                          (sizes.pop() if sizes else 0, 1, self.cfg.model.hidden_size), dtype,
-                          self.device)
+        tokens = sizes.pop() if sizes else 0
+        if self.cfg.parallel.sequence_parallel:  # each TP rank sends its rows
+            tokens //= self.mesh.tp
+        return StageLinks(*self.mesh.neighbours(), (tokens, 1, self.cfg.model.hidden_size),
+                          dtype, self.device)
 
     # ---- the public step API ---------------------------------------------------------------
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
@@ -242,6 +244,14 @@ class Step:
         for q in params:
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
+        sharded_rows = [q.grad for q in params if getattr(q, "sequence_parallel", False)]
+        if sharded_rows and self.mesh.tp > 1:  # sequence-parallel norms saw 1/tp of the rows
+            flat = torch.cat([g.reshape(-1).float() for g in sharded_rows])
+            dist.all_reduce(flat, group=self.mesh.tp_group)
+            offset = 0
+            for g in sharded_rows:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         if not params or self.mesh.dp == 1:
             return
         for bucket in buckets([q.numel() for q in params]):

@@ -11,8 +11,8 @@ a stage holds all ``T`` tokens), ``Ls`` the layers of a pipeline stage, ``P`` it
   an fp32 model with ``dp = 1``, which is stepped in place.
 * **activations**: what the linear parts of a layer keep for backward, per token (counted on
   megatron's local layer with ``saved_tensors_hooks``): four hidden-sized tensors whole on every
-  TP rank (layer input, first norm output, residual, second norm output), ``3h + 5f`` split
-  over TP, two fp32 norm statistics; under ``model.recompute`` (:mod:`distca.model.recompute`)
+  TP rank (layer input, first norm output, residual, second norm output; ``1/tp`` of the rows
+  with ``parallel.sequence_parallel``), ``3h + 5f`` split over TP, two fp32 norm statistics; under ``model.recompute`` (:mod:`distca.model.recompute`)
   ``selective`` keeps the layer input and first norm output, ``full`` only the layer input,
   sharded over TP. Times ``Ls`` and the micro-batches in flight (``min(pp, micro_batches)`` on
   the first stage), plus the backward's working set beyond the logits' peak: the gradients of
@@ -107,12 +107,13 @@ def activation_bytes_per_token(cfg: DistcaConfig, recompute: Recompute) -> float
     """What one layer's linear parts keep for backward, per token (module docstring)."""
     m, tp, b = cfg.model, cfg.parallel.tp, elem_bytes(cfg)
     h, f = m.hidden_size, m.ffn_hidden_size
+    whole = h / tp if cfg.parallel.sequence_parallel else h  # sharded rows under SP
     gate = 2 * h / tp * b if m.gated_attention else 0.0  # gate and its sigmoid
     if recompute is Recompute.full:
         return h / tp * b
     if recompute is Recompute.selective:
-        return 2 * h * b + 4 + gate
-    return (4 * h + (3 * h + 5 * f) / tp) * b + 8 + gate
+        return 2 * whole * b + 4 + gate
+    return (4 * whole + (3 * h + 5 * f) / tp) * b + 8 + gate
 
 
 def optimizer_bytes(cfg: DistcaConfig, params: int) -> float:

@@ -1,5 +1,6 @@
-"""Value checks of the config keys that memory prediction and recompute add (kept out of
-:mod:`distca.config`, which calls :func:`memory_key_problem` from its ``validate``)."""
+"""Value checks of the config keys that memory prediction, recompute and sequence parallelism
+add (kept out of :mod:`distca.config`, which calls :func:`memory_key_problem` from its
+``validate``)."""
 
 from __future__ import annotations
 
@@ -11,4 +12,22 @@ def memory_key_problem(cfg: Any) -> tuple[str, str] | None:
     gib = cfg.trainer.device_memory_gib
     if gib is not None and not gib > 0:
         return "trainer.device_memory_gib", f"must be > 0 (or null: no device check), got {gib}"
+    p = cfg.parallel
+    if p.sequence_parallel:
+        if p.tp == 1:
+            return "parallel.sequence_parallel", "needs parallel.tp > 1 (it shards over TP ranks)"
+        if cfg.data.tokens_per_rank % p.tp:
+            return ("parallel.sequence_parallel", f"data.tokens_per_rank="
+                    f"{cfg.data.tokens_per_rank} is not divisible by parallel.tp={p.tp}")
+        if staggered(cfg):
+            return ("parallel.sequence_parallel", "not with token ping-pong yet (its nano-batches "
+                    "split the sharded sequence): set cad.ping_pong=false")
     return None
+
+
+def staggered(cfg: Any) -> bool:
+    """Whether the step runs layers as staggered token nano-batches (distca.exchanges)."""
+    c, p = cfg.cad, cfg.parallel
+    servers = c.num_dedicated_servers if c.server_mode.value == "dedicated" else 0
+    return c.enabled and c.ping_pong and (
+        p.pp > 1 or (p.dp + servers > 1 and not cfg.focusft.enabled))

@@ -62,8 +62,10 @@ class MegatronLayer:
         parts = attn.get_query_key_value_tensors(self.layer.input_layernorm(hidden), None,
                                                  output_gate=attn.config.attention_output_gate,
                                                  split_qkv=True)
-        q, k, v = (x[:n, 0] for x in parts[:3])
-        gate = parts[3][:n] if len(parts) == 4 else None
+        # with sequence parallelism linear_qkv gathers the TP ranks' rows: keep them all
+        rows = parts[0].shape[0] if n else 0
+        q, k, v = (x[:rows, 0] for x in parts[:3])
+        gate = parts[3][:rows] if len(parts) == 4 else None
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
 
     def attention_out(self, out, lse, gate, residual):

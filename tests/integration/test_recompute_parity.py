@@ -24,11 +24,16 @@ def _batches(dp: int):
             skewed_batch(dp, T, [40, 1, 5, 8, 3, 7][:4 if dp == 1 else 6], seed=2)]
 
 
+SP = "parallel.sequence_parallel=true"
+VARIANTS = {"selective": ["model.recompute=selective"], "full": ["model.recompute=full"],
+            "sp": [SP], "sp_full": [SP, "model.recompute=full"]}
+
+
 def _scenarios(layouts: dict[str, list[str]], modes: tuple[str, ...]):
     out = []
     for name, layout in layouts.items():
         dp = int([o for o in layout if o.startswith("parallel.dp=")][-1].split("=")[1])
-        out += [(f"{name}_{mode}", BASE + layout + [f"model.recompute={mode}"], _batches(dp))
+        out += [(f"{name}_{mode}", BASE + layout + VARIANTS.get(mode, []), _batches(dp))
                 for mode in ("none", *modes)]
     return out
 
@@ -59,6 +64,23 @@ MORE = {"colocated": ["parallel.dp=2", "cad.enabled=false"],
 
 def test_recompute_matches_no_recompute_pingpong_and_tp2(tmp_path):
     _check(PINGPONG, ("full",), 2, tmp_path)
+
+
+def test_sequence_parallel_matches_tp2_without_it(tmp_path):
+    """tp=2 with sequence parallelism (and full recompute on top) equals plain tp=2."""
+    _check({"tp2_blocking": ["parallel.tp=2", "parallel.dp=1", "cad.enabled=true",
+                             "cad.ping_pong=false", "model.gated_attention=true"]},
+           ("sp", "sp_full"), 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_matches_with_pp2(tmp_path):
+    """tp=2 × pp=2 (4 ranks), colocated 1F1B and CAD lock-step: stage links carry 1/tp rows."""
+    _check({"tp2pp2_colocated": ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1",
+                                 "cad.enabled=false"],
+            "tp2pp2_lockstep": ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1",
+                                "cad.enabled=true", "cad.ping_pong=false"]},
+           ("sp", "sp_full"), 4, tmp_path)
 
 
 @pytest.mark.slow
