@@ -110,7 +110,8 @@ def main() -> None:
     from distca.memory.estimate import estimate
 
     mib = 2**20
-    lines = ["| model | tokens | tp | recompute | weights+grads+optim | activations | attention "
+    lines = ["| model | tokens | tp | recompute | runtime+weights+grads+optim | activations "
+             "| attention "
              "| logits | update | predicted MiB | measured MiB | measured/predicted "
              "| activation saving measured / predicted |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -131,7 +132,7 @@ def main() -> None:
                           f"{(seen['none'][0] - est.total) / mib:.0f} MiB")
             lines.append(
                 f"| {name} | {seq} | {tp} | {mode} | "
-                f"{(p['weights'] + p['gradients'] + p['optimizer']) / mib:.1f} | "
+                f"{(p['runtime'] + p['weights'] + p['gradients'] + p['optimizer']) / mib:.1f} | "
                 f"{p['activations'] / mib:.0f} | {p['attention_buffers'] / mib:.0f} | "
                 f"{p['logits'] / mib:.0f} | {p['update_buffers'] / mib:.0f} | "
                 f"{est.total / mib:.0f} | {got / mib:.0f} | {ratio:.2f} | {saving} |")

@@ -1,6 +1,7 @@
 """Predicted peak memory of the largest rank of a recipe, part by part.
 
-All sizes are bytes of one rank; ``b`` is the compute dtype's size (2 for bf16, 4 for fp32),
+All sizes are bytes of one rank (plus **runtime**, a constant measured on the CPU); ``b`` is
+the compute dtype's size (2 for bf16, 4 for fp32),
 ``h`` the hidden size, ``f`` the FFN size, ``hq``/``hkv`` the query/key-value heads of one
 tensor-parallel rank and ``d`` the head dim, ``T`` = ``data.tokens_per_rank`` (every TP rank of
 a stage holds all ``T`` tokens), ``Ls`` the layers of a pipeline stage, ``P`` its parameters.
@@ -15,8 +16,9 @@ a stage holds all ``T`` tokens), ``Ls`` the layers of a pipeline stage, ``P`` it
   with ``parallel.sequence_parallel``), ``3h + 5f`` split over TP, two fp32 norm statistics; under ``model.recompute`` (:mod:`distca.model.recompute`)
   ``selective`` keeps the layer input and first norm output, ``full`` only the layer input,
   sharded over TP. Times ``Ls`` and the micro-batches in flight (``min(pp, micro_batches)`` on
-  the first stage), plus the backward's working set beyond the logits' peak: the gradients of
-  one layer's activations, and with recompute that layer's recomputed activations too.
+  the first stage); with recompute plus one layer's recomputed activations (measured: the peak
+  is then in the backward of a layer, while the logits' tensors are still held; without
+  recompute it is at the loss).
 * **attention_buffers**: what core attention keeps for backward, never recomputed: as a server,
   the received q, k, v of its tasks, their out and fp32 lse; as a worker, the fp32 partial
   rows it got back and the merged output. Sized from the planner's receive sizes
@@ -40,8 +42,12 @@ from distca.config import DistcaConfig, Precision, Recompute
 from distca.optimizer import BUCKET
 
 GIB = 2**30
-PARTS = ("weights", "gradients", "optimizer", "activations", "attention_buffers", "logits",
-         "fast_weights", "update_buffers")
+# Process state besides the tensors counted here (module objects, the plan, autograd's graph,
+# communication buffers), measured on the CPU (benchmarks/results/memory.md). On a GPU the CUDA
+# context and NCCL buffers come on top: the recipes' 10% headroom is for them.
+RUNTIME = 24.0 * 2**20
+PARTS = ("runtime", "weights", "gradients", "optimizer", "activations", "attention_buffers",
+         "logits", "fast_weights", "update_buffers")
 
 
 @dataclass
@@ -176,13 +182,15 @@ def _stage_parts(cfg: DistcaConfig, stage: int, attention_per_layer: float) -> d
     params = stage_params(cfg, stage)
     recompute = m.recompute
     layers, tokens, mb = m.num_layers // p.pp, cfg.data.tokens_per_rank, in_flight(cfg, stage)
-    static = {"weights": float(params * b), "gradients": float(params * b),
+    static = {"runtime": RUNTIME, "weights": float(params * b),
+              "gradients": float(params * b),
               "optimizer": optimizer_bytes(cfg, params), "fast_weights": fast_weight_bytes(cfg)}
-    one_layer = activation_bytes_per_token(cfg, Recompute.none) * tokens
-    working = one_layer * (1 if recompute is Recompute.none else 2)
+    # with recompute, one layer's activations are rebuilt at a time during backward
+    working = 0.0 if recompute is Recompute.none else \
+        activation_bytes_per_token(cfg, Recompute.none) * tokens
     logits = logits_bytes(cfg) if stage == p.pp - 1 else 0.0
     kept = activation_bytes_per_token(cfg, recompute) * tokens * layers * mb
-    backward = {"activations": kept + max(0.0, working - logits),
+    backward = {"activations": kept + working,
                 "attention_buffers": attention_per_layer * layers * mb, "logits": logits,
                 "update_buffers": 0.0}
     if p.dp == 1 and b == 4:

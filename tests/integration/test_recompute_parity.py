@@ -113,3 +113,13 @@ def test_focusft_recompute_matches_no_recompute(tmp_path, dedicated):
                 assert relative_error(got["grads"][param], grad) <= 1e-6, (mode, param)
             for a, b in zip(got["fast"], want["fast"]):
                 assert relative_error(a, b) <= 1e-6
+
+
+@pytest.mark.slow
+def test_recompute_with_a_dedicated_server(tmp_path):
+    """Two workers and a dedicated attention server (3 ranks): the server runs its
+    attention-only layers unchanged and its exchanges still line up with the recomputing
+    workers' (a mismatch would hang or fail the step)."""
+    _check({"dedicated": CAD + ["cad.ping_pong=true", "cad.server_mode=dedicated",
+                                "cad.num_dedicated_servers=1"]}, ("selective", "full"), 3,
+           tmp_path)
