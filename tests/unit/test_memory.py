@@ -39,7 +39,8 @@ def test_full_recompute_keeps_one_sharded_input_a_layer():
         cfg = load_config(RECIPES / "llama3-8b-128k.yaml", [f"model.recompute={mode}"])
         return estimate(cfg, attention_per_layer=0.0).parts["activations"]
 
-    assert activations("full") < activations("selective") < activations("none") / 3
+    assert activations("full") < activations("selective") / 5
+    assert activations("selective") < activations("none") / 2
 
 
 def test_parameter_count_is_the_models(single_process_group):
