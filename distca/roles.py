@@ -37,7 +37,7 @@ class WorkerRole:
         seed_model_parallel(cfg.trainer.seed, mesh.tp_rank)
         sp = cfg.parallel.sequence_parallel
         self.model = build_model(cfg.model, runtime, cfg.trainer.precision, sp)
-        self.stage = MegatronStage(self.model)
+        self.stage = MegatronStage(self.model, mesh.tp_group if sp else None)
         if cfg.model.recompute is not Recompute.none:  # distca.model.recompute says why
             # with sequence parallelism the layer input is sharded over TP already
             self.stage = RecomputedStage(self.stage, runtime, cfg.model.recompute,

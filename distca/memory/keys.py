@@ -19,15 +19,5 @@ def memory_key_problem(cfg: Any) -> tuple[str, str] | None:
         if cfg.data.tokens_per_rank % p.tp:
             return ("parallel.sequence_parallel", f"data.tokens_per_rank="
                     f"{cfg.data.tokens_per_rank} is not divisible by parallel.tp={p.tp}")
-        if staggered(cfg):
-            return ("parallel.sequence_parallel", "not with token ping-pong yet (its nano-batches "
-                    "split the sharded sequence): set cad.ping_pong=false")
     return None
 
-
-def staggered(cfg: Any) -> bool:
-    """Whether the step runs layers as staggered token nano-batches (distca.exchanges)."""
-    c, p = cfg.cad, cfg.parallel
-    servers = c.num_dedicated_servers if c.server_mode.value == "dedicated" else 0
-    return c.enabled and c.ping_pong and (
-        p.pp > 1 or (p.dp + servers > 1 and not cfg.focusft.enabled))

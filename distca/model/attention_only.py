@@ -67,6 +67,7 @@ class AttentionOnlyStage:
     """
 
     pre_process = post_process = True  # dedicated servers exist only with pp = 1
+    row_group = None  # and tp = 1
 
     def __init__(self, runtime: AttentionRuntime, num_layers: int, heads: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, fast_layers: int = 0) -> None:

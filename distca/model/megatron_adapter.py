@@ -62,8 +62,9 @@ class MegatronLayer:
         parts = attn.get_query_key_value_tensors(self.layer.input_layernorm(hidden), None,
                                                  output_gate=attn.config.attention_output_gate,
                                                  split_qkv=True)
-        # with sequence parallelism linear_qkv gathers the TP ranks' rows: keep them all
-        rows = parts[0].shape[0] if n else 0
+        # one RoPE row a token: with sequence parallelism linear_qkv gathers the TP ranks'
+        # rows (zero-padded to equal shards in the staggered path) and all tokens are kept
+        rows = cos.shape[0]
         q, k, v = (x[:rows, 0] for x in parts[:3])
         gate = parts[3][:rows] if len(parts) == 4 else None
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
@@ -85,10 +86,11 @@ class MegatronLayer:
 class MegatronStage:
     """:class:`~distca.model.stage.StageModel` of this stage's megatron-core ``GPTModel``."""
 
-    def __init__(self, model: GPTModel) -> None:
+    def __init__(self, model: GPTModel, row_group=None) -> None:
         self.model = model
         self.layers = [MegatronLayer(layer) for layer in model.decoder.layers]
         self.pre_process, self.post_process = model.pre_process, model.post_process
+        self.row_group = row_group  # the TP group with sequence parallelism
 
     def forward(self, tokens, hidden_in, labels):
         if not self.pre_process:

@@ -41,53 +41,13 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from distca.config import Recompute
+from distca.model.rows import gather_rows, shard_rows
 from distca.model.runtime import AttentionRuntime
 from distca.model.stage import StageLayer, StageModel
 
 
 def _ckpt(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False)
-
-
-class _ShardRows(torch.autograd.Function):
-    """(T, ...) whole on every TP rank → this rank's ``ceil(T/tp)`` rows (zero-padded); backward
-    all-gathers the row gradients (the input's gradient is the same on every TP rank)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.rows = group, x.shape[0]
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = -(-x.shape[0] // world)
-        padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, n * world - x.shape[0]))
-        return padded[rank * n:(rank + 1) * n].clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_rows(grad.contiguous(), ctx.group)[:ctx.rows], None
-
-
-class _GatherRows(torch.autograd.Function):
-    """Inverse of :class:`_ShardRows` (the first ``rows`` of the gathered shards); backward
-    keeps this rank's rows of the (TP-replicated) gradient."""
-
-    @staticmethod
-    def forward(ctx, shard, group, rows):
-        ctx.group = group
-        return _gather_rows(shard.contiguous(), group)[:rows]
-
-    @staticmethod
-    def backward(ctx, grad):
-        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        n = -(-grad.shape[0] // world)
-        padded = torch.nn.functional.pad(grad, (0, 0) * (grad.dim() - 1)
-                                         + (0, n * world - grad.shape[0]))
-        return padded[rank * n:(rank + 1) * n].contiguous(), None, None
-
-
-def _gather_rows(shard: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, shard, group=group)
-    return torch.cat(parts)
 
 
 class RecomputedLayer:
@@ -109,8 +69,8 @@ class RecomputedLayer:
             return hidden, lambda x: x
         shard = self._kept.pop(id(hidden), None)
         if shard is None:
-            shard = _ShardRows.apply(hidden, self.group)
-        return shard, functools.partial(_GatherRows.apply, group=self.group,
+            shard = shard_rows(hidden, self.group)
+        return shard, functools.partial(gather_rows, group=self.group,
                                         rows=hidden.shape[0])
 
     def before_attention(self, hidden, cos, sin):
@@ -154,6 +114,7 @@ class RecomputedStage:
         self.stage = stage
         self.layers = [RecomputedLayer(layer, runtime, mode, tp_group) for layer in stage.layers]
         self.pre_process, self.post_process = stage.pre_process, stage.post_process
+        self.row_group = stage.row_group
 
     def forward(self, tokens, hidden_in, labels):
         hidden = self.embed(tokens, hidden_in)

@@ -50,6 +50,9 @@ class StageModel(Protocol):
     layers: list[StageLayer]
     pre_process: bool  # the first stage: it embeds tokens
     post_process: bool  # the last stage: it computes losses
+    # sequence parallelism: the group whose ranks each hold 1/tp of the hidden rows (embed's
+    # output, forward's input and output between stages), else None
+    row_group: object | None
 
     def forward(self, tokens: torch.Tensor, hidden_in: torch.Tensor | None,
                 labels: torch.Tensor | None) -> torch.Tensor:

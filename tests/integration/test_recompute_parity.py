@@ -19,8 +19,9 @@ BASE = ["trainer.seed=7", "cad.min_shard_tokens=4", "cad.tolerance=0.1"]
 
 
 def _batches(dp: int):
-    """Two micro-batches over ``dp`` workers of T tokens (a document spanning two workers)."""
-    return [skewed_batch(dp, T, [50, 1, 10] if dp == 1 else [90, 1, 17, 1, 12], seed=1),
+    """Two micro-batches over ``dp`` workers of T tokens (a document spanning two workers; with
+    ping-pong, worker 1 of the first has nano-batches of 7 and 57 tokens)."""
+    return [skewed_batch(dp, T, [50, 1, 10] if dp == 1 else [89, 2, 17, 1, 12], seed=1),
             skewed_batch(dp, T, [40, 1, 5, 8, 3, 7][:4 if dp == 1 else 6], seed=2)]
 
 
@@ -79,7 +80,17 @@ def test_sequence_parallel_matches_with_pp2(tmp_path):
     _check({"tp2pp2_colocated": ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1",
                                  "cad.enabled=false"],
             "tp2pp2_lockstep": ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1",
-                                "cad.enabled=true", "cad.ping_pong=false"]},
+                                "cad.enabled=true", "cad.ping_pong=false"],
+            "tp2pp2_lockstep_pingpong": ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1",
+                                         "cad.enabled=true", "cad.ping_pong=true"]},
+           ("sp", "sp_full"), 4, tmp_path)
+
+
+def test_sequence_parallel_in_the_staggered_path(tmp_path):
+    """tp=2 × dp=2 with token ping-pong: each nano-batch is sharded over the TP ranks on its
+    own (padded: the nano-batches' lengths are odd), with sinks and full recompute on top."""
+    _check({"tp2dp2_pingpong": ["parallel.tp=2", "parallel.dp=2", "cad.enabled=true",
+                                "cad.ping_pong=true", "model.learnable_sinks=true"]},
            ("sp", "sp_full"), 4, tmp_path)
 
 
