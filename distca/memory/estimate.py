@@ -11,9 +11,10 @@ a stage holds all ``T`` tokens), ``Ls`` the layers of a pipeline stage, ``P`` it
   data-parallel slice (``distca.optimizer``, ZeRO-1); 8 bytes a parameter (moments only) for
   an fp32 model with ``dp = 1``, which is stepped in place.
 * **activations**: what the linear parts of a layer keep for backward, per token (counted on
-  megatron's local layer with ``saved_tensors_hooks``): four hidden-sized tensors whole on every
-  TP rank (layer input, first norm output, residual, second norm output; ``1/tp`` of the rows
-  with ``parallel.sequence_parallel``), ``3h + 5f`` split over TP, two fp32 norm statistics; under ``model.recompute`` (:mod:`distca.model.recompute`)
+  megatron's local layer with ``saved_tensors_hooks`` at tp = 1 and 2): six hidden-sized
+  tensors whole on every TP rank (among them the layer input, first norm output, residual and
+  second norm output; ``1/tp`` of the rows with ``parallel.sequence_parallel``), ``h + 5f``
+  split over TP, two fp32 norm statistics; under ``model.recompute`` (:mod:`distca.model.recompute`)
   ``selective`` keeps the layer input and first norm output, ``full`` only the layer input,
   sharded over TP. Times ``Ls`` and the micro-batches in flight (``min(pp, micro_batches)`` on
   the first stage); with recompute plus one layer's recomputed activations (measured: the peak
@@ -42,9 +43,10 @@ from distca.config import DistcaConfig, Precision, Recompute
 from distca.optimizer import BUCKET
 
 GIB = 2**30
-# Process state besides the tensors counted here (module objects, the plan, autograd's graph,
-# communication buffers), measured on the CPU (benchmarks/results/memory.md). On a GPU the CUDA
-# context and NCCL buffers come on top: the recipes' 10% headroom is for them.
+# Process state besides the tensors counted here (module objects, the plan, autograd's graph),
+# and as much again on a rank of a multi-process world (its process groups' communication
+# buffers), measured on the CPU (benchmarks/results/memory.md). On a GPU the CUDA context and
+# NCCL buffers come on top: the recipes' 10% headroom is for them.
 RUNTIME = 24.0 * 2**20
 PARTS = ("runtime", "weights", "gradients", "optimizer", "activations", "attention_buffers",
          "logits", "fast_weights", "update_buffers")
@@ -119,7 +121,7 @@ def activation_bytes_per_token(cfg: DistcaConfig, recompute: Recompute) -> float
         return h / tp * b
     if recompute is Recompute.selective:
         return 2 * whole * b + 4 + gate
-    return (4 * whole + (3 * h + 5 * f) / tp) * b + 8 + gate
+    return (6 * whole + (h + 5 * f) / tp) * b + 8 + gate
 
 
 def optimizer_bytes(cfg: DistcaConfig, params: int) -> float:
@@ -182,7 +184,8 @@ def _stage_parts(cfg: DistcaConfig, stage: int, attention_per_layer: float) -> d
     params = stage_params(cfg, stage)
     recompute = m.recompute
     layers, tokens, mb = m.num_layers // p.pp, cfg.data.tokens_per_rank, in_flight(cfg, stage)
-    static = {"runtime": RUNTIME, "weights": float(params * b),
+    world = p.dp * p.tp * p.pp
+    static = {"runtime": RUNTIME * (2 if world > 1 else 1), "weights": float(params * b),
               "gradients": float(params * b),
               "optimizer": optimizer_bytes(cfg, params), "fast_weights": fast_weight_bytes(cfg)}
     # with recompute, one layer's activations are rebuilt at a time during backward
