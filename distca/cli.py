@@ -100,11 +100,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     eval_command.add_parser(sub)
 
 
+def _add_memory(sub: argparse._SubParsersAction) -> None:
+    from distca.commands import memory  # torch and the estimator load only when it runs
+
+    memory.add_parser(sub)
+
+
 # Each entry adds one subcommand; later capabilities append theirs.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_data,
                                                                    _add_train, _add_profile,
                                                                    _add_plan, _add_simulate,
-                                                                   _add_hf, _add_eval]
+                                                                   _add_hf, _add_eval,
+                                                                   _add_memory]
 
 
 def build_parser() -> argparse.ArgumentParser:

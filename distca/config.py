@@ -28,9 +28,11 @@ from distca.config_choices import (
     DistBackend,
     OnNan,
     Precision,
+    Recompute,
     ServerMode,
 )
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
+from distca.memory.keys import memory_key_problem
 from distca.presets import MODEL_PRESETS
 from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
 
@@ -57,6 +59,7 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 family)
     gated_attention: bool = False  # Qwen3-Next style sigmoid output gate (design §3)
     learnable_sinks: bool = False  # one sink logit per head (design §3)
+    recompute: Recompute = Recompute.none
 
 
 @dataclass
@@ -65,6 +68,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     backend: DistBackend = DistBackend.auto
+    sequence_parallel: bool = False  # megatron's: norms and residuals sharded over TP ranks
 
 
 @dataclass
@@ -147,7 +151,7 @@ class TrainerConfig:
     log_interval: int = 1
     eval_interval: int = 0  # validation loss every N steps on data.eval_paths; 0: none
     eval_batches: int = 1  # steps' worth of eval batches per validation
-
+    device_memory_gib: float | None = None  # the target device's memory; `distca memory`
 
 @dataclass
 class RayConfig:
@@ -261,6 +265,8 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     """Check values that types alone cannot: divisibility, ranges, consistency."""
     _check_finite(cfg, source)
     m, p = cfg.model, cfg.parallel
+    if problem := memory_key_problem(cfg):  # keys of distca.memory, checked there
+        raise _fail(source, *problem)
 
     def positive(key: str, value: float) -> None:
         if not value > 0:

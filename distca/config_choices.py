@@ -37,6 +37,10 @@ class DataKind(Enum):
     synth = "synth"  # chat tasks generated on the fly (data.synth)
 
 
+class Recompute(Enum):  # activation recomputation (distca.model.recompute documents each)
+    none, selective, full = "none", "selective", "full"
+
+
 CHAT_KINDS = (DataKind.chat, DataKind.synth)  # data made of conversations (attention.mask)
 
 

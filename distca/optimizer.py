@@ -21,6 +21,26 @@ import torch.distributed as dist
 from distca.config import OptimConfig
 
 Piece = tuple[int, int, int]  # (parameter index, first, end) in that parameter's flat elements
+# Elements of one fp32 collective over flattened parameters (128 MiB): gradient all-reduce and
+# weight all-gather run in buckets of this size, so their buffers stay small beside the model.
+BUCKET = 1 << 25
+
+
+def pieces_of(sizes: list[int], lo: int, hi: int) -> list[Piece]:
+    """The parameters' pieces covering flat elements ``[lo, hi)`` of their concatenation."""
+    out, offset = [], 0
+    for i, n in enumerate(sizes):
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            out.append((i, a - offset, b - offset))
+        offset += n
+    return out
+
+
+def buckets(sizes: list[int], size: int = BUCKET) -> list[list[Piece]]:
+    """The concatenation of ``sizes`` elements cut into consecutive buckets of ``size``."""
+    total = sum(sizes)
+    return [pieces_of(sizes, lo, min(lo + size, total)) for lo in range(0, total, size)]
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -42,14 +62,9 @@ class Optimizer:
         rank = dist.get_rank(group) if self.world > 1 else 0
         self.total = sum(q.numel() for q in params)
         self.slice_len = -(-self.total // self.world)
-        lo, hi = rank * self.slice_len, min((rank + 1) * self.slice_len, self.total)
-        self.pieces: list[Piece] = []
-        offset = 0
-        for i, q in enumerate(params):
-            a, b = max(lo, offset), min(hi, offset + q.numel())
-            if a < b:
-                self.pieces.append((i, a - offset, b - offset))
-            offset += q.numel()
+        self.sizes = [q.numel() for q in params]
+        self.pieces = pieces_of(self.sizes, rank * self.slice_len,
+                                min((rank + 1) * self.slice_len, self.total))
         in_place = self.world == 1 and all(q.dtype == torch.float32 for q in params)
         self.master = None if in_place else [
             params[i].detach().reshape(-1)[a:b].float().clone() for i, a, b in self.pieces]
@@ -82,7 +97,8 @@ class Optimizer:
 
     @torch.no_grad()
     def _write_back(self) -> None:
-        """Every rank's stepped slice into every rank's model weights."""
+        """Every rank's stepped slice into every rank's model weights (all-gathered in
+        buckets of :data:`BUCKET` elements a rank)."""
         if self.world == 1:
             for m, (i, a, b) in zip(self.master, self.pieces):
                 self.params[i].view(-1)[a:b].copy_(m)
@@ -90,13 +106,17 @@ class Optimizer:
         mine = (torch.cat(self.master) if self.master
                 else torch.zeros(0, device=self.params[0].device))
         mine = torch.nn.functional.pad(mine, (0, self.slice_len - mine.numel()))
-        slices = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(slices, mine, group=self.group)
-        flat = torch.cat(slices)
-        offset = 0
-        for q in self.params:
-            q.view(-1).copy_(flat[offset:offset + q.numel()])
-            offset += q.numel()
+        chunk = max(1, BUCKET // self.world)
+        for c in range(0, self.slice_len, chunk):
+            part = mine[c:c + chunk]
+            slices = [torch.empty_like(part) for _ in range(self.world)]
+            dist.all_gather(slices, part, group=self.group)
+            for r, got in enumerate(slices):
+                lo = r * self.slice_len + c
+                offset = 0
+                for i, a, b in pieces_of(self.sizes, lo, min(lo + got.numel(), self.total)):
+                    self.params[i].view(-1)[a:b].copy_(got[offset:offset + b - a])
+                    offset += b - a
 
     @torch.no_grad()
     def master_from_model(self) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from distca.config import DistcaConfig, FocusftConfig
+from distca.config import DistcaConfig, FocusftConfig, Recompute
 from distca.focusft.fast_weights import FastLoRA
 from distca.mesh import ProcessMesh
 from distca.model.attention_only import AttentionOnlyStage
 from distca.model.llama import build_model
 from distca.model.megatron_adapter import MegatronStage, seed_model_parallel
+from distca.model.recompute import RecomputedStage
 from distca.model.runtime import AttentionRuntime
 from distca.model.sharding import gather_full, load_full
 from distca.optimizer import Optimizer
@@ -34,8 +35,13 @@ class WorkerRole:
         self.cfg, self.mesh = cfg, mesh
         self.layer_offset = mesh.pp_rank * (cfg.model.num_layers // mesh.pp)
         seed_model_parallel(cfg.trainer.seed, mesh.tp_rank)
-        self.model = build_model(cfg.model, runtime, cfg.trainer.precision)
-        self.stage = MegatronStage(self.model)
+        sp = cfg.parallel.sequence_parallel
+        self.model = build_model(cfg.model, runtime, cfg.trainer.precision, sp)
+        self.stage = MegatronStage(self.model, mesh.tp_group if sp else None)
+        if cfg.model.recompute is not Recompute.none:  # distca.model.recompute says why
+            # with sequence parallelism the layer input is sharded over TP already
+            self.stage = RecomputedStage(self.stage, runtime, cfg.model.recompute,
+                                         None if sp else mesh.tp_group)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = Optimizer(self.params, cfg.optim, mesh.grads)
 

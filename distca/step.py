@@ -43,6 +43,7 @@ from distca.mesh import ProcessMesh
 from distca.model.probe import AttentionProbe, probe_rows
 from distca.model.runtime import AttentionRuntime
 from distca.model.staggered import stage_forward
+from distca.optimizer import buckets
 from distca.parallel.pipeline import (
     StageLinks,
     lockstep_timetable,
@@ -125,9 +126,11 @@ class Step:
             raise ValueError(f"pipelined micro-batches need one tokens_per_rank, "
                              f"got {sorted(sizes)}")
         dtype = compute_dtype(self.cfg)
-        return StageLinks(*self.mesh.neighbours(),
-                          (sizes.pop() if sizes else 0, 1, self.cfg.model.hidden_size), dtype,
-                          self.device)
+        tokens = sizes.pop() if sizes else 0
+        if self.cfg.parallel.sequence_parallel:  # each TP rank sends its rows
+            tokens //= self.mesh.tp
+        return StageLinks(*self.mesh.neighbours(), (tokens, 1, self.cfg.model.hidden_size),
+                          dtype, self.device)
 
     # ---- the public step API ---------------------------------------------------------------
     def train_step(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
@@ -239,21 +242,29 @@ class Step:
 
     # ---- gradients -------------------------------------------------------------------------
     def _sync_gradients(self) -> None:
+        """Sum gradients over the data-parallel workers, in fp32 (with bf16 gradients every
+        partial sum would round) and in buckets (:func:`distca.optimizer.buckets`)."""
         params = self.role.params
         for q in params:
             if q.grad is None:
                 q.grad = torch.zeros_like(q)
-        if not params:
+        sharded_rows = [q.grad for q in params if getattr(q, "sequence_parallel", False)]
+        if sharded_rows and self.mesh.tp > 1:  # sequence-parallel norms saw 1/tp of the rows
+            flat = torch.cat([g.reshape(-1).float() for g in sharded_rows])
+            dist.all_reduce(flat, group=self.mesh.tp_group)
+            offset = 0
+            for g in sharded_rows:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if not params or self.mesh.dp == 1:
             return
-        # summed in fp32: with bf16 gradients every partial sum would round
-        flat = torch.cat([q.grad.reshape(-1).float() for q in params])
-        self.mesh.all_reduce_grads(flat)
-        if self.mesh.dp == 1:
-            return
-        offset = 0
-        for q in params:
-            q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
-            offset += q.numel()
+        for bucket in buckets([q.numel() for q in params]):
+            flat = torch.cat([params[i].grad.view(-1)[a:b].float() for i, a, b in bucket])
+            self.mesh.all_reduce_grads(flat)
+            offset = 0
+            for i, a, b in bucket:
+                params[i].grad.view(-1)[a:b].copy_(flat[offset:offset + b - a])
+                offset += b - a
 
     def _grad_norm(self) -> float:
         """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once,

@@ -70,6 +70,9 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
+    from distca.memory.fit import check_fits
+
+    check_fits(cfg, args.recipe)  # a recipe predicted not to fit its device stops here
     path = _run_dir(cfg, args.recipe)
     from distca.train import preflight
     from distca.train.errors import ClusterError, Stopped, TrainingStopped, WorkerDied, WorkerError

@@ -49,7 +49,10 @@ class AttentionOnlyLayer:
                 empty.expand(0, s.kv_heads, s.head_dim), None)
 
     def after_attention(self, out, lse, gate, residual):
-        return self.mlp_block(self._fold(out, lse, residual))
+        return self.mlp_block(self.attention_out(out, lse, gate, residual))
+
+    def attention_out(self, out, lse, gate, residual):
+        return self._fold(out, lse, residual)
 
     @staticmethod
     def _fold(out: torch.Tensor, lse: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,7 @@ class AttentionOnlyStage:
     """
 
     pre_process = post_process = True  # dedicated servers exist only with pp = 1
+    row_group = None  # and tp = 1
 
     def __init__(self, runtime: AttentionRuntime, num_layers: int, heads: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, fast_layers: int = 0) -> None:

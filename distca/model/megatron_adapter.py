@@ -62,29 +62,35 @@ class MegatronLayer:
         parts = attn.get_query_key_value_tensors(self.layer.input_layernorm(hidden), None,
                                                  output_gate=attn.config.attention_output_gate,
                                                  split_qkv=True)
-        q, k, v = (x[:n, 0] for x in parts[:3])
-        gate = parts[3][:n] if len(parts) == 4 else None
+        # one RoPE row a token: with sequence parallelism linear_qkv gathers the TP ranks'
+        # rows (zero-padded to equal shards in the staggered path) and all tokens are kept
+        rows = cos.shape[0]
+        q, k, v = (x[:rows, 0] for x in parts[:3])
+        gate = parts[3][:rows] if len(parts) == 4 else None
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous(), gate
 
-    def after_attention(self, out, lse, gate, residual):
+    def attention_out(self, out, lse, gate, residual):
         layer = self.layer
         attn = layer.self_attention
         context = attn.core_attention.finish(out, lse)
         if gate is not None:
             context = attn._apply_output_gate(context, gate)
         with layer.bias_dropout_add_exec_handler():
-            hidden = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
+            return layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(
                 attn.linear_proj(context), residual, layer.hidden_dropout)
-        return layer._forward_mlp(hidden)
+
+    def after_attention(self, out, lse, gate, residual):
+        return self.layer._forward_mlp(self.attention_out(out, lse, gate, residual))
 
 
 class MegatronStage:
     """:class:`~distca.model.stage.StageModel` of this stage's megatron-core ``GPTModel``."""
 
-    def __init__(self, model: GPTModel) -> None:
+    def __init__(self, model: GPTModel, row_group=None) -> None:
         self.model = model
         self.layers = [MegatronLayer(layer) for layer in model.decoder.layers]
         self.pre_process, self.post_process = model.pre_process, model.post_process
+        self.row_group = row_group  # the TP group with sequence parallelism
 
     def forward(self, tokens, hidden_in, labels):
         if not self.pre_process:

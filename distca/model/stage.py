@@ -39,6 +39,10 @@ class StageLayer(Protocol):
                         residual: torch.Tensor) -> torch.Tensor:
         """The layer's output hidden from merged attention (out (n, hq, d), lse (n, hq) fp32)."""
 
+    def attention_out(self, out: torch.Tensor, lse: torch.Tensor, gate: torch.Tensor | None,
+                      residual: torch.Tensor) -> torch.Tensor:
+        """:meth:`after_attention` without the MLP block: :meth:`attention_block`'s output."""
+
 
 class StageModel(Protocol):
     """One pipeline stage's model (module docstring)."""
@@ -46,6 +50,9 @@ class StageModel(Protocol):
     layers: list[StageLayer]
     pre_process: bool  # the first stage: it embeds tokens
     post_process: bool  # the last stage: it computes losses
+    # sequence parallelism: the group whose ranks each hold 1/tp of the hidden rows (embed's
+    # output, forward's input and output between stages), else None
+    row_group: object | None
 
     def forward(self, tokens: torch.Tensor, hidden_in: torch.Tensor | None,
                 labels: torch.Tensor | None) -> torch.Tensor:

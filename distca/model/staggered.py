@@ -21,24 +21,42 @@ runs this same driver over its attention-only layers with no tokens of its own.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from distca.model.rows import gather_rows, pad_rows, shard_rows
 from distca.model.runtime import AttentionRuntime
 from distca.model.stage import StageLayer, StageModel
 
 
-def staggered_layers(layers: list[StageLayer], hidden: torch.Tensor, runtime: AttentionRuntime
-                     ) -> torch.Tensor:
-    """Run ``layers`` on hidden (T, 1, H) with the runtime's staggered exchange; same shape out."""
+def staggered_layers(layers: list[StageLayer], hidden: torch.Tensor, runtime: AttentionRuntime,
+                     row_group=None) -> torch.Tensor:
+    """Run ``layers`` on hidden (T, 1, H) with the runtime's staggered exchange; same shape out.
+
+    With sequence parallelism (``row_group``: the TP group) ``hidden`` is this rank's
+    ``T/tp`` rows: the nano-batches are cut from the gathered rows and each is sharded over the
+    group on its own (zero-padded to equal shards; the layers' linears gather and
+    reduce-scatter them, and the pads never reach the exchange), then gathered back at the end.
+    """
     hq, d = layers[0].heads, layers[0].head_dim
     phases = runtime.phases(layers[0].softmax_scale)
     cos, sin = runtime.rope(d)
     tables = [(cos.index_select(0, r), sin.index_select(0, r)) for r in phases.rows]
+    counts = [r.numel() for r in phases.rows]
+    if row_group is not None:
+        world = dist.get_world_size(row_group)
+        hidden = gather_rows(hidden, row_group, hidden.shape[0] * world)
     hidden_of = [hidden.index_select(0, r) for r in phases.rows]
+    if row_group is not None:
+        hidden_of = [shard_rows(h, row_group) for h in hidden_of]
     pending = [None, None]  # per nano-batch: (layer, gate, residual) awaiting its results
 
     def land(i: int) -> torch.Tensor:
         layer, gate, residual = pending[i]
-        out, lse = phases.land(i, residual.shape[0], hq, d)
+        out, lse = phases.land(i, counts[i], hq, d)
+        if row_group is not None:  # the padded rows of the nano-batch's shards
+            rows = residual.shape[0] * world
+            out, lse = pad_rows(out, rows), pad_rows(lse, rows, float("-inf"))
+            gate = None if gate is None else pad_rows(gate, rows)
         return layer.after_attention(out.to(residual.dtype), lse, gate, residual)
 
     for layer in layers:
@@ -56,7 +74,10 @@ def staggered_layers(layers: list[StageLayer], hidden: torch.Tensor, runtime: At
         phases.serve()
         pending = [(layer, gates[i], hidden_of[i]) for i in (0, 1)]
     hidden_of = [land(i) for i in (0, 1)]
-    return torch.cat(hidden_of).index_select(0, phases.order)
+    if row_group is not None:
+        hidden_of = [gather_rows(h, row_group, n) for h, n in zip(hidden_of, counts)]
+    out = torch.cat(hidden_of).index_select(0, phases.order)
+    return out if row_group is None else shard_rows(out, row_group)
 
 
 def stage_forward(stage: StageModel, runtime: AttentionRuntime, tokens: torch.Tensor,
@@ -67,5 +88,5 @@ def stage_forward(stage: StageModel, runtime: AttentionRuntime, tokens: torch.Te
         return stage.forward(tokens, hidden_in, labels)
     hidden = stage.embed(tokens, hidden_in)
     if stage.layers:
-        hidden = staggered_layers(stage.layers, hidden, runtime)
+        hidden = staggered_layers(stage.layers, hidden, runtime, stage.row_group)
     return stage.losses(hidden, labels) if stage.post_process else hidden

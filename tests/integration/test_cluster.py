@@ -45,42 +45,6 @@ def test_slurm_script_is_valid_bash_and_submits_a_job():
     assert "#SBATCH --nodes" in text and "start --head" in text and "job submit" in text
 
 
-def _gpu_bytes_needed(cfg) -> float:
-    """Memory one GPU needs for a recipe, without logits, buffers or fragmentation.
-
-    bf16 weights and gradients (4 bytes per parameter over tp x pp), plus fp32 master weights
-    and AdamW moments (12 bytes) sliced over dp (distca.optimizer). Activations are kept for backward (no
-    recompute, no sequence parallelism): counted on this model's layer with
-    ``torch.autograd.graph.saved_tensors_hooks``, ~12 hidden-sized and 5 ffn-sized tensors per
-    token and layer; 4 of the hidden-sized ones (layer input, first norm output, residual,
-    second norm output) are whole on every TP rank, the rest split over TP. The first pipeline
-    stage keeps min(pp, micro_batches) micro-batches in flight."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
-    h, f, head_dim = m.hidden_size, m.ffn_hidden_size, m.hidden_size // m.num_attention_heads
-    attn = h * (m.num_attention_heads + 2 * m.num_kv_heads) * head_dim + h * h
-    params = 2 * m.vocab_size * h + m.num_layers * (attn + 3 * h * f)
-    states = (4 + 12 / p.dp) * params / (p.tp * p.pp)
-    per_token_layer = 2 * (4 * h + (8 * h + 5 * f) / p.tp)
-    in_flight = min(p.pp, d.micro_batches)
-    return states + per_token_layer * d.tokens_per_rank * m.num_layers / p.pp * in_flight
-
-
-@pytest.mark.parametrize("recipe, gpu_gb", [
-    ("llama3-8b-128k.yaml", 80),  # H100, as cluster/ray-up.yaml and rayjob.yaml start
-    ("qwen2.5-7b-focusft.yaml", 141),  # H200: FocuSFT runs at TP=1, the whole model a GPU
-    pytest.param("codellama-34b-512k.yaml", 80, marks=pytest.mark.xfail(
-        strict=True, reason="a 512K document needs dp x tokens_per_rank >= 512K; without "
-                            "sequence parallelism or recompute that is ~700 GB a GPU")),
-])
-def test_real_recipes_fit_their_gpus(recipe, gpu_gb):
-    from distca.config import load_config
-
-    cfg = load_config(REPO / "recipes" / recipe)
-    assert cfg.parallel.dp * cfg.data.tokens_per_rank >= cfg.data.max_length
-    need = _gpu_bytes_needed(cfg) / 1e9
-    assert need < 0.9 * gpu_gb, f"{recipe}: ~{need:.0f} GB a GPU"
-
-
 def _fake_slurm(tmp_path: Path, gpus_seen: list[int]) -> tuple[dict, Path]:
     """srun/scontrol/sleep and a ray CLI (with distca beside it) that log their arguments;
     ``ray status`` reports ``gpus_seen`` in turn (the last one from then on)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distca.config import OptimConfig
-from distca.optimizer import Optimizer
+from distca.optimizer import Optimizer, buckets
 
 CFG = OptimConfig(lr=1e-5, weight_decay=0.1)
 
@@ -91,6 +91,9 @@ def _sliced_rank(rank: int, world: int, port: int, outdir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+    import distca.optimizer
+
+    distca.optimizer.BUCKET = 7  # the write-back all-gathers many buckets of 2 a rank
     params = _bf16_params(3)  # the same weights and (reduced) gradients on every rank
     sliced = Optimizer(params, CFG, dist.group.WORLD)
     assert sum(m.numel() for m in sliced.master) <= -(-sliced.total // world)
@@ -123,6 +126,13 @@ def test_data_parallel_slices_step_as_the_whole(tmp_path):
     with pytest.raises(ValueError, match="another slicing"):
         Optimizer(_bf16_params(3), CFG).load_state_dict(
             {**whole.state_dict(), "optim.layout": torch.tensor([152, 3])})
+
+
+def test_buckets_cover_the_flat_parameters_once_in_order():
+    cut = buckets([5, 1, 12], size=4)
+    assert [sum(b - a for _, a, b in bucket) for bucket in cut] == [4, 4, 4, 4, 2]
+    assert [p for bucket in cut for p in bucket] == [
+        (0, 0, 4), (0, 4, 5), (1, 0, 1), (2, 0, 2), (2, 2, 6), (2, 6, 10), (2, 10, 12)]
 
 
 def test_fp32_state_resumes_in_bf16():
