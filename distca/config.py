@@ -5,8 +5,9 @@ command line. Everything is validated before anything runs; a bad recipe raises
 :class:`ConfigError`, whose message names the recipe file and the dotted key at fault, and the
 CLI turns it into exit code 2.
 
-Merge order (later wins): dataclass defaults <- model preset (``model.preset``) <- recipe <-
-overrides. A preset fills the model shape; keys the recipe or an override sets explicitly win.
+Merge order (later wins): dataclass defaults <- model preset (``model.preset``) or pretrained
+source (``model.init_from``, :mod:`distca.model_source`) <- recipe <- overrides. A preset fills
+the model shape and explicit keys win; a source's shape must not be contradicted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
-from distca.presets import MODEL_PRESETS
+from distca.model_source import model_layer
 from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
 
 
@@ -71,6 +72,7 @@ class ModelConfig:
     """Llama-family shape (RMSNorm, SwiGLU, GQA, RoPE)."""
 
     preset: str | None = None
+    init_from: str | None = None  # pretrained weights and shape (distca.model_source)
     num_layers: int = MISSING
     hidden_size: int = MISSING
     num_attention_heads: int = MISSING
@@ -228,14 +230,10 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     cli = _parse_overrides(list(overrides or []), f"{source} (command line)")
     conf = OmegaConf.structured(DistcaConfig)
 
-    preset = OmegaConf.select(cli, "model.preset", default=None)
-    if preset is None:
-        preset = (raw.get("model") or {}).get("preset") if isinstance(raw.get("model"), dict) else None
-    if preset is not None:
-        if preset not in MODEL_PRESETS:
-            known = ", ".join(sorted(MODEL_PRESETS))
-            raise _fail(source, "model.preset", f"unknown preset {preset!r} (known: {known})")
-        conf = _merge_into_schema(conf, {"model": MODEL_PRESETS[preset]}, source)
+    # the model shape from model.preset or model.init_from (distca.model_source)
+    model, data = model_layer(raw, OmegaConf.to_container(cli),
+                              lambda key, message: _fail(source, key, message))
+    conf = _merge_into_schema(conf, {"model": model, "data": data}, source)
 
     cli = OmegaConf.create(paths_as_lists(OmegaConf.to_container(cli)))
     raw = paths_as_lists(raw)
@@ -248,6 +246,8 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     if missing:
         raise _fail(source, missing[0], "must be set (or choose a model.preset)")
     cfg: DistcaConfig = OmegaConf.to_object(conf)
+    if cfg.model.init_from is not None:
+        cfg.model.preset = None  # the source gave the shape (model_layer said so)
     validate(cfg, source)
     return cfg
 

@@ -72,9 +72,19 @@ class WorkerRole:
                            m.pp_group, self.model.config.gated_linear_unit)
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
-        load_full(self.model, full, self.layer_offset, self.mesh.tp_rank, self.mesh.tp,
-                  self.model.config.gated_linear_unit)
-        self.optimizer.master_from_model()
+        """This rank's shard of whole-model weights (TP=1/PP=1 names, any float dtype); the
+        fp32 master weights take the given values, not the model's bf16 rounding."""
+        shards = load_full(self.model, full, self.layer_offset, self.mesh.tp_rank, self.mesh.tp,
+                           self.model.config.gated_linear_unit)
+        named = [n for n, q in self.model.named_parameters() if q.requires_grad]
+        self.optimizer.master_from_model([shards[n].float() for n in named])
+
+    def init_from(self, path: str) -> None:
+        """Load this rank's shard of the pretrained ``model.init_from`` source (each worker
+        reads the whole model, :func:`distca.hf.io.read_model_weights`, and keeps its slice)."""
+        from distca.hf.io import read_model_weights
+
+        self.load_full(read_model_weights(path))
 
 
 class AnchorFastWeights:
@@ -121,6 +131,9 @@ class ServerRole:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+    def init_from(self, path: str) -> None:
+        pass  # no weights
 
 
 def make_role(cfg: DistcaConfig, mesh: ProcessMesh, runtime: AttentionRuntime,

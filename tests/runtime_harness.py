@@ -4,8 +4,9 @@ A *scenario* is (name, config overrides, micro-batches). One process group runs 
 of a test: each rank builds an Engine per scenario, runs one ``forward_backward`` and saves its
 loss and parameter gradients (and, with pipeline stages, ``eval_loss`` of the same batches).
 Scenarios whose overrides differ only in ``cad.*`` and ``parallel.*`` and that run the same
-micro-batches share a *key*: they start from the same saved weights and are compared with one
-single-process colocated reference run per key.
+micro-batches share a *key*: they start from the same saved weights (or, with
+``model.init_from``, each rank from that source) and are compared with one single-process
+colocated reference run per key.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
         engine = make_rank(cfg)
         server = engine.role.optimizer is None  # a dedicated attention server: no weights
         init = out / f"init.{key}.pt"
-        if reference or key in seen:
+        if cfg.model.init_from:  # every rank, the reference too, reads the pretrained source
+            engine.role.init_from(cfg.model.init_from)
+        elif reference or key in seen:
             if not server:
                 engine.load_full_model_state(torch.load(init))
         else:

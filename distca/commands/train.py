@@ -67,9 +67,29 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
     return path
 
 
+def _check_source(cfg: DistcaConfig, recipe: str, path: Path | None) -> None:
+    """``model.init_from``: a checkpoint source must be complete and undamaged, and the run
+    must not write into the source's own run directory."""
+    from distca.hf.io import resolve_checkpoint
+    from distca.model_source import HFFormatError, checkpoint_run
+
+    source = cfg.model.init_from
+    run = checkpoint_run(Path(source)) if source else None
+    if run is None:
+        return
+    try:
+        resolve_checkpoint(source)
+    except HFFormatError as exc:
+        raise UsageError(f"{recipe}: model.init_from: {exc}") from None
+    if path is not None and path.resolve() == run.resolve():
+        raise UsageError(f"{recipe}: trainer.run_dir: {path} is model.init_from's own run; "
+                         f"a run started from it writes a run directory of its own")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     path = _run_dir(cfg, args.recipe)
+    _check_source(cfg, args.recipe, path)
     from distca.train import preflight
     from distca.train.errors import ClusterError, Stopped, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address

@@ -72,6 +72,10 @@ class RankWorker:
                             listener=listener if self.rank == 0 else None)
         self.step = make_rank(self.cfg)
 
+    def init_from(self) -> None:
+        """A fresh run's start: this rank's shard of ``model.init_from``'s weights."""
+        self.step.role.init_from(self.cfg.model.init_from)
+
     def train_step(self, batches: list) -> dict:
         stats = self.step.train_step(batches)
         stats["memory_mb"] = self._peak_memory_mb()

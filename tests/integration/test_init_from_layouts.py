@@ -1,0 +1,69 @@
+"""``model.init_from`` in every layout: each worker reads the whole pretrained model and keeps
+its shard, so a multi-rank run from SmolLM2-135M-Instruct (9 query / 3 kv heads, 30 layers,
+tied embeddings) computes the step-1 loss and every gradient of a single-process run from the
+same source on the same batch (fp32, 1e-5), and that single-process loss is transformers' own on the same
+documents (1e-4): the weights really are SmolLM2's.
+
+Layouts: dp=2 with tp=3 (every rank a worker and an in-place attention server), and dp=2 with
+one dedicated attention server (which the runtime supports only with tp = pp = 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+from runtime_harness import assert_parity, load_reference, run_ranks, skewed_batch
+from smollm2 import smollm2_hf_dir
+
+pytestmark = pytest.mark.slow
+
+T = 64  # tokens per data-parallel worker: 128 in all
+
+
+def _scenarios(source, layout):
+    batches = [skewed_batch(2, T, [70, 1, 20, 9, 16], seed=3, vocab=49152)]
+    base = [f"model.init_from={source}", "parallel.dp=2", "cad.enabled=true",
+            "cad.min_shard_tokens=4", "cad.tolerance=0", "cad.ping_pong=false"]
+    return [("init_from", base + layout, batches)]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return smollm2_hf_dir(tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.mark.parametrize("world, layout", [
+    (6, ["parallel.tp=3"]),
+    (3, ["cad.server_mode=dedicated", "cad.num_dedicated_servers=1"]),
+], ids=["dp2_tp3", "dp2_one_dedicated_server"])
+def test_run_from_smollm2_matches_single_process(source, world, layout, tmp_path):
+    scenarios = _scenarios(source, layout)
+    run_ranks(world, scenarios, tmp_path)
+    run_ranks(1, scenarios, tmp_path, reference=True)
+    workers = world - 1 if "cad.server_mode=dedicated" in layout else world
+    assert_parity(tmp_path, scenarios, workers)
+    name, overrides, batches = scenarios[0]
+    ref = load_reference(tmp_path, overrides, batches)["loss"]
+    expected = transformers_loss(source, batches[0])
+    assert abs(ref - expected) <= 1e-4 * expected
+
+
+def transformers_loss(source, batch) -> float:
+    """Mean next-token cross-entropy of transformers' model of ``source`` over the batch's
+    loss tokens, each document run on its own (packed documents do not see each other)."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source),
+                                                              dtype=torch.float32).eval()
+    total, count, start = 0.0, 0, 0
+    for n in batch.doc_lengths.tolist():
+        ids = torch.as_tensor(batch.tokens[start:start + n]).view(1, -1)
+        labels = torch.as_tensor(batch.labels[start:start + n])
+        with torch.no_grad():
+            logits = model(ids).logits[0].double()
+        mask = labels != -100
+        total += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        count += int(mask.sum())
+        start += n
+    return total / count
