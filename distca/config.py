@@ -309,10 +309,6 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         if getattr(m, name) % p.tp:
             raise _fail(source, "parallel.tp",
                         f"{name}={getattr(m, name)} is not divisible by tp={p.tp}")
-    if p.pp > 1 and m.tie_embeddings:
-        # The first and last stages would each hold a copy whose gradients must be summed.
-        raise _fail(source, "model.tie_embeddings",
-                    f"tied embeddings are not supported with parallel.pp={p.pp} yet")
 
     c = cfg.cad
     nonnegative("cad.tolerance", c.tolerance)

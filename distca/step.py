@@ -244,12 +244,13 @@ class Step:
         # summed in fp32: with bf16 gradients every partial sum would round
         flat = torch.cat([q.grad.reshape(-1).float() for q in params])
         self.mesh.all_reduce_grads(flat)
-        if self.mesh.dp == 1:
-            return
-        offset = 0
-        for q in params:
-            q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
-            offset += q.numel()
+        if self.mesh.dp > 1:
+            offset = 0
+            for q in params:
+                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q))
+                offset += q.numel()
+        if self.role.tied is not None:  # tied embedding copies on the first and last stage
+            dist.all_reduce(self.role.tied.grad, group=self.role.tied_group)
 
     def _grad_norm(self) -> float:
         """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once,
@@ -257,6 +258,8 @@ class Step:
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         for q in self.role.params:
+            if q is self.role.tied and not self.mesh.is_first_stage:
+                continue  # the last stage's copy of the tied embedding
             sq = q.grad.double().pow(2).sum()
             if getattr(q, "tensor_model_parallel", False):
                 sharded += sq

@@ -197,7 +197,8 @@ def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Ten
     p = cfg.parallel
     shards = {(t, s): _model_tensors(step_dir / shard_name(t + p.tp * p.dp * s))
               for t in range(p.tp) for s in range(p.pp)}
-    return cfg, merge_shards(shards, p.tp, p.pp, cfg.model.num_layers, glu=True), run
+    return cfg, merge_shards(shards, p.tp, p.pp, cfg.model.num_layers, glu=True,
+                             tied=cfg.model.tie_embeddings), run
 
 
 def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -82,9 +82,10 @@ def partition_dim(name: str) -> int | None:
 
 
 def merge_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,
-                 num_layers: int, glu: bool) -> dict[str, torch.Tensor]:
+                 num_layers: int, glu: bool, tied: bool) -> dict[str, torch.Tensor]:
     """The full (TP=1, PP=1) state from saved model shards: ``shards[(tp_rank, stage)]`` maps
-    that rank's local parameter names to its tensors (one data-parallel copy suffices)."""
+    that rank's local parameter names to its tensors (one data-parallel copy suffices).
+    ``tied``: the last stage's ``output_layer`` (a copy of the embedding) is left out."""
     per_stage = num_layers // pp
     full: dict[str, torch.Tensor] = {}
     for stage in range(pp):
@@ -93,6 +94,8 @@ def merge_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int
             key = global_name(name, stage * per_stage)
             full[key] = first if tp == 1 or dim is None else join_shards(
                 name, [shards[(t, stage)][name] for t in range(tp)], dim, glu)
+    if tied:
+        full.pop("output_layer.weight", None)
     return full
 
 
@@ -112,12 +115,15 @@ def gather_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor], layer_
 
 
 def load_full(model: torch.nn.Module, full: dict[str, torch.Tensor], layer_offset: int,
-              tp_rank: int, tp: int, glu: bool) -> dict[str, torch.Tensor]:
+              tp_rank: int, tp: int, glu: bool, tied: bool = False) -> dict[str, torch.Tensor]:
     """Copy this rank's shard of the full-model ``full`` weights into ``model``'s parameters
-    (cast to their dtype); returns the shards as given (say fp32), by local name."""
+    (cast to their dtype); returns the shards as given (say fp32), by local name. ``tied``:
+    a last pipeline stage's ``output_layer`` is a copy of the embedding."""
     shards = {}
     for name, param in model.named_parameters():
         key = global_name(name, layer_offset)
+        if tied and key == "output_layer.weight":
+            key = "embedding.word_embeddings.weight"
         if key not in full:
             raise KeyError(f"full model state has no {key!r} (this rank's {name!r})")
         shard = shard_tensor(name, full[key], param, tp_rank, tp, glu)
