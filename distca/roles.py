@@ -9,6 +9,7 @@ tensors and their optimizer, FocuSFT's fast weights, and what a checkpoint keeps
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from distca.config import DistcaConfig, FocusftConfig
 from distca.focusft.fast_weights import FastLoRA
@@ -146,6 +147,17 @@ class ServerRole:
 
     def init_from(self, path: str) -> None:
         pass  # no weights
+
+
+def init_from_source(role: WorkerRole | ServerRole, path: str, at_once: int = 4) -> None:
+    """Every rank (collective): the workers load their shards of the pretrained ``path``,
+    at most ``at_once`` ranks reading the whole model at a time, so that a node's host memory
+    holds ``at_once`` copies of it rather than one per rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for turn in range(0, world, at_once):
+        if turn <= rank < turn + at_once:
+            role.init_from(path)
+        dist.barrier()
 
 
 def make_role(cfg: DistcaConfig, mesh: ProcessMesh, runtime: AttentionRuntime,

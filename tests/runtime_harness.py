@@ -80,13 +80,14 @@ def model_key(overrides, batches) -> str:
 
 
 def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
-               reference: bool) -> None:
+               reference: bool, grads: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     from megatron.core import parallel_state
 
     from distca.config import load_config
     from distca.rank import make_rank
+    from distca.roles import init_from_source
 
     out = Path(outdir)
     seen = set()
@@ -102,7 +103,7 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
         server = engine.role.optimizer is None  # a dedicated attention server: no weights
         init = out / f"init.{key}.pt"
         if cfg.model.init_from:  # every rank, the reference too, reads the pretrained source
-            engine.role.init_from(cfg.model.init_from)
+            init_from_source(engine.role, cfg.model.init_from)
         elif reference or key in seen:
             if not server:
                 engine.load_full_model_state(torch.load(init))
@@ -117,20 +118,23 @@ def _rank_main(rank: int, world: int, port: int, scenarios: list, outdir: str,
         if reference:
             batches = [as_single_worker(b) for b in batches]
         stats = engine.forward_backward(batches)
-        grads = {} if server else engine.full_gradients()
+        full_grads = engine.full_gradients() if grads and not server else {}
         if cfg.parallel.pp > 1:  # pipelines evaluate with their own forward-only schedule
             stats["eval_loss"] = engine.eval_loss(batches)
         who = f"ref.{key}" if reference else f"{name}.{rank}"
-        torch.save({**stats, "grads": grads}, out / f"{who}.pt")
+        torch.save({**stats, "grads": full_grads}, out / f"{who}.pt")
         dist.barrier()
         parallel_state.destroy_model_parallel()  # the next scenario may use another layout
     dist.destroy_process_group()
 
 
-def run_ranks(world: int, scenarios: list, outdir: Path, reference: bool = False) -> None:
+def run_ranks(world: int, scenarios: list, outdir: Path, reference: bool = False,
+              grads: bool = True) -> None:
     """Run ``scenarios`` on ``world`` spawned gloo ranks (127.0.0.1 only); ``reference`` runs
-    one single-process colocated reference per model key (``world`` must then be 1)."""
-    mp.spawn(_rank_main, args=(world, free_port(), scenarios, str(outdir), reference),
+    one single-process colocated reference per model key (``world`` must then be 1).
+    ``grads=False`` keeps the losses only (gathering a real model's gradients on every rank
+    costs a whole model's memory per rank)."""
+    mp.spawn(_rank_main, args=(world, free_port(), scenarios, str(outdir), reference, grads),
              nprocs=world, join=True)
 
 

@@ -73,8 +73,10 @@ class RankWorker:
         self.step = make_rank(self.cfg)
 
     def init_from(self) -> None:
-        """A fresh run's start: this rank's shard of ``model.init_from``'s weights."""
-        self.step.role.init_from(self.cfg.model.init_from)
+        """A fresh run's start: this rank's shard of ``model.init_from``'s weights (collective)."""
+        from distca.roles import init_from_source
+
+        init_from_source(self.step.role, self.cfg.model.init_from)
 
     def train_step(self, batches: list) -> dict:
         stats = self.step.train_step(batches)
