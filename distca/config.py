@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
 from distca.model_source import model_layer
 from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
+from distca.rope_scaling import RopeScalingConfig, validate_rope_scaling
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ class ModelConfig:
     ffn_hidden_size: int = MISSING
     vocab_size: int = MISSING
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
@@ -379,6 +381,7 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     if r.num_cpus_per_worker + r.num_gpus_per_worker == 0:  # Ray cannot place an empty bundle
         raise _fail(source, "ray.num_cpus_per_worker", "a rank needs CPUs or GPUs; both are 0")
     validate_sections(cfg, lambda key, message: _fail(source, key, message))
+    validate_rope_scaling(m.rope_scaling, lambda key, message: _fail(source, key, message))
 
 
 def _check_finite(node: Any, source: str, prefix: str = "") -> None:

@@ -17,8 +17,8 @@ No dependency on :mod:`distca.config`, which imports this module.
 
 The ``config.json`` mapping itself (:func:`hf_shape`), for Llama and Qwen2:
 
-Only what our model computes is accepted: RMSNorm, SwiGLU (``silu``), GQA, plain RoPE (no
-scaling), no MLP/output biases, full attention (no sliding window). Anything else is refused
+Only what our model computes is accepted: RMSNorm, SwiGLU (``silu``), GQA, RoPE (plain,
+Llama-3 or YaRN scaling: :mod:`distca.rope_scaling`), no MLP/output biases, full attention (no sliding window). Anything else is refused
 with a :class:`HFFormatError` naming the file and key, rather than converted into a model that
 would silently compute something different.
 """
@@ -30,6 +30,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from distca.rope_scaling import rope_scaling_from_hf
 
 # architecture name -> (model_type, whether q/k/v carry biases by construction)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", None), "Qwen2ForCausalLM": ("qwen2", True)}
@@ -48,16 +50,20 @@ def _number(value: Any, kind: type, where: str) -> Any:
     return kind(value)
 
 
-def _rope_theta(hf: dict[str, Any], source: str) -> float:
+def _rope(hf: dict[str, Any], source: str, max_positions: int) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, ``model.rope_scaling``) of ``rope_parameters`` (transformers >= 5) or the
+    older ``rope_theta`` + ``rope_scaling``."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
-    for key, value in (("rope_parameters.rope_type", params.get("rope_type")),
-                       ("rope_scaling", scaling)):
-        kind = value.get("rope_type", value.get("type")) if isinstance(value, dict) else value
-        if kind not in (None, "default"):
-            raise HFFormatError(f"{source}: {key}: RoPE scaling {kind!r} is not supported")
+    where = "rope_parameters" if params.get("rope_type") not in (None, "default") or not \
+        isinstance(scaling, dict) else "rope_scaling"
+    chosen = params if where == "rope_parameters" else scaling
+    if not isinstance(chosen, dict):
+        raise HFFormatError(f"{source}: {where}: {chosen!r} is not a mapping")
+    rope = rope_scaling_from_hf(chosen, max_positions, lambda key, message: HFFormatError(
+        f"{source}: {where}.{key}: {message}"))
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return _number(theta, float, f"{source}: rope_theta")
+    return _number(theta, float, f"{source}: rope_theta"), rope
 
 
 def hf_shape(hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
@@ -98,6 +104,8 @@ def hf_shape(hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
                             f"!= hidden_size {hidden} (not supported)")
     qkv_bias = bias_by_construction if bias_by_construction is not None \
         else bool(hf.get("attention_bias", False))
+    max_positions = number("max_position_embeddings", int, 4096)
+    theta, rope_scaling = _rope(hf, source, max_positions)
     return dict(
         num_layers=number("num_hidden_layers", int),
         hidden_size=hidden,
@@ -105,9 +113,10 @@ def hf_shape(hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
         num_kv_heads=number("num_key_value_heads", int, heads),
         ffn_hidden_size=number("intermediate_size", int),
         vocab_size=number("vocab_size", int),
-        rope_theta=_rope_theta(hf, source),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
         norm_eps=number("rms_norm_eps", float, 1e-6),
-        max_position_embeddings=number("max_position_embeddings", int, 4096),
+        max_position_embeddings=max_positions,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         gated_attention=False,

@@ -72,7 +72,8 @@ class Step:
     def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh) -> None:
         self.cfg, self.mesh = cfg, mesh
         self.device = mesh.device
-        self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value)
+        self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value,
+                                        cfg.model.rope_scaling)
         self.role = make_role(cfg, mesh, self.runtime, self.fast_layers)
         self.stage = self.role.stage
         self.exchanges = ExchangeFactory(cfg, mesh, self.runtime, compute_dtype(cfg))

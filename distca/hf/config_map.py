@@ -10,6 +10,7 @@ from typing import Any
 
 from distca.config import ConfigError, DistcaConfig, ModelConfig, validate
 from distca.model_source import ARCHITECTURES, HFFormatError, hf_shape
+from distca.rope_scaling import RopeScalingConfig, rope_scaling_to_hf
 
 __all__ = ["ARCHITECTURES", "HFFormatError", "hf_config_from_model", "model_config_from_hf"]
 
@@ -17,7 +18,8 @@ __all__ = ["ARCHITECTURES", "HFFormatError", "hf_config_from_model", "model_conf
 def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """The validated :class:`ModelConfig` of a Llama/Qwen2 ``config.json`` dict (``source``
     names it); a missing, non-numeric or inconsistent value raises :class:`HFFormatError`."""
-    m = ModelConfig(**hf_shape(hf, source))
+    shape = hf_shape(hf, source)
+    m = ModelConfig(**{**shape, "rope_scaling": RopeScalingConfig(**shape["rope_scaling"])})
     # sizes the weight layout cannot hold (heads not dividing hidden_size, ...) fail here,
     # naming the file, instead of as a reshape error deep in the conversion
     try:
@@ -42,7 +44,9 @@ def hf_config_from_model(m: ModelConfig) -> dict[str, Any]:
         "vocab_size": m.vocab_size,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta,
+                            **(rope_scaling_to_hf(m.rope_scaling) or {})},
+        "rope_scaling": rope_scaling_to_hf(m.rope_scaling),
         "max_position_embeddings": m.max_position_embeddings,
         "tie_word_embeddings": m.tie_embeddings,
         "hidden_act": "silu",

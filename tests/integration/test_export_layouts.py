@@ -34,7 +34,7 @@ def _train_one_step_and_save(rank: int, world: int, port: int, overrides: list, 
     cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides)
     step = make_rank(cfg)
     init_from_source(step.role, cfg.model.init_from)
-    step.train_step([skewed_batch(cfg.parallel.dp, 32, [40, 1, 13], seed=4, vocab=49152)])
+    step.train_step([skewed_batch(cfg.parallel.dp, 64, [40, 1, 13], seed=4, vocab=49152)])
     full = step.full_model_state()
     run = RunDir(Path(out) / "run")
     where = [None]
