@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 from runtime_harness import assert_parity, load_reference, run_ranks, skewed_batch
 from smollm2 import smollm2_hf_dir
+from train_helpers import transformers_loss
 
 pytestmark = pytest.mark.slow
 
@@ -47,27 +48,6 @@ def test_run_from_smollm2_matches_single_process(source, world, layout, tmp_path
     assert_parity(tmp_path, scenarios, workers, grad_tol=1e-4)
     name, overrides, batches = scenarios[0]
     ref = load_reference(tmp_path, overrides, batches)["loss"]
-    expected = transformers_loss(source, batches[0])
+    expected = transformers_loss(source, batches)
     assert abs(ref - expected) <= 1e-4 * expected
 
-
-def transformers_loss(source, batch) -> float:
-    """Mean next-token cross-entropy of transformers' model of ``source`` over the batch's
-    loss tokens, each document run on its own (packed documents do not see each other)."""
-    import torch
-    import torch.nn.functional as F
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(source),
-                                                              dtype=torch.float32).eval()
-    total, count, start = 0.0, 0, 0
-    for n in batch.doc_lengths.tolist():
-        ids = torch.as_tensor(batch.tokens[start:start + n]).view(1, -1)
-        labels = torch.as_tensor(batch.labels[start:start + n])
-        with torch.no_grad():
-            logits = model(ids).logits[0].double()
-        mask = labels != -100
-        total += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-        count += int(mask.sum())
-        start += n
-    return total / count
