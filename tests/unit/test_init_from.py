@@ -134,3 +134,27 @@ def test_partition_dims_by_name_agree_with_megatron():
     for name, param in step.model.named_parameters():
         dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
         assert partition_dim(name) == dim, name
+
+
+
+def test_focusft_rank_starts_from_the_source(hf_dir):
+    """FocuSFT's step holds the same role: its weights are the source's, and a bilevel step
+    runs from them."""
+    import itertools
+
+    import numpy as np
+
+    from distca.batch import PackedBatch
+
+    step = _rank([f"model.init_from={hf_dir}", "focusft.enabled=true", "cad.enabled=false"])
+    step.role.init_from(str(hf_dir))
+    qkv = "decoder.layers.1.self_attention.linear_qkv.weight"
+    loaded = step.full_model_state()[qkv].clone()
+    reply = np.array([False] * 10 + [True] * 8 + [False] * 12 + [True] * 18)
+    tokens = np.random.default_rng(0).integers(0, M.vocab_size, reply.size)
+    labels = np.where(reply, np.roll(tokens, -1), -100)
+    turns = [(k, len(list(g))) for k, g in itertools.groupby(reply)]
+    batch = PackedBatch(tokens, labels, np.array([reply.size]), reply.size,
+                        np.array([n for _, n in turns]), np.array([not k for k, _ in turns]))
+    stats = step.train_step([batch])
+    assert stats["loss"] > 0 and not torch.equal(step.full_model_state()[qkv], loaded)
