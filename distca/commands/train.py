@@ -42,8 +42,12 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
     for key in RESUME_FIXED:
         old, new = OmegaConf.select(before, key), OmegaConf.select(now, key)
         if old is not None and old != new:
+            hint = "" if key.startswith("model.") else (
+                f" (another layout: a new run with model.init_from={path} starts from its "
+                f"weights, with fresh optimizer state)")
             raise UsageError(f"{recipe}: {key}: {new} differs from {old} in {saved}; a resumed "
-                             f"run keeps the model shape and parallel layout of its checkpoints")
+                             f"run keeps the model shape and parallel layout of its "
+                             f"checkpoints{hint}")
 
 
 def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
