@@ -83,3 +83,17 @@ def test_unsupported_rope_scaling_is_refused_naming_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFFormatError, match="rope_parameters.rope_type.*longrope"):
         read_hf(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.rope_scaling.type=ntk"], "model.rope_scaling.type"),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8"],
+     "model.rope_scaling.original_max_position_embeddings"),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=0.5",
+      "model.rope_scaling.original_max_position_embeddings=64"], "model.rope_scaling.factor"),
+])
+def test_bad_rope_scaling_keys_exit_2_naming_them(overrides, key, capsys):
+    from distca.cli import main
+
+    assert main(["config", "show", "recipes/tiny.yaml", *overrides]) == 2
+    assert f"{key}:" in capsys.readouterr().err
