@@ -5,8 +5,9 @@ command line. Everything is validated before anything runs; a bad recipe raises
 :class:`ConfigError`, whose message names the recipe file and the dotted key at fault, and the
 CLI turns it into exit code 2.
 
-Merge order (later wins): dataclass defaults <- model preset (``model.preset``) <- recipe <-
-overrides. A preset fills the model shape; keys the recipe or an override sets explicitly win.
+Merge order (later wins): dataclass defaults <- model preset (``model.preset``) or pretrained
+source (``model.init_from``, :mod:`distca.model_source`) <- recipe <- overrides. A preset fills
+the model shape and explicit keys win; a source's shape must not be contradicted.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from distca.config_choices import (
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
 from distca.memory.keys import memory_key_problem
 from distca.presets import MODEL_PRESETS
+from distca.model_source import model_layer
 from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
+from distca.rope_scaling import RopeScalingConfig, validate_rope_scaling
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,7 @@ class ModelConfig:
     """Llama-family shape (RMSNorm, SwiGLU, GQA, RoPE)."""
 
     preset: str | None = None
+    init_from: str | None = None  # pretrained weights and shape (distca.model_source)
     num_layers: int = MISSING
     hidden_size: int = MISSING
     num_attention_heads: int = MISSING
@@ -53,6 +57,7 @@ class ModelConfig:
     ffn_hidden_size: int = MISSING
     vocab_size: int = MISSING
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
@@ -208,14 +213,10 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
     cli = _parse_overrides(list(overrides or []), f"{source} (command line)")
     conf = OmegaConf.structured(DistcaConfig)
 
-    preset = OmegaConf.select(cli, "model.preset", default=None)
-    if preset is None:
-        preset = (raw.get("model") or {}).get("preset") if isinstance(raw.get("model"), dict) else None
-    if preset is not None:
-        if preset not in MODEL_PRESETS:
-            known = ", ".join(sorted(MODEL_PRESETS))
-            raise _fail(source, "model.preset", f"unknown preset {preset!r} (known: {known})")
-        conf = _merge_into_schema(conf, {"model": MODEL_PRESETS[preset]}, source)
+    # the model shape from model.preset or model.init_from (distca.model_source)
+    model, data = model_layer(raw, OmegaConf.to_container(cli),
+                              lambda key, message: _fail(source, key, message))
+    conf = _merge_into_schema(conf, {"model": model, "data": data}, source)
 
     cli = OmegaConf.create(paths_as_lists(OmegaConf.to_container(cli)))
     raw = paths_as_lists(raw)
@@ -229,6 +230,8 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Distc
         raise _fail(source, missing[0], "must be set (or choose a model.preset)")
     cfg: DistcaConfig = OmegaConf.to_object(conf)
     cfg.attention.mask = chat_mask(cfg)  # recorded resolved, so a run says which mask it used
+    if cfg.model.init_from is not None:
+        cfg.model.preset = None  # the source gave the shape (model_layer said so)
     validate(cfg, source)
     return cfg
 
@@ -301,10 +304,6 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
         if getattr(m, name) % p.tp:
             raise _fail(source, "parallel.tp",
                         f"{name}={getattr(m, name)} is not divisible by tp={p.tp}")
-    if p.pp > 1 and m.tie_embeddings:
-        # The first and last stages would each hold a copy whose gradients must be summed.
-        raise _fail(source, "model.tie_embeddings",
-                    f"tied embeddings are not supported with parallel.pp={p.pp} yet")
 
     c = cfg.cad
     nonnegative("cad.tolerance", c.tolerance)
@@ -378,6 +377,7 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     if r.num_cpus_per_worker + r.num_gpus_per_worker == 0:  # Ray cannot place an empty bundle
         raise _fail(source, "ray.num_cpus_per_worker", "a rank needs CPUs or GPUs; both are 0")
     validate_sections(cfg, lambda key, message: _fail(source, key, message))
+    validate_rope_scaling(m.rope_scaling, lambda key, message: _fail(source, key, message))
 
 
 def _check_finite(node: Any, source: str, prefix: str = "") -> None:

@@ -119,10 +119,13 @@ class Optimizer:
                     offset += b - a
 
     @torch.no_grad()
-    def master_from_model(self) -> None:
-        """Take the model's current values as the master weights (after loading weights)."""
+    def master_from_model(self, values: list[torch.Tensor] | None = None) -> None:
+        """Take the model's current values as the master weights (after loading weights), or
+        ``values``: one tensor per parameter, same shapes, say the fp32 weights a bf16 model
+        was rounded from."""
+        values = self.params if values is None else values
         for m, (i, a, b) in zip(self.master or [], self.pieces):
-            m.copy_(self.params[i].reshape(-1)[a:b])
+            m.copy_(values[i].reshape(-1)[a:b])
 
     def _layout(self) -> torch.Tensor:
         return torch.tensor([self.total, self.world, *(x for p in self.pieces for x in p)],

@@ -9,6 +9,7 @@ tensors and their optimizer, FocuSFT's fast weights, and what a checkpoint keeps
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from distca.config import DistcaConfig, FocusftConfig, Recompute
 from distca.focusft.fast_weights import FastLoRA
@@ -44,6 +45,14 @@ class WorkerRole:
                                          None if sp else mesh.tp_group)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = Optimizer(self.params, cfg.optim, mesh.grads)
+        # tied embeddings over pipeline stages: the first stage's embedding and the last
+        # stage's output layer are two copies of one weight; their gradients are summed over
+        # megatron's embedding group (first and last stage of this tensor rank)
+        self.tied = None
+        if cfg.model.tie_embeddings and mesh.pp > 1 and (mesh.is_first_stage
+                                                         or mesh.is_last_stage):
+            self.tied = self.model.shared_embedding_or_output_weight()
+            self.tied_group = self.model.embd_group
 
     def rows(self, batch) -> slice:
         """This rank's tokens of a micro-batch (a :class:`distca.batch.PackedBatch`)."""
@@ -74,13 +83,26 @@ class WorkerRole:
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole-model tensors under TP=1/PP=1 names from every rank's shard (collective)."""
         m = self.mesh
-        return gather_full(self.model, tensors, self.layer_offset, m.tp, m.tp_group, m.pp,
+        full = gather_full(self.model, tensors, self.layer_offset, m.tp, m.tp_group, m.pp,
                            m.pp_group, self.model.config.gated_linear_unit)
+        if self.cfg.model.tie_embeddings:  # the last stage's copy of the embedding
+            full.pop("output_layer.weight", None)
+        return full
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
-        load_full(self.model, full, self.layer_offset, self.mesh.tp_rank, self.mesh.tp,
-                  self.model.config.gated_linear_unit)
-        self.optimizer.master_from_model()
+        """This rank's shard of whole-model weights (TP=1/PP=1 names, any float dtype); the
+        fp32 master weights take the given values, not the model's bf16 rounding."""
+        shards = load_full(self.model, full, self.layer_offset, self.mesh.tp_rank, self.mesh.tp,
+                           self.model.config.gated_linear_unit, self.cfg.model.tie_embeddings)
+        named = [n for n, q in self.model.named_parameters() if q.requires_grad]
+        self.optimizer.master_from_model([shards[n].float() for n in named])
+
+    def init_from(self, path: str) -> None:
+        """Load this rank's shard of the pretrained ``model.init_from`` source (each worker
+        reads the whole model, :func:`distca.hf.io.read_model_weights`, and keeps its slice)."""
+        from distca.hf.io import read_model_weights
+
+        self.load_full(read_model_weights(path))
 
 
 class AnchorFastWeights:
@@ -115,6 +137,7 @@ class ServerRole:
                                         compute_dtype(cfg), fast_layers)
         self.params: list[torch.Tensor] = []
         self.optimizer = None
+        self.tied = None
 
     def rows(self, batch) -> slice:
         return slice(0, 0)
@@ -127,6 +150,20 @@ class ServerRole:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+    def init_from(self, path: str) -> None:
+        pass  # no weights
+
+
+def init_from_source(role: WorkerRole | ServerRole, path: str, at_once: int = 4) -> None:
+    """Every rank (collective): the workers load their shards of the pretrained ``path``,
+    at most ``at_once`` ranks reading the whole model at a time, so that a node's host memory
+    holds ``at_once`` copies of it rather than one per rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for turn in range(0, world, at_once):
+        if turn <= rank < turn + at_once:
+            role.init_from(path)
+        dist.barrier()
 
 
 def make_role(cfg: DistcaConfig, mesh: ProcessMesh, runtime: AttentionRuntime,

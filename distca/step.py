@@ -75,7 +75,8 @@ class Step:
     def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh) -> None:
         self.cfg, self.mesh = cfg, mesh
         self.device = mesh.device
-        self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value)
+        self.runtime = AttentionRuntime(cfg.model.rope_theta, cfg.attention.backend.value,
+                                        cfg.model.rope_scaling)
         self.role = make_role(cfg, mesh, self.runtime, self.fast_layers)
         self.stage = self.role.stage
         self.exchanges = ExchangeFactory(cfg, mesh, self.runtime, compute_dtype(cfg))
@@ -256,15 +257,17 @@ class Step:
             for g in sharded_rows:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
-        if not params or self.mesh.dp == 1:
-            return
-        for bucket in buckets([q.numel() for q in params]):
-            flat = torch.cat([params[i].grad.view(-1)[a:b].float() for i, a, b in bucket])
-            self.mesh.all_reduce_grads(flat)
-            offset = 0
-            for i, a, b in bucket:
-                params[i].grad.view(-1)[a:b].copy_(flat[offset:offset + b - a])
-                offset += b - a
+        if params and self.mesh.dp > 1:
+            # summed in fp32 (with bf16 gradients every partial sum would round), in buckets
+            for bucket in buckets([q.numel() for q in params]):
+                flat = torch.cat([params[i].grad.view(-1)[a:b].float() for i, a, b in bucket])
+                self.mesh.all_reduce_grads(flat)
+                offset = 0
+                for i, a, b in bucket:
+                    params[i].grad.view(-1)[a:b].copy_(flat[offset:offset + b - a])
+                    offset += b - a
+        if self.role.tied is not None:  # tied embedding copies on the first and last stage
+            dist.all_reduce(self.role.tied.grad, group=self.role.tied_group)
 
     def _grad_norm(self) -> float:
         """Global L2 norm: tensor-parallel shards summed over the TP group, replicas once,
@@ -272,6 +275,8 @@ class Step:
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         for q in self.role.params:
+            if q is self.role.tied and not self.mesh.is_first_stage:
+                continue  # the last stage's copy of the tied embedding
             sq = q.grad.double().pow(2).sum()
             if getattr(q, "tensor_model_parallel", False):
                 sharded += sq

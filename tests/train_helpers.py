@@ -83,3 +83,35 @@ class SocketWatch:
             if not _LOOPBACK.match(local) or (state != "LISTEN" and not _LOOPBACK.match(peer)):
                 bad.append((state, local, peer))
         return bad
+
+
+def transformers_loss(source, batches) -> float:
+    """Mean next-token cross-entropy of transformers' model of ``source`` over the loss
+    tokens of ``batches`` (a step's micro-batches), each document run on its own (packed
+    documents do not see each other): the oracle of a step's loss."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source),
+                                                              dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        total, count = _add_losses(model, batch, total, count)
+    return total / count
+
+
+def _add_losses(model, batch, total: float, count: int) -> tuple[float, int]:
+    import torch
+    import torch.nn.functional as F
+
+    start = 0
+    for n in batch.doc_lengths.tolist():
+        ids = torch.as_tensor(batch.tokens[start:start + n]).view(1, -1)
+        labels = torch.as_tensor(batch.labels[start:start + n])
+        with torch.no_grad():
+            logits = model(ids).logits[0].double()
+        mask = labels != -100
+        total += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        count += int(mask.sum())
+        start += n
+    return total, count

@@ -43,8 +43,12 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
     for key in RESUME_FIXED:
         old, new = OmegaConf.select(before, key), OmegaConf.select(now, key)
         if old is not None and old != new:
+            hint = "" if key.startswith("model.") else (
+                f" (another layout: a new run with model.init_from={path} starts from its "
+                f"weights, with fresh optimizer state)")
             raise UsageError(f"{recipe}: {key}: {new} differs from {old} in {saved}; a resumed "
-                             f"run keeps the model shape and parallel layout of its checkpoints")
+                             f"run keeps the model shape and parallel layout of its "
+                             f"checkpoints{hint}")
 
 
 def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
@@ -68,12 +72,32 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
     return path
 
 
+def _check_source(cfg: DistcaConfig, recipe: str, path: Path | None) -> None:
+    """``model.init_from``: a checkpoint source must be complete and undamaged, and the run
+    must not write into the source's own run directory."""
+    from distca.hf.io import resolve_checkpoint
+    from distca.model_source import HFFormatError, checkpoint_run
+
+    source = cfg.model.init_from
+    run = checkpoint_run(Path(source)) if source else None
+    if run is None:
+        return
+    try:
+        resolve_checkpoint(source)
+    except HFFormatError as exc:
+        raise UsageError(f"{recipe}: model.init_from: {exc}") from None
+    if path is not None and path.resolve() == run.resolve():
+        raise UsageError(f"{recipe}: trainer.run_dir: {path} is model.init_from's own run; "
+                         f"a run started from it writes a run directory of its own")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from distca.memory.fit import check_fits
 
     check_fits(cfg, args.recipe)  # a recipe predicted not to fit its device stops here
     path = _run_dir(cfg, args.recipe)
+    _check_source(cfg, args.recipe, path)
     from distca.train import preflight
     from distca.train.errors import ClusterError, Stopped, TrainingStopped, WorkerDied, WorkerError
     from distca.train.ray_cluster import connect, disconnect, resolve_address

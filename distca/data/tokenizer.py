@@ -63,6 +63,9 @@ class HFTokenizer:
 
         path = Path(directory)
         file = path / "tokenizer.json" if path.is_dir() else path
+        if file.suffix == ".gguf" and file.is_file():  # a GGUF model carries its tokenizer
+            self._from_gguf(file)
+            return
         if not file.is_file():
             raise FileNotFoundError(f"data.tokenizer: {file} does not exist "
                                     f"(expected a directory holding tokenizer.json)")
@@ -75,6 +78,19 @@ class HFTokenizer:
         _, config = read_tokenizer_config(path)
         specials = (token_text(config.get(key)) for key in ("bos_token", "eos_token"))
         self.bos_id, self.eos_id = (self._tok.token_to_id(t) if t else None for t in specials)
+
+    def _from_gguf(self, file: Path) -> None:
+        """The tokenizer a GGUF file holds, as transformers reads it (needs ``gguf``)."""
+        try:
+            from transformers import AutoTokenizer
+
+            fast = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        except (ImportError, OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"data.tokenizer: {file}: no tokenizer read from it ({exc})") from exc
+        self._tok = fast.backend_tokenizer
+        self.name = str(file)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = fast.bos_token_id, fast.eos_token_id
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(text, add_special_tokens=False).ids

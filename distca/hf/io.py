@@ -23,21 +23,12 @@ import torch
 from distca.config import ConfigError, DistcaConfig, ModelConfig, load_config, validate
 from distca.hf.config_map import HFFormatError, hf_config_from_model, model_config_from_hf
 from distca.hf.weights import megatron_from_hf
+from distca.model_source import gguf_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja",  # where transformers >= 4.5x saves the template
                    "generation_config.json")
 TOKENIZER_DIR = "tokenizer"  # inside an imported run directory
-
-
-def _gguf_file(path: Path) -> Path | None:
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and not (path / "config.json").exists():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) == 1:
-            return found[0]
-    return None
 
 
 def _read_gguf(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -113,7 +104,7 @@ def read_hf(path: str | Path, tokenizer_out: Path | None = None
     path = Path(path)
     if not path.exists():
         raise HFFormatError(f"{path}: no such file or directory")
-    gguf = _gguf_file(path)
+    gguf = gguf_file(path)
     if gguf is not None:
         m, hf_state = _read_gguf(gguf)
         source = str(gguf)
@@ -173,25 +164,53 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path.parent.parent, path
 
 
+def _model_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The ``model.*`` tensors of one checkpoint shard under their local names (the optimizer
+    state and the RNG state are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k[len("model."):]: f.get_tensor(k) for k in f.keys()
+                    if k.startswith("model.") and not k.endswith("_extra_state")}
+    except (OSError, SafetensorError) as exc:
+        raise HFFormatError(f"{file}: not a readable checkpoint shard ({exc})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Tensor], Path]:
-    """(config, our megatron state dict, run directory) of a TP=1, PP=1 distca checkpoint."""
-    from distca.train.checkpoint import read_shard
+    """(config, our whole-model megatron state dict, run directory) of a distca checkpoint of
+    any layout: the tensor-parallel slices and pipeline stages of the first data-parallel
+    copy are joined (:func:`distca.model.sharding.merge_shards`); dedicated servers hold none.
+    Ranks are numbered tensor rank fastest, then data-parallel rank, then stage."""
+    from distca.model.sharding import merge_shards
+    from distca.train.checkpoint import shard_name
 
     run, step_dir = resolve_checkpoint(path)
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise HFFormatError(f"{config_file}: missing (the run's resolved config)")
     try:
-        cfg = load_config(config_file)
+        # the shape is saved in full: the run's own source need not exist any more
+        cfg = load_config(config_file, ["model.init_from=null"])
     except ConfigError as exc:
         raise HFFormatError(str(exc)) from exc
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise HFFormatError(f"{config_file}: parallel.tp/pp: only TP=1, PP=1 checkpoints are "
-                            f"supported (got tp={cfg.parallel.tp}, pp={cfg.parallel.pp})")
-    shard = read_shard(step_dir, 0)
-    state = {k[len("model."):]: v for k, v in shard.items()
-             if k.startswith("model.") and not k.endswith("_extra_state")}
-    return cfg, state, run
+    p = cfg.parallel
+    shards = {(t, s): _model_tensors(step_dir / shard_name(t + p.tp * p.dp * s))
+              for t in range(p.tp) for s in range(p.pp)}
+    return cfg, merge_shards(shards, p.tp, p.pp, cfg.model.num_layers, glu=True,
+                             tied=cfg.model.tie_embeddings), run
+
+
+def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The whole-model fp32 megatron state dict of a ``model.init_from`` source
+    (:mod:`distca.model_source`): a Hugging Face directory, a GGUF file or a distca checkpoint
+    of any layout. Nothing is written, and the source is not changed."""
+    from distca.model_source import source_shape
+
+    kind, _, _ = source_shape(path)
+    if kind == "checkpoint":
+        return {k: v.float() for k, v in read_checkpoint(path)[1].items()}
+    return read_hf(path)[1]
 
 
 def write_checkpoint(out: str | Path, m: ModelConfig, state: dict[str, torch.Tensor],

@@ -160,11 +160,31 @@ def apply_cpu_shims() -> bool:
     from megatron.core.tensor_parallel import random as mc_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")
+    _shim_tied_embedding_setup()
     tracker = CpuRngTracker()
     mc_random._CUDA_RNG_STATE_TRACKER = tracker
     mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _applied = True
     return True
+
+
+def _shim_tied_embedding_setup() -> None:
+    """With tied embeddings and ``pp > 1`` megatron copies the first stage's embedding to the
+    last stage's output layer by an all-reduce of ``weight.data.cuda()``: on CPU, of the
+    weight itself (``Tensor.cuda`` is the identity only during that call)."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def on_cpu(self) -> None:
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t
+        try:
+            setup(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = on_cpu
 
 
 def seed_model_parallel(seed: int, tp_rank: int) -> None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from distca.rope_scaling import RopeScalingConfig, scaled_frequencies
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (N, head_dim) fp32 for int64 ``positions`` (N,)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64,
-                                             device=positions.device) / head_dim))
-    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (N, head_dim) fp32 for int64 ``positions`` (N,), with the pretrained
+    model's frequency ``scaling`` (Llama-3, YaRN) if any."""
+    inv_freq, scale = scaled_frequencies(head_dim, theta, scaling)
+    freqs = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return (emb.cos() * scale).float(), (emb.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

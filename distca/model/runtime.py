@@ -16,13 +16,16 @@ from distca.model.rope import rope_tables
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.exchange import Exchange, NanoPhases
 from distca.parallel.spans import is_recording, span
+from distca.rope_scaling import RopeScalingConfig
 
 
 class AttentionRuntime:
     """Routes core attention of the current micro-batch through its exchange."""
 
-    def __init__(self, rope_theta: float, backend: str = "auto") -> None:
+    def __init__(self, rope_theta: float, backend: str = "auto",
+                 rope_scaling: RopeScalingConfig | None = None) -> None:
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
         self.backend = backend
         self.positions: torch.Tensor | None = None
         self.exchange: Exchange | None = None
@@ -43,7 +46,8 @@ class AttentionRuntime:
 
     def rope(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if head_dim not in self._rope_cache:
-            self._rope_cache[head_dim] = rope_tables(self.positions, head_dim, self.rope_theta)
+            self._rope_cache[head_dim] = rope_tables(self.positions, head_dim, self.rope_theta,
+                                                       self.rope_scaling)
         return self._rope_cache[head_dim]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,

@@ -49,6 +49,15 @@ def shard_tensor(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_ra
     return full.chunk(tp, dim)[tp_rank]
 
 
+def join_shards(name: str, shards: list[torch.Tensor], dim: int, glu: bool) -> torch.Tensor:
+    """The full tensor from its ``tp`` tensor-parallel slices (in tensor-rank order) split on
+    ``dim``; a gated ``linear_fc1`` joins its gate halves, then its up halves."""
+    if _is_glu_fc1(name, glu):
+        halves = [s.chunk(2, dim) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
+    return torch.cat(shards, dim)
+
+
 def gather_tensor(name: str, local: torch.Tensor, param: torch.nn.Parameter, tp: int,
                   tp_group: dist.ProcessGroup | None, glu: bool) -> torch.Tensor:
     """The full tensor from every tensor-parallel rank's ``local`` slice (collective over TP)."""
@@ -56,11 +65,38 @@ def gather_tensor(name: str, local: torch.Tensor, param: torch.nn.Parameter, tp:
         return local
     shards = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(shards, local.contiguous(), group=tp_group)
-    dim = param.partition_dim
-    if _is_glu_fc1(name, glu):
-        halves = [s.chunk(2, dim) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
-    return torch.cat(shards, dim)
+    return join_shards(name, shards, param.partition_dim, glu)
+
+
+# The tensor-parallel split dimension of each parameter, by name: what megatron records on the
+# parameter (``partition_dim``), for shards read from files (tests/unit check they agree).
+_PARTITION_DIMS = (("word_embeddings.weight", 0), ("output_layer.weight", 0),
+                   ("linear_qkv.weight", 0), ("linear_qkv.bias", 0), ("linear_proj.weight", 1),
+                   ("linear_fc1.weight", 0), ("linear_fc2.weight", 1),
+                   ("core_attention.sinks", 0))
+
+
+def partition_dim(name: str) -> int | None:
+    """The dimension megatron splits parameter ``name`` on over TP ranks; None: replicated."""
+    return next((dim for suffix, dim in _PARTITION_DIMS if name.endswith(suffix)), None)
+
+
+def merge_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,
+                 num_layers: int, glu: bool, tied: bool) -> dict[str, torch.Tensor]:
+    """The full (TP=1, PP=1) state from saved model shards: ``shards[(tp_rank, stage)]`` maps
+    that rank's local parameter names to its tensors (one data-parallel copy suffices).
+    ``tied``: the last stage's ``output_layer`` (a copy of the embedding) is left out."""
+    per_stage = num_layers // pp
+    full: dict[str, torch.Tensor] = {}
+    for stage in range(pp):
+        for name, first in shards[(0, stage)].items():
+            dim = partition_dim(name)
+            key = global_name(name, stage * per_stage)
+            full[key] = first if tp == 1 or dim is None else join_shards(
+                name, [shards[(t, stage)][name] for t in range(tp)], dim, glu)
+    if tied:
+        full.pop("output_layer.weight", None)
+    return full
 
 
 def gather_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor], layer_offset: int,
@@ -79,10 +115,15 @@ def gather_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor], layer_
 
 
 def load_full(model: torch.nn.Module, full: dict[str, torch.Tensor], layer_offset: int,
-              tp_rank: int, tp: int, glu: bool) -> None:
-    """Copy this rank's shard of the full-model ``full`` weights into ``model``'s parameters."""
+              tp_rank: int, tp: int, glu: bool, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Copy this rank's shard of the full-model ``full`` weights into ``model``'s parameters
+    (cast to their dtype); returns the shards as given (say fp32), by local name. ``tied``:
+    a last pipeline stage's ``output_layer`` is a copy of the embedding."""
+    shards = {}
     for name, param in model.named_parameters():
         key = global_name(name, layer_offset)
+        if tied and key == "output_layer.weight":
+            key = "embedding.word_embeddings.weight"
         if key not in full:
             raise KeyError(f"full model state has no {key!r} (this rank's {name!r})")
         shard = shard_tensor(name, full[key], param, tp_rank, tp, glu)
@@ -91,3 +132,5 @@ def load_full(model: torch.nn.Module, full: dict[str, torch.Tensor], layer_offse
                              f"shape {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(shard)
+        shards[name] = shard
+    return shards

@@ -81,6 +81,9 @@ class Trainer:
                 start = meta["step"]
                 self.restarts = max(self.restarts, meta.get("restarts", 0))
                 self.data_offset = meta.get("data_offset", 0)
+            elif self.cfg.model.init_from:
+                progress.stage(f"loading {self.cfg.model.init_from} (model.init_from)")
+                group.call("init_from")
             metrics = MetricsLog(self.run.metrics, self.run.tensorboard, start, self.wandb)
             try:
                 if self.resumed_at is None:

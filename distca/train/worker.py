@@ -72,6 +72,12 @@ class RankWorker:
                             listener=listener if self.rank == 0 else None)
         self.step = make_rank(self.cfg)
 
+    def init_from(self) -> None:
+        """A fresh run's start: this rank's shard of ``model.init_from``'s weights (collective)."""
+        from distca.roles import init_from_source
+
+        init_from_source(self.step.role, self.cfg.model.init_from)
+
     def train_step(self, batches: list) -> dict:
         stats = self.step.train_step(batches)
         stats["memory_mb"] = self._peak_memory_mb()

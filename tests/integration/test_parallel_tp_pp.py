@@ -1,4 +1,5 @@
 """Tensor- and pipeline-parallel parity with a single-process colocated reference (gloo, CPU).
+Tied embeddings over pipeline stages included.
 
 For the same weights and global batch, the loss and every parameter gradient of a TP=2 or PP=2
 run (TP shards and PP stages gathered into the full model) equal the reference's (fp32,
@@ -46,6 +47,9 @@ def _two_rank_scenarios():
         ("pp2_blocking", pp2 + ["cad.tolerance=0", "cad.ping_pong=false"], three),
         ("pp2_colocated", [o for o in pp2 if o != "cad.enabled=true"] + ["cad.enabled=false"],
          three),  # the 1F1B schedule
+        # tied embeddings: a copy on each end of the pipeline, gradients summed over both
+        ("pp2_tied", pp2 + ["model.tie_embeddings=true", "cad.tolerance=0",
+                            "cad.ping_pong=false"], three),
     ]
 
 
@@ -231,7 +235,6 @@ def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
     (["parallel.tp=3"], "parallel.tp"),  # heads do not split over 3 ranks
     (["parallel.pp=3"], "parallel.pp"),  # 4 layers do not split over 3 stages
     (["parallel.tp=2", "model.ffn_hidden_size=353"], "parallel.tp"),
-    (["parallel.pp=2", "model.tie_embeddings=true"], "model.tie_embeddings"),
     (["parallel.tp=2", "focusft.enabled=true"], "focusft.enabled"),
     (["parallel.pp=2", "focusft.enabled=true"], "focusft.enabled"),
 ])

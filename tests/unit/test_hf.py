@@ -143,7 +143,7 @@ def test_bad_input_exits_2_naming_the_culprit(tmp_path, capsys):
                         "model.layers.0.mlp.", "shape")
 
     (hf_dir / "config.json").write_text(json.dumps(
-        {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+        {**config, "rope_scaling": {"rope_type": "longrope", "factor": 8.0}}))
     _expect_usage_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "e")], "rope_scaling")
 
 
