@@ -34,7 +34,6 @@ from distca.config_choices import (
 )
 from distca.config_sections import LoggingConfig, SynthDataConfig, validate_sections
 from distca.memory.keys import memory_key_problem
-from distca.presets import MODEL_PRESETS
 from distca.model_source import model_layer
 from distca.recipe_file import RecipeFileError, paths_as_lists, read_recipe
 from distca.rope_scaling import RopeScalingConfig, validate_rope_scaling

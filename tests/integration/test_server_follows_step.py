@@ -23,7 +23,7 @@ from distca.step import Step
 
 OVERRIDES = ["parallel.dp=2", "trainer.seed=7", "cad.enabled=true", "cad.tolerance=0.1",
              "cad.min_shard_tokens=4", "cad.ping_pong=true", "cad.server_mode=dedicated",
-             "cad.num_dedicated_servers=1"]
+             "cad.num_dedicated_servers=1", "attention.telemetry_interval=0"]
 
 
 class StepWithMoreCollectives(Step):
@@ -33,11 +33,11 @@ class StepWithMoreCollectives(Step):
         self.exchange_counts: list[float] = []
         super().__init__(cfg, mesh)
 
-    def forward(self, batch, plan, hidden_in=None):
+    def forward(self, batch, plan, hidden_in=None, blocking=False):
         seen = torch.ones(1)
         dist.all_reduce(seen, group=self.mesh.exchange)  # every rank of the exchange joins
         self.exchange_counts.append(float(seen))
-        return super().forward(batch, plan, hidden_in)
+        return super().forward(batch, plan, hidden_in, blocking)
 
     def forward_backward(self, micro_batches):
         stats = super().forward_backward(micro_batches)
