@@ -24,7 +24,7 @@ import numpy as np
 from distca.scheduler.distributions import sample_lengths
 from distca.scheduler.simulator import SYSTEMS, Cluster, Hardware, ModelSpec, simulate_batch
 
-from distca.config import MODEL_PRESETS
+from distca.presets import MODEL_PRESETS
 
 K = 1024
 

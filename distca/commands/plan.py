@@ -68,7 +68,7 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def model_shape(preset: str):
-    from distca.config import MODEL_PRESETS
+    from distca.presets import MODEL_PRESETS
     from distca.scheduler.sim_model import ModelSpec
 
     if preset not in MODEL_PRESETS:

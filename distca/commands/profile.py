@@ -64,7 +64,7 @@ def parse_lengths(flag: str, text: str) -> list[int]:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from distca.config import MODEL_PRESETS
+    from distca.presets import MODEL_PRESETS
 
     if args.model not in MODEL_PRESETS:
         raise UsageError(f"--model: unknown preset {args.model!r} "

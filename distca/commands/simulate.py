@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distca.commands.plan import load_cost_table
-    from distca.config import MODEL_PRESETS
+    from distca.presets import MODEL_PRESETS
     from distca.scheduler.distributions import DISTRIBUTIONS, read_lengths
     from distca.scheduler.simulator import Cluster, Hardware, ModelSpec, simulate
 
