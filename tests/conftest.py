@@ -19,6 +19,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def one_rank_group():
+    """A world of one gloo rank over an in-memory store (no socket), megatron state torn down
+    after the module."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from distca.config import DistBackend
+    from distca.mesh import start_process_group
+
+    start_process_group(DistBackend.gloo, 0, 1, None, interface="lo")
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
 def single_process_group():
     """Tear down the one-process gloo group and megatron state that a module's tests created."""
     yield

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-from runtime_harness import ROOT, free_port, multiturn_docs
+from runtime_harness import ROOT, multiturn_docs
 
 from distca.data.chat import pack_conversations
 
@@ -20,15 +19,7 @@ def chat_batch(seed: int, num_ranks: int = 1, tokens_per_rank: int = 192):
     return pack_conversations(multiturn_docs(seed, [120, 1, 40, 25]), num_ranks, tokens_per_rank)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_group")
 
 
 def test_step_and_focusft_import_in_either_order():

@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from runtime_harness import ROOT, free_port, full_gradients, multiturn_docs
+from runtime_harness import ROOT, full_gradients, multiturn_docs
 
 from distca.attention.tasks import multiturn_tasks, task_mask
 from distca.data.chat import pack_conversations
@@ -21,15 +20,7 @@ from distca.data.chat import pack_conversations
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_group")
 
 
 def _rope(x, positions, theta):
