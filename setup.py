@@ -61,7 +61,7 @@ def _packages() -> list[str]:
 
 setup(
     name="distca",
-    version="0.1.0",
+    version="0.2.0",
     description="Disaggregated core attention and FocuSFT for long-context training",
     python_requires=">=3.11",
     packages=_packages(),

@@ -78,7 +78,7 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
     engines = {}
     for mode, extra in MODES.items():
         engines[mode] = make_rank(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
-        engines[mode].load_state_dict(engines["colocated"].state_dict())
+        engines[mode].load_full_model_state(engines["colocated"].full_model_state())
     rows = {mode: [] for mode in engines}
     for step in range(args.warmup + args.steps):
         batch = [skewed_batch(dp, args.tokens, args.short, step * args.micro_batches + i)

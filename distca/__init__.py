@@ -7,7 +7,7 @@ that need them.
 
 import warnings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # megatron-core announces its torch-native fallbacks for the missing Apex and Transformer
 # Engine (design §8) and that its own default cuda_graph_scope is deprecated, in every process

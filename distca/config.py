@@ -124,6 +124,11 @@ class DataConfig:
     max_length: int = 4096  # longest document
     tokens_per_rank: int = 4096  # linear-layer token budget per worker and micro-batch
     micro_batches: int = 1
+    # documents are packed into packs of this many tokens, never spanning two; a micro-batch
+    # holds dp * tokens_per_rank / pack_tokens of them. None: one pack a micro-batch (a document
+    # may span every data-parallel rank). Fixed, it makes step N's tokens the same in every
+    # layout with the same global batch (dp * micro_batches * tokens_per_rank)
+    pack_tokens: int | None = None
     skip_bad_rows: bool = False
 
 
@@ -347,6 +352,12 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     d = cfg.data
     for name in ("max_length", "tokens_per_rank", "micro_batches"):
         positive(f"data.{name}", getattr(d, name))
+    if d.pack_tokens is not None:
+        capacity = cfg.parallel.dp * d.tokens_per_rank
+        if d.pack_tokens < 1 or capacity % d.pack_tokens:
+            raise _fail(source, "data.pack_tokens", f"must divide a micro-batch's "
+                        f"parallel.dp * data.tokens_per_rank = {capacity} tokens, got "
+                        f"{d.pack_tokens}")
     if d.kind in (DataKind.text, DataKind.chat) and not d.paths:
         raise _fail(source, "data.paths", f"data.kind={d.kind.value} needs at least one path")
 

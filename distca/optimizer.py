@@ -93,10 +93,10 @@ class Optimizer:
         for m, (i, a, b) in zip(self.master, self.pieces):
             m.grad = self.params[i].grad.reshape(-1)[a:b].float()
         self.adamw.step()
-        self._write_back()
+        self.write_back()
 
     @torch.no_grad()
-    def _write_back(self) -> None:
+    def write_back(self) -> None:
         """Every rank's stepped slice into every rank's model weights (all-gathered in
         buckets of :data:`BUCKET` elements a rank)."""
         if self.world == 1:
@@ -126,42 +126,3 @@ class Optimizer:
         values = self.params if values is None else values
         for m, (i, a, b) in zip(self.master or [], self.pieces):
             m.copy_(values[i].reshape(-1)[a:b])
-
-    def _layout(self) -> torch.Tensor:
-        return torch.tensor([self.total, self.world, *(x for p in self.pieces for x in p)],
-                            dtype=torch.int64)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat CPU tensors: ``master.{i}`` (when not stepped in place) and ``optim.{i}.{key}``
-        per stepped tensor, and ``optim.layout`` (which slice of which parameters they are)."""
-        state = {f"master.{i}": m.detach().cpu().clone() for i, m in enumerate(self.master or [])}
-        for i, m in enumerate(self.stepped):
-            for key, value in self.adamw.state.get(m, {}).items():
-                state[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
-        state["optim.layout"] = self._layout()
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict`, after the model's weights were loaded. Master weights
-        missing from ``state`` (an fp32 or imported checkpoint) are taken from the model."""
-        if "optim.layout" in state and not torch.equal(state["optim.layout"], self._layout()):
-            raise ValueError("the checkpoint's optimizer state was saved for another slicing of "
-                             "the parameters (other model shape or parallel.dp)")
-        # Checkpoints from before the slicing hold no master weights and whole-parameter
-        # moments in the parameters' dtype, indexed by parameter: take this rank's slice.
-        # An fp32 run resumed in bf16 has no master weights either.
-        legacy = "optim.layout" not in state
-        self.master_from_model()
-        with torch.no_grad():
-            for i, m in enumerate([] if legacy else self.master or []):
-                if f"master.{i}" in state:
-                    m.copy_(state[f"master.{i}"])
-        self.adamw.state.clear()
-        for j, (m, (i, a, b)) in enumerate(zip(self.stepped, self.pieces)):
-            prefix = f"optim.{i if legacy else j}."
-            entries = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if entries:
-                self.adamw.state[m] = {
-                    k: v.clone() if k == "step"
-                    else (v.reshape(-1)[a:b] if legacy else v).to(m.device, m.dtype)
-                    .reshape(m.shape) for k, v in entries.items()}

@@ -2,7 +2,8 @@
 
 The step (:mod:`distca.step`) is written once; the role gives it the stage model it runs
 (:mod:`distca.model.stage`), which of a micro-batch's tokens are this rank's, the trainable
-tensors and their optimizer, FocuSFT's fast weights, and what a checkpoint keeps. Chosen by
+tensors and their optimizer, FocuSFT's fast weights (a checkpoint keeps the model and the
+optimizer: :mod:`distca.train.sharded_state`). Chosen by
 :func:`make_role` from the rank's place in the mesh.
 """
 
@@ -63,23 +64,7 @@ class WorkerRole:
         layers = list(self.model.decoder.layers)
         return FastLoRA(layers[len(layers) - num_top:], list(f.targets), f.rank, f.alpha)
 
-    # ---- checkpoints and the whole-model view ----------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Model shard and optimizer state as flat CPU tensors."""
-        state = {f"model.{k}": v.detach().cpu().clone()
-                 for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}
-        state.update(self.optimizer.state_dict())
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(state)
-
+    # ---- the whole-model view --------------------------------------------------------------
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole-model tensors under TP=1/PP=1 names from every rank's shard (collective)."""
         m = self.mesh
@@ -144,12 +129,6 @@ class ServerRole:
 
     def fast_weights(self, f: FocusftConfig, num_top: int) -> AnchorFastWeights:
         return AnchorFastWeights(self.stage.anchor)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
 
     def init_from(self, path: str) -> None:
         pass  # no weights

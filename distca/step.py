@@ -325,16 +325,6 @@ class Step:
         """Load this rank's shard of whole-model weights from :meth:`full_model_state`."""
         self.role.load_full(full)
 
-    # ---- checkpoints -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's model shard, optimizer state and step as flat CPU tensors (the step
-        only on a dedicated server)."""
-        return {**self.role.state_dict(), "step": torch.tensor(self.step, dtype=torch.int64)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.role.load_state_dict(state)
-        self.step = int(state["step"])
-
 
 def plan_stats(plans: list[StepPlan]) -> dict[str, float]:
     """Mean attention imbalance of a step's plans before and after planning."""

@@ -76,21 +76,23 @@ import sys, torch, torch.distributed as dist
 from distca.config import ModelConfig
 from distca.hf.io import write_checkpoint
 from distca.hf.local import LocalModel, single_rank_config
-from distca.train.checkpoint import begin_save, commit, read_shard, write_shard
+from distca.train.checkpoint import begin_save, commit, rank_files
+from distca.train.sharded_state import read_whole, write_whole
 dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/pg", rank=0, world_size=1)
 m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
                 ffn_hidden_size=96, vocab_size=256)
 step0 = write_checkpoint(sys.argv[1] + "/run", m, LocalModel(single_rank_config(m, "torch"))
                          .model_state(), origin="adversarial")
 tmp = begin_save(step0.parent, 5)
-commit(tmp, 5, {}, [write_shard(tmp, 0, read_shard(step0, 0))])
+write_whole(tmp, read_whole(step0))
+commit(tmp, 5, {}, rank_files(tmp, 0))
 """
 
 
 def tiny_run(damage: str) -> Callable[[Path], None]:
-    """A run with checkpoints at steps 0 and 5; step 5's shard damaged by ``damage``:
-    ``exponent`` (one float's top exponent bit, same size), ``header``, ``truncate`` or
-    ``none``."""
+    """A run with checkpoints at steps 0 and 5; step 5's data file damaged by ``damage``:
+    ``exponent`` (one bit in the middle of the tensor data, same size), ``header``,
+    ``truncate`` or ``none``."""
     def prepare(tmp: Path) -> None:
         subprocess.run([sys.executable, "-c", TINY_MODEL, str(tmp)], cwd=REPO, check=True,
                        capture_output=True)
@@ -101,17 +103,14 @@ def tiny_run(damage: str) -> Callable[[Path], None]:
 def flip(step_dir: Path, damage: str) -> None:
     if damage == "none":
         return
-    shard = next(step_dir.glob("rank_*.safetensors"))
+    shard = step_dir / "__0_0.distcp"  # torch.distributed.checkpoint's file of rank 0
     raw = bytearray(shard.read_bytes())
-    header = 8 + int.from_bytes(raw[:8], "little")
     if damage == "truncate":
         raw = raw[:-100]
     elif damage == "header":
         raw[10] ^= 0xFF
     else:
-        entry = next(v for k, v in json.loads(raw[8:header]).items()
-                     if k != "__metadata__" and v["dtype"] == "F32")
-        raw[header + entry["data_offsets"][0] + 3] ^= 0x40
+        raw[len(raw) // 2] ^= 0x40
     shard.write_bytes(bytes(raw))
 
 
@@ -228,7 +227,7 @@ CASES = [
     Case("model: 5", then(write("r.yaml", b"model: 5\n"), cli(DISTCA, "config", "show",
                                                               "{tmp}/r.yaml")), "model: must be a mapping"),
     # silent corruption of checkpoints
-    Case("eval of a run whose newest shard has a flipped exponent bit", then(tiny_run("exponent"),
+    Case("eval of a run whose newest checkpoint has a flipped bit", then(tiny_run("exponent"),
          cli(*EVAL[:2], "{tmp}/run", *EVAL[2:])), "sha256", rc=(0,)),
     Case("eval of a run whose newest shard has a damaged header", then(tiny_run("header"),
          cli(*EVAL[:2], "{tmp}/run", *EVAL[2:])), "skipping", rc=(0,)),

@@ -17,14 +17,45 @@ from distca.config import DistcaConfig, load_config, to_yaml
 from distca.config_choices import CHAT_KINDS
 from distca.errors import UsageError
 
-# What a checkpoint's shards are shaped by: a resumed run must keep these. Not focusft.*:
-# fast weights are in no checkpoint, so FocuSFT may start from an SFT or imported checkpoint.
-RESUME_FIXED = (*(f"model.{k}" for k in ("num_layers", "hidden_size", "num_attention_heads",
-                                         "num_kv_heads", "ffn_hidden_size", "vocab_size",
-                                         "tie_embeddings", "qkv_bias", "gated_attention",
-                                         "learnable_sinks")),
-                "parallel.dp", "parallel.tp", "parallel.pp", "cad.server_mode",
-                "cad.num_dedicated_servers")
+# What a checkpoint's tensors are shaped by: a resumed run must keep these. The layout
+# (parallel.*, cad.*, the micro-batch split) may change: checkpoints store whole tensors. Not
+# focusft.*: fast weights are in no checkpoint, so FocuSFT may start from an SFT checkpoint.
+RESUME_FIXED = tuple(f"model.{k}" for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                            "num_kv_heads", "ffn_hidden_size", "vocab_size",
+                                            "tie_embeddings", "qkv_bias", "gated_attention",
+                                            "learnable_sinks"))
+
+
+def _keep_batches(cfg: DistcaConfig, recipe: str, before, saved: Path) -> None:
+    """A run resumed in another layout reads the batches the uninterrupted run would have:
+    the packs of the saved run (``data.pack_tokens``, by default its dp * tokens_per_rank) are
+    kept when they fit this layout's micro-batches; otherwise it stops, naming the key."""
+    from omegaconf import OmegaConf
+
+    def pack(c) -> int:
+        tokens = OmegaConf.select(c, "data.tokens_per_rank")
+        return (OmegaConf.select(c, "data.pack_tokens")
+                or OmegaConf.select(c, "parallel.dp") * tokens)
+
+    d = cfg.data
+    old, capacity = pack(before), cfg.parallel.dp * d.tokens_per_rank
+    if d.pack_tokens is None and old != capacity and capacity % old == 0:
+        d.pack_tokens = old
+        print(f"distca: data.pack_tokens={old}: the packs of the run in {saved.parent} (its "
+              f"micro-batches), so that this layout reads the same batches", file=sys.stderr)
+    new = d.pack_tokens or capacity
+    if new != old:
+        raise UsageError(f"{recipe}: data.pack_tokens: the run in {saved.parent} packed its "
+                         f"documents {old} tokens at a time, this run would pack {new}, so "
+                         f"its steps would read other batches; set data.pack_tokens={old} with "
+                         f"a micro-batch (parallel.dp * data.tokens_per_rank) that it divides")
+    before_batch = (OmegaConf.select(before, "data.micro_batches")
+                    * OmegaConf.select(before, "parallel.dp")
+                    * OmegaConf.select(before, "data.tokens_per_rank"))
+    if before_batch != capacity * d.micro_batches:
+        print(f"distca: note: the global batch changes from {before_batch} to "
+              f"{capacity * d.micro_batches} tokens: the steps from here read other data than "
+              f"the run in {saved.parent} would have", file=sys.stderr)
 
 
 def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> None:
@@ -43,17 +74,14 @@ def _check_resumable(cfg: DistcaConfig, recipe: str, path: Path, step: int) -> N
     for key in RESUME_FIXED:
         old, new = OmegaConf.select(before, key), OmegaConf.select(now, key)
         if old is not None and old != new:
-            hint = "" if key.startswith("model.") else (
-                f" (another layout: a new run with model.init_from={path} starts from its "
-                f"weights, with fresh optimizer state)")
             raise UsageError(f"{recipe}: {key}: {new} differs from {old} in {saved}; a resumed "
-                             f"run keeps the model shape and parallel layout of its "
-                             f"checkpoints{hint}")
+                             f"run keeps the model shape of its checkpoints")
+    _keep_batches(cfg, recipe, before, saved)
 
 
 def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
     """The run directory given by ``trainer.run_dir``, checked; None for a new default one."""
-    from distca.train.checkpoint import latest_checkpoint
+    from distca.train.checkpoint import DamagedCheckpoint, check_format, latest_checkpoint
 
     t = cfg.trainer
     if t.run_dir is None:
@@ -68,6 +96,10 @@ def _run_dir(cfg: DistcaConfig, recipe: str) -> Path | None:
         raise UsageError(f"{recipe}: trainer.run_dir: {path} already holds checkpoints; "
                          f"pass trainer.resume=true to continue it or choose a new run_dir")
     if t.resume:
+        try:
+            check_format(found[0])
+        except DamagedCheckpoint as exc:
+            raise UsageError(f"{recipe}: trainer.resume: {exc}") from None
         _check_resumable(cfg, recipe, path, found[1]["step"])
     return path
 

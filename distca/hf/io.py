@@ -144,7 +144,7 @@ def write_hf(out: str | Path, m: ModelConfig, hf_state: dict[str, torch.Tensor],
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run directory, step directory) of a run directory (its latest checkpoint) or a step
     directory ``RUN/checkpoints/step_N``."""
-    from distca.train.checkpoint import DamagedCheckpoint, latest_checkpoint, verify
+    from distca.train.checkpoint import DamagedCheckpoint, check_format, latest_checkpoint, verify
 
     path = Path(path)
     if not path.is_dir():
@@ -153,37 +153,26 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         found = latest_checkpoint(path / "checkpoints")
         if found is None:
             raise HFFormatError(f"{path / 'checkpoints'}: no complete, undamaged checkpoint")
+        try:
+            check_format(found[0])
+        except DamagedCheckpoint as exc:
+            raise HFFormatError(str(exc)) from None
         return path, found[0]
     if any(path.glob("step_*")):
         raise HFFormatError(f"{path}: a directory of checkpoints; give the run directory "
                             f"{path.parent} (its newest checkpoint) or one of the step_* in it")
     try:
         verify(path)
+        check_format(path)
     except DamagedCheckpoint as exc:
         raise HFFormatError(f"{path}: not a complete, undamaged checkpoint ({exc})") from None
     return path.parent.parent, path
 
 
-def _model_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """The ``model.*`` tensors of one checkpoint shard under their local names (the optimizer
-    state and the RNG state are not read)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k[len("model."):]: f.get_tensor(k) for k in f.keys()
-                    if k.startswith("model.") and not k.endswith("_extra_state")}
-    except (OSError, SafetensorError) as exc:
-        raise HFFormatError(f"{file}: not a readable checkpoint shard ({exc})") from None
-
-
 def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Tensor], Path]:
     """(config, our whole-model megatron state dict, run directory) of a distca checkpoint of
-    any layout: the tensor-parallel slices and pipeline stages of the first data-parallel
-    copy are joined (:func:`distca.model.sharding.merge_shards`); dedicated servers hold none.
-    Ranks are numbered tensor rank fastest, then data-parallel rank, then stage."""
-    from distca.model.sharding import merge_shards
-    from distca.train.checkpoint import shard_name
+    any layout: its tensors are stored whole (:mod:`distca.train.sharded_state`)."""
+    from distca.train.sharded_state import read_whole
 
     run, step_dir = resolve_checkpoint(path)
     config_file = run / "config.yaml"
@@ -194,11 +183,11 @@ def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Ten
         cfg = load_config(config_file, ["model.init_from=null"])
     except ConfigError as exc:
         raise HFFormatError(str(exc)) from exc
-    p = cfg.parallel
-    shards = {(t, s): _model_tensors(step_dir / shard_name(t + p.tp * p.dp * s))
-              for t in range(p.tp) for s in range(p.pp)}
-    return cfg, merge_shards(shards, p.tp, p.pp, cfg.model.num_layers, glu=True,
-                             tied=cfg.model.tie_embeddings), run
+    try:
+        weights = read_whole(step_dir)
+    except Exception as exc:  # noqa: BLE001 - DCP raises many kinds; name the file at fault
+        raise HFFormatError(f"{step_dir}: not a readable checkpoint ({exc})") from None
+    return cfg, weights, run
 
 
 def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -217,8 +206,9 @@ def write_checkpoint(out: str | Path, m: ModelConfig, state: dict[str, torch.Ten
                      origin: str, tokenizer_dir: Path | None = None) -> Path:
     """A fresh run directory at ``out`` whose step-0 checkpoint holds ``state``; returns the
     step directory. ``tokenizer_dir`` (if it holds a tokenizer) becomes ``data.tokenizer``."""
-    from distca.train.checkpoint import begin_save, commit, write_shard
+    from distca.train.checkpoint import begin_save, commit, rank_files
     from distca.train.run_dir import RunDir
+    from distca.train.sharded_state import write_whole
 
     cfg = DistcaConfig(model=m)
     cfg.trainer.run_dir = str(out)
@@ -228,8 +218,6 @@ def write_checkpoint(out: str | Path, m: ModelConfig, state: dict[str, torch.Ten
     run = RunDir(out)
     run.write_config(cfg)
     tmp = begin_save(run.checkpoints, 0)
-    shard = {f"model.{k}": v for k, v in state.items()}
-    shard["step"] = torch.tensor(0, dtype=torch.int64)
+    write_whole(tmp, state)
     return commit(tmp, 0, {"restarts": 0, "data_position": 0, "seed": cfg.trainer.seed,
-                           "micro_batches_consumed": 0, "imported_from": origin},
-                  [write_shard(tmp, 0, shard)])
+                           "imported_from": origin}, rank_files(tmp, 0))

@@ -68,37 +68,6 @@ def gather_tensor(name: str, local: torch.Tensor, param: torch.nn.Parameter, tp:
     return join_shards(name, shards, param.partition_dim, glu)
 
 
-# The tensor-parallel split dimension of each parameter, by name: what megatron records on the
-# parameter (``partition_dim``), for shards read from files (tests/unit check they agree).
-_PARTITION_DIMS = (("word_embeddings.weight", 0), ("output_layer.weight", 0),
-                   ("linear_qkv.weight", 0), ("linear_qkv.bias", 0), ("linear_proj.weight", 1),
-                   ("linear_fc1.weight", 0), ("linear_fc2.weight", 1),
-                   ("core_attention.sinks", 0))
-
-
-def partition_dim(name: str) -> int | None:
-    """The dimension megatron splits parameter ``name`` on over TP ranks; None: replicated."""
-    return next((dim for suffix, dim in _PARTITION_DIMS if name.endswith(suffix)), None)
-
-
-def merge_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int, pp: int,
-                 num_layers: int, glu: bool, tied: bool) -> dict[str, torch.Tensor]:
-    """The full (TP=1, PP=1) state from saved model shards: ``shards[(tp_rank, stage)]`` maps
-    that rank's local parameter names to its tensors (one data-parallel copy suffices).
-    ``tied``: the last stage's ``output_layer`` (a copy of the embedding) is left out."""
-    per_stage = num_layers // pp
-    full: dict[str, torch.Tensor] = {}
-    for stage in range(pp):
-        for name, first in shards[(0, stage)].items():
-            dim = partition_dim(name)
-            key = global_name(name, stage * per_stage)
-            full[key] = first if tp == 1 or dim is None else join_shards(
-                name, [shards[(t, stage)][name] for t in range(tp)], dim, glu)
-    if tied:
-        full.pop("output_layer.weight", None)
-    return full
-
-
 def gather_full(model: torch.nn.Module, tensors: dict[str, torch.Tensor], layer_offset: int,
                 tp: int, tp_group, pp: int, pp_group, glu: bool) -> dict[str, torch.Tensor]:
     """Full-model tensors (every rank gets all of them) from this rank's per-parameter

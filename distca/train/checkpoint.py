@@ -1,23 +1,25 @@
-"""Atomic, sharded, checksummed checkpoints: one safetensors file per rank in a step directory
-that only becomes visible when complete.
+"""Atomic, checksummed checkpoints: a step directory that only becomes visible when complete.
 
 Layout under ``RUN/checkpoints/``::
 
-    step_00000050/rank_00000.safetensors   # that rank's model + optimizer shard and torch RNG
-    step_00000050/rank_00001.safetensors
-    step_00000050/meta.json                # step, data position, world size
-    step_00000050/manifest.json            # size and sha256 of every other file; written last
+    step_00000050/__0_0.distcp     # torch.distributed.checkpoint files: each rank's pieces of
+    step_00000050/__1_0.distcp     # the whole-model state (distca.train.sharded_state)
+    step_00000050/.metadata        # DCP's index of every tensor's pieces
+    step_00000050/meta.json        # step, data position, layout of the run that saved it
+    step_00000050/manifest.json    # size and sha256 of every other file; written last
 
-A save goes to a hidden ``.tmp-…`` directory: every shard is written to a temporary name,
-fsynced and renamed, then ``meta.json``, then ``manifest.json`` likewise, then the directory is
-renamed to its final name and the parent fsynced. A crash at any point leaves either the
-previous checkpoints only, or a hidden directory that :func:`latest_checkpoint` ignores and
-:func:`prune` removes. Nothing is unpickled on load: shards are safetensors, metadata is JSON.
+The tensors are stored whole (the pieces are placed by whole-model offsets), so a checkpoint
+loads into any layout. A save goes to a hidden ``.tmp-…`` directory: the ranks write their
+files there (DCP), each hashes its own, then ``meta.json`` and ``manifest.json`` are written to
+temporary names, fsynced and renamed, then the directory is renamed to its final name and the
+parent fsynced. A crash at any point leaves either the previous checkpoints only, or a hidden
+directory that :func:`latest_checkpoint` ignores and :func:`prune` removes.
 
-The manifest knows nothing of the shard format (it lists files by relative path), so a later
-format keeps the same integrity check: sizes are compared whenever checkpoints are listed,
-sha256 digests (:func:`verify`) before any checkpoint is loaded, exported or kept as the last
-good one by :func:`prune`. A flipped bit in a same-size file is caught by the digest.
+The manifest lists files by relative path, whatever wrote them: sizes are compared whenever
+checkpoints are listed, sha256 digests (:func:`verify`) before any checkpoint is loaded,
+exported or kept as the last good one by :func:`prune`. A flipped bit in a same-size file is
+caught by the digest. Checkpoints of distca 0.1 (a ``rank_*.safetensors`` file per
+rank, tied to their layout) are refused with what to do (:func:`check_format`).
 """
 
 from __future__ import annotations
@@ -30,20 +32,13 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
 MANIFEST = "manifest.json"
-RNG_KEY = "distca.rng.torch_cpu"  # reserved key in every shard: the rank's CPU RNG state
-
-
-def shard_name(rank: int) -> str:
-    return f"rank_{rank:05d}.safetensors"
+DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint
+LEGACY_SHARD = "rank_00000.safetensors"  # the first shard of the format of distca 0.1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,33 +82,25 @@ def file_entry(path: Path) -> dict:
     return {"file": path.name, "size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
-def write_shard(directory: Path, rank: int, state: dict[str, torch.Tensor]) -> dict:
-    """Write ``state`` (flat name -> tensor) plus this process's RNG state; returns its
-    :func:`file_entry` for the manifest."""
-    import torch
-    from safetensors.torch import save_file
-
-    if RNG_KEY in state:
-        raise ValueError(f"{RNG_KEY} is reserved for the RNG state")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tensors[RNG_KEY] = torch.get_rng_state()
-    final = Path(directory) / shard_name(rank)
-    tmp = final.with_suffix(".partial")
-    save_file(tensors, str(tmp))
-    _replace_durably(tmp, final)
-    return file_entry(final)
-
-
 def _write_json(directory: Path, name: str, value: dict) -> None:
     tmp = directory / (name + ".partial")
     tmp.write_text(json.dumps(value, indent=1))
     _replace_durably(tmp, directory / name)
 
 
+def rank_files(directory: Path, rank: int) -> list[dict]:
+    """The :func:`file_entry` of every file rank ``rank`` wrote into ``directory`` (DCP names
+    them ``__<rank>_<n>.distcp``; rank 0 also writes ``.metadata``)."""
+    files = sorted(Path(directory).glob(f"__{rank}_*.distcp"))
+    if rank == 0 and (Path(directory) / DCP_METADATA).is_file():
+        files.append(Path(directory) / DCP_METADATA)
+    return [file_entry(f) for f in files]
+
+
 def commit(tmp_dir: Path, step: int, meta: dict, shards: list[dict]) -> Path:
     """Make the checkpoint in ``tmp_dir`` visible as ``step_<step>``; returns its path.
     ``shards``: the :func:`file_entry` of every file the ranks wrote."""
-    _write_json(tmp_dir, META, dict(meta, step=step, world_size=len(shards)))
+    _write_json(tmp_dir, META, dict(meta, step=step))
     entries = [*shards, file_entry(tmp_dir / META)]
     written = {p.name for p in tmp_dir.iterdir()}
     listed = {e["file"] for e in entries}
@@ -212,22 +199,6 @@ def latest_checkpoint(checkpoints: Path, warn=_warn_once) -> tuple[Path, dict] |
     return found
 
 
-def read_shard(step_dir: Path, rank: int) -> dict[str, torch.Tensor]:
-    """Load one rank's shard and restore its RNG state; returns the rest of the tensors."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(step_dir) / shard_name(rank)
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise ValueError(f"checkpoint shard {path} is unreadable ({exc}); move "
-                         f"{path.parent} aside to resume from the checkpoint before it") from None
-    torch.set_rng_state(state.pop(RNG_KEY))
-    return state
-
-
 def check_room(checkpoints: Path, keep: int) -> None:
     """Before a save: refuse (ENOSPC, naming the sizes) when the newest checkpoint's size is
     not free, rather than fail halfway. A save needs room for one checkpoint more than
@@ -264,3 +235,14 @@ def prune(checkpoints: Path, keep: int, just_saved: Path | None = None) -> None:
     for _, path in complete[:-keep]:
         if path != good:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def check_format(step_dir: Path) -> None:
+    """Refuse a checkpoint of the format of distca 0.1, naming what to do."""
+    if (Path(step_dir) / LEGACY_SHARD).is_file():
+        raise DamagedCheckpoint(
+            f"{step_dir} is in the checkpoint format of distca 0.1 (a "
+            f"rank_*.safetensors file per rank); this version reads checkpoints of "
+            f"torch.distributed.checkpoint only. Its weights are still readable: "
+            f"`distca export-hf {step_dir} OUT` with distca 0.1, then start a run with "
+            f"model.init_from=OUT (the optimizer state starts fresh)")

@@ -77,8 +77,8 @@ class Trainer:
             if found is not None:
                 path, meta = found
                 progress.stage(f"loading checkpoint {path}")
-                group.call("load", str(path))
                 start = meta["step"]
+                group.call("load", str(path), start)
                 self.restarts = max(self.restarts, meta.get("restarts", 0))
                 self.data_offset = meta.get("data_offset", 0)
             elif self.cfg.model.init_from:
@@ -160,8 +160,8 @@ class Trainer:
             raise TrainingStopped(f"step {bad_step}: loss is not finite and {why} "
                                   f"(trainer.on_nan=rollback)")
         path, meta = found
-        group.call("load", str(path))
         back = meta["step"]
+        group.call("load", str(path), back)
         self.data_offset += bad_step - back
         self.restarts += 1
         metrics.rewind(back)
@@ -193,10 +193,10 @@ class Trainer:
         except OSError as exc:
             raise RunFileError(self.run.checkpoints / f"step {step}", exc) from None
         tmp = begin_save(self.run.checkpoints, step)
-        shards = group.call("save", str(tmp))
+        files = [entry for rank in group.call("save", str(tmp)) for entry in rank]
         meta = {"restarts": self.restarts, "seed": self.cfg.trainer.seed,
                 "data_position": step + self.data_offset, "data_offset": self.data_offset}
-        self.saved = (step, commit(tmp, step, meta, shards))
+        self.saved = (step, commit(tmp, step, meta, files))
         prune(self.run.checkpoints, self.cfg.trainer.keep_checkpoints, self.saved[1])
 
     # ---- the whole run ---------------------------------------------------------------------

@@ -102,12 +102,17 @@ class RankWorker:
     def eval_loss(self, batches: list) -> float:
         return self.step.eval_loss(batches)
 
-    def save(self, directory: str) -> dict:
-        from distca.train.checkpoint import write_shard
+    def save(self, directory: str) -> list[dict]:
+        """This rank's share of a checkpoint (collective); the entries of the files it wrote."""
+        from distca.train.checkpoint import rank_files
+        from distca.train.sharded_state import save_state
 
-        return write_shard(Path(directory), self.rank, self.step.state_dict())
+        save_state(self.step.role, Path(directory))
+        return rank_files(Path(directory), self.rank)
 
-    def load(self, step_dir: str) -> None:
-        from distca.train.checkpoint import read_shard
+    def load(self, step_dir: str, step: int) -> None:
+        """This rank's share of the checkpoint of ``step`` saved in any layout (collective)."""
+        from distca.train.sharded_state import load_state
 
-        self.step.load_state_dict(read_shard(Path(step_dir), self.rank))
+        load_state(self.step.role, Path(step_dir))
+        self.step.step = step

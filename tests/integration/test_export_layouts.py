@@ -1,5 +1,5 @@
 """``export-hf`` from any layout: after one training step of a multi-rank run from
-SmolLM2-135M-Instruct (tp=3 x pp=2, and dp=2 x pp=2), the checkpoint (a shard per rank, ZeRO
+SmolLM2-135M-Instruct (tp=3 x pp=2, and dp=2 x pp=2), the checkpoint (each rank's pieces, ZeRO
 slices, the tied embedding's copy on the last stage) exports to a directory transformers
 loads, holding exactly the run's whole-model weights after the step (gathered from the live
 ranks). Six ranks at most: each holds a copy of the gathered model, 24 GB hold no more."""
@@ -28,8 +28,9 @@ def _train_one_step_and_save(rank: int, world: int, port: int, overrides: list, 
     from distca.config import load_config
     from distca.rank import make_rank
     from distca.roles import init_from_source
-    from distca.train.checkpoint import begin_save, commit, write_shard
+    from distca.train.checkpoint import begin_save, commit, rank_files
     from distca.train.run_dir import RunDir
+    from distca.train.sharded_state import save_state
 
     cfg = load_config(ROOT / "recipes" / "tiny.yaml", overrides)
     step = make_rank(cfg)
@@ -43,10 +44,12 @@ def _train_one_step_and_save(rank: int, world: int, port: int, overrides: list, 
         run.write_config(cfg)
         where = [str(begin_save(run.checkpoints, 1))]
     dist.broadcast_object_list(where)
+    save_state(step.role, Path(where[0]))
     entries = [None] * world
-    dist.all_gather_object(entries, write_shard(Path(where[0]), rank, step.state_dict()))
+    dist.all_gather_object(entries, rank_files(Path(where[0]), rank))
     if rank == 0:
-        commit(Path(where[0]), 1, {"restarts": 0, "seed": 0, "data_position": 1}, entries)
+        commit(Path(where[0]), 1, {"restarts": 0, "seed": 0, "data_position": 1},
+               [e for rank_entries in entries for e in rank_entries])
     dist.barrier()
     dist.destroy_process_group()
 

@@ -50,16 +50,16 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, extra: list[str]) 
         return
     batches = _batches()
     if world == 1:
-        engine.load_state_dict(torch.load(out / "init.pt"))
+        engine.load_full_model_state(torch.load(out / "init.pt"))
         batches = [as_single_worker(b) for b in batches]
     else:
         with torch.no_grad():
             for name, p in engine.model.named_parameters():
                 if name.endswith("sinks"):
                     p.copy_(torch.linspace(-3, 3, p.numel()))
-        if rank == 0:  # the weights: optimizer state is sliced by parallel.dp
-            torch.save({k: v for k, v in engine.state_dict().items()
-                        if not k.startswith(("optim.", "master."))}, out / "init.pt")
+        if rank == 0:  # the weights
+            torch.save({k: v.detach() for k, v in engine.full_model_state().items()},
+                       out / "init.pt")
         dist.barrier()
     stats = engine.forward_backward(batches)
     grads = {n: p.grad.detach().clone() for n, p in engine.model.named_parameters()}

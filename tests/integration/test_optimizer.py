@@ -3,11 +3,14 @@ fp32 copies with the same gradients; its state survives a checkpoint round trip.
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
 
 from distca.config import OptimConfig
 from distca.optimizer import Optimizer, buckets
+from distca.train.sharded_state import checkpoint_keys, load_state, save_state, write_whole
 
 CFG = OptimConfig(lr=1e-5, weight_decay=0.1)
 
@@ -53,40 +56,53 @@ def test_bf16_updates_below_resolution_accumulate_in_fp32_master_weights():
         assert state["exp_avg"].dtype == torch.float32
 
 
-def test_state_round_trip_continues_identically():
-    params = _bf16_params(1)
-    opt = Optimizer(params, CFG)
-    for step in range(2):
-        _step(opt, _grads(params, step))
-    saved = opt.state_dict()
-    assert {k for k in saved if k.startswith("master.")} == {"master.0", "master.1", "master.2"}
+class _Role:
+    """What a checkpoint reads of a worker role, for a plain list of parameters (no TP/PP)."""
 
-    copies = [torch.nn.Parameter(q.detach().clone()) for q in params]
-    resumed = Optimizer(copies, CFG)
-    resumed.load_state_dict(saved)
+    holds_weights, tied, layer_offset = True, None, 0
+
+    def __init__(self, params: list[torch.nn.Parameter], group=None) -> None:
+        import torch.distributed as dist
+
+        self.params = params
+        self.optimizer = Optimizer(params, CFG, group)
+        self.model = torch.nn.ParameterList(params)
+        self.model.config = SimpleNamespace(gated_linear_unit=False)
+        rank = dist.get_rank() if group is not None else 0
+        self.mesh = SimpleNamespace(tp_rank=0, tp=1, dp_rank=rank, is_first_stage=True)
+
+
+def test_state_round_trip_continues_identically(tmp_path):
+    role = _Role(_bf16_params(1))
+    for step in range(2):
+        _step(role.optimizer, _grads(role.params, step))
+    save_state(role, tmp_path)
+    assert {k.split("/")[0] for k in checkpoint_keys(tmp_path)} == {
+        "model", "master", "exp_avg", "exp_avg_sq", "optim_step"}
+    resumed = _Role(_bf16_params(9))  # other weights: all of them come from the checkpoint
+    load_state(resumed, tmp_path)
     for step in (2, 3):
-        _step(opt, _grads(params, step))
-        _step(resumed, _grads(params, step))
-    for a, b in zip(opt.master + params, resumed.master + copies):
+        _step(role.optimizer, _grads(role.params, step))
+        _step(resumed.optimizer, _grads(resumed.params, step))
+    for a, b in zip(role.optimizer.master + role.params,
+                    resumed.optimizer.master + resumed.params):
         assert torch.equal(a.detach(), b.detach())
 
 
-def test_checkpoint_without_master_weights_takes_the_model_values():
-    """Checkpoints of bf16 runs from before master weights: bf16 moments, no master.*."""
-    params = _bf16_params(2)
-    old = {f"optim.{i}.{key}": torch.ones_like(q) for i, q in enumerate(params)
-           for key in ("exp_avg", "exp_avg_sq")}
-    old.update({f"optim.{i}.step": torch.tensor(5.0) for i in range(len(params))})
-    opt = Optimizer(params, CFG)
-    with torch.no_grad():
-        params[0].add_(1.0)  # as if the model's weights were just loaded
-    opt.load_state_dict(old)
-    assert torch.equal(opt.master[0], params[0].detach().float().reshape(-1))
-    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.adamw.state.values())
-    _step(opt, _grads(params, 0))
+def test_weights_only_checkpoint_starts_a_fresh_optimizer(tmp_path):
+    """An import holds fp32 weights and no optimizer state: the bf16 run's master copies take
+    the fp32 values, not their bf16 rounding."""
+    fp32 = [q.detach().float() + 1e-3 for q in _bf16_params(2)]
+    write_whole(tmp_path, {str(i): q for i, q in enumerate(fp32)})
+    role = _Role(_bf16_params(2))
+    load_state(role, tmp_path)
+    assert not role.optimizer.adamw.state
+    for m, q, w in zip(role.optimizer.master, role.params, fp32):
+        assert torch.equal(m, w.reshape(-1)) and torch.equal(q.detach(), w.to(torch.bfloat16))
+    _step(role.optimizer, _grads(role.params, 0))
 
 
-def _sliced_rank(rank: int, world: int, port: int, outdir: str) -> None:
+def _sliced_rank(rank: int, world: int, port: int, outdir: str, resume: bool) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -94,38 +110,37 @@ def _sliced_rank(rank: int, world: int, port: int, outdir: str) -> None:
     import distca.optimizer
 
     distca.optimizer.BUCKET = 7  # the write-back all-gathers many buckets of 2 a rank
-    params = _bf16_params(3)  # the same weights and (reduced) gradients on every rank
-    sliced = Optimizer(params, CFG, dist.group.WORLD)
-    assert sum(m.numel() for m in sliced.master) <= -(-sliced.total // world)
-    for step in range(2):
-        _step(sliced, _grads(params, step))
-    saved = sliced.state_dict()
-    copies = [torch.nn.Parameter(q.detach().clone()) for q in params]
-    resumed = Optimizer(copies, CFG, dist.group.WORLD)
-    resumed.load_state_dict(saved)
-    _step(resumed, _grads(params, 2))
-    torch.save([q.detach() for q in copies], f"{outdir}/rank{rank}.pt")
+    role = _Role(_bf16_params(3 if not resume else 8), dist.group.WORLD)
+    assert sum(m.numel() for m in role.optimizer.master) <= -(-role.optimizer.total // world)
+    if resume:  # the 3-rank slices of the checkpoint read as 2-rank slices
+        load_state(role, Path(outdir) / "ckpt")
+        _step(role.optimizer, _grads(role.params, 2))
+        torch.save([q.detach() for q in role.params], f"{outdir}/rank{rank}.pt")
+    else:
+        for step in range(2):
+            _step(role.optimizer, _grads(role.params, step))
+        save_state(role, Path(outdir) / "ckpt")
     dist.destroy_process_group()
 
 
-def test_data_parallel_slices_step_as_the_whole(tmp_path):
-    """Each of 3 ranks steps a third of the flattened parameters (uneven: 152 elements) and
-    all-gathers: the weights equal one optimizer's over everything, through a checkpoint."""
+def test_data_parallel_slices_resume_in_another_slicing(tmp_path):
+    """3 ranks each step a third of the flattened parameters (uneven: 152 elements, slices
+    that start and end inside rows), save; 2 ranks load their halves and step on: the weights
+    equal one optimizer's over everything."""
     import torch.multiprocessing as mp
 
     from distca.profile.comm import free_port
 
-    mp.spawn(_sliced_rank, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    for world, resume in ((3, False), (2, True)):
+        mp.spawn(_sliced_rank, args=(world, free_port(), str(tmp_path), resume), nprocs=world,
+                 join=True)
     params = _bf16_params(3)
     whole = Optimizer(params, CFG)
     for step in range(3):
         _step(whole, _grads(params, step))
-    for rank in range(3):
+    for rank in range(2):
         for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), params):
             assert torch.equal(got, want.detach())
-    with pytest.raises(ValueError, match="another slicing"):
-        Optimizer(_bf16_params(3), CFG).load_state_dict(
-            {**whole.state_dict(), "optim.layout": torch.tensor([152, 3])})
 
 
 def test_buckets_cover_the_flat_parameters_once_in_order():
@@ -135,12 +150,16 @@ def test_buckets_cover_the_flat_parameters_once_in_order():
         (0, 0, 4), (0, 4, 5), (1, 0, 1), (2, 0, 2), (2, 2, 6), (2, 6, 10), (2, 10, 12)]
 
 
-def test_fp32_state_resumes_in_bf16():
-    fp32 = [torch.nn.Parameter(q.detach().float()) for q in _bf16_params(4)]
-    opt = Optimizer(fp32, CFG)
-    _step(opt, _grads(fp32, 0))
-    bf16 = [torch.nn.Parameter(q.detach().to(torch.bfloat16)) for q in fp32]
-    resumed = Optimizer(bf16, CFG)
-    resumed.load_state_dict(opt.state_dict())  # same slicing, no master weights saved
-    assert torch.equal(resumed.master[0], bf16[0].detach().float().reshape(-1))
-    _step(resumed, _grads(bf16, 1))
+def test_fp32_state_resumes_in_bf16(tmp_path):
+    fp32 = _Role([torch.nn.Parameter(q.detach().float()) for q in _bf16_params(4)])
+    _step(fp32.optimizer, _grads(fp32.params, 0))
+    assert fp32.optimizer.master is None  # stepped in place
+    save_state(fp32, tmp_path)
+    bf16 = _Role(_bf16_params(5))
+    load_state(bf16, tmp_path)
+    for m, q in zip(bf16.optimizer.master, fp32.params):  # the fp32 values, not rounded
+        assert torch.equal(m, q.detach().reshape(-1))
+    for m, q in zip(bf16.optimizer.stepped, fp32.optimizer.stepped):
+        a, b = bf16.optimizer.adamw.state[m], fp32.optimizer.adamw.state[q]
+        assert torch.equal(a["exp_avg"], b["exp_avg"].reshape(-1)) and a["step"] == b["step"]
+    _step(bf16.optimizer, _grads(bf16.params, 1))

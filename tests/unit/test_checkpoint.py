@@ -7,59 +7,55 @@ import torch
 
 from distca.config import load_config
 from distca.train.checkpoint import (
-    RNG_KEY,
+    DamagedCheckpoint,
     begin_save,
+    check_format,
     commit,
     complete_checkpoints,
     latest_checkpoint,
     prune,
-    read_shard,
-    shard_name,
-    write_shard,
+    rank_files,
 )
 from distca.train.errors import TrainingStopped
 from distca.train.metrics import MetricsLog, read_metrics
 from distca.train.run_dir import RunDir
+from distca.train.sharded_state import read_whole, write_whole
+
+DATA = "__0_0.distcp"  # the file of rank 0's tensors (torch.distributed.checkpoint)
 
 
 def state(seed):
     g = torch.Generator().manual_seed(seed)
-    return {"model.w": torch.randn(4, 3, generator=g), "optim.step": torch.tensor(seed),
-            "model.b": torch.randn(3, generator=g).to(torch.bfloat16)}
+    return {"w": torch.randn(4, 3, generator=g),
+            "b": torch.randn(3, generator=g).to(torch.bfloat16)}
 
 
-def save(root, step, world=2, commit_it=True):
+def save(root, step, commit_it=True):
     tmp = begin_save(root, step)
-    sizes = [write_shard(tmp, r, state(step * 10 + r)) for r in range(world)]
-    return commit(tmp, step, {"data_position": step}, sizes) if commit_it else tmp
+    write_whole(tmp, state(step))
+    return commit(tmp, step, {"data_position": step}, rank_files(tmp, 0)) if commit_it else tmp
 
 
-def test_round_trip_is_exact_and_restores_rng(tmp_path):
-    torch.manual_seed(7)
+def test_round_trip_is_exact(tmp_path):
     path = save(tmp_path, 5)
-    expected = torch.rand(3)  # what the RNG gives right after the save
-    torch.manual_seed(99)
-    loaded = read_shard(path, 1)
-    assert torch.equal(torch.rand(3), expected)
-    for key, value in state(51).items():
+    loaded = read_whole(path)
+    assert loaded.keys() == state(5).keys()
+    for key, value in state(5).items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value)
-    assert RNG_KEY not in loaded
     found, meta = latest_checkpoint(tmp_path)
     assert found == path and meta["step"] == 5 and meta["data_position"] == 5
-    with pytest.raises(ValueError, match="reserved"):
-        write_shard(tmp_path, 0, {RNG_KEY: torch.zeros(1)})
 
 
 def test_interrupted_saves_never_load_as_valid(tmp_path):
     save(tmp_path, 2)
     save(tmp_path, 4, commit_it=False)  # crashed before commit: hidden directory only
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
-    # a shard cut short after meta.json was written, or a missing shard, invalidates it
+    # a data file cut short after meta.json was written, or a missing one, invalidates it
     bad = save(tmp_path, 6)
-    with open(bad / shard_name(1), "r+b") as f:
+    with open(bad / DATA, "r+b") as f:
         f.truncate(100)
     gone = save(tmp_path, 8)
-    (gone / shard_name(0)).unlink()
+    (gone / ".metadata").unlink()
     no_meta = save(tmp_path, 10)
     (no_meta / "meta.json").unlink()
     warnings = []
@@ -70,25 +66,20 @@ def test_interrupted_saves_never_load_as_valid(tmp_path):
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
 
 
-def test_unreadable_shard_names_its_file(tmp_path):
-    path = save(tmp_path, 2)
-    with open(path / shard_name(0), "r+b") as f:
-        f.write(b"\xff" * 8)  # same size, so read_meta passes; the header is garbage
-    with pytest.raises(ValueError, match=f"{path / shard_name(0)}.*aside"):
-        read_shard(path, 0)
+def test_checkpoint_of_the_old_format_is_refused_with_what_to_do(tmp_path):
+    old = tmp_path / "step_00000004"
+    old.mkdir()
+    (old / "rank_00000.safetensors").write_bytes(b"")
+    with pytest.raises(DamagedCheckpoint, match="distca 0.1.*export-hf.*model.init_from"):
+        check_format(old)
+    check_format(save(tmp_path, 2))
 
 
-def flip_exponent_bit(step_dir, rank=0):
-    """Flip the top exponent bit of the shard's first float32 (same size: sizes cannot tell)."""
-    from safetensors import safe_open
-
-    path = step_dir / shard_name(rank)
+def flip_a_byte(step_dir):
+    """Flip one byte in the middle of rank 0's data file (same size: sizes cannot tell)."""
+    path = step_dir / DATA
     raw = bytearray(path.read_bytes())
-    header = 8 + int.from_bytes(raw[:8], "little")
-    with safe_open(str(path), "pt") as f:
-        assert f.get_tensor("model.w").dtype == torch.float32
-    offset = header + json.loads(raw[8:header])["model.w"]["data_offsets"][0]
-    raw[offset + 3] ^= 0x40  # little-endian float32: byte 3 holds the sign and 7 exponent bits
+    raw[len(raw) // 2] ^= 0x40
     path.write_bytes(bytes(raw))
     return path
 
@@ -96,7 +87,7 @@ def flip_exponent_bit(step_dir, rank=0):
 def test_flipped_exponent_bit_is_detected_and_the_previous_checkpoint_used(tmp_path):
     save(tmp_path, 2)
     newest = save(tmp_path, 4)
-    shard = flip_exponent_bit(newest)
+    shard = flip_a_byte(newest)
     warnings = []
     found, meta = latest_checkpoint(tmp_path, warnings.append)
     assert found.name == "step_00000002" and meta["step"] == 2
@@ -111,12 +102,12 @@ def test_flipped_exponent_bit_is_detected_and_the_previous_checkpoint_used(tmp_p
 def test_manifest_covers_every_file_and_catches_a_damaged_meta(tmp_path):
     path = save(tmp_path, 3)
     manifest = json.loads((path / "manifest.json").read_text())["files"]
-    assert sorted(manifest) == ["meta.json", shard_name(0), shard_name(1)]
+    assert sorted(manifest) == [".metadata", DATA, "meta.json"]
     meta = path / "meta.json"
     meta.write_text(meta.read_text().replace('"step": 3', '"step": 9'))  # same length
     assert latest_checkpoint(tmp_path, lambda m: None) is None
     tmp = begin_save(tmp_path, 5)
-    write_shard(tmp, 0, state(1))  # a file no rank reported
+    write_whole(tmp, state(1))  # files no rank reported
     with pytest.raises(ValueError, match="not in the manifest"):
         commit(tmp, 5, {}, [])
 

@@ -106,15 +106,20 @@ def test_imported_checkpoint_loads_into_the_engine(tmp_path):
     """The imported run directory is an ordinary checkpoint: the engine's loader takes it."""
     from distca.config import load_config
     from distca.rank import make_rank
-    from distca.train.checkpoint import latest_checkpoint, read_shard
+    from distca.train.checkpoint import latest_checkpoint
+    from distca.train.sharded_state import load_state
 
     _save_random_hf(tmp_path / "hf", LLAMA)
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
     cfg = load_config(tmp_path / "run" / "config.yaml")
     assert cfg.model == LLAMA
     engine = make_rank(cfg)
-    engine.load_state_dict(read_shard(latest_checkpoint(tmp_path / "run" / "checkpoints")[0], 0))
-    assert engine.step == 0
+    step_dir, meta = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    load_state(engine.role, step_dir)
+    assert meta["step"] == 0 and not engine.role.optimizer.adamw.state  # no optimizer state
+    full = engine.full_model_state()
+    for name, value in read_hf(tmp_path / "hf")[1].items():
+        assert torch.equal(full[name], value), name
 
 
 def _expect_usage_error(capsys, argv, *needles):

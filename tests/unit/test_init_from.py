@@ -127,16 +127,6 @@ def test_rank_loads_the_source_weights(hf_dir, precision):
             assert torch.equal(m, expected[names[i]].reshape(-1)[a:b])
 
 
-def test_partition_dims_by_name_agree_with_megatron():
-    from distca.model.sharding import partition_dim
-
-    step = _rank(["model.gated_attention=true", "model.learnable_sinks=true"])
-    for name, param in step.model.named_parameters():
-        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-        assert partition_dim(name) == dim, name
-
-
-
 def test_focusft_rank_starts_from_the_source(hf_dir):
     """FocuSFT's step holds the same role: its weights are the source's, and a bilevel step
     runs from them."""
