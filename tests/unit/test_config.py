@@ -50,6 +50,7 @@ def _error(recipe, overrides):
         ("nosection.x=1", "nosection"),
         ("model.num_layers=abc", "model.num_layers"),
         ("cad.tolerance=-0.1", "cad.tolerance"),
+        ("data.pack_tokens=300", "data.pack_tokens"),  # does not divide dp * tokens_per_rank
         ("parallel.tp=3", "parallel.tp"),
         ("model.num_kv_heads=3", "model.num_kv_heads"),
         ("attention.backend=cuda_magic", "attention.backend"),
