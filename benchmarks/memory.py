@@ -53,9 +53,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from distca.batch import PackedBatch
+    from distca.bootstrap import start_process_group
     from distca.config import DistBackend, load_config
     from distca.memory.attention import sample_documents
-    from distca.mesh import start_process_group
     from distca.rank import make_rank
 
     torch.set_num_threads(1)

@@ -36,8 +36,7 @@ from distca.parallel.nanobatch import document_cuts, nano_batches
 from distca.parallel.pipeline import FORWARD, TickRow
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.parallel.spans import span
-from distca.scheduler import ModelShape
-from distca.scheduler.sim_model import ModelSpec
+from distca.shapes import plan_shape
 
 
 class ExchangeKind(enum.Enum):
@@ -46,12 +45,6 @@ class ExchangeKind(enum.Enum):
     token_pingpong = "token_pingpong"  # two token nano-batches, layers staggered
     lockstep = "lockstep"  # pipeline rounds, blocking
     lockstep_pingpong = "lockstep_pingpong"  # pipeline rounds, two token nano-batches
-
-
-def plan_shape(cfg: DistcaConfig) -> ModelShape:
-    """Attention shape of one tensor-parallel rank, as the planner counts bytes."""
-    bytes_per_elem = 2 if cfg.trainer.precision.value == "bf16" else 4
-    return ModelSpec.of(cfg.model, bytes_per_elem).shard_shape(cfg.parallel.tp)
 
 
 class ExchangeFactory:

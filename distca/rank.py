@@ -1,6 +1,6 @@
 """The factory of a rank's step: its place in the mesh decides its role, the config its step.
 
-    start_process_group(...)          # distca.mesh: the one bootstrap
+    start_process_group(...)          # distca.bootstrap: the one bootstrap
     step = make_rank(cfg)             # collective on every rank
     stats = step.train_step(micro_batches)
 

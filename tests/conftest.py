@@ -25,8 +25,8 @@ def one_rank_group():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from distca.bootstrap import start_process_group
     from distca.config import DistBackend
-    from distca.mesh import start_process_group
 
     start_process_group(DistBackend.gloo, 0, 1, None, interface="lo")
     yield

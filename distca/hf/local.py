@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from distca.attention import AttentionStats, RowSpec
+from distca.bootstrap import start_process_group
 from distca.config import DistBackend, DistcaConfig, ModelConfig, validate
 from distca.hf.layer_runtimes import CachedLayer, DecodeState, layer_runtimes
-from distca.mesh import start_process_group
 from distca.model.probe import AttentionProbe, ProbeRows
 from distca.parallel.exchange import BlockingExchange
 from distca.parallel.layout import build_layout

@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from distca.config import DataKind, DistcaConfig
-from distca.exchanges import plan_shape
 from distca.scheduler import plan_step
 from distca.scheduler.documents import documents_from_batch
+from distca.shapes import plan_shape
 
 SAMPLES = 3
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distca.bootstrap import start_process_group
 from distca.config import DistBackend
-from distca.mesh import start_process_group
 
 
 def free_port() -> int:

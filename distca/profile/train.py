@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distca.bootstrap import start_process_group
 from distca.config import DistBackend, DistcaConfig
-from distca.mesh import start_process_group
 from distca.parallel.spans import recording
 from distca.profile.breakdown import CATEGORIES, find_step_event, step_breakdown
 from distca.profile.comm import free_port

@@ -63,7 +63,7 @@ class RankWorker:
         interface of the address Ray reports for this node, then build this rank's step."""
         import ray
 
-        from distca.mesh import start_process_group
+        from distca.bootstrap import start_process_group
         from distca.rank import make_rank
 
         listener = getattr(self, "_listener", None)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from distca.bootstrap import start_process_group
 from distca.config import DistBackend
-from distca.mesh import start_process_group
 from distca.train.worker import interface_of
 
 REPO = Path(__file__).resolve().parents[2]

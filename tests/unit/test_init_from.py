@@ -93,7 +93,7 @@ def test_tokenizer_comes_from_the_source_unless_given(hf_dir, tmp_path):
 def _rank(overrides):
     import torch.distributed as dist
 
-    from distca.mesh import start_process_group
+    from distca.bootstrap import start_process_group
     from distca.rank import make_rank
     if not dist.is_initialized():
         start_process_group(DistBackend.gloo, 0, 1, None)

@@ -61,7 +61,7 @@ def test_full_recompute_keeps_one_sharded_input_a_layer():
 
 
 def test_parameter_count_is_the_models(single_process_group):
-    from distca.mesh import start_process_group
+    from distca.bootstrap import start_process_group
     from distca.rank import make_rank
 
     start_process_group(load_config(RECIPES / "tiny.yaml").parallel.backend, 0, 1, None,

@@ -20,7 +20,7 @@ def _counted_step(monkeypatch, mode: str, ping_pong: bool):
     import torch.distributed as dist
 
     import distca.model.runtime as runtime_module
-    from distca.mesh import start_process_group
+    from distca.bootstrap import start_process_group
 
     if not dist.is_initialized():
         start_process_group(load_config(ROOT / "recipes/tiny.yaml").parallel.backend, 0, 1,
