@@ -4,7 +4,7 @@ Per micro-batch:
 
 1. reset the fast LoRA weights of the top ``layer_fraction`` of layers (A Kaiming-uniform,
    B zero), drawn from a generator seeded by (seed, step, micro-batch) so every rank holds the
-   same fast weights;
+   same fast weights (its slice of them with tensor parallelism);
 2. run everything below the first fast weight ONCE, with autograd on: the embedding, the
    layers without fast weights, and the attention half of the first adapted layer (its fast
    weights sit on the MLP, so its attention output is the same in every inner step);
@@ -31,7 +31,9 @@ With tensor parallelism the fast weights are sharded like the MLP weights they a
 stages in order, one step of it at a time: (2) on the stages up to the one holding the first
 adapted layer, each inner step's forward and ``autograd.grad`` through the stages from that
 one up (activations forward, their gradients back, each stage adapting its own fast weights),
-then the outer forward and backward through all of them. Every stage plans every micro-batch
+then the outer forward and backward through all of them. The stages below the adapted layers
+idle during the inner steps, and micro-batches do not overlap (no 1F1B): the inner loop needs
+a micro-batch's whole pipeline round trip per step. Every stage plans every micro-batch
 first (the plan broadcast is over all ranks), and attention stays within each stage's
 data-parallel group (:func:`distca.mesh.lockstep_pipeline`).
 
