@@ -331,9 +331,6 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
                                               f"data.kind={cfg.data.kind.value}")
 
     f = cfg.focusft
-    if f.enabled and (p.tp > 1 or p.pp > 1):
-        raise _fail(source, "focusft.enabled",
-                    f"FocuSFT runs with parallel.tp=1 and pp=1 only (got tp={p.tp}, pp={p.pp})")
     nonnegative("focusft.inner_steps", f.inner_steps)
     positive("focusft.rank", f.rank)
     nonnegative("focusft.inner_lr", f.inner_lr)

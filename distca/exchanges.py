@@ -10,7 +10,9 @@
 * ``pp > 1`` with disaggregated attention: the lock-step pipeline, one plan per forward tick
   over all ``dp × pp`` ranks of a tensor rank (:meth:`ExchangeFactory.start_lockstep`), so
   ranks in the pipeline bubble serve the other stages' attention; one exchange for the whole
-  step (:class:`~distca.parallel.exchange.LockstepRounds` or ``LockstepPingPong``).
+  step (:class:`~distca.parallel.exchange.LockstepRounds` or ``LockstepPingPong``). FocuSFT
+  aside (:func:`~distca.mesh.lockstep_pipeline`): its inner loop runs the adapted stages
+  only, so each stage takes the ``pp = 1`` plans and exchanges within its data-parallel group.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig
-from distca.mesh import ProcessMesh, dedicated_server_count
+from distca.mesh import ProcessMesh, dedicated_server_count, lockstep_pipeline
 from distca.model.runtime import AttentionRuntime
 from distca.parallel.exchange import (
     BlockingExchange,
@@ -66,7 +68,7 @@ class ExchangeFactory:
 
     def _kind(self) -> ExchangeKind:
         c = self.cfg.cad
-        if self.mesh.pp > 1 and c.enabled:
+        if lockstep_pipeline(self.cfg):
             return ExchangeKind.lockstep_pingpong if c.ping_pong else ExchangeKind.lockstep
         if not (c.enabled and c.ping_pong):
             return ExchangeKind.blocking

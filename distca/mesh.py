@@ -14,8 +14,9 @@ Groups, each created once here, collectively, in the same order on every rank:
   every dedicated server (megatron's data-parallel group, where the servers count as
   data-parallel ranks);
 * ``tp`` / ``pp``: megatron's tensor- and pipeline-parallel groups;
-* ``lockstep``: with ``pp > 1`` and disaggregated attention, all ``dp × pp`` ranks of this
-  rank's tensor rank, ordered (stage, data-parallel rank): the lock-step pipeline's rounds.
+* ``lockstep``: with ``pp > 1`` and disaggregated attention (not FocuSFT:
+  :func:`lockstep_pipeline`), all ``dp × pp`` ranks of this rank's tensor rank, ordered
+  (stage, data-parallel rank): the lock-step pipeline's rounds.
 
 megatron's ``parallel_state`` is initialised here (its model reads it); the CPU shims it needs
 are applied first (:mod:`distca.model.megatron_adapter`).
@@ -31,6 +32,13 @@ from megatron.core import parallel_state
 
 from distca.config import DistcaConfig, ServerMode
 from distca.model.megatron_adapter import apply_cpu_shims
+
+
+def lockstep_pipeline(cfg: DistcaConfig) -> bool:
+    """Whether steps run the lock-step pipeline, whose every tick joins all stages'
+    attention: ``pp > 1`` with disaggregated attention, except FocuSFT, whose inner loop runs
+    the adapted stages only (their attention then stays in each stage's data-parallel group)."""
+    return cfg.parallel.pp > 1 and cfg.cad.enabled and not cfg.focusft.enabled
 
 
 def dedicated_server_count(cfg: DistcaConfig) -> int:
@@ -117,7 +125,7 @@ class ProcessMesh:
         coords = (parallel_state.get_tensor_model_parallel_rank(),
                   parallel_state.get_pipeline_model_parallel_rank(),
                   parallel_state.get_data_parallel_rank())
-        lockstep = _lockstep_groups(p.tp, coords) if p.pp > 1 and cfg.cad.enabled else None
+        lockstep = _lockstep_groups(p.tp, coords) if lockstep_pipeline(cfg) else None
         return cls(p.dp, p.tp, p.pp, servers, rank, device, coords[2], coords[0], coords[1],
                    grads, exchange, parallel_state.get_tensor_model_parallel_group(),
                    parallel_state.get_pipeline_model_parallel_group(), lockstep)

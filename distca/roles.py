@@ -60,9 +60,13 @@ class WorkerRole:
         return batch.rank_slice(self.mesh.dp_rank)
 
     def fast_weights(self, f: FocusftConfig, num_top: int) -> FastLoRA:
-        """FocuSFT's fast adapters on this stage's top ``num_top`` layers."""
-        layers = list(self.model.decoder.layers)
-        return FastLoRA(layers[len(layers) - num_top:], list(f.targets), f.rank, f.alpha)
+        """FocuSFT's fast adapters on this stage's share of the model's top ``num_top``
+        layers (none on a pipeline stage below them), sharded over TP like the MLP."""
+        first = self.cfg.model.num_layers - num_top  # the first adapted layer, global index
+        layers = list(self.model.decoder.layers)[max(first - self.layer_offset, 0):]
+        m = self.mesh
+        return FastLoRA(layers, list(f.targets), f.rank, f.alpha, m.tp_rank, m.tp, m.tp_group,
+                        layers_below=max(self.layer_offset - first, 0))
 
     # ---- the whole-model view --------------------------------------------------------------
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -96,13 +96,16 @@ def _exchange(sends: list[tuple[torch.Tensor, int]], recv_from: int | None,
     return received
 
 
-def _recv_forward(links: StageLinks) -> torch.Tensor | None:
+def recv_forward(links: StageLinks) -> torch.Tensor | None:
+    """The previous stage's activation (``links.shape``, a leaf that takes a gradient);
+    None on the first stage."""
     if links.is_first:
         return None
     return _exchange([], links.prev_rank, links).requires_grad_()
 
 
-def _send_forward(out: torch.Tensor, links: StageLinks) -> None:
+def send_forward(out: torch.Tensor, links: StageLinks) -> None:
+    """This stage's output activation to the next stage (nothing on the last)."""
     if not links.is_last:
         _exchange([(out.detach(), links.next_rank)], None, links)
 
@@ -113,7 +116,9 @@ def _send_forward_recv_backward(out: torch.Tensor, links: StageLinks) -> torch.T
     return _exchange([(out.detach(), links.next_rank)], links.next_rank, links)
 
 
-def _send_backward(grad: torch.Tensor | None, links: StageLinks) -> None:
+def send_backward(grad: torch.Tensor | None, links: StageLinks) -> None:
+    """The gradient of this stage's input activation to the previous stage (nothing on the
+    first)."""
     if not links.is_first:
         _exchange([(grad, links.prev_rank)], None, links)
 
@@ -125,7 +130,8 @@ def _send_backward_recv_forward(grad: torch.Tensor | None, links: StageLinks
     return _exchange([(grad, links.prev_rank)], links.prev_rank, links).requires_grad_()
 
 
-def _recv_backward(links: StageLinks) -> torch.Tensor | None:
+def recv_backward(links: StageLinks) -> torch.Tensor | None:
+    """The gradient of this stage's output from the next stage; None on the last."""
     if links.is_last:
         return None
     return _exchange([], links.next_rank, links)
@@ -157,19 +163,19 @@ def run_1f1b(forward: StageForward, num_micro_batches: int, stage: int, num_stag
         return out
 
     for i in range(warmup):
-        _send_forward(step_forward(i, _recv_forward(links)), links)
-    inp = _recv_forward(links) if steady else None
+        send_forward(step_forward(i, recv_forward(links)), links)
+    inp = recv_forward(links) if steady else None
     for j in range(steady):
         out = step_forward(warmup + j, inp)
         grad_out = _send_forward_recv_backward(out, links)
         grad_in = _backward(inputs.pop(0), outputs.pop(0), grad_out)
         if j == steady - 1:
-            _send_backward(grad_in, links)
+            send_backward(grad_in, links)
         else:
             inp = _send_backward_recv_forward(grad_in, links)
     for _ in range(warmup):
-        grad_out = _recv_backward(links)
-        _send_backward(_backward(inputs.pop(0), outputs.pop(0), grad_out), links)
+        grad_out = recv_backward(links)
+        send_backward(_backward(inputs.pop(0), outputs.pop(0), grad_out), links)
 
 
 @torch.no_grad()
@@ -178,11 +184,11 @@ def run_forward_only(forward: StageForward, num_micro_batches: int,
     """Forward of every micro-batch through this stage (evaluation); losses on the last stage."""
     losses = []
     for i in range(num_micro_batches):
-        out = forward(i, _recv_forward(links))
+        out = forward(i, recv_forward(links))
         if links.is_last:
             losses.append(out.detach())
         else:
-            _send_forward(out, links)
+            send_forward(out, links)
     return losses
 
 

@@ -4,7 +4,7 @@ Per micro-batch:
 
 1. reset the fast LoRA weights of the top ``layer_fraction`` of layers (A Kaiming-uniform,
    B zero), drawn from a generator seeded by (seed, step, micro-batch) so every rank holds the
-   same fast weights;
+   same fast weights (its slice of them with tensor parallelism);
 2. run everything below the first fast weight ONCE, with autograd on: the embedding, the
    layers without fast weights, and the attention half of the first adapted layer (its fast
    weights sit on the MLP, so its attention output is the same in every inner step);
@@ -26,6 +26,17 @@ all-reduce, which keeps every rank's fast weights equal and makes an N-rank step
 one process stepping on the whole micro-batch. Fast weights never join the base-gradient
 all-reduce, the optimiser or ``state_dict()``.
 
+With tensor parallelism the fast weights are sharded like the MLP weights they adapt
+(:mod:`distca.focusft.fast_weights`). With pipeline parallelism a micro-batch goes through the
+stages in order, one step of it at a time: (2) on the stages up to the one holding the first
+adapted layer, each inner step's forward and ``autograd.grad`` through the stages from that
+one up (activations forward, their gradients back, each stage adapting its own fast weights),
+then the outer forward and backward through all of them. The stages below the adapted layers
+idle during the inner steps, and micro-batches do not overlap (no 1F1B): the inner loop needs
+a micro-batch's whole pipeline round trip per step. Every stage plans every micro-batch
+first (the plan broadcast is over all ranks), and attention stays within each stage's
+data-parallel group (:func:`distca.mesh.lockstep_pipeline`).
+
 A dedicated attention server runs this same step with its attention-only stage, whose anchor
 stands in for the fast weights (:mod:`distca.model.attention_only`): its inner-loop
 ``autograd.grad`` joins the adapted layers' exchanges like the workers'.
@@ -34,11 +45,19 @@ stands in for the fast weights (:mod:`distca.model.attention_only`): its inner-l
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from distca.batch import PackedBatch, loss_token_count
 from distca.config import DistcaConfig
 from distca.focusft.fast_weights import top_layer_count
 from distca.mesh import ProcessMesh
+from distca.parallel.pipeline import (
+    StageLinks,
+    recv_backward,
+    recv_forward,
+    send_backward,
+    send_forward,
+)
 from distca.parallel.planning import StepPlan
 from distca.step import Step, plan_stats
 
@@ -47,36 +66,47 @@ class FocusftStep(Step):
     """A :class:`Step` whose ``forward_backward`` is the FocuSFT bilevel step."""
 
     def __init__(self, cfg: DistcaConfig, mesh: ProcessMesh) -> None:
-        if cfg.parallel.tp != 1:
-            raise NotImplementedError("focusft.enabled needs parallel.tp=1 (fast LoRA weights "
-                                      "are not tensor-parallel yet)")
         f = cfg.focusft
-        self.num_top = top_layer_count(cfg.model.num_layers // cfg.parallel.pp, f.layer_fraction)
-        self.fast_layers = self.num_top
+        # the whole model's adapted layers (a dedicated server, pp = 1, marks the same ones)
+        self.fast_layers = top_layer_count(cfg.model.num_layers, f.layer_fraction)
         super().__init__(cfg, mesh)
-        self.fast = self.role.fast_weights(f, self.num_top)
+        per_stage = cfg.model.num_layers // mesh.pp
+        # this stage's local index of the model's first adapted layer (outside [0, per_stage)
+        # when that layer is on another stage)
+        first = cfg.model.num_layers - self.fast_layers - mesh.pp_rank * per_stage
+        self.num_top = per_stage - min(max(first, 0), per_stage)  # adapted layers here
+        self.below = first >= per_stage  # no fast weights: the same output every inner step
+        self.above = first < 0  # all layers adapted: a new input every inner step
+        self.fast = self.role.fast_weights(f, self.fast_layers)
 
     # ---- model pieces ----------------------------------------------------------------------
-    def bottom(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Everything below the first fast weight: hidden (T, 1, H) in the model dtype.
+    def bottom(self, tokens: torch.Tensor, hidden_in: torch.Tensor | None) -> torch.Tensor:
+        """This stage below its first fast weight: hidden (T, 1, H) in the model dtype.
 
-        The embedding, the layers without fast weights and the first adapted layer's attention
-        half (its residual stream after attention, the input of its MLP half).
+        The embedding (or ``hidden_in``, the previous stage's output), the layers without fast
+        weights and the first adapted layer's attention half (its residual stream after
+        attention, the input of its MLP half); the whole stage on a stage :attr:`below`.
         """
         layers = self.stage.layers
         first = len(layers) - self.num_top
-        hidden = self.stage.embed(tokens, None)
+        hidden = self.stage.embed(tokens, hidden_in)
         for layer in layers[:first]:
             hidden = layer(hidden)
-        return layers[first].attention_block(hidden)
+        return layers[first].attention_block(hidden) if self.num_top else hidden
 
     def top(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Sum of this rank's response-token losses (fp32 scalar) from :meth:`bottom`'s output."""
+        """The rest of this stage from :meth:`bottom`'s output (on a stage :attr:`above`, the
+        whole stage from its input): the sum of this rank's response-token losses (fp32 scalar)
+        on the last stage, else the output hidden (T, 1, H) for the next stage."""
         layers = self.stage.layers
         first = len(layers) - self.num_top
-        hidden = layers[first].mlp_block(hidden)
-        for layer in layers[first + 1:]:
+        if not self.above:
+            hidden = layers[first].mlp_block(hidden)
+            first += 1
+        for layer in layers[first:]:
             hidden = layer(hidden)
+        if not self.stage.post_process:
+            return hidden
         losses = self.stage.losses(hidden, labels)
         return (losses.float() * mask).sum()
 
@@ -93,56 +123,88 @@ class FocusftStep(Step):
         total = max(loss_token_count(micro_batches), 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
         inner = torch.zeros(f.inner_steps, dtype=torch.float64)
-        plans = []
+        # every rank joins every plan broadcast, in micro-batch order, before any stage runs
+        plans = [self.exchanges.plan(batch) for batch in micro_batches]
+        links = self.links(micro_batches)
         self.fast.active = True
         try:
-            for index, batch in enumerate(micro_batches):
-                plan = self.exchanges.plan(batch)
-                plans.append(plan)
-                local, inner_losses = self._micro_batch_step(index, batch, plan, total)
+            for index, (batch, plan) in enumerate(zip(micro_batches, plans)):
+                local, inner_losses = self._micro_batch_step(index, batch, plan, total, links)
                 loss_sum += local
                 inner += inner_losses
         finally:
             self.fast.active = False
         self._sync_gradients()
         self.mesh.all_reduce_grads(loss_sum)
-        stats = {"loss": float(loss_sum) / total, **plan_stats(plans)}
+        sums = torch.cat([loss_sum.reshape(1), inner])
+        if self.mesh.pp > 1:  # only the last stage has losses; the others add zero
+            dist.all_reduce(sums, group=self.mesh.pp_group)
+        stats = {"loss": float(sums[0]) / total, **plan_stats(plans)}
         # inner sums are data-parallel summed already; a plain mean of per-micro-batch means
         # would weight a micro-batch with few loss tokens like one with many
-        stats.update({f"inner_loss_{i}": float(v) / total for i, v in enumerate(inner)})
+        stats.update({f"inner_loss_{i}": float(v) / total for i, v in enumerate(sums[1:])})
         return stats
 
-    def _micro_batch_step(self, index: int, batch: PackedBatch, plan: StepPlan, total: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reset, inner loop and outer backward of one micro-batch.
+    def _micro_batch_step(self, index: int, batch: PackedBatch, plan: StepPlan, total: int,
+                          links: StageLinks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reset, inner loop and outer forward and backward of one micro-batch on this stage.
 
-        Returns this rank's outer loss sum (float64 scalar) and the inner loss sums over the
-        whole micro-batch, all ranks ((inner_steps,) float64).
+        Returns this rank's outer loss sum (float64 scalar; zero but on the last stage) and the
+        inner loss sums over the whole micro-batch, all ranks ((inner_steps,) float64).
         """
         # the SFT step's own exchange (ping-pong halves when on): any other split of the
         # attention work changes the float summation order and inner_steps=0 would drift from SFT
         tokens, labels, mask = self.load(batch, plan)
         seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
         self.fast.reset(torch.Generator().manual_seed(seed))
-        hidden = self.bottom(tokens)
-        inner = self._inner_loop(hidden.detach(), labels, mask, max(loss_token_count([batch]), 1))
-        self.fast.freeze()
-        local = self.top(hidden, labels, mask)
-        (local / total).backward()
-        return local.detach().double().cpu(), inner
+        count = max(loss_token_count([batch]), 1)
+        hidden_in = hidden = None
+        if not self.above:  # this stage's input and bottom part are the same every inner step
+            hidden_in = recv_forward(links)
+            hidden = self.bottom(tokens, hidden_in)
+        if self.below:
+            out = hidden
+            inner = torch.zeros(self.cfg.focusft.inner_steps, dtype=torch.float64)
+        else:
+            inner = self._inner_loop(hidden, labels, mask, count, links)
+            self.fast.freeze()
+            if self.above:
+                hidden_in = hidden = recv_forward(links)
+            out = self.top(hidden, labels, mask)
+        if self.stage.post_process:
+            local = out.detach().double().cpu()
+            (out / total).backward()
+        else:
+            local = torch.zeros((), dtype=torch.float64)
+            send_forward(out, links)
+            torch.autograd.backward(out, recv_backward(links))
+        send_backward(None if hidden_in is None else hidden_in.grad, links)
+        return local, inner
 
-    def _inner_loop(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    count: int) -> torch.Tensor:
-        """Adapt the fast weights in place; returns the (inner_steps,) float64 loss sums seen
-        (over the micro-batch's ``count`` loss tokens on every rank)."""
+    def _inner_loop(self, hidden: torch.Tensor | None, labels: torch.Tensor, mask: torch.Tensor,
+                    count: int, links: StageLinks) -> torch.Tensor:
+        """Adapt this stage's fast weights in place from :meth:`bottom`'s output ``hidden``
+        (None on a stage :attr:`above`, which receives a new input every inner step); returns
+        the (inner_steps,) float64 loss sums seen (over the micro-batch's ``count`` loss tokens
+        on every rank; zero but on the last stage)."""
         f = self.cfg.focusft
         losses = torch.zeros(f.inner_steps, dtype=torch.float64)
         for i in range(f.inner_steps):
-            local = self.top(hidden, labels, mask)
-            grads = torch.autograd.grad(local / count, self.fast.tensors)
+            inp = recv_forward(links) if self.above else hidden.detach()
+            out = self.top(inp, labels, mask)
+            wrt = self.fast.tensors + ([inp] if self.above else [])
+            if self.stage.post_process:
+                grads = torch.autograd.grad(out / count, wrt)
+                loss = out.detach()
+            else:
+                send_forward(out, links)
+                grads = torch.autograd.grad(out, wrt, recv_backward(links))
+                loss = torch.zeros((), dtype=grads[0].dtype)
+            if self.above:
+                send_backward(grads[-1], links)
+                grads = grads[:-1]
             # fast-weight gradients and the loss sum summed over ranks in one message
-            flat = torch.cat([g.reshape(-1) for g in grads]
-                             + [local.detach().reshape(1).to(grads[0].dtype)])
+            flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
             self.mesh.all_reduce_grads(flat)
             losses[i] = float(flat[-1])
             offset, summed = 0, []

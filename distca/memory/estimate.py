@@ -136,16 +136,19 @@ def logits_bytes(cfg: DistcaConfig) -> float:
     return n * (b + (4 if b == 2 else 0) + 4)
 
 
-def fast_weight_bytes(cfg: DistcaConfig) -> float:
+def fast_weight_bytes(cfg: DistcaConfig, stage: int) -> float:
     """FocuSFT: fp32 adapters and gradients plus the fp32 inputs the adapted linears keep
-    (recomputed, not kept, with ``model.recompute``: they sit in the MLP)."""
-    f, m = cfg.focusft, cfg.model
+    (recomputed, not kept, with ``model.recompute``: they sit in the MLP), for the adapted
+    layers on pipeline ``stage``, each a tensor rank's slice (fc1's rows, fc2's columns)."""
+    f, m, p = cfg.focusft, cfg.model, cfg.parallel
     if not f.enabled:
         return 0.0
     from distca.focusft.fast_weights import top_layer_count
 
-    top = top_layer_count(m.num_layers // cfg.parallel.pp, f.layer_fraction)
-    h, ffn = m.hidden_size, m.ffn_hidden_size
+    per_stage = m.num_layers // p.pp
+    first = m.num_layers - top_layer_count(m.num_layers, f.layer_fraction)
+    top = min(max((stage + 1) * per_stage - max(first, stage * per_stage), 0), per_stage)
+    h, ffn = m.hidden_size, m.ffn_hidden_size // p.tp
     # (input, output) width of each adapter (distca.focusft.fast_weights: gate and up are the
     # two halves of megatron's fused linear_fc1, down is linear_fc2)
     dims = {"gate_proj": (h, ffn), "up_proj": (h, ffn), "down_proj": (ffn, h)}
@@ -159,7 +162,9 @@ def fast_weight_bytes(cfg: DistcaConfig) -> float:
 def in_flight(cfg: DistcaConfig, stage: int) -> int:
     """Micro-batches whose activations a stage holds at once (1F1B order)."""
     p = cfg.parallel
-    return 1 if p.pp == 1 else min(p.pp - stage, cfg.data.micro_batches)
+    if p.pp == 1 or cfg.focusft.enabled:  # FocuSFT runs a micro-batch through all stages
+        return 1
+    return min(p.pp - stage, cfg.data.micro_batches)
 
 
 def estimate(cfg: DistcaConfig, attention_per_layer: float | None = None) -> MemoryEstimate:
@@ -189,7 +194,7 @@ def _stage_parts(cfg: DistcaConfig, stage: int, attention_per_layer: float) -> d
     world = p.dp * p.tp * p.pp
     static = {"runtime": RUNTIME * (2 if world > 1 else 1), "weights": float(params * b),
               "gradients": float(params * b),
-              "optimizer": optimizer_bytes(cfg, params), "fast_weights": fast_weight_bytes(cfg)}
+              "optimizer": optimizer_bytes(cfg, params), "fast_weights": fast_weight_bytes(cfg, stage)}
     # with recompute, one layer's activations are rebuilt at a time during backward
     working = 0.0 if recompute is Recompute.none else \
         activation_bytes_per_token(cfg, Recompute.none) * tokens

@@ -235,8 +235,6 @@ def test_nano_job_layouts_reproduce_each_jobs_attention(seed):
     (["parallel.tp=3"], "parallel.tp"),  # heads do not split over 3 ranks
     (["parallel.pp=3"], "parallel.pp"),  # 4 layers do not split over 3 stages
     (["parallel.tp=2", "model.ffn_hidden_size=353"], "parallel.tp"),
-    (["parallel.tp=2", "focusft.enabled=true"], "focusft.enabled"),
-    (["parallel.pp=2", "focusft.enabled=true"], "focusft.enabled"),
 ])
 def test_unsupported_layouts_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):

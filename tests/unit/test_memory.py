@@ -9,7 +9,7 @@ import pytest
 
 from distca.cli import main
 from distca.config import load_config
-from distca.memory.estimate import estimate, stage_params
+from distca.memory.estimate import estimate, fast_weight_bytes, stage_params
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -58,6 +58,24 @@ def test_full_recompute_keeps_one_sharded_input_a_layer():
 
     assert activations("full") < activations("selective") / 5
     assert activations("selective") < activations("none") / 2
+
+
+def test_fast_weight_memory_follows_the_adapted_layers_and_tp_slices():
+    """FocuSFT's adapters (recomputed inputs: the adapters and their gradients only) sit on
+    the stages holding the adapted layers, each tensor rank with its slice."""
+    def fast(stage, *overrides):
+        cfg = load_config(RECIPES / "tiny-focusft.yaml", ["model.recompute=full", *overrides])
+        return fast_weight_bytes(cfg, stage)
+
+    whole = fast(0)
+    assert whole > 0
+    assert fast(0, "parallel.pp=2") == 0 and fast(1, "parallel.pp=2") == whole  # layers 2-3 of 4
+    low = "focusft.layer_fraction=0.75"  # layers 1-3: one on stage 0, two on stage 1
+    assert fast(0, "parallel.pp=2", low) + fast(1, "parallel.pp=2", low) == fast(0, low)
+    # fp32 adapters and gradients of 2 layers x 3 targets: rank x (hidden + ffn) values each,
+    # whose ffn side halves at tp=2
+    f, ffn = 8, 352
+    assert whole - fast(0, "parallel.tp=2") == 2 * 4.0 * 2 * 3 * f * ffn / 2
 
 
 def test_parameter_count_is_the_models(single_process_group):
