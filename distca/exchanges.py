@@ -33,10 +33,10 @@ from distca.parallel.exchange import (
 )
 from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
 from distca.parallel.nanobatch import document_cuts, nano_batches
-from distca.parallel.pipeline import FORWARD, TickRow
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.parallel.spans import span
 from distca.scheduler import ModelShape
+from distca.scheduler.pipeline_sim import FORWARD, TickRow
 from distca.scheduler.sim_model import ModelSpec
 
 

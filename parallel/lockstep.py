@@ -47,8 +47,8 @@ from distca.parallel.alltoall import launch_all_to_all, wait_all_to_all
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
-from distca.parallel.pipeline import BACKWARD, FORWARD, Pass, TickRow
 from distca.scheduler import DocumentBatch, documents_from_batch, task_pairs
+from distca.scheduler.pipeline_sim import BACKWARD, FORWARD, Pass, TickRow
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
 

@@ -88,15 +88,11 @@ def test_processor_sharing_slows_ranks_that_compute_together():
     assert pipeline_seconds(fwd, bwd, cores=6.0) == pytest.approx(pipeline_seconds(fwd, bwd))
 
 
-def test_lockstep_ticks_by_hand_and_against_the_runtime_timetable():
+def test_lockstep_ticks_by_hand():
     F, B = "F", "B"
     assert lockstep_ticks(2, 3) == [((F, 0), None), ((F, 1), (F, 0)), (None, (B, 0)),
                                     ((B, 0), (F, 1)), ((F, 2), (B, 1)), ((B, 1), (F, 2)),
                                     (None, (B, 2)), ((B, 2), None)]
-    from distca.parallel.pipeline import lockstep_timetable
-
-    for stages, micro in ((1, 3), (2, 4), (4, 8), (4, 2)):
-        assert lockstep_ticks(stages, micro) == lockstep_timetable(stages, micro)
     # ranks meet at every tick: the slowest rank of each tick adds up
     assert ticks_seconds(np.array([[1.0, 2.0], [4.0, 3.0]])) == pytest.approx(6.0)
 
@@ -174,3 +170,26 @@ def test_every_rank_pays_the_exchange_latency_in_every_tick_and_layer():
     # pp=1: a forward and a backward tick per micro-batch, each layer two exchanges
     extra = 2 * micro * LLAMA_8B.num_layers * 2 * 1e-3
     assert slow.seconds["distca"] == pytest.approx(base.seconds["distca"] + extra)
+
+
+@pytest.mark.parametrize("stages, micro_batches", [(2, 1), (2, 3), (3, 2), (4, 6)])
+def test_lockstep_ticks_are_1f1b_in_ticks(stages, micro_batches):
+    ticks = lockstep_ticks(stages, micro_batches)
+    when = {(op[0], s, op[1]): t for t, row in enumerate(ticks)
+            for s, op in enumerate(row) if op is not None}
+    assert len(when) == 2 * stages * micro_batches  # each F and B once per stage
+    for s in range(stages):
+        for i in range(micro_batches):
+            assert when[("F", s, i)] < when[("B", s, i)]
+            if s > 0:
+                assert when[("F", s - 1, i)] < when[("F", s, i)]
+                assert when[("B", s, i)] < when[("B", s - 1, i)]
+        # at most stages - s micro-batches wait for their backward on stage s (1F1B memory)
+        for t in range(len(ticks)):
+            live = sum(when[("F", s, i)] <= t < when[("B", s, i)] for i in range(micro_batches))
+            assert live <= stages - s
+    # equal-length operations: the classic 1F1B makespan
+    assert len(ticks) == 2 * (micro_batches + stages - 1)
+    assert lockstep_ticks(stages, micro_batches, backward=False) == [
+        tuple(("F", t - s) if 0 <= t - s < micro_batches else None for s in range(stages))
+        for t in range(micro_batches + stages - 1)]
