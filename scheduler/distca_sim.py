@@ -13,7 +13,9 @@ added to it. Dispatch bytes per link follow the plan's transfers, NVLink inside 
 network across (rank ``s·dp + d`` sits on node ``rank // ranks_per_node``); the backward moves
 about the forward's bytes (dO in; dq, dk, dv back), its servers having kept q, k, v. Every
 rank joins two all-to-alls (to the servers, back) per layer, tick and nano-batch, each costing
-``Hardware.exchange_latency_s`` on top of its bytes.
+``Hardware.exchange_latency_s`` on top of its bytes. The runtime's bookkeeping around the kernels
+(``Hardware.dispatch_cpu_s_per_token`` per token a rank sends as a worker or serves as a query)
+is processor work of its own, added to the tick (ping-pong overlaps transfers, not the CPU).
 
 The ``tick`` balance models planning every tick whole instead: all attention of a tick
 (forwards and backwards in flight) is spread over the ranks so that each rank's linear work plus
@@ -60,7 +62,8 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
     micro = micro_batch_streams(lengths, cluster.micro_batches, dp * t)
     ticks = lockstep_ticks(stages, cluster.micro_batches)
     linear = t * linear_seconds_per_token(model, cluster, hw)
-    served: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # micro-batch -> (compute, dispatch)
+    # micro-batch -> (compute, dispatch, query tokens served) per rank
+    served: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     achieved: dict[int, float] = {}  # micro-batch -> max/mean of its forward tick's plan
     work = {b: np.zeros((len(ticks), ranks)) for b in ("runtime", "tick")}
     worst, moved = 1.0, 0
@@ -74,15 +77,19 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
             achieved.update((m, plan.imbalance) for _, m in jobs)
             worst, moved = max(worst, plan.imbalance), moved + plan.bytes_moved
         own, compute = np.zeros(ranks), np.zeros(ranks)
+        handled = {b: np.zeros(ranks) for b in work}  # tokens sent or served, dispatch-weighted
         dispatch = {b: np.zeros(ranks) for b in work}
         for s, op in enumerate(row):
             if op is None:
                 continue
             forward = op[0] == "F"
             own[s * dp:(s + 1) * dp] += linear * (FWD_LINEAR if forward else 1 - FWD_LINEAR)
-            job_compute, job_dispatch = served[op[1]]
+            job_compute, job_dispatch, job_queries = served[op[1]]
             compute += job_compute * (FWD_ATTENTION if forward else 1 - FWD_ATTENTION)
             share = FWD_DISPATCH if forward else 1 - FWD_DISPATCH
+            for b, h in handled.items():  # "tick" re-places the queries evenly over the ranks
+                h[s * dp:(s + 1) * dp] += t * share
+                h += share * (job_queries if b == "runtime" else job_queries.sum() / ranks)
             dispatch["runtime"] += job_dispatch * share
             dispatch["tick"] += job_dispatch * (share if forward else share * MOVED_BACKWARD)
         # every rank joins each round's exchange to the servers and back, per nano-batch
@@ -93,8 +100,9 @@ def distca_seconds(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
         spread = max(achieved[op[1]] for op in row if op is not None)
         attention = {"runtime": compute, "tick": water_fill(own, compute.sum()) * spread}
         for b, w in work.items():
-            w[k] = own + (np.maximum(attention[b], dispatch[b]) if ping_pong
-                          else attention[b] + dispatch[b])
+            w[k] = own + handled[b] * hw.dispatch_cpu_s_per_token + (
+                np.maximum(attention[b], dispatch[b]) if ping_pong
+                else attention[b] + dispatch[b])
     layers = model.num_layers / stages
     seconds = {b: ticks_seconds(w * layers, hw.cores, hw.others) for b, w in work.items()}
     imbalance = {"plans": worst, **{k: float(np.mean(v)) if v else 1.0
@@ -114,7 +122,8 @@ def water_fill(base: np.ndarray, total: float) -> np.ndarray:
 def _plan_tick(jobs, micro, model: ModelSpec, cluster: Cluster, hw: Hardware, t: int,
                tolerance: float, min_shard_tokens: int):
     """Plan one forward tick; returns the plan and, per job, (ranks,) forward + backward
-    attention seconds and dispatch seconds per layer on every physical rank."""
+    attention seconds and dispatch seconds per layer on every physical rank, and the job's query
+    tokens each rank serves."""
     dp, ranks = cluster.dp, cluster.dp * cluster.pp
     docs = documents_from_batch(np.concatenate([micro[m] for _, m in jobs]))
     plan = plan_step(docs, len(jobs) * dp, t, num_servers=ranks, tolerance=tolerance,
@@ -131,10 +140,11 @@ def _plan_tick(jobs, micro, model: ModelSpec, cluster: Cluster, hw: Hardware, t:
     per_job = []
     for j in range(len(jobs)):
         mine = task_job == j
-        compute = np.bincount(rank_of[tasks["server"][mine]], weights=seconds[mine],
-                              minlength=ranks)
+        where = rank_of[tasks["server"][mine]]
+        compute = np.bincount(where, weights=seconds[mine], minlength=ranks)
+        queries = np.bincount(where, weights=q[mine], minlength=ranks)
         per_job.append((compute, dispatch_seconds(moves[move_job == j], rank_of, plan, cluster,
-                                                  hw)))
+                                                  hw), queries))
     return plan, per_job
 
 
