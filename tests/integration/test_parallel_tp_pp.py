@@ -44,6 +44,9 @@ def _two_rank_scenarios():
         # Three micro-batches: 1F1B warm-up, steady state and drain on both stages.
         ("pp2_pingpong", pp2 + ["cad.tolerance=0.1", "cad.ping_pong=true"], three),
         ("pp2_blocking", pp2 + ["cad.tolerance=0", "cad.ping_pong=false"], three),
+        # one plan per job: each micro-batch's attention spread alone over both stages' ranks
+        ("pp2_job_plans", pp2 + ["cad.tolerance=0", "cad.ping_pong=true",
+                                 "cad.pipeline_plan=job"], three),
         ("pp2_colocated", [o for o in pp2 if o != "cad.enabled=true"] + ["cad.enabled=false"],
          three),  # the 1F1B schedule
         # tied embeddings: a copy on each end of the pipeline, gradients summed over both
@@ -67,6 +70,9 @@ def _four_rank_scenarios():
                                           "cad.ping_pong=true"] + GATED_SINKS, batches),
         ("dp2_pp2_blocking", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
                                      "cad.ping_pong=false"] + GATED_SINKS, batches),
+        ("dp2_pp2_job_plans", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0",
+                                      "cad.ping_pong=false", "cad.pipeline_plan=job"]
+         + GATED_SINKS, batches),
     ]
 
 

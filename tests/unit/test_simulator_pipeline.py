@@ -172,6 +172,28 @@ def test_every_rank_pays_the_exchange_latency_in_every_tick_and_layer():
     assert slow.seconds["distca"] == pytest.approx(base.seconds["distca"] + extra)
 
 
+def test_bookkeeping_is_charged_per_token_sent_and_served():
+    t, micro = 16384, 3
+    lengths = np.full(2 * micro * 4, t // 4)  # nothing worth moving: every rank serves its own
+    cluster = Cluster(16, tp=8, micro_batches=micro)
+    base = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), t, ping_pong=False, cp=1)
+    busy = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(dispatch_cpu_s_per_token=1e-7), t,
+                          ping_pong=False, cp=1)
+    assert busy.seconds["packing"] == base.seconds["packing"]
+    # per micro-batch and layer each rank sends its t tokens and serves t queries
+    extra = micro * LLAMA_8B.num_layers * 2 * t * 1e-7
+    for name in ("distca", "distca-tick"):
+        assert busy.seconds[name] == pytest.approx(base.seconds[name] + extra)
+    # one heavy document spread over the servers: the slowest rank pays at least for its sends
+    skewed = np.array([t] + [1024] * (t // 1024))
+    cluster = Cluster(16, tp=8, micro_batches=1)
+    free = simulate_batch(skewed, LLAMA_8B, cluster, Hardware(), t, cp=1)
+    paid = simulate_batch(skewed, LLAMA_8B, cluster, Hardware(dispatch_cpu_s_per_token=1e-7), t,
+                          cp=1)
+    assert free.bytes_moved > 0
+    assert paid.seconds["distca"] > free.seconds["distca"] + LLAMA_8B.num_layers * t * 1e-7
+
+
 @pytest.mark.parametrize("stages, micro_batches", [(2, 1), (2, 3), (3, 2), (4, 6)])
 def test_lockstep_ticks_are_1f1b_in_ticks(stages, micro_batches):
     ticks = lockstep_ticks(stages, micro_batches)
