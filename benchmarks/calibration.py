@@ -29,9 +29,11 @@ whatever else runs on the machine; the table (``profile attention --clock cpu``)
 time are in CPU seconds, the work a rank does on a core of its own. While ``k`` ranks compute
 next to ``x`` other runnable threads, each runs at ``min(1, cores / (k + x))`` of a core
 (processor sharing; a rank waiting in gloo or in the pipeline bubble uses no core). ``x`` is
-fitted so that the simulator reproduces the short batch's measured colocated wall time; the
-skewed batch's two modes are then predictions (all from the medians over the steps, which
-resist the load's bursts better than a fit per step). The all-to-all bandwidth is a wall-clock figure
+fitted so that the simulator reproduces the short batch's measured wall times of both modes
+(least squared log error; the disaggregated one with the measured bookkeeping); the skewed
+batch's modes are then predictions (all from the medians over the steps, which resist the
+load's bursts better than a fit per step). The short batch is the reference: the only numbers
+fitted on it are the linear time, the bookkeeping and ``x``. The all-to-all bandwidth is a wall-clock figure
 measured with every rank busy, so it enters the simulator (which slows all work by the sharing)
 divided by that share (and the latency multiplied by it).
 """
@@ -39,6 +41,7 @@ divided by that share (and the latency multiplied by it).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -63,12 +66,15 @@ from distca.config import load_config
 from distca.profile.comm import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-# disaggregated bookkeeping per token and layer (Hardware.dispatch_cpu_s_per_token): none; the
-# short batch's measured CPU seconds over colocated; fitted to the short batch's wall time
-BOOKKEEPING = ("none", "CPU", "wall")
+# disaggregated bookkeeping per token and layer (Hardware.dispatch_cpu_s_per_token): none (as
+# before it was modelled), or the short batch's measured CPU seconds over colocated
+BOOKKEEPING = ("none", "CPU")
 CLOCKS = {"cpu": time.process_time, "thread": time.thread_time}
 MODES = {"colocated": ["cad.enabled=false"],
          "distca": ["cad.enabled=true", "cad.ping_pong=true"]}
+# with --job-plans (pp > 1) the skewed batch also runs the lock-step pipeline with one plan per
+# job (simulator: distca-job), side by side with the default per-tick plans
+JOB_PLANS = {"distca-job": MODES["distca"] + ["cad.pipeline_plan=job"]}
 
 
 def micro_batch_lengths(kind: str, dp: int, micro: int, tokens: int, short: int
@@ -104,9 +110,10 @@ def _rank(rank: int, world: int, port: int, dp: int, args, queue) -> None:
     from distca.rank import make_rank
 
     common = overrides(dp, args)
+    modes = {**MODES, **(JOB_PLANS if args.job_plans else {})}
     engines = {m: make_rank(load_config(ROOT / "recipes" / "tiny.yaml", common + extra))
-               for m, extra in MODES.items()}
-    runs = [("short", m) for m in MODES] + [("skewed", m) for m in MODES]
+               for m, extra in modes.items()}
+    runs = [("short", m) for m in MODES] + [("skewed", m) for m in modes]
     times = {run: [] for run in runs}
     # CPU seconds of the whole process (gloo's transfer threads and syscalls included) and of
     # the main thread alone (the step's own computation and bookkeeping)
@@ -207,34 +214,38 @@ def predict(dp: int, args, table: CostTable, latency: float, bandwidth: float, s
         return simulate_batch(stream(kind), model, cluster, hw, args.tokens, args.tolerance,
                               cp=1, min_shard_tokens=args.min_shard).seconds
 
-    def bisect(fits, lo: float, hi: float) -> float:
-        """The x in [lo, hi] where ``fits(x)`` turns False (it is True below, False above)."""
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return (lo + hi) / 2
-
-    # outside runnable threads: the short colocated step's measured wall time
-    others = bisect(lambda x: step("short", replace(hw, others=x))["packing"] < short_wall,
-                    0.0, 64.0)
-    share = min(1.0, args.cores / (world + others))  # while every rank computes
-    hw = replace(hw, others=others, nvlink_bytes_per_s=bandwidth / share,
-                 network_bytes_per_s=bandwidth / share, exchange_latency_s=latency * share)
     # bookkeeping per handled token and layer: every rank sends its micro-batches' tokens and,
     # on the short batch, serves as many queries on average (whole documents, no kv split)
-    measured = (short_cad_cpu - short_cpu) / (2 * args.micro_batches * args.tokens * layers)
+    per_token = {"none": 0.0,
+                 "CPU": (short_cad_cpu - short_cpu) / (2 * args.micro_batches * args.tokens
+                                                       * layers)}
 
-    def short_distca(c: float) -> float:
-        return step("short", replace(hw, dispatch_cpu_s_per_token=c))["distca"]
+    def machine(x: float, bookkeeping: float) -> Hardware:
+        """The hardware with ``x`` outside runnable threads; the all-to-all was timed with
+        every rank busy, its bandwidth and latency are scaled by the share they had."""
+        share = min(1.0, args.cores / (world + x))
+        return replace(hw, others=x, nvlink_bytes_per_s=bandwidth / share,
+                       network_bytes_per_s=bandwidth / share, exchange_latency_s=latency * share,
+                       dispatch_cpu_s_per_token=bookkeeping)
 
-    per_token = {"none": 0.0, "CPU": measured,
-                 "wall": bisect(lambda c: short_distca(c) < short_cad_wall, 0.0,
-                                       4 * max(measured, linear))}
-    skewed = {v: step("skewed", replace(hw, dispatch_cpu_s_per_token=c))
-              for v, c in per_token.items()}
+    def misfit(x: float) -> float:
+        """Squared log errors of both short-batch steps (the machine's load) at ``x``."""
+        short = step("short", machine(x, per_token["CPU"]))
+        return (math.log(short["packing"] / short_wall) ** 2
+                + math.log(short["distca"] / short_cad_wall) ** 2)
+
+    lo, hi = 0.0, 64.0  # outside runnable threads: ternary search (the misfit is unimodal)
+    for _ in range(40):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, b) if misfit(a) < misfit(b) else (a, hi)
+    others = (lo + hi) / 2
+    skewed = {v: step("skewed", machine(others, c)) for v, c in per_token.items()}
+    short = {v: step("short", machine(others, c)) for v, c in per_token.items()}
     return {"colocated": skewed["none"]["packing"],
             "distca": {v: s["distca"] for v, s in skewed.items()},
-            "short_distca": {v: short_distca(c) for v, c in per_token.items()},
+            "distca-job": {v: s["distca-job"] for v, s in skewed.items()},
+            "short_colocated": short["none"]["packing"],
+            "short_distca": {v: s["distca"] for v, s in short.items()},
             "bookkeeping": per_token, "linear_s_per_token_layer": linear, "others": others}
 
 
@@ -256,6 +267,8 @@ def main() -> None:
     parser.add_argument("--cores", type=float, default=os.cpu_count(),
                         help="CPU cores the ranks share (default: all of this machine's)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--job-plans", action="store_true",
+                        help="also run the skewed batch with cad.pipeline_plan=job (pp > 1)")
     args = parser.parse_args()
     for flag in ("pp", "micro_batches", "tokens", "short", "steps"):
         if getattr(args, flag) < 1:
@@ -266,7 +279,7 @@ def main() -> None:
           f"document on dp rank 0; {args.short}-token documents elsewhere), {args.steps} steps "
           f"of each mode, interleaved; table {args.table}")
     print(f"ranks share {args.cores:g} cores (processor sharing): others, the outside runnable "
-          "threads, are fitted to the short batch's median wall time; comm: the median "
+          "threads, are fitted to the short batch's median wall times (both modes); comm: the median "
           "all-to-all timing between the steps; spread: [min, max] of the per-step measured "
           "colocated / distca ratio (the machine's noise)")
     print("| dp | pp | load | others | all-to-all ms + GB/s | linear CPU µs/token/layer | "
@@ -287,10 +300,13 @@ def main() -> None:
         pred = predict(dp, args, table, latency, comm, measured["short_cpu"],
                        measured["short/colocated"], measured["short/distca/cpu"],
                        measured["short/distca"])
-        rows = [("colocated", "-", "skewed/colocated", pred["colocated"])]
+        rows = [("colocated", "-", "skewed/colocated", pred["colocated"]),
+                ("colocated, short batch", "-", "short/colocated", pred["short_colocated"])]
         for v in BOOKKEEPING:
             rows += [("distca", v, "skewed/distca", pred["distca"][v]),
                      ("distca, short batch", v, "short/distca", pred["short_distca"][v])]
+            if args.job_plans:
+                rows.append(("distca-job", v, "skewed/distca-job", pred["distca-job"][v]))
         for label, v, key, want in rows:
             got = measured[key]
             cost = "-" if v == "-" else f"{v}: {pred['bookkeeping'][v] * 1e6:.1f}"
@@ -307,6 +323,12 @@ def main() -> None:
                   f"measured {got:.2f} (ratio error {want / got - 1:+.0%})")
         print(f"- dp={dp}: per-step measured colocated / distca spread [{min(steps):.2f}, "
               f"{max(steps):.2f}]")
+        if args.job_plans:
+            got = measured["skewed/distca"] / measured["skewed/distca-job"]
+            for v in BOOKKEEPING:
+                want = pred["distca"][v] / pred["distca-job"][v]
+                print(f"- dp={dp}, bookkeeping {v}: distca (tick plans) / distca-job: predicted "
+                      f"{want:.2f}, measured {got:.2f} (ratio error {want / got - 1:+.0%})")
         print(f"- dp={dp}: CPU seconds per rank (median): colocated "
               f"{measured['skewed/colocated/cpu']:.3f}, distca {measured['skewed/distca/cpu']:.3f} "
               "(the skewed batch)")
