@@ -151,6 +151,21 @@ def test_backwards_stay_where_their_forward_was_planned():
     # operations of its own tick
     assert step.tick_imbalance["forward"] <= 1.05 + 1e-9
     assert step.tick_imbalance["backward"] > 1.2
+    # planning each job alone would balance them, but here linear work dominates (1K
+    # documents): spreading every job over all stages moves bytes for little attention
+    assert step.seconds["distca-job"] > step.seconds["distca"]
+
+
+def test_job_plans_balance_the_backwards_where_attention_dominates():
+    t, micro, pp = 131072, 4, 4
+    # every micro-batch: one t-token document on its first slice, 4K documents on its second
+    lengths = np.array(([t] + [4096] * (t // 4096)) * micro)
+    cluster = Cluster(16 * pp, tp=8, pp=pp, micro_batches=micro)
+    step = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), t, tolerance=0.05, cp=1)
+    assert step.tick_imbalance["backward"] > 1.5  # the tick plans leave the backwards unbalanced
+    s = step.seconds
+    assert s["distca-job"] < 0.8 * s["distca"]  # each job balanced alone: every tick is
+    assert s["distca-tick"] < s["distca-job"]  # the ceiling re-balances linear work as well
 
 
 def test_simulator_modules_import_numpy_only():
