@@ -28,8 +28,8 @@ The ``job`` balance plans every job (stage, micro-batch) alone over all ``dp·pp
 of a tick's jobs together: each job's attention is then within the tolerance on its own, so
 every tick, forwards and backwards alike, is the sum of balanced loads and balanced too, at the
 price of moving more (a job's attention spreads to the other stages' ranks even when its own
-ranks were balanced). A runtime change of :meth:`distca.exchanges.ExchangeFactory._tick_plans`
-would give it: one plan per job instead of per tick.
+ranks were balanced). The runtime runs it with ``cad.pipeline_plan=job``
+(:meth:`distca.exchanges.ExchangeFactory._tick_plans`: one plan per job instead of per tick).
 """
 
 from __future__ import annotations
