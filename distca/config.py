@@ -28,6 +28,7 @@ from distca.config_choices import (
     DataKind,
     DistBackend,
     OnNan,
+    PipelinePlan,
     Precision,
     Recompute,
     ServerMode,
@@ -88,6 +89,9 @@ class CadConfig:
     # Largest receive buffer one rank may need per layer exchange (q/k/v in as a server plus
     # out/lse back as a worker); a plan above it is re-planned with a larger tolerance.
     buffer_budget_mb: float = 1.0e6
+    # pp > 1: plan each forward tick's jobs together (tick) or each job alone over all ranks
+    # (job: balances the ticks with backwards too, moving more; benchmarks/calibration.py)
+    pipeline_plan: PipelinePlan = PipelinePlan.tick
 
 
 @dataclass

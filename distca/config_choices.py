@@ -24,6 +24,13 @@ class ServerMode(Enum):
     dedicated = "dedicated"  # extra ranks that only serve attention
 
 
+class PipelinePlan(Enum):
+    """How the lock-step pipeline (pp > 1, disaggregated) plans attention over all ranks."""
+
+    tick = "tick"  # one plan per forward tick over its jobs; a backward stays where it was put
+    job = "job"  # one plan per job (stage, micro-batch): every tick balanced, backwards too
+
+
 class OnNan(Enum):
     stop = "stop"  # fail the run with a clear error (the last checkpoint stays valid)
     skip = "skip"  # drop the step's update and go on

@@ -23,6 +23,7 @@ import torch
 
 from distca.batch import PackedBatch
 from distca.config import DistcaConfig
+from distca.config_choices import PipelinePlan
 from distca.mesh import ProcessMesh, dedicated_server_count, lockstep_pipeline
 from distca.model.runtime import AttentionRuntime
 from distca.parallel.exchange import (
@@ -35,9 +36,9 @@ from distca.parallel.exchange import (
 )
 from distca.parallel.lockstep import LockstepExchange, split_placement, tick_documents
 from distca.parallel.nanobatch import document_cuts, nano_batches
-from distca.parallel.pipeline import FORWARD, TickRow
 from distca.parallel.planning import StepPlan, colocated_plan, disaggregated_plan
 from distca.parallel.spans import span
+from distca.scheduler.pipeline_sim import FORWARD, TickRow
 from distca.shapes import plan_shape
 
 
@@ -140,17 +141,21 @@ class ExchangeFactory:
 
     def _tick_plans(self, micro_batches: list[PackedBatch], timetable: list[TickRow]
                     ) -> tuple[dict, list[StepPlan]]:
-        """One plan per forward tick over the tick's jobs and all ``dp * pp`` ranks of the
-        lock-step group (collective, in tick order); every job's placement and the plans."""
+        """One plan per forward tick over the tick's jobs (``cad.pipeline_plan=tick``) or per
+        job (``job``), over all ``dp * pp`` ranks of the lock-step group (collective, in tick
+        order); every job's placement and the plans."""
         c, dp = self.cfg.cad, self.cfg.parallel.dp
         tokens = micro_batches[0].tokens_per_rank
         group_size = dp * self.cfg.parallel.pp
         placements, plans = {}, []
+        groups = []  # the jobs planned together, in tick order
         for row in timetable:
             jobs = [(s, op.micro_batch) for s, op in enumerate(row)
                     if op is not None and op.kind is FORWARD]
-            if not jobs:
-                continue
+            if jobs:
+                groups += [[job] for job in jobs] if c.pipeline_plan is PipelinePlan.job \
+                    else [jobs]
+        for jobs in groups:
             batches = [micro_batches[i] for _, i in jobs]
             for b in batches:
                 if b.num_ranks != dp:

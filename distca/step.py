@@ -44,15 +44,10 @@ from distca.model.probe import AttentionProbe, probe_rows
 from distca.model.runtime import AttentionRuntime
 from distca.model.staggered import stage_forward
 from distca.optimizer import buckets
-from distca.parallel.pipeline import (
-    StageLinks,
-    lockstep_timetable,
-    run_1f1b,
-    run_forward_only,
-    run_lockstep,
-)
+from distca.parallel.pipeline import StageLinks, run_1f1b, run_forward_only, run_lockstep
 from distca.parallel.planning import StepPlan
 from distca.roles import compute_dtype, make_role
+from distca.scheduler.pipeline_sim import lockstep_ticks
 
 
 def learning_rate(cfg: DistcaConfig, step: int) -> float:
@@ -178,7 +173,7 @@ class Step:
         stats = {}
         pipelined = self.exchanges.pipelined
         if pipelined:
-            timetable = lockstep_timetable(self.mesh.pp, len(micro_batches))
+            timetable = lockstep_ticks(self.mesh.pp, len(micro_batches))
             plans = self.exchanges.start_lockstep(micro_batches, timetable, True)
         else:
             # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
@@ -212,7 +207,7 @@ class Step:
             self.role.model.eval()
         links = self.links(micro_batches)
         if self.exchanges.pipelined:
-            timetable = lockstep_timetable(self.mesh.pp, len(micro_batches), backward=False)
+            timetable = lockstep_ticks(self.mesh.pp, len(micro_batches), backward=False)
             self.exchanges.start_lockstep(micro_batches, timetable, False)
             losses = []
 

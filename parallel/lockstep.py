@@ -13,11 +13,12 @@ all-to-alls:
 * back to workers: servers return out + lse of the forward tasks, dq/dk/dv of the backward ones.
 
 Every rank is a server in every round, bubble ranks included. A forward tick's jobs are planned
-together over all ``dp * pp`` ranks (one plan per tick, workers first); a job's backward goes to
-the servers that ran its forward, which kept the inputs and the kernel's graph per (job, layer).
-The tick plan balances the tick's forward tasks only: in a tick that also runs backwards,
-their (fixed) server load is not counted, so such a tick can be less balanced than its plan
-says. Worker and server gradients are explicit (autograd nodes of
+together over all ``dp * pp`` ranks (one plan per tick, workers first; or, with
+``cad.pipeline_plan=job``, one plan per job); a job's backward goes to the servers that ran its
+forward, which kept the inputs and the kernel's graph per (job, layer). A tick plan balances the
+tick's forward tasks only: in a tick that also runs backwards, their (fixed) server load is not
+counted, so such a tick can be less balanced than its plan says; per-job plans balance every
+job alone, so every tick is a sum of balanced loads. Worker and server gradients are explicit (autograd nodes of
 :mod:`distca.parallel.lockstep_worker` on the worker, saved graphs on the server), not one
 autograd node spanning the collective: the jobs merged into one forward exchange run their
 backwards in different ticks.
@@ -47,8 +48,8 @@ from distca.parallel.alltoall import launch_all_to_all, wait_all_to_all
 from distca.parallel.dispatch import AttendFn
 from distca.parallel.layout import ServerInputs, server_inputs_from_tasks, server_tasks
 from distca.parallel.nanobatch import nano_rows, split_servers_at_cuts
-from distca.parallel.pipeline import BACKWARD, FORWARD, Pass, TickRow
 from distca.scheduler import DocumentBatch, documents_from_batch, task_pairs
+from distca.scheduler.pipeline_sim import BACKWARD, FORWARD, Pass, TickRow
 
 Job = tuple[int, int]  # (pipeline stage, micro-batch)
 

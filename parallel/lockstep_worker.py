@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from distca.parallel.dispatch import merge_partials
 from distca.parallel.lockstep import Job, LockstepExchange
-from distca.parallel.pipeline import BACKWARD, FORWARD
+from distca.scheduler.pipeline_sim import BACKWARD, FORWARD
 
 
 def lockstep_attention(exchange: LockstepExchange, q: torch.Tensor, k: torch.Tensor,

@@ -8,13 +8,14 @@ on the other side posts both its send and its receive before waiting (megatron's
 ordering of blocking calls can deadlock. The engine runs it with colocated attention only
 (disaggregated attention takes the lock-step schedule); ranks in the bubble sit idle.
 
-**Lock-step** (:func:`lockstep_timetable`, :func:`run_lockstep`): design §5 wants ranks idle in
-the bubble to serve other stages' attention, so every rank must join every attention exchange.
-Time is cut into ticks; in each tick every stage runs the forward of one micro-batch, the
-backward of one, or nothing. The timetable keeps each stage's 1F1B order (so at most ``S``
-micro-batches are in flight per stage) and places an operation in the first tick after its
-input exists: a forward after the previous stage's forward of that micro-batch, a backward after
-the next stage's backward. With ``L/S`` layers on every stage, the ``c``-th attention call of
+**Lock-step** (:func:`run_lockstep`, playing the timetable of
+:func:`distca.scheduler.pipeline_sim.lockstep_ticks`, which the step-time simulator plays too):
+design §5 wants ranks idle in the bubble to serve other stages' attention, so every rank must
+join every attention exchange. Time is cut into ticks; in each tick every stage runs the
+forward of one micro-batch, the backward of one, or nothing. The timetable keeps each stage's
+1F1B order (so at most ``S`` micro-batches are in flight per stage) and places an operation in
+the first tick after its input exists: a forward after the previous stage's forward of that
+micro-batch, a backward after the next stage's backward. With ``L/S`` layers on every stage, the ``c``-th attention call of
 every stage in a tick (forward layer ``c``, or backward layer ``L/S-1-c``; a bubble rank calls
 the tick's ``L/S`` serve-only rounds) is one collective round of all ranks (see
 :mod:`distca.parallel.lockstep`). After a tick's compute, neighbours exchange that tick's
@@ -30,38 +31,17 @@ these schedules have nothing CUDA-specific.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from distca.scheduler.pipeline_sim import BACKWARD, FORWARD, TickRow
 
 # forward(i, hidden_in or None) -> hidden_out on every stage but the last, the micro-batch's
 # scalar loss on the last stage.
 StageForward = Callable[[int, torch.Tensor | None], torch.Tensor]
-
-
-class Pass(enum.StrEnum):
-    """The pass of a micro-batch that a stage runs in a tick (a str: it prints as F / B)."""
-
-    FORWARD = "F"
-    BACKWARD = "B"
-
-
-FORWARD, BACKWARD = Pass.FORWARD, Pass.BACKWARD
-
-
-class TickOp(NamedTuple):
-    """What one stage does in one tick of the lock-step timetable."""
-
-    kind: Pass
-    micro_batch: int
-
-
-# One tick of the lock-step timetable: per stage its TickOp, or None (bubble).
-TickRow = tuple[TickOp | None, ...]
 
 
 @dataclass
@@ -190,42 +170,6 @@ def run_forward_only(forward: StageForward, num_micro_batches: int,
         else:
             send_forward(out, links)
     return losses
-
-
-def _one_f_one_b_order(stage: int, num_stages: int, num_micro_batches: int) -> list[TickOp]:
-    warmup = min(num_stages - stage - 1, num_micro_batches)
-    order = [TickOp(FORWARD, i) for i in range(warmup)]
-    for j in range(num_micro_batches - warmup):
-        order += [TickOp(FORWARD, warmup + j), TickOp(BACKWARD, j)]
-    return order + [TickOp(BACKWARD, i) for i in range(num_micro_batches - warmup,
-                                                        num_micro_batches)]
-
-
-def lockstep_timetable(num_stages: int, num_micro_batches: int,
-                       backward: bool = True) -> list[TickRow]:
-    """Ticks of the lock-step schedule (module docstring); forwards only if not ``backward``."""
-    orders = [_one_f_one_b_order(s, num_stages, num_micro_batches) if backward
-              else [TickOp(FORWARD, i) for i in range(num_micro_batches)]
-              for s in range(num_stages)]
-    done: dict[tuple[Pass, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
-    position = [0] * num_stages
-    ticks: list[TickRow] = []
-    while any(p < len(o) for p, o in zip(position, orders)):
-        tick, row = len(ticks), []
-        for s, (p, order) in enumerate(zip(position, orders)):
-            if p == len(order):
-                row.append(None)
-                continue
-            kind, i = order[p]
-            source = s - 1 if kind is FORWARD else s + 1
-            ready = not 0 <= source < num_stages or done.get((kind, source, i), tick) < tick
-            row.append(TickOp(kind, i) if ready else None)
-        for s, op in enumerate(row):
-            if op is not None:
-                done[(op.kind, s, op.micro_batch)] = tick
-                position[s] += 1
-        ticks.append(tuple(row))
-    return ticks
 
 
 class TickServer(Protocol):

@@ -10,9 +10,9 @@ schedule dictates (no constant bubble factor).
   backward after the next stage's backward). The runtime's colocated schedule
   (``distca.parallel.pipeline.run_1f1b``) keeps the same order.
 * :func:`lockstep_ticks`: the timetable of the lock-step schedule disaggregated attention runs
-  (``distca.parallel.pipeline.lockstep_timetable``): in every tick each stage runs one forward,
-  one backward or nothing, and all ranks meet in every tick's attention exchanges, so a tick lasts
-  as long as its slowest rank (:func:`ticks_seconds`).
+  (the runtime's ``distca.parallel.pipeline.run_lockstep`` plays this very timetable): in every
+  tick each stage runs one forward, one backward or nothing, and all ranks meet in every tick's
+  attention exchanges, so a tick lasts as long as its slowest rank (:func:`ticks_seconds`).
 
 Optional processor sharing (for calibration on a CPU whose cores the ranks share): while ``n``
 ranks compute next to ``others`` outside runnable threads, each advances at
@@ -22,24 +22,46 @@ core. Without ``cores`` every rank has a processor of its own.
 
 from __future__ import annotations
 
+import enum
+from typing import NamedTuple
+
 import numpy as np
 
-Op = tuple[str, int]  # ("F", i) / ("B", i): forward / backward of micro-batch i
+
+class Pass(enum.StrEnum):
+    """The pass of a micro-batch that a stage runs (a str: it equals and prints as F / B)."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
 
 
-def one_f_one_b_order(stage: int, stages: int, micro_batches: int) -> list[Op]:
+FORWARD, BACKWARD = Pass.FORWARD, Pass.BACKWARD
+
+
+class TickOp(NamedTuple):
+    """One operation of a stage: the forward or backward of one micro-batch."""
+
+    kind: Pass
+    micro_batch: int
+
+
+# One tick of the lock-step timetable: per stage its TickOp, or None (bubble).
+TickRow = tuple[TickOp | None, ...]
+
+
+def one_f_one_b_order(stage: int, stages: int, micro_batches: int) -> list[TickOp]:
     """Stage ``stage``'s 1F1B order: ``min(stages-stage-1, M)`` warm-up forwards, then one forward
     and one backward alternately, then the remaining backwards (cool-down)."""
     warmup = min(stages - stage - 1, micro_batches)
-    order = [("F", i) for i in range(warmup)]
+    order = [TickOp(FORWARD, i) for i in range(warmup)]
     for j in range(micro_batches - warmup):
-        order += [("F", warmup + j), ("B", j)]
-    return order + [("B", i) for i in range(micro_batches - warmup, micro_batches)]
+        order += [TickOp(FORWARD, warmup + j), TickOp(BACKWARD, j)]
+    return order + [TickOp(BACKWARD, i) for i in range(micro_batches - warmup, micro_batches)]
 
 
 def _input_stage(kind: str, stage: int) -> int:
     """The stage whose output an operation needs (-1 or ``stages``: none)."""
-    return stage - 1 if kind == "F" else stage + 1
+    return stage - 1 if kind == FORWARD else stage + 1
 
 
 def pipeline_seconds(fwd: np.ndarray, bwd: np.ndarray, cores: float | None = None,
@@ -85,13 +107,16 @@ def pipeline_seconds(fwd: np.ndarray, bwd: np.ndarray, cores: float | None = Non
     return clock
 
 
-def lockstep_ticks(stages: int, micro_batches: int) -> list[tuple[Op | None, ...]]:
-    """The lock-step timetable: each stage keeps its 1F1B order and runs an operation in the first
-    tick after its input was produced; a row holds one entry per stage (None: bubble)."""
-    orders = [one_f_one_b_order(s, stages, micro_batches) for s in range(stages)]
-    done: dict[tuple[str, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
+def lockstep_ticks(stages: int, micro_batches: int, backward: bool = True) -> list[TickRow]:
+    """The lock-step timetable: each stage keeps its 1F1B order (so at most ``stages``
+    micro-batches are in flight per stage; forwards only if not ``backward``, as in evaluation)
+    and runs an operation in the first tick after its input was produced; a row holds one entry
+    per stage (None: bubble)."""
+    orders = [one_f_one_b_order(s, stages, micro_batches) if backward
+              else [TickOp(FORWARD, i) for i in range(micro_batches)] for s in range(stages)]
+    done: dict[tuple[Pass, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
     position = [0] * stages
-    ticks: list[tuple[Op | None, ...]] = []
+    ticks: list[TickRow] = []
     while any(p < len(o) for p, o in zip(position, orders)):
         tick, row = len(ticks), []
         for s, (p, order) in enumerate(zip(position, orders)):

@@ -109,6 +109,18 @@ class Hardware:
     network_bytes_per_s: float = 50e9
     cost_table: CostTable | None = None  # measured pairs/s per GPU by task shape
     exchange_latency_s: float = 0.0  # per all-to-all beyond its bytes (α of an α-β model)
+    # Processor seconds per layer (forward + backward) of disaggregated attention's bookkeeping
+    # around the kernels, per token a rank handles: each token it sends as a worker (q/k/v packed,
+    # partial outputs unpacked and merged, gradients scattered back) and each query token it
+    # serves (inputs gathered, replies packed), plus the plans and layouts per tick, lumped
+    # per token. 0 by default (cluster scale): on a GPU these are gather/scatter kernels over the
+    # dispatched bytes at HBM bandwidth (~10x NVLink's, so under a tenth of the dispatch time the
+    # model already charges) and the planner runs on the host (10-16 ms per tick of two 128K-512K
+    # token jobs over 64 ranks measured on this CPU: ~0.2 s per pp=4 step, not charged, a few %
+    # of the shortest table step);
+    # on a CPU they compete with the kernels for the cores, and benchmarks/calibration.py
+    # measures them from the runtime.
+    dispatch_cpu_s_per_token: float = 0.0
     cores: float | None = None
     others: float = 0.0
 

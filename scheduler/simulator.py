@@ -14,7 +14,8 @@ critical path, not from a constant bubble factor. Systems (:data:`SYSTEMS`):
 * ``distca``: plain packing for the linear layers, lock-step ticks, each tick's forward attention
   planned over all ranks (bubble ranks included) as the runtime does it; ``distca-tick``: the
   same with all attention in flight at a tick re-balanced against each rank's linear work, the
-  backwards' inputs shipped again (:mod:`distca.scheduler.distca_sim`).
+  backwards' inputs shipped again; ``distca-job``: the runtime with one plan per job (stage,
+  micro-batch) instead of per tick (:mod:`distca.scheduler.distca_sim`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from distca.scheduler.sim_model import Cluster, Hardware, ModelSpec, attention_s
 __all__ = ["SYSTEMS", "Cluster", "Hardware", "ModelSpec", "StepTimes", "attention_seconds",
            "simulate", "simulate_batch"]
 
-SYSTEMS = ("packing", "varlen", "per-doc-cp", "wlb-llm", "distca", "distca-tick")
+SYSTEMS = ("packing", "varlen", "per-doc-cp", "wlb-llm", "distca", "distca-tick",
+           "distca-job")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def simulate_batch(lengths: np.ndarray, model: ModelSpec, cluster: Cluster, hw: 
     distca, imbalance, moved = distca_seconds(lengths, model, cluster, hw, t, tolerance, ping_pong,
                                           min_shard_tokens)
     seconds["distca"], seconds["distca-tick"] = distca["runtime"], distca["tick"]
+    seconds["distca-job"] = distca["job"]
     ticks = {k: imbalance[k] for k in ("forward", "backward")}
     return StepTimes(seconds, imbalance["plans"], ticks, moved, int(cp_size))
 

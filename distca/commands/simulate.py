@@ -20,8 +20,8 @@ micro-batches with more attention stall the pipeline as they would."""
 _EPILOG = """\
 --json fields: gpus, dp, tp, pp, micro_batches, model, max_len, tokens_per_worker, batches,
 distribution, step_seconds (predicted seconds per step of packing, varlen, per-doc-cp, wlb-llm,
-distca, and distca-tick: all attention in flight at a tick re-balanced over the ranks; the
-mean over the batches), speedup_vs_packing (packing's step time over each system's),
+distca, distca-tick: all attention in flight at a tick re-balanced over the ranks, and
+distca-job: one plan per job, cad.pipeline_plan=job; the mean over the batches), speedup_vs_packing (packing's step time over each system's),
 distca_vs_best_baseline (the fastest baseline's step time over distca's)."""
 
 

@@ -18,7 +18,6 @@ from attention_reference import dense_attention
 from distca.parallel.dispatch import merge_partials
 from distca.parallel.lockstep import nano_job_layouts, split_placement, tick_documents
 from distca.parallel.nanobatch import document_cuts
-from distca.parallel.pipeline import lockstep_timetable
 from distca.scheduler import ModelShape, plan_step
 from distca.scheduler.documents import documents_from_batch
 from runtime_harness import ROOT, assert_parity, load_result, run_ranks, skewed_batch
@@ -45,6 +44,9 @@ def _two_rank_scenarios():
         # Three micro-batches: 1F1B warm-up, steady state and drain on both stages.
         ("pp2_pingpong", pp2 + ["cad.tolerance=0.1", "cad.ping_pong=true"], three),
         ("pp2_blocking", pp2 + ["cad.tolerance=0", "cad.ping_pong=false"], three),
+        # one plan per job: each micro-batch's attention spread alone over both stages' ranks
+        ("pp2_job_plans", pp2 + ["cad.tolerance=0", "cad.ping_pong=true",
+                                 "cad.pipeline_plan=job"], three),
         ("pp2_colocated", [o for o in pp2 if o != "cad.enabled=true"] + ["cad.enabled=false"],
          three),  # the 1F1B schedule
         # tied embeddings: a copy on each end of the pipeline, gradients summed over both
@@ -68,6 +70,9 @@ def _four_rank_scenarios():
                                           "cad.ping_pong=true"] + GATED_SINKS, batches),
         ("dp2_pp2_blocking", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0.1",
                                      "cad.ping_pong=false"] + GATED_SINKS, batches),
+        ("dp2_pp2_job_plans", BASE + ["parallel.dp=2", "parallel.pp=2", "cad.tolerance=0",
+                                      "cad.ping_pong=false", "cad.pipeline_plan=job"]
+         + GATED_SINKS, batches),
     ]
 
 
@@ -88,29 +93,6 @@ def test_tp2_and_pp2_match_single_process_reference(tmp_path):
 @pytest.mark.slow
 def test_dp2_with_tp2_and_pp2_match_single_process_reference(tmp_path):
     _check(4, _four_rank_scenarios(), tmp_path)
-
-
-@pytest.mark.parametrize("stages, micro_batches", [(2, 1), (2, 3), (3, 2), (4, 6)])
-def test_lockstep_timetable_is_1f1b_in_ticks(stages, micro_batches):
-    ticks = lockstep_timetable(stages, micro_batches)
-    when = {(op[0], s, op[1]): t for t, row in enumerate(ticks)
-            for s, op in enumerate(row) if op is not None}
-    assert len(when) == 2 * stages * micro_batches  # each F and B once per stage
-    for s in range(stages):
-        for i in range(micro_batches):
-            assert when[("F", s, i)] < when[("B", s, i)]
-            if s > 0:
-                assert when[("F", s - 1, i)] < when[("F", s, i)]
-                assert when[("B", s, i)] < when[("B", s - 1, i)]
-        # at most stages - s micro-batches wait for their backward on stage s (1F1B memory)
-        for t in range(len(ticks)):
-            live = sum(when[("F", s, i)] <= t < when[("B", s, i)] for i in range(micro_batches))
-            assert live <= stages - s
-    # equal-length operations: the classic 1F1B makespan
-    assert len(ticks) == 2 * (micro_batches + stages - 1)
-    assert lockstep_timetable(stages, micro_batches, backward=False) == [
-        tuple(("F", t - s) if 0 <= t - s < micro_batches else None for s in range(stages))
-        for t in range(micro_batches + stages - 1)]
 
 
 def _covered(placement, tokens: int) -> np.ndarray:

@@ -88,15 +88,11 @@ def test_processor_sharing_slows_ranks_that_compute_together():
     assert pipeline_seconds(fwd, bwd, cores=6.0) == pytest.approx(pipeline_seconds(fwd, bwd))
 
 
-def test_lockstep_ticks_by_hand_and_against_the_runtime_timetable():
+def test_lockstep_ticks_by_hand():
     F, B = "F", "B"
     assert lockstep_ticks(2, 3) == [((F, 0), None), ((F, 1), (F, 0)), (None, (B, 0)),
                                     ((B, 0), (F, 1)), ((F, 2), (B, 1)), ((B, 1), (F, 2)),
                                     (None, (B, 2)), ((B, 2), None)]
-    from distca.parallel.pipeline import lockstep_timetable
-
-    for stages, micro in ((1, 3), (2, 4), (4, 8), (4, 2)):
-        assert lockstep_ticks(stages, micro) == lockstep_timetable(stages, micro)
     # ranks meet at every tick: the slowest rank of each tick adds up
     assert ticks_seconds(np.array([[1.0, 2.0], [4.0, 3.0]])) == pytest.approx(6.0)
 
@@ -155,6 +151,21 @@ def test_backwards_stay_where_their_forward_was_planned():
     # operations of its own tick
     assert step.tick_imbalance["forward"] <= 1.05 + 1e-9
     assert step.tick_imbalance["backward"] > 1.2
+    # planning each job alone would balance them, but here linear work dominates (1K
+    # documents): spreading every job over all stages moves bytes for little attention
+    assert step.seconds["distca-job"] > step.seconds["distca"]
+
+
+def test_job_plans_balance_the_backwards_where_attention_dominates():
+    t, micro, pp = 131072, 4, 4
+    # every micro-batch: one t-token document on its first slice, 4K documents on its second
+    lengths = np.array(([t] + [4096] * (t // 4096)) * micro)
+    cluster = Cluster(16 * pp, tp=8, pp=pp, micro_batches=micro)
+    step = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), t, tolerance=0.05, cp=1)
+    assert step.tick_imbalance["backward"] > 1.5  # the tick plans leave the backwards unbalanced
+    s = step.seconds
+    assert s["distca-job"] < 0.8 * s["distca"]  # each job balanced alone: every tick is
+    assert s["distca-tick"] < s["distca-job"]  # the ceiling re-balances linear work as well
 
 
 def test_simulator_modules_import_numpy_only():
@@ -174,3 +185,48 @@ def test_every_rank_pays_the_exchange_latency_in_every_tick_and_layer():
     # pp=1: a forward and a backward tick per micro-batch, each layer two exchanges
     extra = 2 * micro * LLAMA_8B.num_layers * 2 * 1e-3
     assert slow.seconds["distca"] == pytest.approx(base.seconds["distca"] + extra)
+
+
+def test_bookkeeping_is_charged_per_token_sent_and_served():
+    t, micro = 16384, 3
+    lengths = np.full(2 * micro * 4, t // 4)  # nothing worth moving: every rank serves its own
+    cluster = Cluster(16, tp=8, micro_batches=micro)
+    base = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(), t, ping_pong=False, cp=1)
+    busy = simulate_batch(lengths, LLAMA_8B, cluster, Hardware(dispatch_cpu_s_per_token=1e-7), t,
+                          ping_pong=False, cp=1)
+    assert busy.seconds["packing"] == base.seconds["packing"]
+    # per micro-batch and layer each rank sends its t tokens and serves t queries
+    extra = micro * LLAMA_8B.num_layers * 2 * t * 1e-7
+    for name in ("distca", "distca-tick"):
+        assert busy.seconds[name] == pytest.approx(base.seconds[name] + extra)
+    # one heavy document spread over the servers: the slowest rank pays at least for its sends
+    skewed = np.array([t] + [1024] * (t // 1024))
+    cluster = Cluster(16, tp=8, micro_batches=1)
+    free = simulate_batch(skewed, LLAMA_8B, cluster, Hardware(), t, cp=1)
+    paid = simulate_batch(skewed, LLAMA_8B, cluster, Hardware(dispatch_cpu_s_per_token=1e-7), t,
+                          cp=1)
+    assert free.bytes_moved > 0
+    assert paid.seconds["distca"] > free.seconds["distca"] + LLAMA_8B.num_layers * t * 1e-7
+
+
+@pytest.mark.parametrize("stages, micro_batches", [(2, 1), (2, 3), (3, 2), (4, 6)])
+def test_lockstep_ticks_are_1f1b_in_ticks(stages, micro_batches):
+    ticks = lockstep_ticks(stages, micro_batches)
+    when = {(op[0], s, op[1]): t for t, row in enumerate(ticks)
+            for s, op in enumerate(row) if op is not None}
+    assert len(when) == 2 * stages * micro_batches  # each F and B once per stage
+    for s in range(stages):
+        for i in range(micro_batches):
+            assert when[("F", s, i)] < when[("B", s, i)]
+            if s > 0:
+                assert when[("F", s - 1, i)] < when[("F", s, i)]
+                assert when[("B", s, i)] < when[("B", s - 1, i)]
+        # at most stages - s micro-batches wait for their backward on stage s (1F1B memory)
+        for t in range(len(ticks)):
+            live = sum(when[("F", s, i)] <= t < when[("B", s, i)] for i in range(micro_batches))
+            assert live <= stages - s
+    # equal-length operations: the classic 1F1B makespan
+    assert len(ticks) == 2 * (micro_batches + stages - 1)
+    assert lockstep_ticks(stages, micro_batches, backward=False) == [
+        tuple(("F", t - s) if 0 <= t - s < micro_batches else None for s in range(stages))
+        for t in range(micro_batches + stages - 1)]
