@@ -73,7 +73,7 @@ def test_simulate_json_and_plot(capsys, tmp_path):
     assert code == 0 and err == ""
     report = json.loads(out)
     assert set(report["step_seconds"]) == {"packing", "varlen", "per-doc-cp", "wlb-llm", "distca",
-                                           "distca-tick"}
+                                           "distca-job", "distca-tick"}
     assert report["speedup_vs_packing"]["packing"] == 1.0
     assert png.stat().st_size > 1000
 
