@@ -11,6 +11,9 @@ Per micro-batch:
 3. inner loop: ``inner_steps`` plain SGD steps on the fast weights only, each a forward of the
    rest of the model from the *detached* output of (2) and ``torch.autograd.grad`` of the
    micro-batch's response-token mean loss w.r.t. the fast weights (base ``.grad`` untouched);
+   With ``focusft.inner_backtrack`` > 0 (an option; the reference takes every step), a step
+   that raises the inner loss is undone and retried at half the lr (backtracking line
+   search), the remedy for the reference lr 1.0 overshooting on small models;
 4. outer step: the rest of the model again from the *attached* output of (2), with the adapted
    fast weights active; its backward reaches every base weight, bottom layers included.
 
@@ -34,6 +37,7 @@ stands in for the fast weights (:mod:`distca.model.attention_only`): its inner-l
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from distca.batch import PackedBatch, loss_token_count
 from distca.config import DistcaConfig
@@ -86,22 +90,24 @@ class FocusftStep(Step):
 
         Extra stats: ``inner_loss_{i}`` = response-token mean loss before inner SGD step ``i``,
         over all micro-batches' loss tokens like ``loss`` (the one after the last step), so
-        ``inner_loss_0`` is the SFT loss of the same weights.
+        ``inner_loss_0`` is the SFT loss of the same weights; with ``focusft.inner_backtrack``,
+        ``inner_rejected`` = trial inner steps rejected in this step (all micro-batches).
         """
         self._begin()
         f = self.cfg.focusft
         total = max(loss_token_count(micro_batches), 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
         inner = torch.zeros(f.inner_steps, dtype=torch.float64)
-        plans = []
+        plans, rejected = [], 0
         self.fast.active = True
         try:
             for index, batch in enumerate(micro_batches):
                 plan = self.exchanges.plan(batch)
                 plans.append(plan)
-                local, inner_losses = self._micro_batch_step(index, batch, plan, total)
+                local, inner_losses, tries = self._micro_batch_step(index, batch, plan, total)
                 loss_sum += local
                 inner += inner_losses
+                rejected += tries
         finally:
             self.fast.active = False
         self._sync_gradients()
@@ -110,14 +116,16 @@ class FocusftStep(Step):
         # inner sums are data-parallel summed already; a plain mean of per-micro-batch means
         # would weight a micro-batch with few loss tokens like one with many
         stats.update({f"inner_loss_{i}": float(v) / total for i, v in enumerate(inner)})
+        if f.inner_backtrack:
+            stats["inner_rejected"] = float(rejected)
         return stats
 
     def _micro_batch_step(self, index: int, batch: PackedBatch, plan: StepPlan, total: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Reset, inner loop and outer backward of one micro-batch.
 
-        Returns this rank's outer loss sum (float64 scalar) and the inner loss sums over the
-        whole micro-batch, all ranks ((inner_steps,) float64).
+        Returns this rank's outer loss sum (float64 scalar), the inner loss sums over the
+        whole micro-batch, all ranks ((inner_steps,) float64) and the rejected trial steps.
         """
         # the SFT step's own exchange (ping-pong halves when on): any other split of the
         # attention work changes the float summation order and inner_steps=0 would drift from SFT
@@ -125,20 +133,28 @@ class FocusftStep(Step):
         seed = (self.cfg.trainer.seed * 1_000_003 + self.step) * 1_009 + index
         self.fast.reset(torch.Generator().manual_seed(seed))
         hidden = self.bottom(tokens)
-        inner = self._inner_loop(hidden.detach(), labels, mask, max(loss_token_count([batch]), 1))
+        inner, rejected = self._inner_loop(hidden.detach(), labels, mask,
+                                           max(loss_token_count([batch]), 1))
         self.fast.freeze()
         local = self.top(hidden, labels, mask)
         (local / total).backward()
-        return local.detach().double().cpu(), inner
+        return local.detach().double().cpu(), inner, rejected
 
     def _inner_loop(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    count: int) -> torch.Tensor:
-        """Adapt the fast weights in place; returns the (inner_steps,) float64 loss sums seen
-        (over the micro-batch's ``count`` loss tokens on every rank)."""
+                    count: int) -> tuple[torch.Tensor, int]:
+        """Adapt the fast weights in place.
+
+        Returns the (inner_steps,) float64 loss sums seen (over the micro-batch's ``count``
+        loss tokens on every rank) and how many trial steps backtracking rejected. When a step
+        finds no lr that does not raise the loss, the loop stops there and the later entries
+        repeat the last loss (the fast weights did not move).
+        """
         f = self.cfg.focusft
         losses = torch.zeros(f.inner_steps, dtype=torch.float64)
+        rejected, local = 0, None
         for i in range(f.inner_steps):
-            local = self.top(hidden, labels, mask)
+            if local is None:
+                local = self.top(hidden, labels, mask)
             grads = torch.autograd.grad(local / count, self.fast.tensors)
             # fast-weight gradients and the loss sum summed over ranks in one message
             flat = torch.cat([g.reshape(-1) for g in grads]
@@ -149,5 +165,46 @@ class FocusftStep(Step):
             for g in grads:
                 summed.append(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
-            self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
-        return losses
+            if not f.inner_backtrack:
+                self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
+                local = None
+                continue
+            local, tries = self._backtracking_step(hidden, labels, mask, summed, float(losses[i]),
+                                                   keep_graph=i + 1 < f.inner_steps)
+            rejected += tries
+            if local is None:
+                losses[i + 1:] = losses[i]
+                break
+        return losses, rejected
+
+    def _backtracking_step(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                           grads: list[torch.Tensor], before: float, keep_graph: bool
+                           ) -> tuple[torch.Tensor | None, int]:
+        """One inner SGD step with backtracking (``focusft.inner_backtrack`` halvings at most).
+
+        Tries lr, lr/2, ...; a trial is kept when the micro-batch's loss sum after it (a
+        forward of the top layers, summed over the data-parallel workers like ``before``) is
+        not above ``before``, the sum before the step; the workers' decision reaches the
+        dedicated servers through the exchange group, so every rank takes the same branch. Returns the kept trial's local loss sum (with its
+        graph when ``keep_graph``, the next step's forward) or None when every trial raised the
+        loss (the fast weights are then restored), and the number of rejected trials.
+        """
+        f = self.cfg.focusft
+        start = [t.detach().clone() for t in self.fast.tensors]
+        lr = f.inner_lr
+        for tries in range(f.inner_backtrack + 1):
+            self.fast.sgd_step(grads, lr, f.inner_grad_clip)
+            with torch.set_grad_enabled(keep_graph):
+                local = self.top(hidden, labels, mask)
+            after = local.detach().reshape(1).clone()  # summed like ``before``
+            self.mesh.all_reduce_grads(after)
+            # the workers' decision, also to the dedicated servers (they hold no loss)
+            rise = torch.tensor([0.0 if self.mesh.is_server else float(float(after) > before)])
+            dist.all_reduce(rise, op=dist.ReduceOp.MAX, group=self.mesh.exchange)
+            if not rise:
+                return local, tries
+            with torch.no_grad():
+                for tensor, saved in zip(self.fast.tensors, start):
+                    tensor.copy_(saved)
+            lr /= 2
+        return None, f.inner_backtrack + 1
