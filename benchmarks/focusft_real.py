@@ -71,18 +71,9 @@ def measure(local, state, data, masks=("causal", "glm")) -> dict:
             by_task.setdefault(example.task, []).append(score)
         out[mask] = {"accuracy": sum(scores) / len(scores),
                      "accuracy_by_task": {t: sum(v) / len(v) for t, v in by_task.items()},
-                     "reply_loss": reply_loss(local.engine, test, tok, template, glm),
+                     "reply_loss": stats["reply_loss"],
                      **{k: stats[k] for k in ("first_token_mass", "context_mass", "sink_rate")}}
     return out
-
-
-def reply_loss(engine, examples, tok, template, glm: bool) -> float:
-    """Teacher-forced mean loss over the reference replies' tokens (no update)."""
-    from distca.data.chat import pack_conversations, tokenize_chat
-
-    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in examples]
-    size = max(d[0].size for d in docs)  # micro-batches of one step share one size
-    return engine.eval_loss([pack_conversations([d], 1, size, turns=glm) for d in docs])
 
 
 def main() -> None:
@@ -91,7 +82,10 @@ def main() -> None:
     p.add_argument("--length", type=int, default=1024, help="prompt tokens (SmolLM2 tokenizer)")
     p.add_argument("--train", type=int, default=8, help="training examples per task")
     p.add_argument("--test", type=int, default=4, help="held-out examples per task")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="training steps (at most)")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="stop training after the first step round that ends past this wall "
+                        "time (the lr is constant, so a shorter run is the same run cut short)")
     p.add_argument("--lr", type=float, default=1e-5, help="outer lr (the reference's: 1e-5)")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
     p.add_argument("--backtrack", type=int, default=3,
@@ -125,8 +119,10 @@ def main() -> None:
     test = [e for t in tasks for e in generate(t, args.length, args.test, EVAL_SEED, count)]
     data = (tok, template, Decoder(tok_dir), test, args.max_new_tokens)
     local = LocalModel(single_rank_config(cfg.model, "torch"))
+    start = time.perf_counter()
     result = {"args": vars(args), "loadavg_start": os.getloadavg(),
               "before": measure(local, state, data)}
+    result["eval_time_s"] = time.perf_counter() - start
     print(json.dumps({"before": result["before"]}), flush=True)
 
     engines = {}
@@ -144,7 +140,10 @@ def main() -> None:
     docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
     times = {name: [] for name in engines}
     curves = {name: [] for name in engines}
+    started = time.perf_counter()
     for step in range(args.steps):
+        if args.train_minutes is not None and time.perf_counter() - started > 60 * args.train_minutes:
+            break
         doc = docs[step % len(docs)]
         for name, mask, _, _ in RUNS:
             batch = pack_conversations([doc], 1, doc[0].size, turns=mask == "glm")
@@ -155,13 +154,15 @@ def main() -> None:
                                  if k == "loss" or k.startswith("inner_")})
             print(f"step {step} {name}: {curves[name][-1]} {times[name][-1]:.1f}s", flush=True)
     median = {name: statistics.median(t) for name, t in times.items()}
-    result.update({"train": curves, "step_time_s": median,
+    result.update({"train": curves, "step_time_s": median, "steps_done": len(times["focusft"]),
                    "ratio_over_sft_glm": {k: v / median["sft-glm"] for k, v in median.items()},
                    "ratio_over_sft_causal": {k: v / median["sft-causal"]
                                              for k, v in median.items()}})
-    result["after"] = {}
+    result["after"], result["eval_time_s"] = {}, {"base": result["eval_time_s"]}
     for name, engine in engines.items():
+        start = time.perf_counter()
         result["after"][name] = measure(local, engine.full_model_state(), data)
+        result["eval_time_s"][name] = time.perf_counter() - start
         print(json.dumps({name: result["after"][name]}), flush=True)
     result["loadavg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def table(r: dict) -> str:
     """The before/after table under both masks, the loss curves and the step-time ratios."""
     a = r["args"]
     lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['tasks']}, ~{a['length']} prompt tokens, "
-             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
+             f"{r['steps_done']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
              f"{a['backtrack']}, {a['test']} held-out examples a task, CPU fp32)", "",
              "| model | eval mask | accuracy (by task) | reply loss | first-token mass "
              "| context mass | sink rate |", "|---|---|---|---|---|---|---|"]
@@ -188,7 +189,8 @@ def table(r: dict) -> str:
     block = len(a["tasks"].split(","))
     lines += ["", f"Training loss, mean over blocks of {block} steps (one example of each task):",
               "", "| run | " + " | ".join(f"steps {i}-{i + block - 1}" for i in range(
-                  0, a["steps"], block)) + " |", "|---|" + "---|" * -(-a["steps"] // block)]
+                  0, r["steps_done"], block)) + " |",
+              "|---|" + "---|" * -(-r["steps_done"] // block)]
     for name, curve in r["train"].items():
         for key in ["loss"] + sorted({k for c in curve for k in c} - {"loss"}):
             values = [c[key] for c in curve]
