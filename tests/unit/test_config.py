@@ -65,6 +65,7 @@ def _error(recipe, overrides):
         ("ray.num_gpus_per_worker=-1", "ray.num_gpus_per_worker"),
         ("ray.num_cpus_per_worker=0", "ray.num_cpus_per_worker"),  # traceback from Ray before
         ("focusft.alpha=0", "focusft.alpha"),
+        ("focusft.inner_backtrack=-1", "focusft.inner_backtrack"),
         ("focusft.targets=[down_proj,down_proj]", "focusft.targets"),
         ("attention.mask=glm", "attention.mask"),  # glm needs chat data's turns
         ("attention.mask=bidirectional", "attention.mask"),
