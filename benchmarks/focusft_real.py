@@ -6,8 +6,9 @@ task after the other; training examples from `distca data synth`'s seed, test ex
 out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn mask, FocuSFT (GLM
 mask in both loops) with the reference hyper-parameters, and FocuSFT with inner-step
 backtracking (``focusft.inner_backtrack``, distca's remedy for the reference inner lr
-overshooting). The engines step in alternation, so the step-time ratios are measured side by
-side under the same machine load. Before and after training, under
+overshooting). The runs go one after the other in one process (four engines at once do not
+fit beside other jobs on a 24 GB machine), each run's load average is recorded with its step
+times: the step-time ratios are medians of runs minutes apart, not side by side. Before and after training, under
 both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
 loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
 context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
@@ -21,6 +22,7 @@ public, design §3). Everything evaluates through ``distca eval``'s own function
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -82,10 +84,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=1024, help="prompt tokens (SmolLM2 tokenizer)")
     p.add_argument("--train", type=int, default=8, help="training examples per task")
     p.add_argument("--test", type=int, default=4, help="held-out examples per task")
-    p.add_argument("--steps", type=int, default=8, help="training steps (at most)")
-    p.add_argument("--train-minutes", type=float, default=None,
-                   help="stop training after the first step round that ends past this wall "
-                        "time (the lr is constant, so a shorter run is the same run cut short)")
+    p.add_argument("--steps", type=int, default=9)
     p.add_argument("--lr", type=float, default=1e-5, help="outer lr (the reference's: 1e-5)")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
     p.add_argument("--backtrack", type=int, default=3,
@@ -125,8 +124,14 @@ def main() -> None:
     result["eval_time_s"] = time.perf_counter() - start
     print(json.dumps({"before": result["before"]}), flush=True)
 
-    engines = {}
-    for name, _, focusft, backtrack in RUNS:
+    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
+    result.update(train={}, step_times_s={}, after={}, loadavg_runs={})
+    result["eval_time_s"] = {"base": result["eval_time_s"]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one run after the other, each engine freed before the next: four engines at once
+    # (weights, gradients, Adam state: ~3.3 GB each) were OOM-killed on the shared machine
+    for name, mask, focusft, backtrack in RUNS:
         run_cfg = single_rank_config(cfg.model, "torch")
         run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr for a short run
         run_cfg.optim.warmup_fraction = 0.0
@@ -136,37 +141,28 @@ def main() -> None:
         run_cfg.focusft.inner_backtrack = args.backtrack if backtrack else 0
         engine = (FocusftStep if focusft else Step)(run_cfg, ProcessMesh.build(run_cfg))
         engine.load_full_model_state(state)
-        engines[name] = engine
-    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
-    times = {name: [] for name in engines}
-    curves = {name: [] for name in engines}
-    started = time.perf_counter()
-    for step in range(args.steps):
-        if args.train_minutes is not None and time.perf_counter() - started > 60 * args.train_minutes:
-            break
-        doc = docs[step % len(docs)]
-        for name, mask, _, _ in RUNS:
+        load = [os.getloadavg()]
+        times, curve = [], []
+        for step in range(args.steps):
+            doc = docs[step % len(docs)]
             batch = pack_conversations([doc], 1, doc[0].size, turns=mask == "glm")
             start = time.perf_counter()
-            stats = engines[name].train_step([batch])
-            times[name].append(time.perf_counter() - start)
-            curves[name].append({k: v for k, v in stats.items()
-                                 if k == "loss" or k.startswith("inner_")})
-            print(f"step {step} {name}: {curves[name][-1]} {times[name][-1]:.1f}s", flush=True)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    result.update({"train": curves, "step_time_s": median, "steps_done": len(times["focusft"]),
-                   "ratio_over_sft_glm": {k: v / median["sft-glm"] for k, v in median.items()},
-                   "ratio_over_sft_causal": {k: v / median["sft-causal"]
-                                             for k, v in median.items()}})
-    result["after"], result["eval_time_s"] = {}, {"base": result["eval_time_s"]}
-    for name, engine in engines.items():
+            stats = engine.train_step([batch])
+            times.append(time.perf_counter() - start)
+            curve.append({k: v for k, v in stats.items()
+                          if k == "loss" or k.startswith("inner_")})
+            print(f"step {step} {name}: {curve[-1]} {times[-1]:.1f}s", flush=True)
+        load.append(os.getloadavg())
         start = time.perf_counter()
         result["after"][name] = measure(local, engine.full_model_state(), data)
         result["eval_time_s"][name] = time.perf_counter() - start
+        result["train"][name], result["step_times_s"][name] = curve, times
+        result["loadavg_runs"][name] = load
         print(json.dumps({name: result["after"][name]}), flush=True)
-    result["loadavg_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        del engine
+        gc.collect()
+        result["loadavg_end"] = os.getloadavg()
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # after every run
     Path(f"{args.out}.md").write_text(table(result))
     print(table(result))
 
@@ -175,7 +171,7 @@ def table(r: dict) -> str:
     """The before/after table under both masks, the loss curves and the step-time ratios."""
     a = r["args"]
     lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['tasks']}, ~{a['length']} prompt tokens, "
-             f"{r['steps_done']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
+             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
              f"{a['backtrack']}, {a['test']} held-out examples a task, CPU fp32)", "",
              "| model | eval mask | accuracy (by task) | reply loss | first-token mass "
              "| context mass | sink rate |", "|---|---|---|---|---|---|---|"]
@@ -189,21 +185,23 @@ def table(r: dict) -> str:
     block = len(a["tasks"].split(","))
     lines += ["", f"Training loss, mean over blocks of {block} steps (one example of each task):",
               "", "| run | " + " | ".join(f"steps {i}-{i + block - 1}" for i in range(
-                  0, r["steps_done"], block)) + " |",
-              "|---|" + "---|" * -(-r["steps_done"] // block)]
+                  0, a["steps"], block)) + " |",
+              "|---|" + "---|" * -(-a["steps"] // block)]
     for name, curve in r["train"].items():
         for key in ["loss"] + sorted({k for c in curve for k in c} - {"loss"}):
             values = [c[key] for c in curve]
             means = [sum(values[i:i + block]) / len(values[i:i + block])
                      for i in range(0, len(values), block)]
             lines.append(f"| {name} {key} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
-    t = r["step_time_s"]
-    lines += ["", "step time (median, s, side by side): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in t.items()),
-        "ratio over SFT-GLM: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratio_over_sft_glm"].items()),
-        "ratio over SFT-causal: " + ", ".join(f"{k} {v:.2f}"
-                                             for k, v in r["ratio_over_sft_causal"].items()),
-        f"load average start {r['loadavg_start']}, end {r['loadavg_end']}"]
+    med = {k: statistics.median(v) for k, v in r["step_times_s"].items()}
+    lines += ["", "step time (median, s; runs one after the other, load average at each run's "
+              "start and end): " + ", ".join(
+                  f"{k} {v:.1f} (load {r['loadavg_runs'][k][0][0]:.1f}-"
+                  f"{r['loadavg_runs'][k][1][0]:.1f})" for k, v in med.items())]
+    for base in ("sft-glm", "sft-causal"):
+        if base in med:
+            lines.append(f"ratio over {base}: " + ", ".join(
+                f"{k} {v / med[base]:.2f}" for k, v in med.items()))
     return "\n".join(lines) + "\n"
 
 
