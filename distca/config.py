@@ -111,6 +111,9 @@ class FocusftConfig:
     inner_steps: int = 2
     inner_lr: float = 1.0
     inner_grad_clip: float = 1.0
+    # backtracking: an inner step that raises the inner loss is undone and retried at half the
+    # lr, at most this many times (then the inner loop stops); 0: plain SGD, the reference
+    inner_backtrack: int = 0
     rank: int = 32
     alpha: float = 64.0
     layer_fraction: float = 0.35
@@ -339,6 +342,9 @@ def validate(cfg: DistcaConfig, source: str = "<config>") -> None:
     positive("focusft.rank", f.rank)
     nonnegative("focusft.inner_lr", f.inner_lr)
     positive("focusft.inner_grad_clip", f.inner_grad_clip)
+    nonnegative("focusft.inner_backtrack", f.inner_backtrack)
+    if f.enabled and f.inner_backtrack and cfg.parallel.pp > 1:  # its trial forwards are one stage's
+        raise _fail(source, "focusft.inner_backtrack", "works with parallel.pp=1 only")
     if not 0 < f.layer_fraction <= 1:
         raise _fail(source, "focusft.layer_fraction", f"must be in (0, 1], got {f.layer_fraction}")
     positive("focusft.alpha", f.alpha)  # alpha = 0 would silence the fast weights

@@ -105,9 +105,10 @@ class ExchangeFactory:
     def exchange(self, plan: StepPlan | None, batch: PackedBatch, blocking: bool = False
                  ) -> Exchange:
         """This rank's exchange of ``batch`` under ``plan`` (the lock-step one when pipelined);
-        ``blocking`` asks for one exchange per layer whatever the ping-pong setting (the
-        attention-statistics forward; not available in the lock-step pipeline)."""
-        kind = ExchangeKind.blocking if blocking and not self.pipelined else self.kind
+        ``blocking`` asks for one exchange per layer over this stage's exchange group, whatever
+        the ping-pong or lock-step setting (the attention-statistics forward, under a
+        :meth:`plan`)."""
+        kind = ExchangeKind.blocking if blocking else self.kind
         if kind is ExchangeKind.lockstep:
             return LockstepRounds(self.rounds)
         if kind is ExchangeKind.lockstep_pingpong:

@@ -133,9 +133,8 @@ class Step:
         """One optimizer step over ``micro_batches`` (the same list on every rank)."""
         start = time.perf_counter()
         n = self.cfg.attention.telemetry_interval
-        # the statistics of the weights that make this step's loss; their forward has no
-        # pipeline schedule yet (the train command says so when pp > 1)
-        measure = n and self.mesh.pp == 1 and self.step % n == 0
+        # the statistics of the weights that make this step's loss
+        measure = n and self.step % n == 0
         telemetry = self.attention_statistics(micro_batches) if measure else {}
         stats = self.forward_backward(micro_batches)
         loss = stats["loss"]
@@ -289,7 +288,8 @@ class Step:
     def attention_statistics(self, micro_batches: list[PackedBatch]) -> dict[str, float]:
         """First-token, context and learnable-sink mass and sink rate of ``micro_batches``
         under the current weights (:mod:`distca.model.probe`): one extra forward, no update,
-        through blocking exchanges; collective on every rank, dedicated servers included.
+        through blocking exchanges (with pp > 1 stage after stage, each stage's probe adding
+        its own layers); collective on every rank, dedicated servers included.
         FocuSFT's fast weights are inactive here: the statistics are the base model's."""
         m, mesh = self.cfg.model, self.mesh
         heads = m.num_attention_heads // mesh.tp
@@ -299,13 +299,23 @@ class Step:
         probe = AttentionProbe(stats, mesh.tp_rank * heads,
                                mesh.pp_rank * (m.num_layers // mesh.pp), mesh.exchange,
                                mesh.tp_rank == 0, self.device)
+        # Every rank joins every plan broadcast, in micro-batch order, before any stage runs.
+        # With pp > 1 each stage's exchanges (and the probe's collectives) stay within its own
+        # data-parallel group: stage by stage, no lock-step rounds.
+        plans = [self.exchanges.plan(batch) for batch in micro_batches]
+
+        def forward(i: int, hidden_in: torch.Tensor | None) -> torch.Tensor:
+            batch = micro_batches[i]
+            probe.start_micro_batch(probe_rows(batch, self.role.rows(batch), chat, self.device))
+            return self.forward(batch, plans[i], hidden_in, blocking=True)
+
         self.runtime.probe = probe
         try:
-            for batch in micro_batches:
-                plan = self.exchanges.plan(batch)
-                probe.start_micro_batch(probe_rows(batch, self.role.rows(batch), chat,
-                                                   self.device))
-                self.forward(batch, plan, blocking=True)
+            if mesh.pp == 1:
+                for i in range(len(micro_batches)):
+                    forward(i, None)
+            else:
+                run_forward_only(forward, len(micro_batches), self.links(micro_batches))
         finally:
             self.runtime.probe = None
         stats.all_reduce()  # every rank, servers included (they add zeros)

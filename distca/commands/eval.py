@@ -13,7 +13,8 @@ Prints one JSON object on stdout: ``{"task", "length", "mask", "n", "seed", "acc
 :mod:`distca.attention.telemetry` of a teacher-forced forward over prompt + reference answer
 with the same mask (``first_token_mass``, ``context_mass``, ``sink_rate``, ``sink_mass`` with
 learnable sinks, ``per_layer`` lists, means over examples' loss-bearing rows, heads and
-layers) and ``examples``: each one's ``input_ids`` and the ``rows`` [start, end) averaged.
+layers), ``reply_loss`` (the same forward's mean cross entropy over all reference-answer
+tokens) and ``examples``: each one's ``input_ids`` and the ``rows`` [start, end) averaged.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def teacher_forced_stats(model, examples, tokenizer, template, glm: bool) -> dic
     """``attention_stats`` (module docstring) of ``examples`` with their reference answers,
     packed exactly as training packs chat data (:func:`pack_conversations`)."""
     import numpy as np
+    import torch
+    import torch.nn.functional as F
 
     from distca.attention import AttentionStats, RowSpec
     from distca.data.chat import pack_conversations, tokenize_chat
@@ -143,7 +146,7 @@ def teacher_forced_stats(model, examples, tokenizer, template, glm: bool) -> dic
 
     m = model.cfg.model
     stats = AttentionStats(m.num_layers, m.num_attention_heads, has_sinks=m.learnable_sinks)
-    shown = []
+    shown, loss_sum, loss_tokens = [], 0.0, 0
     for example in examples:
         ids, is_response = tokenize_chat(example.to_chat()["messages"], None, tokenizer,
                                          template)
@@ -152,11 +155,14 @@ def teacher_forced_stats(model, examples, tokenizer, template, glm: bool) -> dic
         rows = RowSpec.from_documents(batch.doc_lengths, has_label, chat=True)
         turns = (list(zip(batch.turn_lengths.tolist(), batch.turn_is_context.tolist()))
                  if glm else None)
-        model.attention_stats(stats, batch.tokens, rows, turns)
+        logits = model.attention_stats(stats, batch.tokens, rows, turns)
         counted = np.flatnonzero(has_label)  # one reply: a contiguous range of rows
+        loss_sum += float(F.cross_entropy(logits[counted], torch.as_tensor(
+            batch.labels[counted], dtype=torch.int64), reduction="sum"))
+        loss_tokens += counted.size
         shown.append({"input_ids": ids.tolist(),
                       "rows": [int(counted[0]), int(counted[-1]) + 1]})
-    return {**stats.summary(), "examples": shown}
+    return {**stats.summary(), "reply_loss": loss_sum / max(loss_tokens, 1), "examples": shown}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

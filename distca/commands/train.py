@@ -156,10 +156,6 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_config(cfg)
     except (OSError, TrainingStopped) as exc:
         raise UsageError(f"{args.recipe}: trainer.run_dir: cannot write there ({exc})") from None
-    if cfg.attention.telemetry_interval and cfg.parallel.pp > 1:
-        log.warning("attention.telemetry_interval: attention statistics are measured with "
-                    "parallel.pp=1 only (their forward has no pipeline schedule yet): none "
-                    "will be logged")
     if cfg.data.kind in CHAT_KINDS:  # say which mask the run trains with (also in config.yaml)
         log.info(f"chat data with the {cfg.attention.mask.value} attention mask "
                  f"(attention.mask)")

@@ -11,6 +11,9 @@ Per micro-batch:
 3. inner loop: ``inner_steps`` plain SGD steps on the fast weights only, each a forward of the
    rest of the model from the *detached* output of (2) and ``torch.autograd.grad`` of the
    micro-batch's response-token mean loss w.r.t. the fast weights (base ``.grad`` untouched);
+   With ``focusft.inner_backtrack`` > 0 (an option; the reference takes every step), a step
+   that raises the inner loss is undone and retried at half the lr (backtracking line
+   search), the remedy for the reference lr 1.0 overshooting on small models;
 4. outer step: the rest of the model again from the *attached* output of (2), with the adapted
    fast weights active; its backward reaches every base weight, bottom layers included.
 
@@ -116,7 +119,8 @@ class FocusftStep(Step):
 
         Extra stats: ``inner_loss_{i}`` = response-token mean loss before inner SGD step ``i``,
         over all micro-batches' loss tokens like ``loss`` (the one after the last step), so
-        ``inner_loss_0`` is the SFT loss of the same weights.
+        ``inner_loss_0`` is the SFT loss of the same weights; with ``focusft.inner_backtrack``,
+        ``inner_rejected`` = trial inner steps rejected in this step (all micro-batches).
         """
         self._begin()
         f = self.cfg.focusft
@@ -126,12 +130,15 @@ class FocusftStep(Step):
         # every rank joins every plan broadcast, in micro-batch order, before any stage runs
         plans = [self.exchanges.plan(batch) for batch in micro_batches]
         links = self.links(micro_batches)
+        rejected = 0
         self.fast.active = True
         try:
             for index, (batch, plan) in enumerate(zip(micro_batches, plans)):
-                local, inner_losses = self._micro_batch_step(index, batch, plan, total, links)
+                local, inner_losses, tries = self._micro_batch_step(index, batch, plan, total,
+                                                                    links)
                 loss_sum += local
                 inner += inner_losses
+                rejected += tries
         finally:
             self.fast.active = False
         self._sync_gradients()
@@ -143,14 +150,17 @@ class FocusftStep(Step):
         # inner sums are data-parallel summed already; a plain mean of per-micro-batch means
         # would weight a micro-batch with few loss tokens like one with many
         stats.update({f"inner_loss_{i}": float(v) / total for i, v in enumerate(sums[1:])})
+        if f.inner_backtrack:
+            stats["inner_rejected"] = float(rejected)
         return stats
 
     def _micro_batch_step(self, index: int, batch: PackedBatch, plan: StepPlan, total: int,
-                          links: StageLinks) -> tuple[torch.Tensor, torch.Tensor]:
+                          links: StageLinks) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Reset, inner loop and outer forward and backward of one micro-batch on this stage.
 
-        Returns this rank's outer loss sum (float64 scalar; zero but on the last stage) and the
-        inner loss sums over the whole micro-batch, all ranks ((inner_steps,) float64).
+        Returns this rank's outer loss sum (float64 scalar; zero but on the last stage), the
+        inner loss sums over the whole micro-batch, all ranks ((inner_steps,) float64) and the
+        trial steps that backtracking rejected.
         """
         # the SFT step's own exchange (ping-pong halves when on): any other split of the
         # attention work changes the float summation order and inner_steps=0 would drift from SFT
@@ -159,6 +169,7 @@ class FocusftStep(Step):
         self.fast.reset(torch.Generator().manual_seed(seed))
         count = max(loss_token_count([batch]), 1)
         hidden_in = hidden = None
+        rejected = 0
         if not self.above:  # this stage's input and bottom part are the same every inner step
             hidden_in = recv_forward(links)
             hidden = self.bottom(tokens, hidden_in)
@@ -166,7 +177,7 @@ class FocusftStep(Step):
             out = hidden
             inner = torch.zeros(self.cfg.focusft.inner_steps, dtype=torch.float64)
         else:
-            inner = self._inner_loop(hidden, labels, mask, count, links)
+            inner, rejected = self._inner_loop(hidden, labels, mask, count, links)
             self.fast.freeze()
             if self.above:
                 hidden_in = hidden = recv_forward(links)
@@ -179,19 +190,24 @@ class FocusftStep(Step):
             send_forward(out, links)
             torch.autograd.backward(out, recv_backward(links))
         send_backward(None if hidden_in is None else hidden_in.grad, links)
-        return local, inner
+        return local, inner, rejected
 
     def _inner_loop(self, hidden: torch.Tensor | None, labels: torch.Tensor, mask: torch.Tensor,
-                    count: int, links: StageLinks) -> torch.Tensor:
+                    count: int, links: StageLinks) -> tuple[torch.Tensor, int]:
         """Adapt this stage's fast weights in place from :meth:`bottom`'s output ``hidden``
         (None on a stage :attr:`above`, which receives a new input every inner step); returns
         the (inner_steps,) float64 loss sums seen (over the micro-batch's ``count`` loss tokens
-        on every rank; zero but on the last stage)."""
+        on every rank; zero but on the last stage) and how many trial steps backtracking
+        rejected (``focusft.inner_backtrack``, one stage only). When a step finds no lr that
+        does not raise the loss, the loop stops there and the later entries repeat the last
+        loss (the fast weights did not move)."""
         f = self.cfg.focusft
         losses = torch.zeros(f.inner_steps, dtype=torch.float64)
+        rejected, out = 0, None
         for i in range(f.inner_steps):
             inp = recv_forward(links) if self.above else hidden.detach()
-            out = self.top(inp, labels, mask)
+            if out is None:  # else backtracking's kept trial is this step's forward
+                out = self.top(inp, labels, mask)
             wrt = self.fast.tensors + ([inp] if self.above else [])
             if self.stage.post_process:
                 grads = torch.autograd.grad(out / count, wrt)
@@ -211,5 +227,46 @@ class FocusftStep(Step):
             for g in grads:
                 summed.append(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
-            self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
-        return losses
+            if not f.inner_backtrack:
+                self.fast.sgd_step(summed, f.inner_lr, f.inner_grad_clip)
+                out = None
+                continue
+            out, tries = self._backtracking_step(inp, labels, mask, summed, float(losses[i]),
+                                                 keep_graph=i + 1 < f.inner_steps)
+            rejected += tries
+            if out is None:
+                losses[i + 1:] = losses[i]
+                break
+        return losses, rejected
+
+    def _backtracking_step(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                           grads: list[torch.Tensor], before: float, keep_graph: bool
+                           ) -> tuple[torch.Tensor | None, int]:
+        """One inner SGD step with backtracking (``focusft.inner_backtrack`` halvings at most).
+
+        Tries lr, lr/2, ...; a trial is kept when the micro-batch's loss sum after it (a
+        forward of the top layers, summed over the data-parallel workers like ``before``) is
+        not above ``before``, the sum before the step; the workers' decision reaches the
+        dedicated servers through the exchange group, so every rank takes the same branch. Returns the kept trial's local loss sum (with its
+        graph when ``keep_graph``, the next step's forward) or None when every trial raised the
+        loss (the fast weights are then restored), and the number of rejected trials.
+        """
+        f = self.cfg.focusft
+        start = [t.detach().clone() for t in self.fast.tensors]
+        lr = f.inner_lr
+        for tries in range(f.inner_backtrack + 1):
+            self.fast.sgd_step(grads, lr, f.inner_grad_clip)
+            with torch.set_grad_enabled(keep_graph):
+                local = self.top(hidden, labels, mask)
+            after = local.detach().reshape(1).clone()  # summed like ``before``
+            self.mesh.all_reduce_grads(after)
+            # the workers' decision, also to the dedicated servers (they hold no loss)
+            rise = torch.tensor([0.0 if self.mesh.is_server else float(float(after) > before)])
+            dist.all_reduce(rise, op=dist.ReduceOp.MAX, group=self.mesh.exchange)
+            if not rise:
+                return local, tries
+            with torch.no_grad():
+                for tensor, saved in zip(self.fast.tensors, start):
+                    tensor.copy_(saved)
+            lr /= 2
+        return None, f.inner_backtrack + 1

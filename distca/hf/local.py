@@ -122,9 +122,11 @@ class LocalModel:
 
     @torch.no_grad()
     def attention_stats(self, stats: AttentionStats, tokens: torch.Tensor | np.ndarray,
-                        rows: RowSpec, turns: list[tuple[int, bool]] | None = None) -> None:
+                        rows: RowSpec, turns: list[tuple[int, bool]] | None = None
+                        ) -> torch.Tensor:
         """Add the attention statistics of one forward over ``tokens`` (S,) (causal, or the
-        GLM mask of ``turns``) to ``stats``, averaged over ``rows``."""
+        GLM mask of ``turns``) to ``stats``, averaged over ``rows``; returns that forward's
+        logits (S, vocab) fp32."""
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
         self._set_batch(ids.numel(), turns)
         probe = AttentionProbe(stats, device=self.step.device)
@@ -132,6 +134,6 @@ class LocalModel:
         runtime = self.step.runtime
         runtime.probe = probe  # the statistics path of training (distca.model.probe)
         try:
-            self._forward(ids)
+            return self._forward(ids)
         finally:
             runtime.probe = None

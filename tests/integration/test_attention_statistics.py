@@ -5,8 +5,8 @@ A single process computes the statistics of a small batch twice: densely in floa
 q/k that each layer's attention receives (the whole S×S softmax, learnable sink included,
 under the batch's own mask), and through the step's statistics forward
 (:meth:`distca.step.Step.attention_statistics`). Then ranks on 127.0.0.1 run the same forward
-on the same weights — disaggregated attention with ping-pong and a dedicated attention server —
-and must report the same numbers (1e-4).
+on the same weights — disaggregated attention with ping-pong and a dedicated attention server,
+tensor or pipeline parallelism — and must report the same numbers (1e-4).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ CASES = {  # name -> (recipe, data-parallel workers, overrides)
                                                "cad.num_dedicated_servers=1"]),
     # tensor parallelism: each rank holds half the heads
     "text_dp2_tp2": ("tiny", 2, ["parallel.tp=2"]),
+    # pipeline parallelism (CAD's lock-step pipeline in training): each stage measures its own
+    # layers, stage after stage; chat data under the GLM mask (plain SFT: FocuSFT needs pp=1)
+    "chat_glm_dp2_pp2": ("tiny-focusft", 2, ["attention.mask=glm", "focusft.enabled=false",
+                                             "parallel.pp=2"]),
 }
 
 
@@ -153,6 +157,10 @@ def _rank_main(rank: int, world: int, port: int, case: str, outdir: str) -> None
         if step.optimizer is not None:
             step.load_full_model_state(torch.load(out / "init.pt"))
         result = {"probe": step.attention_statistics(batches)}
+        # a training step measures them first (step 0 of the recipes' telemetry interval), on
+        # the same weights, and then trains through its own exchanges (lock-step with pp > 1)
+        assert step.cfg.attention.telemetry_interval and step.step == 0
+        result["train"] = step.train_step(batches)
     torch.save(result, out / f"{'single' if single else rank}.pt")
     dist.destroy_process_group()
 
@@ -160,6 +168,7 @@ def _rank_main(rank: int, world: int, port: int, case: str, outdir: str) -> None
 @pytest.mark.parametrize("case", [
     "chat_glm_dedicated",
     pytest.param("text_dp2_tp2", marks=pytest.mark.slow),
+    "chat_glm_dp2_pp2",
 ])
 def test_statistics_from_every_rank_equal_the_dense_computation(tmp_path, case):
     mp.spawn(_rank_main, args=(1, free_port(), case, str(tmp_path)), nprocs=1, join=True)
@@ -172,7 +181,10 @@ def test_statistics_from_every_rank_equal_the_dense_computation(tmp_path, case):
     world = world_size(_config(recipe, extra, dp))
     mp.spawn(_rank_main, args=(world, free_port(), case, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
-        got = torch.load(tmp_path / f"{rank}.pt")["probe"]
+        result = torch.load(tmp_path / f"{rank}.pt")
+        got = result["probe"]
         assert got.keys() == probe.keys()
         for key, want in probe.items():
             assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-6), (rank, key)
+            assert result["train"][key] == got[key], (rank, key)
+        assert math.isfinite(result["train"]["loss"])

@@ -77,16 +77,22 @@ DEDICATED = ["cad.server_mode=dedicated", "cad.num_dedicated_servers=1"]
     [],
     # 3 of 4 layers adapted: 2 layers' attention in every inner step, served by the server too
     ["focusft.layer_fraction=0.75", *DEDICATED],
-], ids=["two_ranks", "inner_attention_dedicated_server"])
+    # backtracking: the workers' accept/reject decisions must reach the server
+    ["focusft.layer_fraction=0.75", "focusft.inner_backtrack=3", "focusft.inner_lr=60.0",
+     *DEDICATED],
+], ids=["two_ranks", "inner_attention_dedicated_server", "backtracking_dedicated_server"])
 def test_two_rank_focusft_step_matches_single_process(tmp_path, extra):
     world = 3 if DEDICATED[0] in extra else 2
     for w in (world, 1):
         mp.spawn(_rank_main, args=(w, free_port(), str(tmp_path), extra), nprocs=w, join=True)
     ref = torch.load(tmp_path / "ref.pt")
     assert ref["stats"]["inner_loss_1"] < ref["stats"]["inner_loss_0"]
+    if "inner_rejected" in ref["stats"]:
+        assert ref["stats"]["inner_rejected"] > 0
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert got["stats"]["imbalance"] < got["stats"]["imbalance_before"]
+        assert got["stats"].get("inner_rejected") == ref["stats"].get("inner_rejected")
         for key in ("loss", "inner_loss_0", "inner_loss_1"):
             assert abs(got["stats"][key] - ref["stats"][key]) <= 1e-5 * ref["stats"][key], key
         for g, r in zip(got["fast"], ref["fast"]):  # every rank holds the same adapted weights

@@ -66,6 +66,7 @@ def _error(recipe, overrides):
         ("ray.num_gpus_per_worker=-1", "ray.num_gpus_per_worker"),
         ("ray.num_cpus_per_worker=0", "ray.num_cpus_per_worker"),  # traceback from Ray before
         ("focusft.alpha=0", "focusft.alpha"),
+        ("focusft.inner_backtrack=-1", "focusft.inner_backtrack"),
         ("focusft.targets=[down_proj,down_proj]", "focusft.targets"),
         ("attention.mask=glm", "attention.mask"),  # glm needs chat data's turns
         ("attention.mask=bidirectional", "attention.mask"),
@@ -190,3 +191,9 @@ def test_cli_usage_hints(capsys):
     subcommands = build_parser()._subparsers._group_actions[0].choices
     for action in subcommands["eval"]._actions:
         assert action.help, f"eval {action.dest} has no help"
+
+
+def test_inner_backtracking_with_pipeline_stages_fails_up_front():
+    message = _error(ROOT / "recipes/tiny-focusft.yaml",
+                     ["focusft.inner_backtrack=2", "parallel.pp=2"])
+    assert "focusft.inner_backtrack" in message and "parallel.pp=1" in message

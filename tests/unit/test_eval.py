@@ -98,7 +98,8 @@ def test_eval_bad_input_exits_2(tmp_path, capsys):
 def _eager_masses(hf_dir, input_ids, rows, glm):
     """Per-layer (first-token mass, context mass) of transformers' eager attention
     probabilities, averaged over heads and ``rows`` [start, end); context = tokens up to and
-    including ``start`` (the prompt). glm: a 4D mask with the prompt bidirectional."""
+    including ``start`` (the prompt). glm: a 4D mask with the prompt bidirectional. Third:
+    the summed cross entropy of the rows' next tokens."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -111,10 +112,13 @@ def _eager_masses(hf_dir, input_ids, rows, glm):
         allowed[: start + 1, : start + 1] = True
         kwargs["attention_mask"] = torch.where(allowed, 0.0, float("-inf")).view(1, 1, n, n)
     with torch.no_grad():
-        probs = hf(ids, output_attentions=True, **kwargs).attentions  # layers x (1, H, n, n)
+        out = hf(ids, output_attentions=True, **kwargs)
+    probs = out.attentions  # layers x (1, H, n, n)
     first = [float(p[0, :, start:end, 0].mean()) for p in probs]
     context = [float(p[0, :, start:end, : start + 1].sum(-1).mean()) for p in probs]
-    return first, context
+    loss = torch.nn.functional.cross_entropy(out.logits[0, start:end], ids[0, start + 1:end + 1],
+                                             reduction="sum")
+    return first, context, float(loss)
 
 
 @pytest.mark.parametrize("mask", ["causal", "glm"])
@@ -130,14 +134,15 @@ def test_attention_stats_equal_transformers_eager_probabilities(tmp_path, capsys
     result = json.loads(capsys.readouterr().out)
     stats = result["attention_stats"]
     assert result["mask"] == mask and len(stats["examples"]) == 2
-    firsts, contexts = [], []
+    firsts, contexts, losses = [], [], []
     for example in stats["examples"]:
         start, end = example["rows"]
         assert 200 < start < end == len(example["input_ids"]) - 1  # prompt, reply, last row
-        first, context = _eager_masses(tmp_path / "hf", example["input_ids"], (start, end),
-                                       mask == "glm")
-        other, _ = _eager_masses(tmp_path / "hf", example["input_ids"], (start, end),
-                                 mask != "glm")
+        first, context, loss = _eager_masses(tmp_path / "hf", example["input_ids"],
+                                             (start, end), mask == "glm")
+        other, _, _ = _eager_masses(tmp_path / "hf", example["input_ids"], (start, end),
+                                    mask != "glm")
+        losses.append((loss, end - start))
         # the masks give the reply rows different keys (the prompt attended differently)
         assert not torch.allclose(torch.tensor(first), torch.tensor(other), rtol=1e-3)
         weight = end - start  # statistics pool the rows of all examples
@@ -153,6 +158,9 @@ def test_attention_stats_equal_transformers_eager_probabilities(tmp_path, capsys
     assert torch.allclose(torch.tensor(per_layer["context_mass"]), pooled(contexts), rtol=1e-4)
     assert stats["first_token_mass"] == pytest.approx(float(pooled(firsts).mean()), rel=1e-4)
     assert 0.0 <= stats["sink_rate"] <= 1.0 and "sink_mass" not in stats
+    # the same forward's reply loss: mean over all examples' reply tokens
+    assert stats["reply_loss"] == pytest.approx(
+        sum(x for x, _ in losses) / sum(w for _, w in losses), rel=1e-4)
 
 
 def test_eval_scores_held_out_examples_by_default():

@@ -83,35 +83,69 @@ class ReferenceModel:
         return F.cross_entropy(logits[keep], labels[keep])
 
 
-def reference_step(model, ids, labels, fast, start, inner_steps, lr, clip):
-    """The reference's inner loop (memory.py ``adapt``), then the outer loss and its backward."""
+def reference_step(model, ids, labels, fast, start, inner_steps, lr, clip, backtrack=0):
+    """The reference's inner loop (memory.py ``adapt``), then the outer loss and its backward.
+
+    ``backtrack`` > 0: distca's optional remedy, written here from its description: a step
+    that raises the inner loss is undone and retried at half the lr, at most ``backtrack``
+    times; if none helps, the loop stops (later inner losses repeat the last one). Returns
+    the inner losses, the outer loss and the number of rejected trial steps.
+    """
     params = [t for layer in fast.values() for ab in layer.values() for t in ab]
-    inner = []
-    for _ in range(inner_steps):
-        loss = model.loss(ids, labels, fast, start, below_no_grad=True)
-        inner.append(loss.item())
-        grads = torch.autograd.grad(loss, params)
+
+    def sgd(grads, rate):
         with torch.no_grad():
             for p, g in zip(params, grads):
                 norm = g.norm().item()
                 if norm > clip:
                     g = g * (clip / (norm + 1e-12))
-                p.sub_(lr * g)
+                p.sub_(rate * g)
+
+    inner, rejected = [], 0
+    for _ in range(inner_steps):
+        loss = model.loss(ids, labels, fast, start, below_no_grad=True)
+        inner.append(loss.item())
+        grads = torch.autograd.grad(loss, params)
+        if not backtrack:
+            sgd(grads, lr)
+            continue
+        saved = [p.detach().clone() for p in params]
+        for k in range(backtrack + 1):
+            sgd(grads, lr / 2 ** k)
+            with torch.no_grad():
+                if model.loss(ids, labels, fast, start).item() <= inner[-1]:
+                    break
+            rejected += 1
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        else:
+            inner += [inner[-1]] * (inner_steps - len(inner))
+            break
     for p in params:
         p.requires_grad_(False)
     outer = model.loss(ids, labels, fast)
     outer.backward()
-    return inner, outer.item()
+    return inner, outer.item(), rejected
 
 
-def test_one_focusft_step_equals_the_reference_algorithm():
+@pytest.mark.parametrize("overrides", [
+    [],  # the reference hyper-parameters
+    # backtracking (distca's option), inner lrs so large that trials overshoot on this model:
+    # at 6 every step is kept after some halvings, at 10 the second step finds no lr and the
+    # inner loop stops there
+    ["focusft.inner_lr=6.0", "focusft.inner_backtrack=3", "focusft.inner_steps=3"],
+    ["focusft.inner_lr=10.0", "focusft.inner_backtrack=3", "focusft.inner_steps=3"],
+], ids=["reference", "backtrack-kept", "backtrack-stops"])
+def test_one_focusft_step_equals_the_reference_algorithm(overrides):
     from distca.config import load_config
     from distca.hf.weights import hf_from_megatron
     from distca.rank import make_rank
 
     cfg = load_config(ROOT / "recipes" / "tiny-focusft.yaml",
                       ["parallel.dp=1", "trainer.seed=5",
-                       "cad.min_shard_tokens=4", "model.num_layers=6", "focusft.rank=4"])
+                       "cad.min_shard_tokens=4", "model.num_layers=6", "focusft.rank=4",
+                       *overrides])
     engine = make_rank(cfg)
     m, f = cfg.model, cfg.focusft
     start = int(m.num_layers * (1 - f.layer_fraction))  # 3 (round(0.35 * 6) would adapt 2)
@@ -141,8 +175,12 @@ def test_one_focusft_step_equals_the_reference_algorithm():
                                        zip(batch.turn_lengths, batch.turn_is_context)]]))
     model = ReferenceModel(base, m, mask, torch.arange(96), f.alpha / f.rank)
     labels = torch.as_tensor(batch.labels)
-    inner, outer = reference_step(model, torch.as_tensor(ids), labels, fast, start,
-                                  f.inner_steps, f.inner_lr, f.inner_grad_clip)
+    inner, outer, rejected = reference_step(model, torch.as_tensor(ids), labels, fast, start,
+                                            f.inner_steps, f.inner_lr, f.inner_grad_clip,
+                                            f.inner_backtrack)
+    if f.inner_backtrack:
+        assert stats["inner_rejected"] == rejected > 0  # the remedy acted
+        assert stats["loss"] <= stats[f"inner_loss_{f.inner_steps - 1}"] <= stats["inner_loss_0"]
 
     assert [stats[f"inner_loss_{i}"] for i in range(f.inner_steps)] == pytest.approx(
         inner, rel=1e-5)
