@@ -19,6 +19,7 @@ COMMON = ["data.tokens_per_rank=64", "data.pack_tokens=64", "data.max_length=48"
           "cad.min_shard_tokens=8", "optim.lr=3e-3", "optim.warmup_fraction=0",
           "trainer.steps=4", "attention.telemetry_interval=0"]
 SAVED_AT = 2
+TIED = "model.tie_embeddings=true"
 
 
 def _ranks(rank: int, world: int, port: int, overrides: list, out: str, resume: bool) -> None:
@@ -68,11 +69,12 @@ def _world(overrides: list) -> int:
 @pytest.mark.parametrize("before, after", [
     pytest.param(["parallel.dp=2"], ["parallel.dp=1", "parallel.tp=2", "data.micro_batches=2"],
                  id="dp2_to_tp2_mb2"),
-    pytest.param(["parallel.dp=1", "parallel.pp=2", "data.micro_batches=2"], ["parallel.dp=2"],
-                 id="pp2_to_dp2", marks=pytest.mark.slow),
-    pytest.param(["parallel.dp=2", "cad.server_mode=dedicated", "cad.num_dedicated_servers=1"],
-                 ["parallel.dp=1", "data.micro_batches=2", "parallel.pp=2"],
-                 id="dp2_server_to_pp2", marks=pytest.mark.slow),
+    # tied embeddings: the last stage's copy reads the embedding's key and writes nothing
+    pytest.param(["parallel.dp=1", "parallel.pp=2", "data.micro_batches=2", TIED],
+                 ["parallel.dp=2", TIED], id="pp2_to_dp2_tied", marks=pytest.mark.slow),
+    pytest.param(["parallel.dp=2", "cad.server_mode=dedicated", "cad.num_dedicated_servers=1",
+                  TIED], ["parallel.dp=1", "data.micro_batches=2", "parallel.pp=2", TIED],
+                 id="dp2_server_to_pp2_tied", marks=pytest.mark.slow),
 ])
 def test_resume_in_another_layout_continues_the_run(before, after, tmp_path):
     for overrides, resume in ((before, False), (after, True)):
