@@ -6,15 +6,18 @@ task after the other; training examples from `distca data synth`'s seed, test ex
 out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn mask, FocuSFT (GLM
 mask in both loops) with the reference hyper-parameters, and FocuSFT with inner-step
 backtracking (``focusft.inner_backtrack``, distca's remedy for the reference inner lr
-overshooting). The runs go one after the other in one process (four engines at once do not
-fit beside other jobs on a 24 GB machine), each run's load average is recorded with its step
-times: the step-time ratios are medians of runs minutes apart, not side by side. Before and after training, under
+overshooting). The runs go one after the other (four engines at once do not fit beside other
+jobs on a 24 GB machine; ``--runs NAME --merge`` runs one a process), each run's load average
+is recorded with its step times: the step-time ratios are medians of runs minutes apart, not
+side by side. Before and after training, under
 both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
 loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
 context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
 public, design §3). Everything evaluates through ``distca eval``'s own functions.
 
-    .venv/bin/python benchmarks/focusft_real.py --steps 8   # -> benchmarks/results/focusft_real.{json,md}
+    .venv/bin/python benchmarks/focusft_real.py --steps 9 --train 3 --test 1 --length 1280 \
+        --runs sft-causal   # -> benchmarks/results/focusft_real.{json,md}
+    # then the same arguments with --merge --runs sft-glm, focusft, focusft-backtrack
 
 ``--steps 2 --out /tmp/x`` estimates the cost of a step and of the evaluations first.
 """
