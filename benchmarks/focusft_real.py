@@ -6,15 +6,18 @@ task after the other; training examples from `distca data synth`'s seed, test ex
 out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn mask, FocuSFT (GLM
 mask in both loops) with the reference hyper-parameters, and FocuSFT with inner-step
 backtracking (``focusft.inner_backtrack``, distca's remedy for the reference inner lr
-overshooting). The runs go one after the other in one process (four engines at once do not
-fit beside other jobs on a 24 GB machine), each run's load average is recorded with its step
-times: the step-time ratios are medians of runs minutes apart, not side by side. Before and after training, under
+overshooting). The runs go one after the other (four engines at once do not fit beside other
+jobs on a 24 GB machine; ``--runs NAME --merge`` runs one a process), each run's load average
+is recorded with its step times: the step-time ratios are medians of runs minutes apart, not
+side by side. Before and after training, under
 both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
 loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
 context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
 public, design §3). Everything evaluates through ``distca eval``'s own functions.
 
-    .venv/bin/python benchmarks/focusft_real.py --steps 8   # -> benchmarks/results/focusft_real.{json,md}
+    .venv/bin/python benchmarks/focusft_real.py --steps 9 --train 3 --test 1 --length 1280 \
+        --runs sft-causal   # -> benchmarks/results/focusft_real.{json,md}
+    # then the same arguments with --merge --runs sft-glm, focusft, focusft-backtrack
 
 ``--steps 2 --out /tmp/x`` estimates the cost of a step and of the evaluations first.
 """
@@ -22,7 +25,6 @@ public, design §3). Everything evaluates through ``distca eval``'s own function
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -85,6 +87,10 @@ def main() -> None:
     p.add_argument("--train", type=int, default=8, help="training examples per task")
     p.add_argument("--test", type=int, default=4, help="held-out examples per task")
     p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="which runs, in order")
+    p.add_argument("--merge", action="store_true",
+                   help="add the runs to an existing --out JSON made with the same arguments "
+                        "(its before-training evaluation kept)")
     p.add_argument("--lr", type=float, default=1e-5, help="outer lr (the reference's: 1e-5)")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
     p.add_argument("--backtrack", type=int, default=3,
@@ -118,20 +124,29 @@ def main() -> None:
     test = [e for t in tasks for e in generate(t, args.length, args.test, EVAL_SEED, count)]
     data = (tok, template, Decoder(tok_dir), test, args.max_new_tokens)
     local = LocalModel(single_rank_config(cfg.model, "torch"))
-    start = time.perf_counter()
-    result = {"args": vars(args), "loadavg_start": os.getloadavg(),
-              "before": measure(local, state, data)}
-    result["eval_time_s"] = time.perf_counter() - start
-    print(json.dumps({"before": result["before"]}), flush=True)
-
-    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
-    result.update(train={}, step_times_s={}, after={}, loadavg_runs={})
-    result["eval_time_s"] = {"base": result["eval_time_s"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # one run after the other, each engine freed before the next: four engines at once
-    # (weights, gradients, Adam state: ~3.3 GB each) were OOM-killed on the shared machine
+    runs = args.runs.split(",")
+    if args.merge and out.with_suffix(".json").exists():  # a later process adds its runs
+        result = json.loads(out.with_suffix(".json").read_text())
+        same = {k: v for k, v in vars(args).items() if k not in ("runs", "merge")}
+        if {k: result["args"][k] for k in same} != same:
+            raise SystemExit(f"--merge: {out}.json was made with other arguments")
+    else:
+        start = time.perf_counter()
+        result = {"args": vars(args), "loadavg_start": os.getloadavg(),
+                  "before": measure(local, state, data)}
+        result.update(train={}, step_times_s={}, after={}, loadavg_runs={},
+                      eval_time_s={"base": time.perf_counter() - start})
+        print(json.dumps({"before": result["before"]}), flush=True)
+
+    docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
+    # one run after the other (four engines at once, ~3.3 GB each, were OOM-killed beside
+    # other jobs; so was one process running them in turn: --runs NAME --merge runs one a
+    # process, adding to the JSON)
     for name, mask, focusft, backtrack in RUNS:
+        if name not in runs:
+            continue
         run_cfg = single_rank_config(cfg.model, "torch")
         run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr for a short run
         run_cfg.optim.warmup_fraction = 0.0
@@ -159,8 +174,6 @@ def main() -> None:
         result["train"][name], result["step_times_s"][name] = curve, times
         result["loadavg_runs"][name] = load
         print(json.dumps({name: result["after"][name]}), flush=True)
-        del engine
-        gc.collect()
         result["loadavg_end"] = os.getloadavg()
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # after every run
     Path(f"{args.out}.md").write_text(table(result))
