@@ -172,6 +172,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Tensor], Path]:
     """(config, our whole-model megatron state dict, run directory) of a distca checkpoint of
     any layout: its tensors are stored whole (:mod:`distca.train.sharded_state`)."""
+    from distca.train.checkpoint import DamagedCheckpoint
     from distca.train.sharded_state import read_whole
 
     run, step_dir = resolve_checkpoint(path)
@@ -185,8 +186,8 @@ def read_checkpoint(path: str | Path) -> tuple[DistcaConfig, dict[str, torch.Ten
         raise HFFormatError(str(exc)) from exc
     try:
         weights = read_whole(step_dir)
-    except Exception as exc:  # noqa: BLE001 - DCP raises many kinds; name the file at fault
-        raise HFFormatError(f"{step_dir}: not a readable checkpoint ({exc})") from None
+    except (DamagedCheckpoint, OSError) as exc:
+        raise HFFormatError(str(exc)) from None
     return cfg, weights, run
 
 

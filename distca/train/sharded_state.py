@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from distca.model.sharding import global_name
+from distca.train.checkpoint import DamagedCheckpoint
 
 Rectangle = tuple[int, int, tuple[int, ...], tuple[int, ...]]  # flat lo, hi, offsets, sizes
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -241,8 +243,9 @@ def save_state(role, directory: Path) -> None:
             items["optim_step"] = torch.as_tensor(step, dtype=torch.float32).clone()
     else:
         items = {}
-    dcp.save(items, storage_writer=FileSystemWriter(str(directory), sync_files=True),
-             planner=_SavePlanner())
+    with _named(directory, "write"):
+        dcp.save(items, storage_writer=FileSystemWriter(str(directory), sync_files=True),
+                 planner=_SavePlanner())
 
 
 def checkpoint_keys(step_dir: Path) -> set[str]:
@@ -284,7 +287,8 @@ def load_state(role, step_dir: Path) -> None:
         items = dict(state.items)
         if has_moments:
             items["optim_step"] = torch.zeros((), dtype=torch.float32)
-    dcp.load(items, storage_reader=FileSystemReader(str(step_dir)), planner=_LoadPlanner())
+    with _named(step_dir, "read"):
+        dcp.load(items, storage_reader=FileSystemReader(str(step_dir)), planner=_LoadPlanner())
     if role.holds_weights:
         if "optim_step" in items:
             for adam in role.optimizer.adamw.state.values():
@@ -303,7 +307,7 @@ def read_whole(step_dir: Path, prefix: str = "model") -> dict[str, torch.Tensor]
     meta = reader.read_metadata().state_dict_metadata
     items = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in meta.items()
              if k.startswith(prefix + "/") and isinstance(md, TensorStorageMetadata)}
-    with _one_process():
+    with _one_process(), _named(step_dir, "read"):
         dcp.load(items, storage_reader=reader, no_dist=True)
     return {k[len(prefix) + 1:]: v for k, v in items.items()}
 
@@ -312,9 +316,21 @@ def write_whole(directory: Path, weights: dict[str, torch.Tensor]) -> None:
     """A checkpoint of whole weights and no optimizer state (one process: ``import-hf``)."""
     from torch.distributed.checkpoint import FileSystemWriter
 
-    with _one_process():
+    with _one_process(), _named(directory, "write"):
         dcp.save({f"model/{k}": v.detach().cpu() for k, v in weights.items()},
                  storage_writer=FileSystemWriter(str(directory), sync_files=True), no_dist=True)
+
+
+@contextmanager
+def _named(directory: Path, verb: str):
+    """DCP's failures (a ``BaseException``, which would kill a Ray worker rather than reach
+    the driver as an error) as a :class:`DamagedCheckpoint` naming the directory."""
+    try:
+        yield
+    except CheckpointException as exc:
+        why = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                        for rank, (error, _) in sorted(exc.failures.items()))
+        raise DamagedCheckpoint(f"cannot {verb} checkpoint {directory} ({why})") from None
 
 
 @contextmanager

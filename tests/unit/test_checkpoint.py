@@ -212,3 +212,12 @@ def test_rank_failures_name_the_rank_its_pid_and_a_full_disk_in_one_line():
     assert str(caught.value).startswith("cannot write /runs/r/checkpoints/.tmp/rank_00001.partial: "
                                         "No space left on device")
     assert "Traceback" not in str(caught.value)
+
+
+def test_unreadable_data_file_is_one_error_naming_the_checkpoint(tmp_path):
+    """DCP's own failure is a BaseException (it would kill a Ray worker): it comes back as a
+    DamagedCheckpoint naming the directory and the rank's error."""
+    path = save(tmp_path, 2)
+    (path / DATA).write_bytes((path / DATA).read_bytes()[:-40])
+    with pytest.raises(DamagedCheckpoint, match=f"cannot read checkpoint {path} \\(rank 0: "):
+        read_whole(path)
