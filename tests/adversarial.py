@@ -229,12 +229,12 @@ CASES = [
     # silent corruption of checkpoints
     Case("eval of a run whose newest checkpoint has a flipped bit", then(tiny_run("exponent"),
          cli(*EVAL[:2], "{tmp}/run", *EVAL[2:])), "sha256", rc=(0,)),
-    Case("eval of a run whose newest shard has a damaged header", then(tiny_run("header"),
+    Case("eval of a run whose newest checkpoint has a damaged header", then(tiny_run("header"),
          cli(*EVAL[:2], "{tmp}/run", *EVAL[2:])), "skipping", rc=(0,)),
-    Case("eval of a run whose newest shard is cut short", then(tiny_run("truncate"),
+    Case("eval of a run whose newest checkpoint is cut short", then(tiny_run("truncate"),
          cli(*EVAL[:2], "{tmp}/run", *EVAL[2:])), "skipping", rc=(0,)),
     Case("eval of the damaged step directory", then(tiny_run("exponent"), cli(
-        *EVAL[:2], "{tmp}/run/checkpoints/step_00000005", *EVAL[2:])), "rank_00000.safetensors"),
+        *EVAL[:2], "{tmp}/run/checkpoints/step_00000005", *EVAL[2:])), "__0_0.distcp"),
     Case("export-hf of the damaged step directory", then(tiny_run("exponent"), cli(
         DISTCA, "export-hf", "{tmp}/run/checkpoints/step_00000005", "{tmp}/hf")), "sha256"),
     Case("eval of the checkpoints directory", then(tiny_run("none"), cli(
