@@ -44,9 +44,6 @@ def join_packs(packs: list[PackedBatch], tokens_per_rank: int) -> PackedBatch:
     A pack's padding, except the last pack's, becomes a document of its own with no loss (and
     one causal turn when the packs have turns), so that documents stay back to back: it costs
     a little attention and changes no other document's numbers."""
-    if len(packs) == 1:
-        return PackedBatch(packs[0].tokens, packs[0].labels, packs[0].doc_lengths,
-                           tokens_per_rank, packs[0].turn_lengths, packs[0].turn_is_context)
     with_turns = packs[0].turn_lengths is not None
     lengths, turns, context = [], [], []
     for k, p in enumerate(packs):
