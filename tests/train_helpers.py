@@ -85,6 +85,24 @@ class SocketWatch:
         return bad
 
 
+def save_tiny_hf_llama(directory: Path, layers: int = 4) -> None:
+    """A random Llama (hidden 128, 4 heads over 2 KV heads, the tiny preset's vocabulary of
+    512) saved by transformers at ``directory``; weights N(0, 0.1) so attention is not flat."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=352,
+                                      num_hidden_layers=layers, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=512, rms_norm_eps=1e-5,
+                                      max_position_embeddings=4096, rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(directory)
+
+
 def transformers_loss(source, batches) -> float:
     """Mean next-token cross-entropy of transformers' model of ``source`` over the loss
     tokens of ``batches`` (a step's micro-batches), each document run on its own (packed

@@ -8,13 +8,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-import torch
-from train_helpers import metrics, run_distca, transformers_loss
+from train_helpers import metrics, run_distca, save_tiny_hf_llama, transformers_loss
 
 from distca.config import load_config
 from distca.data import make_dataset
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,17 +36,8 @@ def _step1_loss_oracle(hf_dir, overrides) -> float:
 
 
 def test_train_from_hf_then_from_its_checkpoint_in_another_layout(tmp_path):
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=352,
-                                      num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=512, rms_norm_eps=1e-5,
-                                      max_position_embeddings=4096, rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
     source = tmp_path / "hf"
-    model.save_pretrained(source)
+    save_tiny_hf_llama(source)
     before = _digest(source)
 
     first = [f"model.init_from={source}", "parallel.dp=1", "parallel.tp=2",

@@ -6,10 +6,9 @@ eager attention probabilities of the imported model on that step's documents, in
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from train_helpers import metrics, run_distca
+from train_helpers import metrics, run_distca, save_tiny_hf_llama
 
 from distca.attention.tasks import multiturn_tasks, task_mask
 from distca.batch import IGNORE
@@ -27,19 +26,6 @@ CASES = {  # name -> (recipe, chat data, overrides)
         "cad.server_mode=dedicated", "cad.num_dedicated_servers=1", "data.synth.length=200",
         "data.tokens_per_rank=384"]),
 }
-
-
-def _hf_model(directory) -> None:
-    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=352,
-                                      num_hidden_layers=LAYERS, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=512, rms_norm_eps=1e-5,
-                                      max_position_embeddings=4096, rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    model.save_pretrained(directory)
 
 
 def _document_masks(batch, chat: bool):
@@ -97,7 +83,7 @@ def _eager_statistics(hf_dir, batches, chat: bool) -> dict[str, float]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_imported_model_run_logs_attention_statistics_at_the_interval(tmp_path, case):
     recipe, chat, extra = CASES[case]
-    _hf_model(tmp_path / "hf")
+    save_tiny_hf_llama(tmp_path / "hf", LAYERS)
     overrides = [f"model.init_from={tmp_path / 'hf'}", f"trainer.run_dir={tmp_path / 'run'}",
                  "trainer.steps=3", "attention.telemetry_interval=2", "data.max_length=512",
                  "optim.warmup_fraction=0", *extra]
