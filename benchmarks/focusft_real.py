@@ -6,20 +6,20 @@ task after the other; training examples from `distca data synth`'s seed, test ex
 out): SFT with the causal mask (the ordinary baseline), SFT with the GLM turn mask, FocuSFT (GLM
 mask in both loops) with the reference hyper-parameters, and FocuSFT with inner-step
 backtracking (``focusft.inner_backtrack``, distca's remedy for the reference inner lr
-overshooting). The runs go one after the other (four engines at once do not fit beside other
-jobs on a 24 GB machine; ``--runs NAME --merge`` runs one a process), each run's load average
-is recorded with its step times: the step-time ratios are medians of runs minutes apart, not
-side by side. Before and after training, under
+overshooting). The four engines train side by side in one process, one step each in turn
+with the order rotated every round, so each round's step times are measured under the same
+load and the step-time ratios are medians of per-round ratios. Before and after training, under
 both masks: held-out greedy accuracy (KV-cache decoding, RULER match-all), teacher-forced reply
 loss, and the attention statistics of :mod:`distca.attention.telemetry` (first-token mass,
 context mass, sink rate over the loss-bearing reply rows; the exact FocuSFT paper metric is not
 public, design §3). Everything evaluates through ``distca eval``'s own functions.
 
-    .venv/bin/python benchmarks/focusft_real.py --steps 9 --train 3 --test 1 --length 1280 \
-        --runs sft-causal   # -> benchmarks/results/focusft_real.{json,md}
-    # then the same arguments with --merge --runs sft-glm, focusft, focusft-backtrack
+    .venv/bin/python benchmarks/focusft_real.py --steps 48 --train 8 --test 4 --length 1280
+    # -> benchmarks/results/focusft_real.{json,md}: ~1 hour on 2 cores, 16 GB peak RSS
 
-``--steps 2 --out /tmp/x`` estimates the cost of a step and of the evaluations first.
+``--steps 2 --out /tmp/x`` estimates the cost of a step and of the evaluations first;
+``--render`` rewrites the tables from the JSON (the committed reading below them is written
+by hand).
 """
 
 from __future__ import annotations
@@ -87,10 +87,6 @@ def main() -> None:
     p.add_argument("--train", type=int, default=8, help="training examples per task")
     p.add_argument("--test", type=int, default=4, help="held-out examples per task")
     p.add_argument("--steps", type=int, default=9)
-    p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="which runs, in order")
-    p.add_argument("--merge", action="store_true",
-                   help="add the runs to an existing --out JSON made with the same arguments "
-                        "(its before-training evaluation kept)")
     p.add_argument("--lr", type=float, default=1e-5, help="outer lr (the reference's: 1e-5)")
     p.add_argument("--inner-lr", type=float, default=1.0, help="the reference's inner lr")
     p.add_argument("--backtrack", type=int, default=3,
@@ -99,7 +95,12 @@ def main() -> None:
                    help="SmolLM2 states the number in a sentence: ~20 tokens")
     p.add_argument("--import-dir", default=str(ROOT / "runs" / "smollm2-import"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "focusft_real"))
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite --out.md from --out.json (no model run)")
     args = p.parse_args()
+    if args.render:
+        Path(f"{args.out}.md").write_text(table(json.loads(Path(f"{args.out}.json").read_text())))
+        return
 
     from distca.commands.eval import Decoder
     from distca.data.chat import ChatTemplate, pack_conversations, tokenize_chat
@@ -126,56 +127,49 @@ def main() -> None:
     local = LocalModel(single_rank_config(cfg.model, "torch"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs = args.runs.split(",")
-    if args.merge and out.with_suffix(".json").exists():  # a later process adds its runs
-        result = json.loads(out.with_suffix(".json").read_text())
-        same = {k: v for k, v in vars(args).items() if k not in ("runs", "merge")}
-        if {k: result["args"][k] for k in same} != same:
-            raise SystemExit(f"--merge: {out}.json was made with other arguments")
-    else:
-        start = time.perf_counter()
-        result = {"args": vars(args), "loadavg_start": os.getloadavg(),
-                  "before": measure(local, state, data)}
-        result.update(train={}, step_times_s={}, after={}, loadavg_runs={},
-                      eval_time_s={"base": time.perf_counter() - start})
-        print(json.dumps({"before": result["before"]}), flush=True)
+    start = time.perf_counter()
+    result = {"args": {k: os.path.relpath(v, ROOT) if k in ("import_dir", "out") else v
+                       for k, v in vars(args).items()},
+              "before": measure(local, state, data), "train": {},
+              "step_times_s": {}, "after": {}, "loadavg": [os.getloadavg()],
+              "eval_time_s": {"base": time.perf_counter() - start}}
+    print(json.dumps({"before": result["before"]}), flush=True)
 
     docs = [tokenize_chat(e.to_chat()["messages"], None, tok, template) for e in train]
-    # one run after the other (four engines at once, ~3.3 GB each, were OOM-killed beside
-    # other jobs; so was one process running them in turn: --runs NAME --merge runs one a
-    # process, adding to the JSON)
-    for name, mask, focusft, backtrack in RUNS:
-        if name not in runs:
-            continue
+    engines = {}
+    for name, _, focusft, backtrack in RUNS:  # the mask is the batches' (their turns)
         run_cfg = single_rank_config(cfg.model, "torch")
-        run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr for a short run
+        run_cfg.optim.lr = run_cfg.optim.min_lr = args.lr  # a constant lr
         run_cfg.optim.warmup_fraction = 0.0
         run_cfg.trainer.steps = args.steps
         run_cfg.focusft.enabled = focusft
         run_cfg.focusft.inner_lr = args.inner_lr
         run_cfg.focusft.inner_backtrack = args.backtrack if backtrack else 0
-        engine = (FocusftStep if focusft else Step)(run_cfg, ProcessMesh.build(run_cfg))
-        engine.load_full_model_state(state)
-        load = [os.getloadavg()]
-        times, curve = [], []
-        for step in range(args.steps):
-            doc = docs[step % len(docs)]
-            batch = pack_conversations([doc], 1, doc[0].size, turns=mask == "glm")
+        engines[name] = (FocusftStep if focusft else Step)(run_cfg, ProcessMesh.build(run_cfg))
+        engines[name].load_full_model_state(state)
+        result["train"][name], result["step_times_s"][name] = [], []
+    # The runs step in turn, one step each per round, the order rotated every round: the
+    # step times of a round are measured side by side, under the same load.
+    names, glm = list(engines), {name: mask == "glm" for name, mask, _, _ in RUNS}
+    for step in range(args.steps):
+        doc = docs[step % len(docs)]
+        for name in names[step % 4:] + names[:step % 4]:
+            batch = pack_conversations([doc], 1, doc[0].size, turns=glm[name])
             start = time.perf_counter()
-            stats = engine.train_step([batch])
-            times.append(time.perf_counter() - start)
-            curve.append({k: v for k, v in stats.items()
-                          if k == "loss" or k.startswith("inner_")})
-            print(f"step {step} {name}: {curve[-1]} {times[-1]:.1f}s", flush=True)
-        load.append(os.getloadavg())
+            stats = engines[name].train_step([batch])
+            result["step_times_s"][name].append(time.perf_counter() - start)
+            result["train"][name].append({k: v for k, v in stats.items()
+                                          if k == "loss" or k.startswith("inner_")})
+            print(f"step {step} {name}: {result['train'][name][-1]} "
+                  f"{result['step_times_s'][name][-1]:.1f}s", flush=True)
+        result["loadavg"].append(os.getloadavg())
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # after every round
+    for name in names:
         start = time.perf_counter()
-        result["after"][name] = measure(local, engine.full_model_state(), data)
+        result["after"][name] = measure(local, engines.pop(name).full_model_state(), data)
         result["eval_time_s"][name] = time.perf_counter() - start
-        result["train"][name], result["step_times_s"][name] = curve, times
-        result["loadavg_runs"][name] = load
         print(json.dumps({name: result["after"][name]}), flush=True)
-        result["loadavg_end"] = os.getloadavg()
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # after every run
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     Path(f"{args.out}.md").write_text(table(result))
     print(table(result))
 
@@ -187,16 +181,19 @@ def table(r: dict) -> str:
              f"{a['steps']} steps, lr {a['lr']}, inner lr {a['inner_lr']}, backtrack "
              f"{a['backtrack']}, {a['test']} held-out examples a task, CPU fp32)", "",
              "| model | eval mask | accuracy (by task) | reply loss | first-token mass "
-             "| context mass | sink rate |", "|---|---|---|---|---|---|---|"]
+             "| context mass | context mass without the first token | sink rate |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = [("base", r["before"])] + list(r["after"].items())
     for name, by_mask in rows:
         for mask, m in by_mask.items():
             tasks = " ".join(f"{t} {v:.2f}" for t, v in m["accuracy_by_task"].items())
             lines.append(f"| {name} | {mask} | {m['accuracy']:.2f} ({tasks}) | "
                          f"{m['reply_loss']:.3f} | {m['first_token_mass']:.4f} | "
-                         f"{m['context_mass']:.3f} | {m['sink_rate']:.3f} |")
-    block = len(a["tasks"].split(","))
-    lines += ["", f"Training loss, mean over blocks of {block} steps (one example of each task):",
+                         f"{m['context_mass']:.3f} | "
+                         f"{m['context_mass'] - m['first_token_mass']:.3f} | "
+                         f"{m['sink_rate']:.3f} |")
+    block = 2 * len(a["tasks"].split(","))  # two examples of each task
+    lines += ["", f"Training loss, mean over blocks of {block} steps (two examples of each task):",
               "", "| run | " + " | ".join(f"steps {i}-{i + block - 1}" for i in range(
                   0, a["steps"], block)) + " |",
               "|---|" + "---|" * -(-a["steps"] // block)]
@@ -206,15 +203,17 @@ def table(r: dict) -> str:
             means = [sum(values[i:i + block]) / len(values[i:i + block])
                      for i in range(0, len(values), block)]
             lines.append(f"| {name} {key} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
-    med = {k: statistics.median(v) for k, v in r["step_times_s"].items()}
-    lines += ["", "step time (median, s; runs one after the other, load average at each run's "
-              "start and end): " + ", ".join(
-                  f"{k} {v:.1f} (load {r['loadavg_runs'][k][0][0]:.1f}-"
-                  f"{r['loadavg_runs'][k][1][0]:.1f})" for k, v in med.items())]
+    times = r["step_times_s"]
+    rounds = len(next(iter(times.values())))
+    load = [x[0] for x in r["loadavg"]]
+    lines += ["", f"Step time, measured side by side ({rounds} rounds, one step of each run a "
+              f"round, order rotated; 1-minute load average {min(load):.1f}-{max(load):.1f}): "
+              "median seconds " + ", ".join(f"{k} {statistics.median(v):.1f}"
+                                            for k, v in times.items())]
     for base in ("sft-glm", "sft-causal"):
-        if base in med:
-            lines.append(f"ratio over {base}: " + ", ".join(
-                f"{k} {v / med[base]:.2f}" for k, v in med.items()))
+        lines.append(f"ratio over {base} (median of per-round ratios): " + ", ".join(
+            f"{k} {statistics.median(t / b for t, b in zip(v, times[base])):.2f}"
+            for k, v in times.items()))
     return "\n".join(lines) + "\n"
 
 
