@@ -163,6 +163,8 @@ class TrainerConfig:
     resume: bool = False
     max_restarts: int = 2
     step_timeout_s: float = 0.0  # a rank silent this long is restarted; 0: 10x slowest step
+    # the same for every other call: setup, checkpoint save/load, init_from; 0: no limit
+    call_timeout_s: float = 1800.0
     on_nan: OnNan = OnNan.stop
     log_interval: int = 1
     eval_interval: int = 0  # validation loss every N steps on data.eval_paths; 0: none

@@ -21,7 +21,7 @@ from distca.train.errors import RunFileError, Stopped, TrainingStopped, WorkerDi
 from distca.train.metrics import MetricsLog
 from distca.train.run_dir import RunDir
 from distca.train.step_log import StepLog
-from distca.train.watchdog import step_timeout
+from distca.train.watchdog import step_setting, step_timeout
 
 
 @dataclass
@@ -113,8 +113,7 @@ class Trainer:
         step_batches = self.data.step_batches(step + self.data_offset)
         batches = ray.put(step_batches)
         wall = time.perf_counter()
-        timeout = step_timeout(t.step_timeout_s, self.slowest_step if self.warm else None)
-        ranks = group.call("train_step", batches, timeout=timeout, configured=t.step_timeout_s)
+        ranks = group.call("train_step", batches, **self._step_deadline())
         wall = time.perf_counter() - wall
         if self.warm:  # a warm-up step would inflate the default timeout tenfold
             self.slowest_step = max(self.slowest_step or 0.0, wall)
@@ -170,12 +169,21 @@ class Trainer:
         progress.at(back)
         return back
 
+    def _step_deadline(self) -> dict:
+        """``group.call``'s timeout for a step: ``trainer.step_timeout_s`` or sized from the
+        slowest step so far (a group's first step warms up)."""
+        configured = self.cfg.trainer.step_timeout_s
+        return {"timeout": step_timeout(configured, self.slowest_step if self.warm else None),
+                "setting": step_setting(configured)}
+
     def _evaluate(self, group) -> float:
         """Validation loss: the mean over the eval data's first ``trainer.eval_batches`` steps'
         batches (the same batches every time, so evaluations compare), no update."""
         import ray
 
-        losses = [group.call("eval_loss", ray.put(self.eval_data.step_batches(s)))[0]
+        # a forward over a step's worth of batches: a step's deadline
+        losses = [group.call("eval_loss", ray.put(self.eval_data.step_batches(s)),
+                             **self._step_deadline())[0]
                   for s in range(1, self.cfg.trainer.eval_batches + 1)]
         return sum(losses) / len(losses)
 

@@ -76,13 +76,17 @@ class WorkerGroup:
         return f"tcp://{head}:{port}"
 
     def call(self, method: str, *args: Any, timeout: float | None = None,
-             configured: float = 0.0) -> list[Any]:
+             setting: str = "") -> list[Any]:
         """Call ``method`` on every rank; returns the results in rank order.
 
         Raises :class:`WorkerDied` as soon as a rank's process is gone, :class:`WorkerError`
         when a rank raised, and :class:`~distca.train.watchdog.WorkerStalled` when not every
-        rank answered within ``timeout`` seconds (``configured``: the setting it came from).
+        rank answered within ``timeout`` seconds (``setting``: the key it came from). Without
+        ``timeout``: ``trainer.call_timeout_s`` (0: no limit).
         """
+        if timeout is None and self.cfg.trainer.call_timeout_s > 0:
+            timeout = self.cfg.trainer.call_timeout_s
+            setting = f"trainer.call_timeout_s={timeout:g}"
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
@@ -91,8 +95,11 @@ class WorkerGroup:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready:
-                error = watchdog.stalled(self.workers, sorted(rank_of[r] for r in pending),
-                                         method, timeout, configured)
+                waiting = sorted(rank_of[r] for r in pending)
+                if not self.workers:  # "info": the ranks are still starting, no pid to name
+                    raise watchdog.WorkerStalled(f"ranks {waiting} did not start within "
+                                                 f"{timeout:.0f} s ({setting})")
+                error = watchdog.stalled(self.workers, waiting, method, timeout, setting)
                 watchdog.kill(self.workers, error.ranks)
                 raise error
             try:

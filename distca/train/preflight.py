@@ -87,6 +87,9 @@ def _check_values(cfg: DistcaConfig, recipe: str) -> None:
     if t.step_timeout_s < 0:
         raise _fail(recipe, "trainer.step_timeout_s", f"must be >= 0 (0: sized from the "
                     f"measured step time), got {t.step_timeout_s}")
+    if t.call_timeout_s < 0:
+        raise _fail(recipe, "trainer.call_timeout_s", f"must be >= 0 (0: no limit), got "
+                    f"{t.call_timeout_s}")
     if not 0 <= t.seed <= SEED_MAX:
         raise _fail(recipe, "trainer.seed", f"must be in [0, 2**32 - 1], got {t.seed}")
     if d.max_length > m.max_position_embeddings:

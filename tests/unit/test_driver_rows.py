@@ -24,7 +24,7 @@ class Ranks:
     def __init__(self):
         self.trained, self.evaluated = [], []
 
-    def call(self, method, batches, timeout=None, configured=None):  # WorkerGroup.call
+    def call(self, method, batches, timeout=None, setting=""):  # WorkerGroup.call
         if method == "eval_loss":
             self.evaluated.append(batches)
             return [2.5, 2.5]

@@ -67,3 +67,5 @@ def test_step_timeout_is_sized_from_the_slowest_step():
     assert step_timeout(20.0, 30.0) == 20.0
     with pytest.raises(ConfigError, match="trainer.step_timeout_s: must be >= 0"):
         preflight.check_local(load_config("recipes/tiny.yaml", ["trainer.step_timeout_s=-1"]), "r")
+    with pytest.raises(ConfigError, match="trainer.call_timeout_s: must be >= 0"):
+        preflight.check_local(load_config("recipes/tiny.yaml", ["trainer.call_timeout_s=-1"]), "r")
