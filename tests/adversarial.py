@@ -212,6 +212,8 @@ CASES = [
     Case("data.max_length=10**12", cli(*TRAIN, f"data.max_length={10**12}"), "data.max_length"),
     Case("trainer.step_timeout_s=-1", cli(*TRAIN, "trainer.step_timeout_s=-1"),
          "trainer.step_timeout_s"),
+    Case("trainer.call_timeout_s=-1", cli(*TRAIN, "trainer.call_timeout_s=-1"),
+         "trainer.call_timeout_s"),
     Case("random bytes as .txt data", then(write("x.txt", os.urandom(4096).replace(b"\0", b"1")),
          cli(*TRAIN, "data.kind=text", "data.paths=[{tmp}/x.txt]")), "not valid UTF-8 at byte"),
     Case("latin-1 .txt data", then(write("x.txt", "café crème brûlée".encode("latin-1") * 50),
