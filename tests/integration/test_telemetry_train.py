@@ -10,7 +10,6 @@ import pytest
 import torch
 from train_helpers import metrics, run_distca, save_tiny_hf_llama
 
-from distca.attention.tasks import multiturn_tasks, task_mask
 from distca.batch import IGNORE
 from distca.config import load_config
 from distca.data import make_dataset
@@ -29,19 +28,22 @@ CASES = {  # name -> (recipe, chat data, overrides)
 
 
 def _document_masks(batch, chat: bool):
-    """Per document of ``batch``: (start, length, allowed (n, n) bool) — the GLM turn mask of
-    chat data, causal for text."""
+    """Per document of ``batch``: (start, length, allowed (n, n) bool). Text: causal. Chat: the
+    GLM turn mask written out here, independently of distca's: causal, and a context turn's
+    tokens also see their whole turn."""
     out, start, turn = [], 0, 0
     for length in (int(x) for x in batch.doc_lengths):
+        rows = torch.arange(length)
+        allowed = rows[None, :] <= rows[:, None]
         if chat:
-            turns, used = [], 0
+            turn_of, context, used = [], [], 0
             while used < length:
-                turns.append((int(batch.turn_lengths[turn]), bool(batch.turn_is_context[turn])))
-                used += turns[-1][0]
-                turn += 1
-            allowed = task_mask(multiturn_tasks([turns]))
-        else:
-            allowed = torch.ones(length, length).tril().bool()
+                n, is_context = int(batch.turn_lengths[turn]), bool(batch.turn_is_context[turn])
+                turn_of += [turn] * n
+                context += [is_context] * n
+                used, turn = used + n, turn + 1
+            turn_of, context = torch.tensor(turn_of), torch.tensor(context)
+            allowed |= (turn_of[:, None] == turn_of[None, :]) & context[:, None]
         out.append((start, length, allowed))
         start += length
     return out
