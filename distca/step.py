@@ -311,11 +311,7 @@ class Step:
 
         self.runtime.probe = probe
         try:
-            if mesh.pp == 1:
-                for i in range(len(micro_batches)):
-                    forward(i, None)
-            else:
-                run_forward_only(forward, len(micro_batches), self.links(micro_batches))
+            run_forward_only(forward, len(micro_batches), self.links(micro_batches))
         finally:
             self.runtime.probe = None
         stats.all_reduce()  # every rank, servers included (they add zeros)

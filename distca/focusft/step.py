@@ -247,9 +247,11 @@ class FocusftStep(Step):
         Tries lr, lr/2, ...; a trial is kept when the micro-batch's loss sum after it (a
         forward of the top layers, summed over the data-parallel workers like ``before``) is
         not above ``before``, the sum before the step; the workers' decision reaches the
-        dedicated servers through the exchange group, so every rank takes the same branch. Returns the kept trial's local loss sum (with its
-        graph when ``keep_graph``, the next step's forward) or None when every trial raised the
-        loss (the fast weights are then restored), and the number of rejected trials.
+        dedicated servers through the exchange group, so every rank takes the same branch.
+
+        Returns the kept trial's local loss sum (with its graph when ``keep_graph``: the next
+        step's forward) or None when every trial raised the loss (the fast weights are then
+        restored), and the number of rejected trials.
         """
         f = self.cfg.focusft
         start = [t.detach().clone() for t in self.fast.tensors]
@@ -261,7 +263,7 @@ class FocusftStep(Step):
             after = local.detach().reshape(1).clone()  # summed like ``before``
             self.mesh.all_reduce_grads(after)
             # the workers' decision, also to the dedicated servers (they hold no loss)
-            rise = torch.tensor([0.0 if self.mesh.is_server else float(float(after) > before)])
+            rise = torch.tensor([0.0 if self.mesh.is_server else float(after.item() > before)])
             dist.all_reduce(rise, op=dist.ReduceOp.MAX, group=self.mesh.exchange)
             if not rise:
                 return local, tries
